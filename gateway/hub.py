@@ -1,0 +1,236 @@
+"""The gateway's single subscription to the result channel, fanned out to local stream handlers.
+
+Pub/sub is at-most-once, so the hub only ever *adds* speed: stream handlers register a
+:class:`Watcher` before they read stored state, re-read stored state when the subscription was
+re-established and whenever they have been idle for a while. A terminal event is forwarded only
+after it has been checked against the stored job, so a forged message never reaches a client as a
+completion, and what the client gets is the stored record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+from google.protobuf.message import DecodeError
+from jobgate.v1 import job_pb2, relay_pb2
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .codec import TERMINAL, event_from_hash
+from .errors import Unavailable
+from .keys import JOB_ID_RE, QUEUE_RE, Keys
+from .store import JobStore
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 512  # messages handled per wake-up
+_KNOWN_STATES = frozenset(v for v in job_pb2.JobState.values() if v != job_pb2.JOB_STATE_UNSPECIFIED)
+
+
+class Watcher:
+    """One stream handler's view of the event flow: filters and a bounded buffer."""
+
+    def __init__(
+        self,
+        *,
+        job_ids: Iterable[str] = (),
+        queue: str = "",
+        kinds: Iterable[str] = (),
+        terminal_only: bool = True,
+        buffer: int = 1024,
+    ) -> None:
+        self.job_ids = frozenset(job_ids)
+        self.remaining = set(self.job_ids)  # named jobs not yet delivered as terminal
+        self.queue = queue
+        self.kinds = frozenset(kinds)
+        self.terminal_only = terminal_only
+        self.events: asyncio.Queue[job_pb2.JobEvent | None] = asyncio.Queue(maxsize=buffer)
+        self.overflowed = False
+        self.stale = False  # set when events may have been missed: re-read stored state
+
+    def matches(self, event: job_pb2.JobEvent) -> bool:
+        if self.terminal_only and event.state not in TERMINAL:
+            return False
+        if self.job_ids and event.job_id not in self.remaining:
+            return False
+        if self.queue and event.queue != self.queue:
+            return False
+        return not self.kinds or event.kind in self.kinds
+
+    def push(self, event: job_pb2.JobEvent | None) -> None:
+        """Queues an event (None = wake up and reconcile). Marks the watcher overflowed when full."""
+        try:
+            self.events.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+    def mark_stale(self) -> None:
+        self.stale = True
+        if not self.events.full():
+            self.events.put_nowait(None)
+
+    def delivered(self, event: job_pb2.JobEvent) -> bool:
+        """Records delivery; returns False when the event must be skipped (duplicate terminal)."""
+        if event.state in TERMINAL and self.job_ids:
+            if event.job_id not in self.remaining:
+                return False
+            self.remaining.discard(event.job_id)
+        return True
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.job_ids) and not self.remaining
+
+
+class Hub:
+    """Owns the gateway's pub/sub connection and routes events to watchers."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        store: JobStore,
+        *,
+        on_slot_freed: Callable[[str], None],
+        on_worker_change: Callable[[], None],
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.store = store
+        self.on_slot_freed = on_slot_freed
+        self.on_worker_change = on_worker_change
+        self.by_job: dict[str, set[Watcher]] = {}
+        self.broad: set[Watcher] = set()
+        self.connected = asyncio.Event()
+
+    # --- registration ---------------------------------------------------------------------
+    def add(self, w: Watcher) -> None:
+        if w.job_ids:
+            for job_id in w.job_ids:
+                self.by_job.setdefault(job_id, set()).add(w)
+        else:
+            self.broad.add(w)
+
+    def remove(self, w: Watcher) -> None:
+        self.broad.discard(w)
+        for job_id in w.job_ids:
+            group = self.by_job.get(job_id)
+            if group is not None:
+                group.discard(w)
+                if not group:
+                    del self.by_job[job_id]
+
+    @property
+    def watcher_count(self) -> int:
+        return len(self.broad) + len({id(w) for g in self.by_job.values() for w in g})
+
+    def _interested(self, event: job_pb2.JobEvent) -> list[Watcher]:
+        found = [w for w in self.by_job.get(event.job_id, ()) if w.matches(event)]
+        found.extend(w for w in self.broad if w.matches(event))
+        return found
+
+    # --- the subscription loop ------------------------------------------------------------
+    async def run(self, stop: asyncio.Event, *, retry_s: float = 0.5) -> None:
+        """Subscribes and routes messages until ``stop`` is set; resubscribes after any failure."""
+        while not stop.is_set():
+            try:
+                async with self.redis.pubsub() as ps:
+                    await ps.subscribe(self.keys.results_channel(), self.keys.workers_channel())
+                    self.connected.set()
+                    log.info("subscribed to %s", self.keys.results_channel())
+                    self._all_stale()  # anything published while we were away was missed
+                    self.on_worker_change()
+                    await self._listen(ps, stop)
+            except (RedisConnectionError, RedisTimeoutError, OSError, Unavailable) as exc:
+                if self.connected.is_set():
+                    log.warning("result subscription lost (%s); resubscribing", exc)
+                self.connected.clear()
+                self._all_stale()
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=retry_s)
+                except TimeoutError:
+                    pass
+        self.connected.clear()
+
+    async def _listen(self, ps: object, stop: asyncio.Event) -> None:
+        get = ps.get_message  # type: ignore[attr-defined]
+        while not stop.is_set():
+            msg = await get(ignore_subscribe_messages=True, timeout=1.0)
+            if msg is None:
+                continue
+            batch = [msg]
+            while len(batch) < MAX_BATCH and (more := await get(ignore_subscribe_messages=True, timeout=0)):
+                batch.append(more)
+            await self.handle(batch)
+
+    def _all_stale(self) -> None:
+        for w in self.broad:
+            w.mark_stale()
+        for group in self.by_job.values():
+            for w in group:
+                w.mark_stale()
+
+    # --- routing --------------------------------------------------------------------------
+    async def handle(self, batch: list[dict[str, object]]) -> None:
+        """Routes one batch of raw pub/sub messages. Malformed messages are logged and dropped."""
+        results = self.keys.results_channel().encode()
+        to_verify: dict[str, job_pb2.JobEvent] = {}
+        for msg in batch:
+            data = msg.get("data")
+            if not isinstance(data, bytes):
+                continue
+            if msg.get("channel") != results:
+                self._worker_status(data)
+                continue
+            event = parse_event(data)
+            if event is None:
+                continue
+            if event.state in TERMINAL:
+                if QUEUE_RE.match(event.queue):
+                    self.on_slot_freed(event.queue)
+                if self.by_job.get(event.job_id) or self.broad:
+                    to_verify[event.job_id] = event
+            else:
+                for w in self._interested(event):
+                    w.push(event)
+        if to_verify:
+            await self._forward_verified(list(to_verify))
+
+    async def _forward_verified(self, job_ids: list[str]) -> None:
+        for job_id, fields in zip(job_ids, await self.store.get_fields(job_ids), strict=True):
+            if not fields:
+                log.warning("dropped a result for unknown job job_id=%s", job_id)
+                continue
+            stored = event_from_hash(job_id, fields)
+            if stored.state not in TERMINAL:
+                log.warning("dropped a result that does not match the stored state job_id=%s", job_id)
+                continue
+            for w in self._interested(stored):
+                w.push(stored)
+
+    def _worker_status(self, data: bytes) -> None:
+        status = relay_pb2.WorkerStatus()
+        try:
+            status.ParseFromString(data)
+        except DecodeError:
+            log.warning("dropped a malformed worker status message (%d bytes)", len(data))
+            return
+        if status.change in (relay_pb2.WorkerStatus.CHANGE_JOINED, relay_pb2.WorkerStatus.CHANGE_LEFT):
+            self.on_worker_change()
+
+
+def parse_event(data: bytes) -> job_pb2.JobEvent | None:
+    """Parses a JobEvent from the result channel; None (logged) when malformed."""
+    event = job_pb2.JobEvent()
+    try:
+        event.ParseFromString(data)
+    except DecodeError:
+        log.warning("dropped a malformed result message (%d bytes)", len(data))
+        return None
+    if not JOB_ID_RE.match(event.job_id) or event.state not in _KNOWN_STATES:
+        log.warning("dropped a result message with a bad job id or state")
+        return None
+    return event

@@ -1,0 +1,154 @@
+"""Placement: moves waiting jobs onto worker slots and publishes them on dispatch channels.
+
+Placement itself is one Lua script (atomic, so several gateways never place a job twice). This
+module decides *when* to run it: right after a submit, when a result frees a slot, when a worker
+joins, and on a periodic tick that also reaps lost workers and unacknowledged dispatches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from jobgate.v1 import job_pb2, relay_pb2
+from redis.asyncio import Redis
+
+from .codec import DISPATCHED, event_from_hash, timestamp
+from .errors import Unavailable
+from .keys import QUEUE_RE, Keys
+from .store import JobStore, Placement, Settled, now_ms, redis_errors
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Runs placement for the queues that need it; one per gateway process."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        store: JobStore,
+        *,
+        tick_s: float,
+        ack_timeout_ms: int,
+        scan: int = 1000,
+        batch: int = 500,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.store = store
+        self.tick_s = tick_s
+        self.ack_timeout_ms = ack_timeout_ms
+        self.scan = scan
+        self.batch = batch
+        self._dirty: set[str] = set()
+        self._all = True
+        self._wake = asyncio.Event()
+
+    def kick(self, queue: str) -> None:
+        """Asks for placement on ``queue`` soon (validated: only known-good names become keys)."""
+        if QUEUE_RE.match(queue):
+            self._dirty.add(queue)
+            self._wake.set()
+
+    def kick_all(self) -> None:
+        """Asks for placement on every queue (a worker joined or left)."""
+        self._all = True
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Places jobs until ``stop`` is set. Redis outages are logged and retried."""
+        loop = asyncio.get_running_loop()
+        next_tick = 0.0
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.tick_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                if loop.time() >= next_tick:
+                    next_tick = loop.time() + self.tick_s
+                    await self._reap()
+                    self._all = True
+                if self._all:
+                    self._all = False
+                    self._dirty.update(await self.store.queue_names())
+                queues, self._dirty = self._dirty, set()
+                for queue in sorted(queues):
+                    await self.place(queue)
+            except Unavailable as exc:
+                log.warning("placement paused: %s", exc)
+                self._all = True
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=self.tick_s)
+                except TimeoutError:
+                    pass
+
+    async def _reap(self) -> None:
+        settled = await self.store.reap()
+        if not settled:
+            return
+        for s in settled:
+            log.warning(
+                "job_id=%s settled as %s after its worker or dispatch was lost",
+                s.job_id,
+                job_pb2.JobState.Name(s.state),
+            )  # type: ignore[arg-type]
+            self._dirty.add(s.queue)
+        await self.publish_settled(settled)
+
+    async def publish_settled(self, settled: Sequence[Settled]) -> None:
+        """Publishes the stored state of jobs a script just changed (for RunJob and watchers)."""
+        ids = [s.job_id for s in settled]
+        fields = await self.store.get_fields(ids)
+        async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
+            for job_id, f in zip(ids, fields, strict=True):
+                if f:
+                    pipe.publish(self.keys.results_channel(), event_from_hash(job_id, f).SerializeToString())
+            await pipe.execute()
+
+    async def place(self, queue: str) -> int:
+        """Places as many waiting jobs of ``queue`` as there are free slots; returns how many."""
+        total = 0
+        while True:
+            placements = await self.store.schedule(
+                queue, ack_timeout_ms=self.ack_timeout_ms, scan=self.scan, most=self.batch
+            )
+            if not placements:
+                return total
+            lost = await self._publish(queue, placements)
+            for p in lost:
+                log.warning(
+                    "job_id=%s dispatch to worker %s reached nobody; placing it elsewhere", p.job_id, p.worker_id
+                )
+                await self.store.unassign(p)
+            total += len(placements) - len(lost)
+            if len(placements) < self.batch and not lost:
+                return total
+
+    async def _publish(self, queue: str, placements: list[Placement]) -> list[Placement]:
+        k, now = self.keys, timestamp(now_ms())
+        async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
+            for p in placements:
+                spec = job_pb2.JobSpec.FromString(p.spec)
+                msg = relay_pb2.WorkerMessage(
+                    dispatch=relay_pb2.DispatchJob(
+                        job_id=p.job_id, lease=p.lease, attempt=p.attempt, spec=spec, timeout_ms=p.timeout_ms
+                    )
+                )
+                pipe.publish(k.dispatch_channel(p.worker_id), msg.SerializeToString())
+                event = job_pb2.JobEvent(
+                    job_id=p.job_id,
+                    queue=queue,
+                    kind=spec.kind,
+                    state=DISPATCHED,
+                    attempt=p.attempt,
+                    worker_id=p.worker_id,
+                    time=now,
+                )
+                pipe.publish(k.results_channel(), event.SerializeToString())
+            receivers = await pipe.execute()
+        return [p for p, n in zip(placements, receivers[::2], strict=True) if n == 0]

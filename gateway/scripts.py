@@ -1,0 +1,54 @@
+"""Loads the Lua state transitions in ``gateway/lua`` and registers them on a Redis client.
+
+Each script is sent with the shared prelude ``_common.lua`` in front of it. ``register_script``
+runs them by EVALSHA and falls back to loading them on NOSCRIPT (for example after Redis restarts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+NAMES = (
+    "submit",
+    "schedule",
+    "unassign",
+    "start",
+    "finish",
+    "heartbeat",
+    "leave",
+    "reap",
+    "cancel",
+)
+
+
+@cache
+def source(name: str) -> str:
+    """Full text of one script, prelude included."""
+    lua = resources.files("gateway") / "lua"
+    return (lua / "_common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class Scripts:
+    """The registered scripts, one attribute per state transition."""
+
+    submit: AsyncScript
+    schedule: AsyncScript
+    unassign: AsyncScript
+    start: AsyncScript
+    finish: AsyncScript
+    heartbeat: AsyncScript
+    leave: AsyncScript
+    reap: AsyncScript
+    cancel: AsyncScript
+
+    @classmethod
+    def register(cls, redis: Redis) -> Scripts:
+        loaded: dict[str, Any] = {name: redis.register_script(source(name)) for name in NAMES}
+        return cls(**loaded)

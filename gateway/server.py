@@ -1,0 +1,139 @@
+"""Builds the gateway: Redis client, store, scheduler, hub, and the grpc.aio server with health
+and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
+from redis.asyncio import Redis
+
+from .config import GatewaySettings
+from .hub import Hub
+from .keys import Keys
+from .scheduler import Scheduler
+from .service import SchedulerService
+from .store import JobStore
+from .validation import Limits
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+
+
+def redis_client(url: str, timeout_s: float) -> Redis:
+    """An asyncio Redis client that fails fast (bounded waits) and checks idle connections."""
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=10,
+        socket_keepalive=True,
+    )
+
+
+@dataclass
+class Gateway:
+    """A running gateway: its server and background tasks."""
+
+    settings: GatewaySettings
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    redis: Redis
+    hub: Hub
+    scheduler: Scheduler
+    port: int
+    stop_event: asyncio.Event
+    tasks: list[asyncio.Task[None]]
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, then ``server.stop(grace)``, then background tasks and Redis."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_s if grace_s is None else grace_s)
+        self.stop_event.set()
+        for task in self.tasks:
+            try:
+                await asyncio.wait_for(task, timeout=5)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+        await self.redis.aclose()
+
+
+async def start(settings: GatewaySettings) -> Gateway:
+    """Starts the gateway and returns it; the server is listening when this returns."""
+    keys = Keys(settings.namespace)
+    redis = redis_client(settings.redis_url, settings.redis_timeout_s)
+    store = JobStore(redis, keys, retention_s=settings.retention_s, idempotency_ttl_s=settings.idempotency_ttl_s)
+    scheduler = Scheduler(redis, keys, store, tick_s=settings.tick_ms / 1000, ack_timeout_ms=settings.ack_timeout_ms)
+    hub = Hub(redis, keys, store, on_slot_freed=scheduler.kick, on_worker_change=scheduler.kick_all)
+    limits = Limits(
+        max_payload_bytes=settings.max_payload_bytes,
+        default_timeout_ms=settings.default_timeout_ms,
+        max_batch=settings.max_batch,
+        max_watch_ids=settings.max_watch_ids,
+    )
+    service = SchedulerService(
+        store,
+        scheduler,
+        hub,
+        keys,
+        limits,
+        stream_buffer=settings.stream_buffer,
+        reconcile_s=settings.reconcile_ms / 1000,
+    )
+
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    server = grpc.aio.server(options=options)
+    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.listen}")
+    await server.start()
+
+    stop_event = asyncio.Event()
+    tasks = [
+        asyncio.create_task(hub.run(stop_event), name="hub"),
+        asyncio.create_task(scheduler.run(stop_event), name="scheduler"),
+        asyncio.create_task(_health_loop(redis, health_servicer, stop_event), name="health"),
+    ]
+    log.info("gateway listening on %s (port %d)", settings.listen, port)
+    return Gateway(settings, server, health_servicer, redis, hub, scheduler, port, stop_event, tasks)
+
+
+async def _health_loop(redis: Redis, servicer: health.aio.HealthServicer, stop: asyncio.Event) -> None:
+    """SERVING while Redis answers PING, NOT_SERVING while it does not."""
+    serving: bool | None = None
+    while not stop.is_set():
+        try:
+            ok = bool(await asyncio.wait_for(redis.ping(), timeout=2))
+        except Exception:  # noqa: BLE001 - any failure means "not serving"
+            ok = False
+        if ok != serving:
+            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await servicer.set(name, status)
+            if serving is not None:
+                (log.info if ok else log.warning)("Redis is %s", "reachable" if ok else "unreachable")
+            serving = ok
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=1)
+        except TimeoutError:
+            pass

@@ -1,0 +1,229 @@
+"""The SchedulerService servicer: validate, call the store/scheduler, map domain errors to statuses.
+
+This is the only gateway module that speaks gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
+
+import grpc
+from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+from .codec import QUEUED, TERMINAL, event_from_hash
+from .errors import InvalidArgument, JobgateError, NotFound, ResourceExhausted
+from .hub import Hub, Watcher
+from .keys import Keys
+from .scheduler import Scheduler
+from .store import JobStore, redis_errors
+from .validation import Limits, job_id, kind_name, prepare, prepare_batch, queue_name
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def _abort_code(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, JobgateError):
+        return grpc.StatusCode[exc.code], exc.message
+    log.exception("unexpected error in a request handler")
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+def unary(
+    fn: Callable[[Any, Req, grpc.aio.ServicerContext], Coroutine[Any, Any, Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext], Coroutine[Any, Any, Resp]]:
+    """Maps domain errors of a unary handler to gRPC statuses."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await fn(self, request, context)
+        except Exception as exc:
+            code, message = _abort_code(exc)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def streaming(
+    fn: Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
+    """Maps domain errors of a server-streaming handler to gRPC statuses."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            code, message = _abort_code(exc)
+            await context.abort(code, message)
+
+    return wrapper
+
+
+class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
+    """Implements jobgate.v1.SchedulerService."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        scheduler: Scheduler,
+        hub: Hub,
+        keys: Keys,
+        limits: Limits,
+        *,
+        stream_buffer: int,
+        reconcile_s: float,
+    ) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.hub = hub
+        self.keys = keys
+        self.limits = limits
+        self.stream_buffer = stream_buffer
+        self.reconcile_s = reconcile_s
+
+    # --- unary ----------------------------------------------------------------------------
+    @unary
+    async def SubmitJob(
+        self, request: scheduler_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.SubmitJobResponse:
+        [job] = await self.store.submit([prepare(request, self.limits)])
+        self.scheduler.kick(job.spec.queue)
+        return scheduler_pb2.SubmitJobResponse(job=job)
+
+    @unary
+    async def SubmitJobs(
+        self, request: scheduler_pb2.SubmitJobsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.SubmitJobsResponse:
+        jobs = await self.store.submit(prepare_batch(list(request.jobs), self.limits))
+        for queue in {j.spec.queue for j in jobs}:
+            self.scheduler.kick(queue)
+        return scheduler_pb2.SubmitJobsResponse(jobs=jobs)
+
+    @unary
+    async def GetJob(
+        self, request: scheduler_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.GetJobResponse:
+        return scheduler_pb2.GetJobResponse(job=await self.store.get(job_id(request.id)))
+
+    @unary
+    async def CancelJob(
+        self, request: scheduler_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.CancelJobResponse:
+        jid = job_id(request.id)
+        outcome = await self.store.cancel(jid)
+        if outcome.worker_id:
+            msg = relay_pb2.WorkerMessage(cancel=relay_pb2.CancelJob(job_id=jid, lease=outcome.lease))
+            async with redis_errors():
+                await self.store.redis.publish(self.keys.dispatch_channel(outcome.worker_id), msg.SerializeToString())
+        else:
+            [fields] = await self.store.get_fields([jid])
+            async with redis_errors():
+                await self.store.redis.publish(
+                    self.keys.results_channel(), event_from_hash(jid, fields).SerializeToString()
+                )
+        return scheduler_pb2.CancelJobResponse(job=await self.store.get(jid))
+
+    @unary
+    async def ListWorkers(
+        self, request: scheduler_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListWorkersResponse:
+        return scheduler_pb2.ListWorkersResponse(workers=await self.store.workers())
+
+    # --- streaming ------------------------------------------------------------------------
+    @streaming
+    async def RunJob(
+        self, request: scheduler_pb2.RunJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.RunJobResponse]:
+        prepared = prepare(request.job, self.limits, "job.")
+        watcher = Watcher(job_ids=[prepared.id], terminal_only=False, buffer=self.stream_buffer)
+        self.hub.add(watcher)  # before the job exists: no event can slip past
+        try:
+            [job] = await self.store.submit([prepared])
+            self.scheduler.kick(job.spec.queue)
+            if job.id != prepared.id:  # idempotent repeat: follow the original job
+                self.hub.remove(watcher)
+                watcher = Watcher(job_ids=[job.id], terminal_only=False, buffer=self.stream_buffer)
+                self.hub.add(watcher)
+                watcher.mark_stale()
+            first = job_pb2.JobEvent(
+                job_id=job.id,
+                queue=job.spec.queue,
+                kind=job.spec.kind,
+                state=QUEUED,
+                time=job.created_at,
+                created_at=job.created_at,
+            )
+            yield scheduler_pb2.RunJobResponse(event=first)
+            async for event in self._follow(watcher):
+                yield scheduler_pb2.RunJobResponse(event=event)
+        finally:
+            self.hub.remove(watcher)
+
+    @streaming
+    async def WatchResults(
+        self, request: scheduler_pb2.WatchResultsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.WatchResultsResponse]:
+        if len(request.job_ids) > self.limits.max_watch_ids:
+            raise InvalidArgument(f"job_ids: at most {self.limits.max_watch_ids} ids, got {len(request.job_ids)}")
+        ids = [job_id(j, f"job_ids[{i}]") for i, j in enumerate(request.job_ids)]
+        queue = queue_name(request.queue) if request.queue else ""
+        kinds = [kind_name(k, f"kinds[{i}]") for i, k in enumerate(request.kinds)]
+        watcher = Watcher(job_ids=ids, queue=queue, kinds=kinds, buffer=self.stream_buffer)
+        self.hub.add(watcher)  # subscribe before reading stored state
+        try:
+            if ids:
+                for event in await self._stored_terminal(watcher, missing_is_error=True):
+                    yield scheduler_pb2.WatchResultsResponse(event=event)
+            async for event in self._follow(watcher):
+                yield scheduler_pb2.WatchResultsResponse(event=event)
+        finally:
+            self.hub.remove(watcher)
+
+    async def _follow(self, watcher: Watcher) -> AsyncIterator[job_pb2.JobEvent]:
+        """Events for a watcher until it is finished; re-reads stored state when events may be lost."""
+        while not watcher.finished:
+            try:
+                event = await asyncio.wait_for(watcher.events.get(), timeout=self.reconcile_s)
+            except TimeoutError:
+                event = None
+                watcher.stale = bool(watcher.job_ids)
+            if watcher.overflowed:
+                raise ResourceExhausted(
+                    f"stream fell more than {self.stream_buffer} events behind; reconnect and resume"
+                )
+            if event is None:
+                if watcher.stale and watcher.job_ids:
+                    watcher.stale = False
+                    for stored in await self._stored_terminal(watcher, missing_is_error=False):
+                        yield stored
+                continue
+            if watcher.delivered(event):
+                yield event
+
+    async def _stored_terminal(self, watcher: Watcher, *, missing_is_error: bool) -> list[job_pb2.JobEvent]:
+        """Terminal events of the watcher's outstanding jobs, read from Redis (and marked delivered)."""
+        ids = sorted(watcher.remaining)
+        out = []
+        for jid, fields in zip(ids, await self.store.get_fields(ids), strict=True):
+            if not fields:
+                if missing_is_error:
+                    raise NotFound(f"job_ids: no job {jid}")
+                continue
+            event = event_from_hash(jid, fields)
+            if event.state not in TERMINAL:
+                continue
+            if watcher.matches(event) and watcher.delivered(event):
+                out.append(event)
+            else:  # finished, but outside the queue/kind filter: nothing to wait for
+                watcher.remaining.discard(jid)
+        return out

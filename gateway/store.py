@@ -1,0 +1,257 @@
+"""The gateway's side of the Redis protocol: the job store and the scheduling transitions.
+
+Every method is one Redis round trip (a script call or a pipeline). Script return codes become
+domain errors here; Redis connection and timeout errors become :class:`Unavailable`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from jobgate.v1 import job_pb2, scheduler_pb2
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .codec import Fields, job_from_hash
+from .errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from .keys import Keys
+from .scripts import Scripts
+from .validation import PreparedJob
+
+log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds since the epoch (shared by every process through Redis)."""
+    return time.time_ns() // 1_000_000
+
+
+@asynccontextmanager
+async def redis_errors() -> AsyncIterator[None]:
+    """Turns Redis connection and timeout errors into :class:`Unavailable`."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise Unavailable(f"Redis is unavailable: {type(exc).__name__}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """One job placed on one worker by the schedule script."""
+
+    job_id: str
+    worker_id: str
+    lease: int
+    attempt: int
+    spec: bytes
+    timeout_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """A job whose state a script changed (requeued, failed or cancelled)."""
+
+    job_id: str
+    queue: str
+    state: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelOutcome:
+    """What CancelJob did: ``worker_id``/``lease`` are set when a running worker must be told."""
+
+    queue: str = ""
+    worker_id: str = ""
+    lease: int = 0
+
+
+class JobStore:
+    """Jobs, queues and workers in Redis for one namespace."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, retention_s: int, idempotency_ttl_s: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.scripts = Scripts.register(redis)
+        self.retention_s = retention_s
+        self.idempotency_ttl_s = idempotency_ttl_s
+
+    # --- submission -----------------------------------------------------------------------
+    async def submit(self, jobs: Sequence[PreparedJob]) -> list[job_pb2.Job]:
+        """Stores jobs in one MULTI/EXEC round trip and returns them as stored.
+
+        Raises AlreadyExists when an idempotency key is reused with a different request (checked
+        before anything is written), Unavailable when Redis cannot be reached.
+        """
+        k, now = self.keys, now_ms()
+        async with redis_errors():
+            await self._check_idempotency(jobs)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for job in jobs:
+                    spec = job.spec
+                    await self.scripts.submit(
+                        keys=[
+                            k.job(job.id),
+                            k.pending(spec.queue),
+                            k.queues(),
+                            k.seq(),
+                            k.idempotency(job.idempotency_digest or "none"),
+                        ],
+                        args=[
+                            job.id,
+                            job.spec_bytes,
+                            spec.queue,
+                            spec.kind,
+                            spec.priority,
+                            spec.max_attempts,
+                            job.timeout_ms,
+                            now,
+                            job.request_digest,
+                            self.idempotency_ttl_s,
+                        ],
+                        client=pipe,
+                    )
+                replies = await pipe.execute()
+        out: list[job_pb2.Job] = []
+        for job, (code, stored_id) in zip(jobs, replies, strict=True):
+            stored_id = stored_id.decode()
+            if code == -2:
+                raise AlreadyExists(f"idempotency_key: already used by job {stored_id} with a different request")
+            if code == 2:
+                out.append(await self.get(stored_id))
+                continue
+            stored = job_pb2.Job(id=job.id, spec=job.spec, state=job_pb2.JOB_STATE_QUEUED)
+            stored.created_at.FromMilliseconds(now)
+            out.append(stored)
+        return out
+
+    async def _check_idempotency(self, jobs: Sequence[PreparedJob]) -> None:
+        keyed = [j for j in jobs if j.idempotency_digest]
+        if len(keyed) < 2:
+            return  # a single job is checked atomically by the submit script itself
+        values = await self.redis.mget([self.keys.idempotency(j.idempotency_digest) for j in keyed])
+        for job, value in zip(keyed, values, strict=True):
+            if value is not None:
+                stored_id, digest = value.decode().split(" ", 1)
+                if digest != job.request_digest:
+                    raise AlreadyExists(f"idempotency_key: already used by job {stored_id} with a different request")
+
+    # --- reads ----------------------------------------------------------------------------
+    async def get(self, job_id: str) -> job_pb2.Job:
+        """The stored job. Raises NotFound, Unavailable."""
+        async with redis_errors():
+            fields = await self.redis.hgetall(self.keys.job(job_id))
+        if not fields:
+            raise NotFound(f"id: no job {job_id}")
+        return job_from_hash(job_id, fields)
+
+    async def get_fields(self, job_ids: Sequence[str]) -> list[Fields]:
+        """Raw stored hashes for many jobs in one round trip (empty dicts for missing ones)."""
+        if not job_ids:
+            return []
+        async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self.keys.job(job_id))
+            result: list[Fields] = await pipe.execute()
+        return result
+
+    async def queue_names(self) -> list[str]:
+        """Every queue that has held a job."""
+        async with redis_errors():
+            return sorted(q.decode() for q in await self.redis.smembers(self.keys.queues()))
+
+    async def workers(self) -> list[scheduler_pb2.WorkerInfo]:
+        """Live workers (heartbeat not expired), by id."""
+        k, now = self.keys, now_ms()
+        async with redis_errors():
+            ids = await self.redis.zrangebyscore(k.workers(), now, "+inf")
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for wid in ids:
+                    pipe.hgetall(k.worker(wid.decode()))
+                hashes = await pipe.execute()
+        out = []
+        for wid, h in zip(ids, hashes, strict=True):
+            if not h:
+                continue
+            info = scheduler_pb2.WorkerInfo(
+                id=wid.decode(),
+                queues=[q for q in h.get(b"queues", b"").decode().split(",") if q],
+                kinds=[q for q in h.get(b"kinds", b"").decode().split(",") if q],
+                slots=int(h.get(b"slots", 0)),
+                busy=int(h.get(b"used", 0)),
+                host=h.get(b"host", b"").decode(),
+                pid=int(h.get(b"pid", 0)),
+            )
+            info.last_seen.FromMilliseconds(int(h.get(b"seen", 0)))
+            out.append(info)
+        return sorted(out, key=lambda w: w.id)
+
+    # --- transitions ----------------------------------------------------------------------
+    async def cancel(self, job_id: str) -> CancelOutcome:
+        """Cancels a job. Raises NotFound, FailedPrecondition (already terminal), Unavailable."""
+        k = self.keys
+        async with redis_errors():
+            reply = await self.scripts.cancel(
+                keys=[k.job(job_id), k.acks()], args=[k.prefix, job_id, now_ms(), self.retention_s]
+            )
+        code = reply[0]
+        if code == -1:
+            raise NotFound(f"id: no job {job_id}")
+        if code == -2:
+            raise FailedPrecondition(f"id: job {job_id} has already finished")
+        if code == 2:
+            return CancelOutcome(worker_id=reply[1].decode(), lease=int(reply[2]))
+        return CancelOutcome(queue=reply[1].decode())
+
+    async def schedule(self, queue: str, *, ack_timeout_ms: int, scan: int, most: int) -> list[Placement]:
+        """Places waiting jobs of ``queue`` on free worker slots (atomic; safe across gateways)."""
+        k, now = self.keys, now_ms()
+        async with redis_errors():
+            flat = await self.scripts.schedule(
+                keys=[k.pending(queue), k.queue_workers(queue), k.acks(), k.lease_seq()],
+                args=[k.prefix, now, now + ack_timeout_ms, scan, most],
+            )
+        return [
+            Placement(
+                job_id=flat[i].decode(),
+                worker_id=flat[i + 1].decode(),
+                lease=int(flat[i + 2]),
+                attempt=int(flat[i + 3]),
+                spec=flat[i + 4],
+                timeout_ms=int(flat[i + 5]),
+            )
+            for i in range(0, len(flat), 6)
+        ]
+
+    async def unassign(self, p: Placement) -> bool:
+        """Takes back a placement whose dispatch reached nobody. False if it already moved on."""
+        k = self.keys
+        async with redis_errors():
+            done = await self.scripts.unassign(
+                keys=[k.job(p.job_id), k.acks(), k.worker(p.worker_id)],
+                args=[k.prefix, p.job_id, p.lease, p.worker_id, now_ms()],
+            )
+        return bool(done)
+
+    async def reap(self, limit: int = 100) -> list[Settled]:
+        """Settles jobs of expired workers and unacknowledged dispatches."""
+        k = self.keys
+        async with redis_errors():
+            flat = await self.scripts.reap(
+                keys=[k.workers(), k.acks()], args=[k.prefix, now_ms(), self.retention_s, limit]
+            )
+        return settled(flat)
+
+
+def settled(flat: Sequence[bytes | int]) -> list[Settled]:
+    """Parses the {job id, queue, state} triples returned by the reap and leave scripts."""
+    out = []
+    for i in range(0, len(flat), 3):
+        job_id, queue = flat[i], flat[i + 1]
+        assert isinstance(job_id, bytes) and isinstance(queue, bytes)
+        out.append(Settled(job_id.decode(), queue.decode(), int(flat[i + 2])))
+    return out

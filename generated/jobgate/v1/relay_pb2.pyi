@@ -1,0 +1,56 @@
+from jobgate.v1 import job_pb2 as _job_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DispatchJob(_message.Message):
+    __slots__ = ("job_id", "lease", "attempt", "spec", "timeout_ms")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    lease: int
+    attempt: int
+    spec: _job_pb2.JobSpec
+    timeout_ms: int
+    def __init__(self, job_id: _Optional[str] = ..., lease: _Optional[int] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class CancelJob(_message.Message):
+    __slots__ = ("job_id", "lease")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    lease: int
+    def __init__(self, job_id: _Optional[str] = ..., lease: _Optional[int] = ...) -> None: ...
+
+class WorkerMessage(_message.Message):
+    __slots__ = ("dispatch", "cancel")
+    DISPATCH_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    dispatch: DispatchJob
+    cancel: CancelJob
+    def __init__(self, dispatch: _Optional[_Union[DispatchJob, _Mapping]] = ..., cancel: _Optional[_Union[CancelJob, _Mapping]] = ...) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("worker_id", "change")
+    class Change(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CHANGE_UNSPECIFIED: _ClassVar[WorkerStatus.Change]
+        CHANGE_JOINED: _ClassVar[WorkerStatus.Change]
+        CHANGE_LEAVING: _ClassVar[WorkerStatus.Change]
+        CHANGE_LEFT: _ClassVar[WorkerStatus.Change]
+    CHANGE_UNSPECIFIED: WorkerStatus.Change
+    CHANGE_JOINED: WorkerStatus.Change
+    CHANGE_LEAVING: WorkerStatus.Change
+    CHANGE_LEFT: WorkerStatus.Change
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    change: WorkerStatus.Change
+    def __init__(self, worker_id: _Optional[str] = ..., change: _Optional[_Union[WorkerStatus.Change, str]] = ...) -> None: ...

@@ -1,0 +1,72 @@
+"""Handler registry and the context object handlers receive."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from gateway.keys import KIND_RE
+
+
+@dataclass(frozen=True, slots=True)
+class JobContext:
+    """What a handler gets: the job's input and identity.
+
+    ``args`` is the submitted ``google.protobuf.Value`` as plain Python (dict, list, str, float,
+    bool or None; JSON numbers arrive as float). ``payload`` is the submitted bytes.
+    """
+
+    id: str
+    kind: str
+    queue: str
+    attempt: int
+    args: Any
+    payload: bytes
+    timeout_s: float
+
+
+Handler = Callable[[JobContext], Any]
+F = TypeVar("F", bound=Handler)
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """A handler and whether it is a coroutine function (else it runs in a thread pool)."""
+
+    fn: Handler
+    is_async: bool
+
+    async def call_async(self, ctx: JobContext) -> Any:
+        result = self.fn(ctx)
+        return await result if inspect.isawaitable(result) else result
+
+
+class Registry:
+    """Maps kinds (handler names) to handlers."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Registered] = {}
+
+    def add(self, kind: str, fn: Handler) -> None:
+        """Registers ``fn`` for ``kind``. Raises ValueError for a bad or duplicate kind."""
+        if not KIND_RE.match(kind):
+            raise ValueError(f"kind {kind!r} must be 1-128 characters from [A-Za-z0-9_.:-]")
+        if kind in self._handlers:
+            raise ValueError(f"kind {kind!r} already has a handler")
+        self._handlers[kind] = Registered(fn, inspect.iscoroutinefunction(fn))
+
+    def decorator(self, kind: str) -> Callable[[F], F]:
+        def register(fn: F) -> F:
+            self.add(kind, fn)
+            return fn
+
+        return register
+
+    def get(self, kind: str) -> Registered | None:
+        return self._handlers.get(kind)
+
+    @property
+    def kinds(self) -> list[str]:
+        return sorted(self._handlers)

@@ -1,0 +1,433 @@
+"""The worker runtime: registration, heartbeats, dispatch handling, timeouts and graceful drain.
+
+A worker subscribes to its own dispatch channel, acknowledges each dispatch with the ``start``
+script (which refuses stale or forged placements), runs the handler, and records the outcome with
+the ``finish`` script, which also publishes it on the result channel. The outcome is stored before
+it is published, so it survives a moment when no gateway is listening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from google.protobuf.struct_pb2 import Value
+from jobgate.v1 import job_pb2, relay_pb2
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.keys import JOB_ID_RE, Keys
+from gateway.scripts import Scripts
+from gateway.store import now_ms, settled
+
+from .builtins import register_builtins
+from .config import WorkerSettings, default_worker_id
+from .registry import Handler, JobContext, Registry
+
+log = logging.getLogger(__name__)
+
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+F = TypeVar("F", bound=Handler)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one attempt produced."""
+
+    state: int
+    result: bytes = b""  # google.protobuf.Value bytes
+    output: bytes = b""
+    error_code: str = ""
+    error_message: str = ""
+
+
+@dataclass
+class Running:
+    """A job this worker holds."""
+
+    dispatch: relay_pb2.DispatchJob
+    task: asyncio.Task[None] | None = None
+    handler_task: asyncio.Future[Any] | None = None
+    cancel_requested: bool = False
+    started: bool = False
+
+
+class Worker:
+    """A jobgate worker. Register handlers with :meth:`handler`, then ``await run(settings)``.
+
+    Plain functions run in a thread pool; coroutine functions run on the event loop.
+    """
+
+    def __init__(self, *, builtins: bool = True) -> None:
+        self.registry = Registry()
+        if builtins:
+            register_builtins(self.registry)
+        self._stop: asyncio.Event | None = None
+        self.worker_id = ""
+
+    def handler(self, kind: str) -> Callable[[F], F]:
+        """Decorator registering a handler for ``kind``. Raises ValueError for a bad or taken kind."""
+        return self.registry.decorator(kind)
+
+    def stop(self) -> None:
+        """Asks a running worker to drain and exit (safe to call from the event loop)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    async def run(self, settings: WorkerSettings) -> None:
+        """Runs until :meth:`stop`; then drains in-flight jobs and hands the rest back."""
+        self._stop = asyncio.Event()
+        self.worker_id = settings.worker_id or default_worker_id()
+        runtime = _Runtime(self, settings, self._stop)
+        await runtime.run()
+
+
+class _Runtime:
+    def __init__(self, worker: Worker, settings: WorkerSettings, stop: asyncio.Event) -> None:
+        self.worker = worker
+        self.settings = settings
+        self.stop_event = stop
+        self.id = worker.worker_id
+        self.keys = Keys(settings.namespace)
+        self.redis = Redis.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+            health_check_interval=10,
+            socket_keepalive=True,
+        )
+        self.scripts = Scripts.register(self.redis)
+        self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="jobgate-handler")
+        self.slots = asyncio.Semaphore(settings.concurrency)
+        self.jobs: dict[str, Running] = {}
+        self.subscribed = False
+        self.draining = False
+        self.redis_ok = True
+        self.registered = False  # set by the first successful heartbeat
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def run(self) -> None:
+        log.info(
+            "worker %s serving queues %s with kinds %s (concurrency %d)",
+            self.id,
+            ",".join(self.settings.queue_list),
+            ",".join(self.worker.registry.kinds),
+            self.settings.concurrency,
+        )
+        beat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        listen = asyncio.create_task(self._listen_loop(), name="listen")
+        try:
+            await self.stop_event.wait()
+        finally:
+            await self._drain(listen)
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            await self.redis.aclose()
+            log.info("worker %s stopped", self.id)
+
+    async def _drain(self, listen: asyncio.Task[None]) -> None:
+        self.draining = True
+        log.info("draining: no new jobs; waiting up to %.1fs for %d running", self.settings.grace_s, len(self.jobs))
+        await self._quietly(self._beat())
+        await self._quietly(self._status(relay_pb2.WorkerStatus.CHANGE_LEAVING))
+        listen.cancel()
+        await asyncio.gather(listen, return_exceptions=True)
+        tasks = [r.task for r in self.jobs.values() if r.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.settings.grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self._quietly(self._leave())
+
+    async def _leave(self) -> None:
+        k = self.keys
+        flat = await self.scripts.leave(
+            keys=[k.workers(), k.acks()], args=[k.prefix, self.id, now_ms(), self.settings.retention_s]
+        )
+        handed = settled(flat)
+        for s in handed:
+            log.info("job_id=%s handed back to queue %s", s.job_id, s.queue)
+        await self._status(relay_pb2.WorkerStatus.CHANGE_LEFT)
+
+    async def _quietly(self, coro: Any) -> None:
+        try:
+            await asyncio.wait_for(coro, timeout=self.settings.redis_timeout_s + 1)
+        except (*REDIS_ERRORS, TimeoutError) as exc:
+            log.warning("Redis unreachable during shutdown (%s); the gateway will reap this worker", exc)
+
+    async def _wait_stop(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self.stop_event.wait(), timeout=seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    # --- heartbeats -----------------------------------------------------------------------
+    async def _beat(self) -> bool:
+        k, s, now = self.keys, self.settings, now_ms()
+        off = "1" if self.draining or not self.subscribed else "0"
+        new = await self.scripts.heartbeat(
+            keys=[k.workers(), k.worker(self.id), k.worker_jobs(self.id)],
+            args=[
+                k.prefix,
+                self.id,
+                now,
+                now + s.heartbeat_ttl_ms,
+                s.concurrency,
+                ",".join(s.queue_list),
+                ",".join(self.worker.registry.kinds),
+                socket.gethostname(),
+                os.getpid(),
+                off,
+            ],
+        )
+        new = bool(new) and self.registered
+        self.registered = True
+        if s.health_file:
+            Path(s.health_file).touch()  # noqa: ASYNC240 - a tiny local file, once a second
+        return bool(new)
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.settings.heartbeat_ms / 1000
+        while True:
+            try:
+                if await self._beat() and self.subscribed and not self.draining:
+                    log.warning("registered again after being evicted")
+                    await self._status(relay_pb2.WorkerStatus.CHANGE_JOINED)
+                if not self.redis_ok:
+                    log.info("Redis reachable again")
+                self.redis_ok = True
+            except REDIS_ERRORS as exc:
+                if self.redis_ok:
+                    log.warning("heartbeat failed (%s); retrying", exc)
+                self.redis_ok = False
+            await asyncio.sleep(interval)
+
+    async def _status(self, change: relay_pb2.WorkerStatus.Change.ValueType) -> None:
+        msg = relay_pb2.WorkerStatus(worker_id=self.id, change=change)
+        await self.redis.publish(self.keys.workers_channel(), msg.SerializeToString())
+
+    # --- dispatch channel -----------------------------------------------------------------
+    async def _listen_loop(self) -> None:
+        channel = self.keys.dispatch_channel(self.id)
+        while True:
+            try:
+                async with self.redis.pubsub() as ps:
+                    await ps.subscribe(channel)
+                    self.subscribed = True
+                    await self._beat()
+                    await self._status(relay_pb2.WorkerStatus.CHANGE_JOINED)
+                    log.info("subscribed to %s", channel)
+                    while True:
+                        msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if msg is not None and isinstance(msg.get("data"), bytes):
+                            self._on_message(msg["data"])
+            except REDIS_ERRORS as exc:
+                if self.subscribed:
+                    log.warning("dispatch subscription lost (%s); resubscribing", exc)
+                self.subscribed = False
+                await asyncio.sleep(0.5)
+            finally:
+                self.subscribed = False
+
+    def _on_message(self, data: bytes) -> None:
+        msg = relay_pb2.WorkerMessage()
+        try:
+            msg.ParseFromString(data)
+        except DecodeError:
+            log.warning("dropped a malformed dispatch message (%d bytes)", len(data))
+            return
+        body = msg.WhichOneof("body")
+        if body == "dispatch":
+            self._on_dispatch(msg.dispatch)
+        elif body == "cancel":
+            self._on_cancel(msg.cancel)
+        else:
+            log.warning("dropped a dispatch message with no body")
+
+    def _on_dispatch(self, d: relay_pb2.DispatchJob) -> None:
+        if not JOB_ID_RE.match(d.job_id):
+            log.warning("dropped a dispatch with a malformed job id")
+            return
+        current = self.jobs.get(d.job_id)
+        if current is not None and current.dispatch.lease >= d.lease:
+            return  # duplicate delivery
+        if self.draining:
+            return  # not acknowledged: handed back by the leave script
+        running = Running(d)
+        self.jobs[d.job_id] = running
+        running.task = asyncio.create_task(self._execute(running), name=f"job-{d.job_id}")
+
+    def _on_cancel(self, c: relay_pb2.CancelJob) -> None:
+        running = self.jobs.get(c.job_id)
+        if running is None or running.dispatch.lease != c.lease:
+            return
+        running.cancel_requested = True
+        if running.handler_task is not None:
+            running.handler_task.cancel()
+        log.info("job_id=%s cancel requested", c.job_id)
+
+    # --- running a job --------------------------------------------------------------------
+    async def _execute(self, running: Running) -> None:
+        d = running.dispatch
+        try:
+            async with self.slots:
+                if self.draining or not await self._start(d):
+                    return
+                running.started = True
+                outcome = await self._run_handler(running)
+                await self._finish(d, outcome)
+        finally:
+            if self.jobs.get(d.job_id) is running:
+                del self.jobs[d.job_id]
+
+    async def _start(self, d: relay_pb2.DispatchJob) -> bool:
+        k = self.keys
+        event = self._event(d, job_pb2.JOB_STATE_RUNNING)
+        try:
+            code = await self.scripts.start(
+                keys=[k.job(d.job_id), k.acks(), k.results_channel()],
+                args=[d.job_id, d.lease, self.id, now_ms(), event.SerializeToString()],
+            )
+        except REDIS_ERRORS as exc:
+            log.warning("job_id=%s could not be acknowledged (%s); it will be placed again", d.job_id, exc)
+            return False
+        if code != 1:
+            log.warning("job_id=%s dispatch refused (%s)", d.job_id, "missing" if code == -1 else "stale")
+            return False
+        log.info("job_id=%s kind=%s attempt=%d started", d.job_id, d.spec.kind, d.attempt)
+        return True
+
+    async def _run_handler(self, running: Running) -> Outcome:
+        d = running.dispatch
+        registered = self.worker.registry.get(d.spec.kind)
+        if registered is None:
+            return Outcome(
+                job_pb2.JOB_STATE_FAILED,
+                error_code="UNKNOWN_KIND",
+                error_message=f"no handler for kind {d.spec.kind!r} on worker {self.id}",
+            )
+        timeout_s = d.timeout_ms / 1000 if d.timeout_ms > 0 else None
+        ctx = JobContext(
+            id=d.job_id,
+            kind=d.spec.kind,
+            queue=d.spec.queue,
+            attempt=d.attempt,
+            args=json_format.MessageToDict(d.spec.args) if d.spec.HasField("args") else None,
+            payload=d.spec.payload,
+            timeout_s=timeout_s or 0.0,
+        )
+        loop = asyncio.get_running_loop()
+        if registered.is_async:
+            running.handler_task = asyncio.ensure_future(registered.call_async(ctx))
+        else:
+            running.handler_task = loop.run_in_executor(self.pool, registered.fn, ctx)
+        try:
+            value = await asyncio.wait_for(running.handler_task, timeout=timeout_s)
+        except TimeoutError:
+            return Outcome(
+                job_pb2.JOB_STATE_FAILED,
+                error_code="TIMEOUT",
+                error_message=f"attempt {d.attempt} ran longer than {d.timeout_ms} ms",
+            )
+        except asyncio.CancelledError:
+            if running.cancel_requested and not _cancelling():
+                return Outcome(
+                    job_pb2.JOB_STATE_CANCELLED, error_code="CANCELLED", error_message="cancelled by request"
+                )
+            raise
+        except Exception as exc:  # noqa: BLE001 - a handler's failure is the job's outcome
+            log.info("job_id=%s handler raised %s", d.job_id, type(exc).__name__)
+            return Outcome(
+                job_pb2.JOB_STATE_FAILED,
+                error_code="HANDLER_ERROR",
+                error_message=f"{type(exc).__name__}: {exc}"[:4096],
+            )
+        return _success(value)
+
+    async def _finish(self, d: relay_pb2.DispatchJob, outcome: Outcome) -> None:
+        k = self.keys
+        event = self._event(d, outcome.state)
+        if outcome.result:
+            event.result.ParseFromString(outcome.result)
+        event.output = outcome.output
+        if outcome.error_code:
+            event.error.code = outcome.error_code
+            event.error.message = outcome.error_message
+        deadline = time.monotonic() + max(self.settings.heartbeat_ttl_ms / 1000 * 4, 30)
+        delay = 0.1
+        while True:
+            try:
+                reply = await self.scripts.finish(
+                    keys=[k.job(d.job_id), k.results_channel()],
+                    args=[
+                        k.prefix,
+                        d.job_id,
+                        d.lease,
+                        self.id,
+                        outcome.state,
+                        now_ms(),
+                        outcome.result,
+                        outcome.output,
+                        outcome.error_code,
+                        outcome.error_message,
+                        self.settings.retention_s,
+                        event.SerializeToString(),
+                    ],
+                )
+                break
+            except REDIS_ERRORS as exc:
+                if time.monotonic() > deadline:
+                    log.error("job_id=%s outcome could not be recorded (%s); it will run again", d.job_id, exc)
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if reply[0] == 1:
+            log.info("job_id=%s finished %s", d.job_id, job_pb2.JobState.Name(outcome.state))  # type: ignore[arg-type]
+        else:
+            log.warning("job_id=%s outcome discarded: this attempt was superseded", d.job_id)
+
+    def _event(self, d: relay_pb2.DispatchJob, state: int) -> job_pb2.JobEvent:
+        event = job_pb2.JobEvent(
+            job_id=d.job_id,
+            queue=d.spec.queue,
+            kind=d.spec.kind,
+            state=state,  # type: ignore[arg-type]
+            attempt=d.attempt,
+            worker_id=self.id,
+        )
+        event.time.FromMilliseconds(now_ms())
+        return event
+
+
+def _cancelling() -> bool:
+    """True when the current task itself is being cancelled (shutdown), not just the handler."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _success(value: Any) -> Outcome:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return Outcome(job_pb2.JOB_STATE_SUCCEEDED, output=bytes(value))
+    try:
+        result = json_format.ParseDict(value, Value())
+    except (json_format.ParseError, TypeError, ValueError) as exc:
+        return Outcome(
+            job_pb2.JOB_STATE_FAILED,
+            error_code="HANDLER_ERROR",
+            error_message=f"result is not JSON-compatible: {exc}"[:4096],
+        )
+    return Outcome(job_pb2.JOB_STATE_SUCCEEDED, result=result.SerializeToString())
