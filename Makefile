@@ -34,7 +34,7 @@ proto: $(STAMP)
 	touch generated/jobgate/__init__.py generated/jobgate/v1/__init__.py
 
 run: $(STAMP)
-	$(PY) -m tests.demo
+	$(PY) -m gateway.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from google.protobuf.struct_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
+
 from jobgate.v1 import job_pb2
 
 QUEUED = job_pb2.JOB_STATE_QUEUED

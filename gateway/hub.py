@@ -14,10 +14,11 @@ import logging
 from collections.abc import Callable, Iterable
 
 from google.protobuf.message import DecodeError
-from jobgate.v1 import job_pb2, relay_pb2
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from jobgate.v1 import job_pb2, relay_pb2
 
 from .codec import TERMINAL, event_from_hash
 from .errors import Unavailable

@@ -11,8 +11,9 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from jobgate.v1 import job_pb2, relay_pb2
 from redis.asyncio import Redis
+
+from jobgate.v1 import job_pb2, relay_pb2
 
 from .codec import DISPATCHED, event_from_hash, timestamp
 from .errors import Unavailable

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from redis.asyncio import Redis
+
+from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from .config import GatewaySettings
 from .hub import Hub

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
+
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .codec import QUEUED, TERMINAL, event_from_hash

@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from jobgate.v1 import job_pb2, scheduler_pb2
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from jobgate.v1 import job_pb2, scheduler_pb2
 
 from .codec import Fields, job_from_hash
 from .errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable

@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from google.protobuf.struct_pb2 import Value
-from jobgate.v1 import job_pb2, relay_pb2
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -30,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gateway.keys import JOB_ID_RE, Keys
 from gateway.scripts import Scripts
 from gateway.store import now_ms, settled
+from jobgate.v1 import job_pb2, relay_pb2
 
 from .builtins import register_builtins
 from .config import WorkerSettings, default_worker_id

