@@ -1,0 +1,214 @@
+"""The public contract end to end: a gateway and workers as subprocesses against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from redis.asyncio import Redis
+
+from gateway.devstack import Stack
+from gateway.keys import Keys
+from jobgate.v1 import job_pb2, scheduler_pb2
+
+from .conftest import Client, eventually, request, value
+
+S = job_pb2
+
+
+@pytest.fixture
+def gateway(stack: Stack) -> str:
+    """One gateway and one worker (4 slots); returns the gateway address."""
+    _, address = stack.start_gateway()
+    stack.start_worker("--concurrency", "4")
+    return address
+
+
+@pytest.fixture
+def client(gateway: str, client_for: Callable[[str], Client]) -> Client:
+    return client_for(gateway)
+
+
+async def test_submitted_job_runs_and_its_result_streams_back(client: Client) -> None:
+    reply = await client.submit("echo", {"x": 1, "tags": ["a", "b"]})
+    assert len(reply.job.id) == 32 and reply.job.state == S.JOB_STATE_QUEUED
+    events = await client.wait_results([reply.job.id])
+    event = events[reply.job.id]
+    assert event.state == S.JOB_STATE_SUCCEEDED
+    assert value(event.result) == {"x": 1, "tags": ["a", "b"]}
+    job = (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=reply.job.id))).job
+    assert job.state == S.JOB_STATE_SUCCEEDED and job.attempt == 1 and job.worker_id
+    assert job.finished_at.ToMilliseconds() >= job.started_at.ToMilliseconds() >= job.created_at.ToMilliseconds()
+
+
+async def test_run_job_streams_every_lifecycle_event_until_the_terminal_one(client: Client) -> None:
+    call = client.stub.RunJob(scheduler_pb2.RunJobRequest(job=request("sleep", {"seconds": 0.2})), timeout=20)
+    states = [resp.event.state async for resp in call]
+    assert states == [S.JOB_STATE_QUEUED, S.JOB_STATE_DISPATCHED, S.JOB_STATE_RUNNING, S.JOB_STATE_SUCCEEDED]
+
+
+async def test_binary_payload_comes_back_as_output(client: Client) -> None:
+    reply = await client.submit("echo", payload=b"\x00\xffbinary")
+    event = (await client.wait_results([reply.job.id]))[reply.job.id]
+    assert event.state == S.JOB_STATE_SUCCEEDED and event.output == b"\x00\xffbinary"
+
+
+async def test_batch_submit_stores_every_job_in_request_order(client: Client) -> None:
+    reqs = [request("echo", {"i": i}) for i in range(200)]
+    reply = await client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=reqs), timeout=10)
+    assert [value(j.spec.args)["i"] for j in reply.jobs] == list(range(200))
+    events = await client.wait_results([j.id for j in reply.jobs])
+    assert {value(e.result)["i"] for e in events.values()} == set(range(200))
+    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in events.values())
+
+
+async def test_watch_replays_results_that_finished_before_it_subscribed(client: Client) -> None:
+    ids = [(await client.submit("echo", {"n": n})).job.id for n in range(3)]
+    await client.wait_results(ids)
+    replayed = await client.wait_results(ids, timeout=5)  # all finished: replay, then the stream ends
+    assert set(replayed) == set(ids)
+
+
+async def test_watch_without_ids_streams_completions_matching_queue_and_kind(
+    stack: Stack, client_for: Callable[[str], Client]
+) -> None:
+    _, address = stack.start_gateway()
+    stack.start_worker("--queues", "default,other")
+    client = client_for(address)
+    call = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(queue="other", kinds=["echo"]), timeout=20)
+    await asyncio.sleep(0.3)  # let the stream register before the jobs finish
+    await client.submit("echo", {"skip": "wrong queue"})
+    await client.submit("fail", queue="other")
+    wanted = (await client.submit("echo", {"keep": True}, queue="other")).job.id
+    first = await anext(aiter(call))
+    call.cancel()
+    assert first.event.job_id == wanted and first.event.queue == "other"
+
+
+async def test_job_submitted_with_no_worker_runs_when_one_joins(
+    stack: Stack, client_for: Callable[[str], Client]
+) -> None:
+    _, address = stack.start_gateway()
+    client = client_for(address)
+    job_id = (await client.submit("echo", {"waited": True})).job.id
+    await asyncio.sleep(0.5)
+    assert (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=job_id))).job.state == S.JOB_STATE_QUEUED
+    stack.start_worker()
+    assert (await client.wait_results([job_id]))[job_id].state == S.JOB_STATE_SUCCEEDED
+
+
+async def test_waiting_jobs_run_by_priority_then_submission_order(
+    stack: Stack, client_for: Callable[[str], Client]
+) -> None:
+    _, address = stack.start_gateway()
+    client = client_for(address)
+    plan = [("low-1", 0), ("low-2", 0), ("high", 9), ("mid", 5), ("low-3", 0)]
+    ids = {}
+    for name, prio in plan:
+        ids[(await client.submit("echo", {"name": name}, priority=prio)).job.id] = name
+    stack.start_worker("--concurrency", "1")
+    await client.wait_results(list(ids))
+    jobs = [(await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=i))).job for i in ids]
+    order = [ids[j.id] for j in sorted(jobs, key=lambda j: j.started_at.ToNanoseconds())]
+    assert order == ["high", "mid", "low-1", "low-2", "low-3"]
+
+
+async def test_jobs_go_only_to_workers_serving_their_queue(
+    stack: Stack, client_for: Callable[[str], Client]
+) -> None:
+    _, address = stack.start_gateway()
+    stack.start_worker("--queues", "alpha", worker_id="alpha-worker")
+    stack.start_worker("--queues", "beta", worker_id="beta-worker")
+    client = client_for(address)
+    a = [(await client.submit("echo", queue="alpha")).job.id for _ in range(5)]
+    b = [(await client.submit("echo", queue="beta")).job.id for _ in range(5)]
+    events = await client.wait_results(a + b)
+    assert {events[i].worker_id for i in a} == {"alpha-worker"}
+    assert {events[i].worker_id for i in b} == {"beta-worker"}
+
+
+async def test_placement_spreads_jobs_over_the_least_loaded_workers(
+    stack: Stack, client_for: Callable[[str], Client]
+) -> None:
+    _, address = stack.start_gateway()
+    stack.start_worker("--concurrency", "2", worker_id="w-one")
+    stack.start_worker("--concurrency", "2", worker_id="w-two")
+    client = client_for(address)
+    await eventually(lambda: _live_workers(client, 2), what="two workers registered")
+    reply = await client.stub.SubmitJobs(
+        scheduler_pb2.SubmitJobsRequest(jobs=[request("sleep", {"seconds": 0.5}) for _ in range(4)]), timeout=10
+    )
+    events = await client.wait_results([j.id for j in reply.jobs])
+    per_worker = sorted(e.worker_id for e in events.values())
+    assert per_worker == ["w-one", "w-one", "w-two", "w-two"]
+
+
+async def _live_workers(client: Client, n: int) -> bool:
+    return len((await client.stub.ListWorkers(scheduler_pb2.ListWorkersRequest())).workers) == n
+
+
+async def test_list_workers_shows_each_live_worker_with_its_slots(
+    stack: Stack, client_for: Callable[[str], Client]
+) -> None:
+    _, address = stack.start_gateway()
+    stack.start_worker("--concurrency", "3", "--queues", "q1,q2", worker_id="listed")
+    client = client_for(address)
+    await eventually(lambda: _live_workers(client, 1), what="worker registered")
+    [w] = (await client.stub.ListWorkers(scheduler_pb2.ListWorkersRequest())).workers
+    assert (w.id, list(w.queues), w.slots, w.busy) == ("listed", ["q1", "q2"], 3, 0)
+    assert {"echo", "sleep", "fail"} <= set(w.kinds)
+
+
+async def test_failing_handler_records_failed_with_the_exception_text(client: Client) -> None:
+    job_id = (await client.submit("fail", {"message": "boom"})).job.id
+    event = (await client.wait_results([job_id]))[job_id]
+    assert event.state == S.JOB_STATE_FAILED
+    assert event.error.code == "HANDLER_ERROR" and "boom" in event.error.message
+
+
+async def test_worker_stops_a_job_that_runs_past_its_timeout(client: Client) -> None:
+    job_id = (await client.submit("sleep", {"seconds": 30}, timeout=Duration(nanos=300_000_000))).job.id
+    event = (await client.wait_results([job_id], timeout=10))[job_id]
+    assert event.state == S.JOB_STATE_FAILED and event.error.code == "TIMEOUT"
+
+
+async def test_cancelling_a_queued_job_removes_it_from_its_queue(
+    stack: Stack, client_for: Callable[[str], Client], redis: Redis, keys: Keys
+) -> None:
+    _, address = stack.start_gateway()
+    client = client_for(address)
+    job_id = (await client.submit("echo")).job.id
+    reply = await client.stub.CancelJob(scheduler_pb2.CancelJobRequest(id=job_id))
+    assert reply.job.state == S.JOB_STATE_CANCELLED
+    assert await redis.zcard(keys.pending("default")) == 0
+    stack.start_worker()
+    assert (await client.wait_results([job_id]))[job_id].state == S.JOB_STATE_CANCELLED
+
+
+async def test_cancelling_a_running_job_stops_it(client: Client) -> None:
+    job_id = (await client.submit("sleep", {"seconds": 60})).job.id
+
+    async def running() -> bool:
+        job = (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=job_id))).job
+        return job.state == S.JOB_STATE_RUNNING
+
+    await eventually(running, what="job running")
+    await client.stub.CancelJob(scheduler_pb2.CancelJobRequest(id=job_id))
+    event = (await client.wait_results([job_id], timeout=10))[job_id]
+    assert event.state == S.JOB_STATE_CANCELLED and event.error.code == "CANCELLED"
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.stub.CancelJob(scheduler_pb2.CancelJobRequest(id=job_id))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_idempotency_key_returns_the_original_job_for_the_same_request(client: Client) -> None:
+    first = (await client.submit("echo", {"a": 1}, idempotency_key="order-17")).job
+    again = (await client.submit("echo", {"a": 1}, idempotency_key="order-17")).job
+    assert again.id == first.id
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.submit("echo", {"a": 2}, idempotency_key="order-17")
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "idempotency_key" in (err.value.details() or "")
