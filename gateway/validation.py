@@ -102,7 +102,7 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
     size = len(req.payload) + (req.args.ByteSize() if req.HasField("args") else 0)
     if size > limits.max_payload_bytes:
         raise ResourceExhausted(
-            f"{field}args/payload: {size} bytes is over the limit of {limits.max_payload_bytes} bytes"
+            f"{field}payload: args and payload take {size} bytes, over the limit of {limits.max_payload_bytes} bytes"
         )
     spec_bytes = spec.SerializeToString(deterministic=True)
     idem = req.idempotency_key
