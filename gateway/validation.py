@@ -6,6 +6,8 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 
+from google.protobuf import struct_pb2
+
 from jobgate.v1 import job_pb2, scheduler_pb2
 
 from .errors import InvalidArgument, ResourceExhausted
@@ -80,6 +82,7 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
         idempotency_key=req.idempotency_key,
     )
     if req.HasField("args"):
+        _check_value(req.args, f"{field}args")
         spec.args.CopyFrom(req.args)
     if not 0 <= req.priority <= MAX_PRIORITY:
         raise InvalidArgument(f"{field}priority: must be between 0 and {MAX_PRIORITY}")
@@ -114,6 +117,21 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
         idempotency_digest=hashlib.sha256(idem.encode()).hexdigest() if idem else "",
         request_digest=hashlib.sha256(spec_bytes).hexdigest() if idem else "",
     )
+
+
+def _check_value(value: struct_pb2.Value, field: str) -> None:
+    """Refuses a Value (or nested Value) with no kind set: clients that build Values by hand (for
+    example a JavaScript object passed where the Value form is needed) would lose their input."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        kind = v.WhichOneof("kind")
+        if kind is None:
+            raise InvalidArgument(f"{field}: a google.protobuf.Value with no kind set (use null_value for null)")
+        if kind == "struct_value":
+            stack.extend(v.struct_value.fields.values())
+        elif kind == "list_value":
+            stack.extend(v.list_value.values)
 
 
 def prepare_batch(reqs: list[scheduler_pb2.SubmitJobRequest], limits: Limits) -> list[PreparedJob]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 from redis.asyncio import Redis
 
@@ -56,6 +57,9 @@ SUBMIT_CASES = [
     (dict(kind="echo", timeout=Duration(seconds=8 * 24 * 3600)), INVALID, "timeout"),
     (dict(kind="echo", idempotency_key="k" * 257), INVALID, "idempotency_key"),
     (dict(kind="echo", payload=b"x" * 1001), grpc.StatusCode.RESOURCE_EXHAUSTED, "payload"),
+    (dict(kind="echo", args=struct_pb2.Value()), INVALID, "args"),
+    (dict(kind="echo", args=struct_pb2.Value(list_value=struct_pb2.ListValue(values=[struct_pb2.Value()]))),
+     INVALID, "args"),
 ]
 
 

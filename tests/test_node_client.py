@@ -1,0 +1,98 @@
+"""A Node.js client uses the public API from proto/ alone (@grpc/grpc-js + @grpc/proto-loader).
+
+The client is tests/node/client.mjs; it prints one JSON line summarising what it saw, and this test
+judges it. node and npm are expected on PATH: without them the test fails, unless
+JOBGATE_SKIP_NODE=1 says to skip it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.devstack import Stack
+
+NODE_DIR = Path(__file__).parent / "node"
+CLIENT = NODE_DIR / "client.mjs"
+NPM_TIMEOUT_S = 300
+# The client gives up by itself after 30 s; this only catches a node process that does not.
+CLIENT_TIMEOUT_S = 45
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"`{name}` is not on PATH: install Node.js 20+ with npm, or set JOBGATE_SKIP_NODE=1 to skip")
+    return path
+
+
+def _installed() -> bool:
+    """Whether node_modules holds exactly the versions package.json pins (which are exact)."""
+    pinned: dict[str, str] = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]
+    for name, version in pinned.items():
+        manifest = NODE_DIR / "node_modules" / name / "package.json"
+        if not manifest.exists() or json.loads(manifest.read_text())["version"] != version:
+            return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """The node binary, with tests/node's packages installed; installs them once if needed."""
+    if os.environ.get("JOBGATE_SKIP_NODE") == "1":
+        pytest.skip("JOBGATE_SKIP_NODE=1")
+    node, npm = _tool("node"), _tool("npm")
+    if not _installed():
+        has_lock = (NODE_DIR / "package-lock.json").exists()
+        # --ignore-scripts: the only install script (protobufjs's) merely prints version advice.
+        args = [npm, "ci" if has_lock else "install", "--ignore-scripts", "--no-audit", "--no-fund"]
+        try:
+            done = subprocess.run(args, cwd=NODE_DIR, capture_output=True, text=True, timeout=NPM_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`{' '.join(args[1:])}` in {NODE_DIR} took over {NPM_TIMEOUT_S}s")
+        if done.returncode != 0:
+            pytest.fail(f"`npm {args[1]}` in {NODE_DIR} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return node
+
+
+def run_client(node: str, address: str) -> dict[str, Any]:
+    """Runs the Node client against ``address``; returns its JSON summary."""
+    try:
+        done = subprocess.run([node, str(CLIENT), address], capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"node client still running after {CLIENT_TIMEOUT_S}s; stderr:\n{exc.stderr!r}")
+    assert done.returncode == 0, f"node client exited {done.returncode}:\n{done.stderr}"
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, f"expected one JSON line, got:\n{done.stdout}"
+    summary: dict[str, Any] = json.loads(lines[0])
+    return summary
+
+
+# The first run includes `npm ci` (bounded by NPM_TIMEOUT_S), which the default per-test timeout
+# would cut short; later runs take a few seconds.
+@pytest.mark.timeout(NPM_TIMEOUT_S + 60)
+def test_node_client_submits_watches_runs_and_is_refused_through_the_proto_files(node: str, stack: Stack) -> None:
+    _, address = stack.start_gateway()
+    stack.start_worker()
+
+    got = run_client(node, address)
+
+    # SubmitJob, then WatchResults replays or streams exactly one completion and ends.
+    assert len(got["submitted"]) == 32
+    assert got["watched_count"] == 1
+    assert got["watched_state"] == "JOB_STATE_SUCCEEDED"
+    assert got["watched_result"] == {"from": "node", "n": 7}
+    # RunJob: the stored job's QUEUED event first, the terminal one last, nothing after it.
+    states = got["runjob_states"]
+    assert states[0] == "JOB_STATE_QUEUED" and states[-1] == "JOB_STATE_FAILED", states
+    assert "JOB_STATE_FAILED" not in states[:-1], states
+    assert got["runjob_error_code"] == "HANDLER_ERROR"
+    # An empty kind is refused before anything is stored, and the message names the field.
+    assert got["invalid_code"] == "INVALID_ARGUMENT"
+    assert "kind" in got["invalid_details"], got["invalid_details"]
