@@ -164,6 +164,11 @@ class Service:
         self._log.close()
         return code
 
+    def close(self) -> None:
+        """Closes the log file (the process itself is left alone)."""
+        if not self._log.closed:
+            self._log.close()
+
     def kill(self) -> None:
         self.signal(signal.SIGKILL)
         self.proc.wait(10)
@@ -238,6 +243,7 @@ class Stack:
         for svc in [*self.workers, *self.gateways]:
             if svc.alive():
                 svc.terminate(timeout_s=15)
+            svc.close()
         shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def logs(self) -> str:

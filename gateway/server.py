@@ -19,23 +19,12 @@ from .hub import Hub
 from .keys import Keys
 from .scheduler import Scheduler
 from .service import SchedulerService
-from .store import JobStore
+from .store import JobStore, redis_client
 from .validation import Limits
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
-
-
-def redis_client(url: str, timeout_s: float) -> Redis:
-    """An asyncio Redis client that fails fast (bounded waits) and checks idle connections."""
-    return Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        health_check_interval=10,
-        socket_keepalive=True,
-    )
 
 
 @dataclass

@@ -13,6 +13,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -25,6 +27,24 @@ from .scripts import Scripts
 from .validation import PreparedJob
 
 log = logging.getLogger(__name__)
+
+
+def redis_client(url: str, timeout_s: float) -> Redis:
+    """An asyncio Redis client with bounded waits that reconnects by itself.
+
+    A command that hits a connection dropped by a Redis restart is retried (up to 3 times, 50-500 ms
+    apart) on a fresh connection, so the first request after a restart does not fail for nothing.
+    """
+    errors = [RedisConnectionError, RedisTimeoutError, OSError]
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=10,
+        socket_keepalive=True,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 3, supported_errors=tuple(errors)),
+        retry_on_error=errors,
+    )
 
 
 def now_ms() -> int:

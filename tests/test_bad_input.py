@@ -58,8 +58,11 @@ SUBMIT_CASES = [
     (dict(kind="echo", idempotency_key="k" * 257), INVALID, "idempotency_key"),
     (dict(kind="echo", payload=b"x" * 1001), grpc.StatusCode.RESOURCE_EXHAUSTED, "payload"),
     (dict(kind="echo", args=struct_pb2.Value()), INVALID, "args"),
-    (dict(kind="echo", args=struct_pb2.Value(list_value=struct_pb2.ListValue(values=[struct_pb2.Value()]))),
-     INVALID, "args"),
+    (
+        dict(kind="echo", args=struct_pb2.Value(list_value=struct_pb2.ListValue(values=[struct_pb2.Value()]))),
+        INVALID,
+        "args",
+    ),
 ]
 
 

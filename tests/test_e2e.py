@@ -116,9 +116,7 @@ async def test_waiting_jobs_run_by_priority_then_submission_order(
     assert order == ["high", "mid", "low-1", "low-2", "low-3"]
 
 
-async def test_jobs_go_only_to_workers_serving_their_queue(
-    stack: Stack, client_for: Callable[[str], Client]
-) -> None:
+async def test_jobs_go_only_to_workers_serving_their_queue(stack: Stack, client_for: Callable[[str], Client]) -> None:
     _, address = stack.start_gateway()
     stack.start_worker("--queues", "alpha", worker_id="alpha-worker")
     stack.start_worker("--queues", "beta", worker_id="beta-worker")

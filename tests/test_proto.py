@@ -15,9 +15,20 @@ BIN = Path(sys.executable).parent
 def test_generated_code_matches_the_proto_files(tmp_path: Path) -> None:
     protos = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto"))
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I", "proto", f"--python_out={tmp_path}",
-         f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", *protos],
-        cwd=ROOT, check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            "proto",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            *protos,
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
     )
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*"))
     committed = sorted(p.relative_to(ROOT / "generated") for p in (ROOT / "generated").rglob("*_pb2*.py*"))

@@ -19,7 +19,7 @@ log = logging.getLogger("worker")
 
 
 def load_app(spec: str) -> Worker:
-    """Imports ``module:attr`` and returns the Worker it names (or that calling it returns).
+    """Imports ``module:attr`` and returns the Worker it names.
 
     Raises ValueError when the spec is malformed or does not name a Worker.
     """
@@ -29,8 +29,6 @@ def load_app(spec: str) -> Worker:
     if not module_name or not attr:
         raise ValueError(f"--app {spec!r}: expected module:attribute")
     target = getattr(importlib.import_module(module_name), attr)
-    if not isinstance(target, Worker) and callable(target):
-        target = target()
     if not isinstance(target, Worker):
         raise ValueError(f"--app {spec!r}: {attr} is not a worker.Worker")
     return target

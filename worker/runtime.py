@@ -22,13 +22,12 @@ from typing import Any, TypeVar
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from google.protobuf.struct_pb2 import Value
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.keys import JOB_ID_RE, Keys
 from gateway.scripts import Scripts
-from gateway.store import now_ms, settled
+from gateway.store import now_ms, redis_client, settled
 from jobgate.v1 import job_pb2, relay_pb2
 
 from .builtins import register_builtins
@@ -100,13 +99,7 @@ class _Runtime:
         self.stop_event = stop
         self.id = worker.worker_id
         self.keys = Keys(settings.namespace)
-        self.redis = Redis.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s,
-            health_check_interval=10,
-            socket_keepalive=True,
-        )
+        self.redis = redis_client(settings.redis_url, settings.redis_timeout_s)
         self.scripts = Scripts.register(self.redis)
         self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="jobgate-handler")
         self.slots = asyncio.Semaphore(settings.concurrency)

@@ -1,0 +1,30 @@
+"""A user application for the worker runtime tests: ``python -m worker --app tests.apps:app``."""
+
+from __future__ import annotations
+
+import threading
+
+from worker import JobContext, Worker
+
+app = Worker(builtins=False)
+
+
+@app.handler("add")
+def add(job: JobContext) -> dict[str, object]:
+    """A plain function: runs in the worker's thread pool, not on the event loop."""
+    return {"sum": sum(job.args["numbers"]), "thread": threading.current_thread().name}
+
+
+@app.handler("shout")
+async def shout(job: JobContext) -> str:
+    return f"{job.args['text'].upper()} (attempt {job.attempt}, queue {job.queue})"
+
+
+@app.handler("reverse-bytes")
+async def reverse_bytes(job: JobContext) -> bytes:
+    return job.payload[::-1]
+
+
+@app.handler("not-json")
+async def not_json(job: JobContext) -> object:
+    return {1, 2, 3}

@@ -1,0 +1,51 @@
+"""The Python worker runtime with a user application loaded by ``--app module:attr``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from gateway.devstack import Stack
+from jobgate.v1 import job_pb2
+
+from .conftest import Client, value
+
+S = job_pb2
+
+
+@pytest.fixture
+def client(stack: Stack, client_for: Callable[[str], Client]) -> Client:
+    _, address = stack.start_gateway()
+    stack.start_worker("--app", "tests.apps:app", "--concurrency", "2")
+    return client_for(address)
+
+
+async def test_user_handlers_run_plain_functions_in_threads_and_coroutines_on_the_loop(client: Client) -> None:
+    add = (await client.submit("add", {"numbers": [1, 2, 3.5]})).job.id
+    shout = (await client.submit("shout", {"text": "hi"})).job.id
+    rev = (await client.submit("reverse-bytes", payload=b"abc")).job.id
+    events = await client.wait_results([add, shout, rev])
+    assert value(events[add].result)["sum"] == 6.5
+    assert value(events[add].result)["thread"].startswith("jobgate-handler")
+    assert value(events[shout].result) == "HI (attempt 1, queue default)"
+    assert events[rev].output == b"cba"
+
+
+async def test_a_result_that_is_not_json_fails_with_a_clear_error(client: Client) -> None:
+    job_id = (await client.submit("not-json")).job.id
+    event = (await client.wait_results([job_id]))[job_id]
+    assert event.state == S.JOB_STATE_FAILED and "not JSON-compatible" in event.error.message
+
+
+async def test_kinds_the_app_does_not_register_wait_for_a_worker_that_does(client: Client, stack: Stack) -> None:
+    job_id = (await client.submit("echo", {"waits": True})).job.id
+    stack.start_worker()  # the default app, with the built-in echo
+    event = (await client.wait_results([job_id]))[job_id]
+    assert event.state == S.JOB_STATE_SUCCEEDED and value(event.result) == {"waits": True}
+
+
+def test_worker_refuses_an_app_that_is_not_a_worker(stack: Stack) -> None:
+    bad = stack.start_worker("--app", "tests.apps:add")
+    assert bad.proc.wait(20) != 0
+    assert "is not a worker.Worker" in bad.log()
