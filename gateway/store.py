@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import cast
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -157,7 +158,7 @@ class JobStore:
         values = await self.redis.mget([self.keys.idempotency(j.idempotency_digest) for j in keyed])
         for job, value in zip(keyed, values, strict=True):
             if value is not None:
-                stored_id, digest = value.decode().split(" ", 1)
+                stored_id, digest = _text(value).split(" ", 1)
                 if digest != job.request_digest:
                     raise AlreadyExists(f"idempotency_key: already used by job {stored_id} with a different request")
 
@@ -165,7 +166,7 @@ class JobStore:
     async def get(self, job_id: str) -> job_pb2.Job:
         """The stored job. Raises NotFound, Unavailable."""
         async with redis_errors():
-            fields = await self.redis.hgetall(self.keys.job(job_id))
+            fields = cast(Fields, await self.redis.hgetall(self.keys.job(job_id)))
         if not fields:
             raise NotFound(f"id: no job {job_id}")
         return job_from_hash(job_id, fields)
@@ -183,13 +184,13 @@ class JobStore:
     async def queue_names(self) -> list[str]:
         """Every queue that has held a job."""
         async with redis_errors():
-            return sorted(q.decode() for q in await self.redis.smembers(self.keys.queues()))
+            return sorted(_text(q) for q in await self.redis.smembers(self.keys.queues()))
 
     async def workers(self) -> list[scheduler_pb2.WorkerInfo]:
         """Live workers (heartbeat not expired), by id."""
         k, now = self.keys, now_ms()
         async with redis_errors():
-            ids = await self.redis.zrangebyscore(k.workers(), now, "+inf")
+            ids = cast(list[bytes], await self.redis.zrangebyscore(k.workers(), now, "+inf"))
             async with self.redis.pipeline(transaction=False) as pipe:
                 for wid in ids:
                     pipe.hgetall(k.worker(wid.decode()))
@@ -266,6 +267,11 @@ class JobStore:
                 keys=[k.workers(), k.acks()], args=[k.prefix, now_ms(), self.retention_s, limit]
             )
         return settled(flat)
+
+
+def _text(value: object) -> str:
+    """A Redis reply as text (this client returns bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def settled(flat: Sequence[bytes | int]) -> list[Settled]:

@@ -209,7 +209,7 @@ class _Runtime:
                 self.redis_ok = False
             await asyncio.sleep(interval)
 
-    async def _status(self, change: relay_pb2.WorkerStatus.Change.ValueType) -> None:
+    async def _status(self, change: relay_pb2.WorkerStatus.Change) -> None:
         msg = relay_pb2.WorkerStatus(worker_id=self.id, change=change)
         await self.redis.publish(self.keys.workers_channel(), msg.SerializeToString())
 
@@ -389,7 +389,7 @@ class _Runtime:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
         if reply[0] == 1:
-            log.info("job_id=%s finished %s", d.job_id, job_pb2.JobState.Name(outcome.state))  # type: ignore[arg-type]
+            log.info("job_id=%s finished %s", d.job_id, job_pb2.JobState.Name(outcome.state))
         else:
             log.warning("job_id=%s outcome discarded: this attempt was superseded", d.job_id)
 
