@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/jobgate/v1/*.proto)
 
-.PHONY: all install run test test-fast proto lint typecheck check-proto bench clean redis-bin
+.PHONY: all install run test test-fast proto lint typecheck bench clean
 
 all: install
 

@@ -89,13 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     if not url:
         redis = RedisProcess().start()
         url = redis.url
-        print(f"started redis-server on {url}")
+        print(f"started redis-server on {url} (pid {redis.pid})")
     stack = Stack(url, namespace=f"demo{os.getpid()}")
     try:
-        _, address = stack.start_gateway()
-        print(f"gateway serving on {address}")
+        gateway, address = stack.start_gateway()
+        print(f"gateway serving on {address} (pid {gateway.pid})")
         for _ in range(args.workers):
-            stack.start_worker("--concurrency", "4")
+            worker = stack.start_worker("--concurrency", "4")
+            print(f"worker {worker.worker_id} started (pid {worker.pid})")
         done = asyncio.run(submit_and_watch(address, args.jobs))
         if done != args.jobs:
             print(stack.logs(), file=sys.stderr)

