@@ -78,6 +78,8 @@ class GatewaySettings:
                 raise ValueError(f"{name} must be positive")
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be 'text' or 'json'")
+        if self.idempotency_ttl_s > self.retention_s:
+            raise ValueError("idempotency_ttl_s must not exceed retention_s (a key would outlive its job)")
         return self
 
 

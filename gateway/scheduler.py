@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 
 from redis.asyncio import Redis
 
 from jobgate.v1 import job_pb2, relay_pb2
 
-from .codec import DISPATCHED, event_from_hash, timestamp
+from .codec import DISPATCHED, timestamp
 from .errors import Unavailable
 from .keys import QUEUE_RE, Keys
-from .store import JobStore, Placement, Settled, now_ms, redis_errors
+from .store import JobStore, Placement, now_ms, redis_errors
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +98,7 @@ class Scheduler:
                 job_pb2.JobState.Name(s.state),
             )
             self._dirty.add(s.queue)
-        await self.publish_settled(settled)
-
-    async def publish_settled(self, settled: Sequence[Settled]) -> None:
-        """Publishes the stored state of jobs a script just changed (for RunJob and watchers)."""
-        ids = [s.job_id for s in settled]
-        fields = await self.store.get_fields(ids)
-        async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
-            for job_id, f in zip(ids, fields, strict=True):
-                if f:
-                    pipe.publish(self.keys.results_channel(), event_from_hash(job_id, f).SerializeToString())
-            await pipe.execute()
+        await self.store.publish_settled(settled)
 
     async def place(self, queue: str) -> int:
         """Places as many waiting jobs of ``queue`` as there are free slots; returns how many."""

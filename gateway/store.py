@@ -11,17 +11,18 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
 from jobgate.v1 import job_pb2, scheduler_pb2
 
-from .codec import Fields, job_from_hash
+from .codec import Fields, event_from_hash, job_from_hash
 from .errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from .keys import Keys
 from .scripts import Scripts
@@ -104,40 +105,21 @@ class JobStore:
 
     # --- submission -----------------------------------------------------------------------
     async def submit(self, jobs: Sequence[PreparedJob]) -> list[job_pb2.Job]:
-        """Stores jobs in one MULTI/EXEC round trip and returns them as stored.
+        """Stores jobs in one MULTI/EXEC transaction (all or none) and returns them as stored.
 
-        Raises AlreadyExists when an idempotency key is reused with a different request (checked
-        before anything is written), Unavailable when Redis cannot be reached.
+        Raises AlreadyExists when an idempotency key is reused with a different request (nothing is
+        written then), Unavailable when Redis cannot be reached.
         """
-        k, now = self.keys, now_ms()
+        now = now_ms()
         async with redis_errors():
-            await self._check_idempotency(jobs)
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for job in jobs:
-                    spec = job.spec
-                    await self.scripts.submit(
-                        keys=[
-                            k.job(job.id),
-                            k.pending(spec.queue),
-                            k.queues(),
-                            k.seq(),
-                            k.idempotency(job.idempotency_digest or "none"),
-                        ],
-                        args=[
-                            job.id,
-                            job.spec_bytes,
-                            spec.queue,
-                            spec.kind,
-                            spec.priority,
-                            spec.max_attempts,
-                            job.timeout_ms,
-                            now,
-                            job.request_digest,
-                            self.idempotency_ttl_s,
-                        ],
-                        client=pipe,
-                    )
-                replies = await pipe.execute()
+            for _ in range(3):
+                try:
+                    replies = await self._submit_once(jobs, now)
+                    break
+                except WatchError:
+                    continue  # an idempotency key changed under us: check again
+            else:
+                raise Unavailable("idempotency keys kept changing during the submit; retry")
         out: list[job_pb2.Job] = []
         for job, (code, stored_id) in zip(jobs, replies, strict=True):
             stored_id = stored_id.decode()
@@ -151,16 +133,48 @@ class JobStore:
             out.append(stored)
         return out
 
-    async def _check_idempotency(self, jobs: Sequence[PreparedJob]) -> None:
+    async def _submit_once(self, jobs: Sequence[PreparedJob], now: int) -> list[Any]:
+        k = self.keys
         keyed = [j for j in jobs if j.idempotency_digest]
-        if len(keyed) < 2:
-            return  # a single job is checked atomically by the submit script itself
-        values = await self.redis.mget([self.keys.idempotency(j.idempotency_digest) for j in keyed])
-        for job, value in zip(keyed, values, strict=True):
-            if value is not None:
-                stored_id, digest = _text(value).split(" ", 1)
-                if digest != job.request_digest:
-                    raise AlreadyExists(f"idempotency_key: already used by job {stored_id} with a different request")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if len(jobs) > 1 and keyed:
+                # The submit script checks one key atomically; a batch must not half-succeed, so
+                # watch every key, check them all, and let EXEC fail if any changes meanwhile.
+                names = [k.idempotency(j.idempotency_digest) for j in keyed]
+                await pipe.watch(*names)
+                for job, value in zip(keyed, await pipe.mget(names), strict=True):
+                    if value is not None and _text(value).split(" ", 1)[1] != job.request_digest:
+                        raise AlreadyExists(
+                            f"idempotency_key: already used by job {_text(value).split()[0]} with a different request"
+                        )
+                pipe.multi()  # type: ignore[no-untyped-call]
+            for job in jobs:
+                spec = job.spec
+                await self.scripts.submit(
+                    keys=[
+                        k.job(job.id),
+                        k.pending(spec.queue),
+                        k.queues(),
+                        k.seq(),
+                        k.idempotency(job.idempotency_digest or "none"),
+                    ],
+                    args=[
+                        job.id,
+                        job.spec_bytes,
+                        spec.queue,
+                        spec.kind,
+                        spec.priority,
+                        spec.max_attempts,
+                        job.timeout_ms,
+                        now,
+                        job.request_digest,
+                        self.idempotency_ttl_s,
+                        self.retention_s,
+                    ],
+                    client=pipe,
+                )
+            replies: list[Any] = await pipe.execute()
+            return replies
 
     # --- reads ----------------------------------------------------------------------------
     async def get(self, job_id: str) -> job_pb2.Job:
@@ -217,9 +231,7 @@ class JobStore:
         """Cancels a job. Raises NotFound, FailedPrecondition (already terminal), Unavailable."""
         k = self.keys
         async with redis_errors():
-            reply = await self.scripts.cancel(
-                keys=[k.job(job_id), k.acks()], args=[k.prefix, job_id, now_ms(), self.retention_s]
-            )
+            reply = await self.scripts.cancel(keys=[k.job(job_id), k.acks()], args=[k.prefix, job_id, now_ms()])
         code = reply[0]
         if code == -1:
             raise NotFound(f"id: no job {job_id}")
@@ -259,13 +271,23 @@ class JobStore:
             )
         return bool(done)
 
+    async def publish_settled(self, settled: Sequence[Settled]) -> None:
+        """Publishes the stored state of jobs a script just changed (for RunJob and watchers)."""
+        if not settled:
+            return
+        ids = [s.job_id for s in settled]
+        fields = await self.get_fields(ids)
+        async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
+            for job_id, f in zip(ids, fields, strict=True):
+                if f:
+                    pipe.publish(self.keys.results_channel(), event_from_hash(job_id, f).SerializeToString())
+            await pipe.execute()
+
     async def reap(self, limit: int = 100) -> list[Settled]:
         """Settles jobs of expired workers and unacknowledged dispatches."""
         k = self.keys
         async with redis_errors():
-            flat = await self.scripts.reap(
-                keys=[k.workers(), k.acks()], args=[k.prefix, now_ms(), self.retention_s, limit]
-            )
+            flat = await self.scripts.reap(keys=[k.workers(), k.acks()], args=[k.prefix, now_ms(), limit])
         return settled(flat)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from worker import JobContext, Worker
 
@@ -28,3 +29,9 @@ async def reverse_bytes(job: JobContext) -> bytes:
 @app.handler("not-json")
 async def not_json(job: JobContext) -> object:
     return {1, 2, 3}
+
+
+@app.handler("block")
+def block(job: JobContext) -> None:
+    """Blocks its thread for ``args.seconds``, ignoring any timeout (threads cannot be stopped)."""
+    time.sleep(job.args["seconds"])

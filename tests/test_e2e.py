@@ -210,3 +210,18 @@ async def test_idempotency_key_returns_the_original_job_for_the_same_request(cli
         await client.submit("echo", {"a": 2}, idempotency_key="order-17")
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert "idempotency_key" in (err.value.details() or "")
+
+
+async def test_a_batch_reusing_an_idempotency_key_differently_stores_none_of_its_jobs(
+    client: Client, redis: Redis, keys: Keys
+) -> None:
+    original = (await client.submit("echo", {"v": 1}, idempotency_key="pay-1")).job
+    before = int(await redis.get(keys.seq()) or 0)
+    batch = [request("echo", {"v": 9}, idempotency_key="fresh-1"), request("echo", {"v": 2}, idempotency_key="pay-1")]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=batch), timeout=10)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and original.id in (err.value.details() or "")
+    assert int(await redis.get(keys.seq()) or 0) == before  # not even the first job was stored
+    same = [request("echo", {"v": 1}, idempotency_key="pay-1"), request("echo", {"v": 3})]
+    reply = await client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=same), timeout=10)
+    assert reply.jobs[0].id == original.id and reply.jobs[1].id != original.id

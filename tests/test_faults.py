@@ -77,8 +77,8 @@ async def test_a_dispatch_that_is_never_acknowledged_is_placed_again(
     async def beat(off: str) -> None:
         now = now_ms()
         await scripts.heartbeat(
-            keys=[keys.workers(), keys.worker("sink"), keys.worker_jobs("sink")],
-            args=[keys.prefix, "sink", now, now + 60_000, 1, "default", "echo", "test", 1, off],
+            keys=[keys.workers(), keys.worker("sink"), keys.worker_jobs("sink"), keys.acks()],
+            args=[keys.prefix, "sink", now, now + 60_000, 1, "default", "echo", "test", 1, off, "sink-instance"],
         )
 
     async with redis.pubsub() as sink:
@@ -176,7 +176,9 @@ async def test_worker_sigterm_finishes_short_jobs_and_hands_long_ones_back(
     leaving = stack.start_worker("--concurrency", "2", worker_id="leaving", env={"JOBGATE_GRACE_S": "1"})
     client = client_for(address)
     short = (await client.submit("sleep", {"seconds": 0.3})).job.id
-    long = (await client.submit("sleep", {"seconds": 2})).job.id
+    follow = client.stub.RunJob(scheduler_pb2.RunJobRequest(job=request("sleep", {"seconds": 2})), timeout=30)
+    long = (await anext(aiter(follow))).event.job_id
+    states = asyncio.create_task(_states(follow))
     await wait_running(client, short, "leaving")
     await wait_running(client, long, "leaving")
     stack.start_worker(worker_id="staying")
@@ -187,6 +189,13 @@ async def test_worker_sigterm_finishes_short_jobs_and_hands_long_ones_back(
     assert (events[short].state, events[short].worker_id) == (S.JOB_STATE_SUCCEEDED, "leaving")
     # handed back, not lost: the interrupted run does not use up an attempt
     assert (events[long].state, events[long].worker_id, events[long].attempt) == (S.JOB_STATE_SUCCEEDED, "staying", 1)
+    running, dispatched, queued = S.JOB_STATE_RUNNING, S.JOB_STATE_DISPATCHED, S.JOB_STATE_QUEUED
+    # the hand-back is reported to RunJob too
+    assert await states == [dispatched, running, queued, dispatched, running, S.JOB_STATE_SUCCEEDED]
+
+
+async def _states(call: object) -> list[int]:
+    return [resp.event.state async for resp in call]  # type: ignore[attr-defined]
 
 
 async def test_late_outcome_of_a_superseded_attempt_is_discarded(
@@ -204,13 +213,22 @@ async def test_late_outcome_of_a_superseded_attempt_is_discarded(
         assert (event.worker_id, event.attempt) == ("thawed", 2)
     finally:
         frozen.signal(signal.SIGCONT)
-    await eventually(lambda: _logged(frozen.log(), "outcome discarded"), what="late outcome discarded")
+    # On waking, the frozen worker either tries to record its late outcome (refused: stale lease)
+    # or first learns from its heartbeat that it was evicted and abandons the job.
+    await eventually(
+        lambda: _any_logged(frozen.log(), "outcome discarded", "abandoning 1 superseded"),
+        what="late outcome discarded",
+    )
     job = await job_state(client, job_id)
     assert (job.state, job.worker_id, job.attempt) == (S.JOB_STATE_SUCCEEDED, "thawed", 2)
 
 
 async def _logged(text: str, needle: str) -> bool:
     return needle in text
+
+
+async def _any_logged(text: str, *needles: str) -> bool:
+    return any(n in text for n in needles)
 
 
 @pytest.fixture
@@ -342,3 +360,17 @@ async def test_worker_exits_at_once_on_a_second_signal(stack: Stack, client_for:
     os.kill(worker.pid, signal.SIGTERM)
     assert worker.proc.wait(10) != 0
     assert time.monotonic() - began < 10
+
+
+async def test_a_worker_restarted_under_the_same_id_does_not_inherit_its_predecessors_jobs(
+    stack: Stack, client_for: Callable[[str], Client]
+) -> None:
+    _, address = stack.start_gateway()
+    crashed = stack.start_worker(worker_id="fixed-name", env={"JOBGATE_HEARTBEAT_TTL_MS": "30000"})
+    client = client_for(address)
+    job_id = (await client.submit("sleep", {"seconds": 1})).job.id
+    await wait_running(client, job_id, "fixed-name")
+    crashed.kill()
+    stack.start_worker(worker_id="fixed-name")  # back long before the old registration would expire
+    event = (await client.wait_results([job_id], timeout=20))[job_id]
+    assert (event.state, event.worker_id, event.attempt) == (S.JOB_STATE_SUCCEEDED, "fixed-name", 2)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from gateway.devstack import Stack
-from jobgate.v1 import job_pb2
+from jobgate.v1 import job_pb2, scheduler_pb2
 
-from .conftest import Client, value
+from .conftest import Client, eventually, value
 
 S = job_pb2
 
@@ -49,3 +50,23 @@ def test_worker_refuses_an_app_that_is_not_a_worker(stack: Stack) -> None:
     bad = stack.start_worker("--app", "tests.apps:add")
     assert bad.proc.wait(20) != 0
     assert "is not a worker.Worker" in bad.log()
+
+
+async def test_a_thread_still_running_after_its_timeout_keeps_its_slot_until_it_returns(
+    stack: Stack, client_for: Callable[[str], Client]
+) -> None:
+    _, address = stack.start_gateway()
+    stack.start_worker("--app", "tests.apps:app", "--concurrency", "1", worker_id="single")
+    client = client_for(address)
+    blocked = (await client.submit("block", {"seconds": 2}, timeout=Duration(nanos=200_000_000))).job.id
+    assert (await client.wait_results([blocked]))[blocked].error.code == "TIMEOUT"
+
+    async def no_free_slot() -> bool:
+        workers = (await client.stub.ListWorkers(scheduler_pb2.ListWorkersRequest())).workers
+        return [w.slots for w in workers] == [0]
+
+    await eventually(no_free_slot, what="the stuck thread's slot reported taken")
+    after = (await client.submit("add", {"numbers": [1]})).job.id
+    assert (await client.wait_results([after]))[after].state == S.JOB_STATE_SUCCEEDED
+    jobs = {j: (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=j))).job for j in (blocked, after)}
+    assert jobs[after].started_at.ToMilliseconds() >= jobs[blocked].started_at.ToMilliseconds() + 2000

@@ -31,7 +31,6 @@ class WorkerSettings:
     heartbeat_ms: int = 1_000
     heartbeat_ttl_ms: int = 5_000
     grace_s: float = 30.0
-    retention_s: int = 86_400
     redis_timeout_s: float = 5.0
     health_file: str = ""
     log_level: str = "INFO"

@@ -12,9 +12,9 @@ import asyncio
 import logging
 import os
 import socket
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,8 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.keys import JOB_ID_RE, Keys
-from gateway.scripts import Scripts
-from gateway.store import now_ms, redis_client, settled
+from gateway.store import JobStore, now_ms, redis_client, settled
 from jobgate.v1 import job_pb2, relay_pb2
 
 from .builtins import register_builtins
@@ -58,6 +57,7 @@ class Running:
     dispatch: relay_pb2.DispatchJob
     task: asyncio.Task[None] | None = None
     handler_task: asyncio.Future[Any] | None = None
+    thread: Future[Any] | None = None  # the handler's thread, for plain-function handlers
     cancel_requested: bool = False
     started: bool = False
 
@@ -100,7 +100,8 @@ class _Runtime:
         self.id = worker.worker_id
         self.keys = Keys(settings.namespace)
         self.redis = redis_client(settings.redis_url, settings.redis_timeout_s)
-        self.scripts = Scripts.register(self.redis)
+        self.store = JobStore(self.redis, self.keys, retention_s=0, idempotency_ttl_s=0)
+        self.scripts = self.store.scripts
         self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="jobgate-handler")
         self.slots = asyncio.Semaphore(settings.concurrency)
         self.jobs: dict[str, Running] = {}
@@ -108,6 +109,8 @@ class _Runtime:
         self.draining = False
         self.redis_ok = True
         self.registered = False  # set by the first successful heartbeat
+        self.instance = uuid.uuid4().hex  # tells this process's registration from an earlier one's
+        self.stuck_threads = 0  # handler threads still running after their job ended
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -123,36 +126,37 @@ class _Runtime:
         try:
             await self.stop_event.wait()
         finally:
-            await self._drain(listen)
-            beat.cancel()
-            await asyncio.gather(beat, return_exceptions=True)
+            await self._drain(beat, listen)
             self.pool.shutdown(wait=False, cancel_futures=True)
             await self.redis.aclose()
             log.info("worker %s stopped", self.id)
 
-    async def _drain(self, listen: asyncio.Task[None]) -> None:
+    async def _drain(self, beat: asyncio.Task[None], listen: asyncio.Task[None]) -> None:
+        """Stop taking jobs, let running ones finish within the grace period, hand the rest back."""
         self.draining = True
         log.info("draining: no new jobs; waiting up to %.1fs for %d running", self.settings.grace_s, len(self.jobs))
-        await self._quietly(self._beat())
+        await self._quietly(self._beat())  # off=1: no more placements here
         await self._quietly(self._status(relay_pb2.WorkerStatus.CHANGE_LEAVING))
-        listen.cancel()
-        await asyncio.gather(listen, return_exceptions=True)
+        # Still subscribed while draining, so cancel requests for running jobs arrive; new
+        # dispatches are left unacknowledged and handed back by the leave script.
         tasks = [r.task for r in self.jobs.values() if r.task is not None]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self.settings.grace_s)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        for task in (beat, listen):  # no heartbeat may re-register us after leaving
+            task.cancel()
+        await asyncio.gather(beat, listen, return_exceptions=True)
         await self._quietly(self._leave())
 
     async def _leave(self) -> None:
         k = self.keys
-        flat = await self.scripts.leave(
-            keys=[k.workers(), k.acks()], args=[k.prefix, self.id, now_ms(), self.settings.retention_s]
-        )
+        flat = await self.scripts.leave(keys=[k.workers(), k.acks()], args=[k.prefix, self.id, now_ms()])
         handed = settled(flat)
         for s in handed:
             log.info("job_id=%s handed back to queue %s", s.job_id, s.queue)
+        await self.store.publish_settled(handed)
         await self._status(relay_pb2.WorkerStatus.CHANGE_LEFT)
 
     async def _quietly(self, coro: Any) -> None:
@@ -161,45 +165,44 @@ class _Runtime:
         except (*REDIS_ERRORS, TimeoutError) as exc:
             log.warning("Redis unreachable during shutdown (%s); the gateway will reap this worker", exc)
 
-    async def _wait_stop(self, seconds: float) -> bool:
-        try:
-            await asyncio.wait_for(self.stop_event.wait(), timeout=seconds)
-        except TimeoutError:
-            return False
-        return True
-
     # --- heartbeats -----------------------------------------------------------------------
     async def _beat(self) -> bool:
+        """One heartbeat. Returns True when this worker had been evicted and is registered again."""
         k, s, now = self.keys, self.settings, now_ms()
         off = "1" if self.draining or not self.subscribed else "0"
-        new = await self.scripts.heartbeat(
-            keys=[k.workers(), k.worker(self.id), k.worker_jobs(self.id)],
+        reply = await self.scripts.heartbeat(
+            keys=[k.workers(), k.worker(self.id), k.worker_jobs(self.id), k.acks()],
             args=[
                 k.prefix,
                 self.id,
                 now,
                 now + s.heartbeat_ttl_ms,
-                s.concurrency,
+                max(0, s.concurrency - self.stuck_threads),
                 ",".join(s.queue_list),
                 ",".join(self.worker.registry.kinds),
                 socket.gethostname(),
                 os.getpid(),
                 off,
+                self.instance,
             ],
         )
-        new = bool(new) and self.registered
+        again = bool(reply[0]) and self.registered
         self.registered = True
+        if inherited := settled(reply[1:]):
+            log.warning("an earlier process with id %s held %d jobs; they were placed again", self.id, len(inherited))
+            await self.store.publish_settled(inherited)
         if s.health_file:
             Path(s.health_file).touch()  # noqa: ASYNC240 - a tiny local file, once a second
-        return bool(new)
+        return again
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_ms / 1000
         while True:
             try:
-                if await self._beat() and self.subscribed and not self.draining:
-                    log.warning("registered again after being evicted")
-                    await self._status(relay_pb2.WorkerStatus.CHANGE_JOINED)
+                if await self._beat():
+                    self._abandon_all()
+                    if self.subscribed and not self.draining:
+                        await self._status(relay_pb2.WorkerStatus.CHANGE_JOINED)
                 if not self.redis_ok:
                     log.info("Redis reachable again")
                 self.redis_ok = True
@@ -208,6 +211,13 @@ class _Runtime:
                     log.warning("heartbeat failed (%s); retrying", exc)
                 self.redis_ok = False
             await asyncio.sleep(interval)
+
+    def _abandon_all(self) -> None:
+        """After an eviction every job held here was placed again elsewhere: stop running them."""
+        log.warning("registered again after being evicted; abandoning %d superseded jobs", len(self.jobs))
+        for running in self.jobs.values():
+            if running.task is not None:
+                running.task.cancel()
 
     async def _status(self, change: relay_pb2.WorkerStatus.Change) -> None:
         msg = relay_pb2.WorkerStatus(worker_id=self.id, change=change)
@@ -276,28 +286,65 @@ class _Runtime:
     # --- running a job --------------------------------------------------------------------
     async def _execute(self, running: Running) -> None:
         d = running.dispatch
+        await self.slots.acquire()
         try:
-            async with self.slots:
-                if self.draining or not await self._start(d):
-                    return
-                running.started = True
-                outcome = await self._run_handler(running)
-                await self._finish(d, outcome)
+            if self.draining or not await self._start(d):
+                return
+            running.started = True
+            outcome = await self._run_handler(running)
+            await self._finish(d, outcome)
+        except Exception:
+            # The job stays placed here; the gateway places it again if this worker goes away.
+            log.exception("job_id=%s could not be run", d.job_id)
         finally:
             if self.jobs.get(d.job_id) is running:
                 del self.jobs[d.job_id]
+            self._release_slot(running)
+
+    def _release_slot(self, running: Running) -> None:
+        """Frees the job's slot, or, while its handler thread is still running (a thread cannot be
+        stopped after a timeout or cancel), frees it only when the thread returns."""
+        thread = running.thread
+        if thread is None or thread.done():
+            self.slots.release()
+            return
+        log.warning(
+            "job_id=%s handler thread still running after the job ended; its slot is held", running.dispatch.job_id
+        )
+        self.stuck_threads += 1
+        loop = asyncio.get_running_loop()
+
+        def returned(_: object) -> None:
+            self.stuck_threads -= 1
+            self.slots.release()
+
+        thread.add_done_callback(lambda f: loop.call_soon_threadsafe(returned, f))
+
+    async def _retrying(self, what: str, job_id: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Runs a script call until Redis answers. Every such call is safe to repeat: a repeated
+        start or finish of the same placement is answered as the first was, or as stale once the
+        placement has moved on. On shutdown the task is cancelled and the job handed back."""
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except REDIS_ERRORS as exc:
+                if delay == 0.1:
+                    log.warning("job_id=%s %s not recorded yet (%s); retrying", job_id, what, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _start(self, d: relay_pb2.DispatchJob) -> bool:
         k = self.keys
-        event = self._event(d, job_pb2.JOB_STATE_RUNNING)
-        try:
-            code = await self.scripts.start(
+        event = self._event(d, job_pb2.JOB_STATE_RUNNING).SerializeToString()
+        code = await self._retrying(
+            "start",
+            d.job_id,
+            lambda: self.scripts.start(
                 keys=[k.job(d.job_id), k.acks(), k.results_channel()],
-                args=[d.job_id, d.lease, self.id, now_ms(), event.SerializeToString()],
-            )
-        except REDIS_ERRORS as exc:
-            log.warning("job_id=%s could not be acknowledged (%s); it will be placed again", d.job_id, exc)
-            return False
+                args=[d.job_id, d.lease, self.id, now_ms(), event],
+            ),
+        )
         if code != 1:
             log.warning("job_id=%s dispatch refused (%s)", d.job_id, "missing" if code == -1 else "stale")
             return False
@@ -306,6 +353,8 @@ class _Runtime:
 
     async def _run_handler(self, running: Running) -> Outcome:
         d = running.dispatch
+        if running.cancel_requested:  # the cancel arrived while the start was in flight
+            return Outcome(job_pb2.JOB_STATE_CANCELLED, error_code="CANCELLED", error_message="cancelled by request")
         registered = self.worker.registry.get(d.spec.kind)
         if registered is None:
             return Outcome(
@@ -323,11 +372,11 @@ class _Runtime:
             payload=d.spec.payload,
             timeout_s=timeout_s or 0.0,
         )
-        loop = asyncio.get_running_loop()
         if registered.is_async:
             running.handler_task = asyncio.ensure_future(registered.call_async(ctx))
         else:
-            running.handler_task = loop.run_in_executor(self.pool, registered.fn, ctx)
+            running.thread = self.pool.submit(registered.fn, ctx)
+            running.handler_task = asyncio.wrap_future(running.thread)
         try:
             value = await asyncio.wait_for(running.handler_task, timeout=timeout_s)
         except TimeoutError:
@@ -360,34 +409,22 @@ class _Runtime:
         if outcome.error_code:
             event.error.code = outcome.error_code
             event.error.message = outcome.error_message
-        deadline = time.monotonic() + max(self.settings.heartbeat_ttl_ms / 1000 * 4, 30)
-        delay = 0.1
-        while True:
-            try:
-                reply = await self.scripts.finish(
-                    keys=[k.job(d.job_id), k.results_channel()],
-                    args=[
-                        k.prefix,
-                        d.job_id,
-                        d.lease,
-                        self.id,
-                        outcome.state,
-                        now_ms(),
-                        outcome.result,
-                        outcome.output,
-                        outcome.error_code,
-                        outcome.error_message,
-                        self.settings.retention_s,
-                        event.SerializeToString(),
-                    ],
-                )
-                break
-            except REDIS_ERRORS as exc:
-                if time.monotonic() > deadline:
-                    log.error("job_id=%s outcome could not be recorded (%s); it will run again", d.job_id, exc)
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        args: list[Any] = [
+            k.prefix,
+            d.job_id,
+            d.lease,
+            self.id,
+            outcome.state,
+            now_ms(),
+            outcome.result,
+            outcome.output,
+            outcome.error_code,
+            outcome.error_message,
+            event.SerializeToString(),
+        ]
+        reply = await self._retrying(
+            "outcome", d.job_id, lambda: self.scripts.finish(keys=[k.job(d.job_id), k.results_channel()], args=args)
+        )
         if reply[0] == 1:
             log.info("job_id=%s finished %s", d.job_id, job_pb2.JobState.Name(outcome.state))
         else:

@@ -25,12 +25,14 @@ local function requeue(P, job_key, job_id, now, interrupted)
   return j[1]
 end
 
--- Record a terminal state decided by a script (not by a handler).
-local function finish_job(job_key, state, code, message, now, retention_s)
+-- Record a terminal state and start the job's retention clock (its 'ttl' field, set at submit
+-- from the gateway's retention setting, so every writer keeps a finished job equally long).
+local function finish_job(job_key, state, code, message, now)
   redis.call('HSET', job_key, 'state', state, 'err_code', code, 'err_msg', message,
     'finished', now, 'updated', now)
   redis.call('HDEL', job_key, 'cancel')
-  if retention_s > 0 then redis.call('EXPIRE', job_key, retention_s) end
+  local ttl = tonumber(redis.call('HGET', job_key, 'ttl') or '0')
+  if ttl and ttl > 0 then redis.call('EXPIRE', job_key, ttl) end
 end
 
 -- Take a job off a worker's books: its job set and busy-slot count.
@@ -46,7 +48,7 @@ end
 -- purpose (its running jobs go back without using an attempt); false for a worker that was lost
 -- (a started job uses an attempt; after max_attempts it is FAILED with WORKER_LOST).
 -- Appends {job id, queue, new state} triples to `out`.
-local function evict_worker(P, workers_key, acks_key, w, now, retention_s, handback, out)
+local function evict_worker(P, workers_key, acks_key, w, now, handback, out)
   local wk = P .. 'worker:' .. w
   local jobs_key = wk .. ':jobs'
   for _, id in ipairs(redis.call('SMEMBERS', jobs_key)) do
@@ -58,11 +60,11 @@ local function evict_worker(P, workers_key, acks_key, w, now, retention_s, handb
       local new_state = QUEUED
       if state == RUNNING and j[5] == '1' then
         new_state = CANCELLED
-        finish_job(jk, CANCELLED, 'CANCELLED', 'cancelled while its worker stopped', now, retention_s)
+        finish_job(jk, CANCELLED, 'CANCELLED', 'cancelled while its worker stopped', now)
       elseif state == RUNNING and not handback and tonumber(j[3]) >= tonumber(j[4]) then
         new_state = FAILED
         finish_job(jk, FAILED, 'WORKER_LOST',
-          'worker ' .. w .. ' was lost during attempt ' .. j[3] .. ' of ' .. j[4], now, retention_s)
+          'worker ' .. w .. ' was lost during attempt ' .. j[3] .. ' of ' .. j[4], now)
       else
         requeue(P, jk, id, now, handback and state == RUNNING)
       end

@@ -1,7 +1,7 @@
 -- cancel: cancel a job. A queued or not yet acknowledged job ends CANCELLED at once; a running one
 -- is flagged and its worker is told to stop it.
 -- KEYS[1] job hash, KEYS[2] acks zset
--- ARGV[1] key prefix, ARGV[2] job id, ARGV[3] now ms, ARGV[4] retention s
+-- ARGV[1] key prefix, ARGV[2] job id, ARGV[3] now ms
 -- returns {1, queue} cancelled now, {2, worker id, lease} running: worker must be told,
 --         {-1} missing, {-2} already terminal
 local P = ARGV[1]
@@ -18,5 +18,5 @@ if state == DISPATCHED then
   redis.call('ZREM', KEYS[2], ARGV[2])
   release_slot(P, j[3], ARGV[2])
 end
-finish_job(KEYS[1], CANCELLED, 'CANCELLED', 'cancelled by request', ARGV[3], tonumber(ARGV[4]))
+finish_job(KEYS[1], CANCELLED, 'CANCELLED', 'cancelled by request', ARGV[3])
 return {1, j[2]}

@@ -1,12 +1,11 @@
 -- reap: settle the jobs of workers whose heartbeat expired and of dispatches never acknowledged.
 -- KEYS[1] workers zset, KEYS[2] acks zset
--- ARGV[1] key prefix, ARGV[2] now ms, ARGV[3] retention s, ARGV[4] most workers/dispatches per call
+-- ARGV[1] key prefix, ARGV[2] now ms, ARGV[3] most workers/dispatches per call
 -- returns a flat array of {job id, queue, new state} triples
-local P, now, limit = ARGV[1], ARGV[2], tonumber(ARGV[4])
-local retention = tonumber(ARGV[3])
+local P, now, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local out = {}
 for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)) do
-  evict_worker(P, KEYS[1], KEYS[2], w, now, retention, false, out)
+  evict_worker(P, KEYS[1], KEYS[2], w, now, false, out)
 end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)) do
   redis.call('ZREM', KEYS[2], id)

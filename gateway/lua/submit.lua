@@ -3,7 +3,7 @@
 -- KEYS[5] idempotency string (any key when ARGV[9] is empty)
 -- ARGV[1] job id, ARGV[2] spec (JobSpec bytes), ARGV[3] queue, ARGV[4] kind, ARGV[5] priority,
 -- ARGV[6] max attempts, ARGV[7] timeout ms, ARGV[8] now ms, ARGV[9] request digest or '',
--- ARGV[10] idempotency ttl s
+-- ARGV[10] idempotency ttl s, ARGV[11] retention s (how long the job is kept once finished)
 -- returns {1, id} stored, {2, id} same request seen before (the original id),
 --         {-2, id} idempotency key reused with a different request
 local rdigest = ARGV[9]
@@ -20,7 +20,7 @@ local seq = redis.call('INCR', KEYS[4])
 local prio = tonumber(ARGV[5])
 redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'queue', ARGV[3], 'kind', ARGV[4], 'prio', prio,
   'seq', seq, 'state', QUEUED, 'attempt', 0, 'max_attempts', ARGV[6], 'timeout_ms', ARGV[7],
-  'worker', '', 'lease', 0, 'created', ARGV[8], 'updated', ARGV[8])
+  'worker', '', 'lease', 0, 'created', ARGV[8], 'updated', ARGV[8], 'ttl', ARGV[11])
 redis.call('ZADD', KEYS[2], pending_score(prio, seq), ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[3])
 if rdigest ~= '' then redis.call('SET', KEYS[5], ARGV[1] .. ' ' .. rdigest, 'EX', tonumber(ARGV[10])) end

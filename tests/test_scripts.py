@@ -1,0 +1,171 @@
+"""The Lua state transitions on their own, against a real Redis: the rules every worker relies on."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.keys import Keys
+from gateway.store import JobStore, Placement, now_ms
+from gateway.validation import Limits, prepare
+from jobgate.v1 import job_pb2
+
+from .conftest import request
+
+S = job_pb2
+LIMITS = Limits(max_payload_bytes=1 << 20, default_timeout_ms=60_000, max_batch=100, max_watch_ids=100)
+
+
+@pytest.fixture
+def store(redis: Redis, keys: Keys) -> JobStore:
+    return JobStore(redis, keys, retention_s=600, idempotency_ttl_s=600)
+
+
+async def beat(
+    store: JobStore,
+    worker: str,
+    *,
+    slots: int = 2,
+    kinds: str = "",
+    off: str = "0",
+    instance: str = "i1",
+    ttl_ms: int = 60_000,
+) -> list[object]:
+    k, now = store.keys, now_ms()
+    reply: list[object] = await store.scripts.heartbeat(
+        keys=[k.workers(), k.worker(worker), k.worker_jobs(worker), k.acks()],
+        args=[k.prefix, worker, now, now + ttl_ms, slots, "default", kinds, "host", 1, off, instance],
+    )
+    return reply
+
+
+async def submit(store: JobStore, kind: str = "echo", **fields: object) -> str:
+    [job] = await store.submit([prepare(request(kind, **fields), LIMITS)])
+    return job.id
+
+
+async def place(store: JobStore) -> list[Placement]:
+    return await store.schedule("default", ack_timeout_ms=5_000, scan=100, most=100)
+
+
+async def start(store: JobStore, p: Placement, worker: str | None = None) -> int:
+    k = store.keys
+    code: int = await store.scripts.start(
+        keys=[k.job(p.job_id), k.acks(), k.results_channel()],
+        args=[p.job_id, p.lease, worker or p.worker_id, now_ms(), b""],
+    )
+    return code
+
+
+async def finish(store: JobStore, p: Placement, state: int = S.JOB_STATE_SUCCEEDED) -> list[int]:
+    k = store.keys
+    reply: list[int] = await store.scripts.finish(
+        keys=[k.job(p.job_id), k.results_channel()],
+        args=[k.prefix, p.job_id, p.lease, p.worker_id, state, now_ms(), b"", b"", "", "", b""],
+    )
+    return reply
+
+
+async def field(redis: Redis, keys: Keys, key: str, name: str) -> str:
+    return (await redis.hget(key, name) or b"").decode()
+
+
+async def test_start_is_idempotent_for_its_placement_and_refuses_any_other(store: JobStore, redis: Redis) -> None:
+    await beat(store, "w1")
+    job_id = await submit(store)
+    [p] = await place(store)
+    assert await start(store, p) == 1
+    assert await start(store, p) == 1  # a retried call after a lost reply
+    assert await start(store, p, worker="w2") == 0
+    stale = Placement(p.job_id, p.worker_id, p.lease + 1, p.attempt, p.spec, p.timeout_ms)
+    assert await start(store, stale) == 0
+    assert await field(redis, store.keys, store.keys.job(job_id), "attempt") == "1"
+
+
+async def test_finish_records_once_frees_the_slot_once_and_starts_retention(store: JobStore, redis: Redis) -> None:
+    k = store.keys
+    await beat(store, "w1", slots=1)
+    job_id = await submit(store)
+    [p] = await place(store)
+    assert await field(redis, k, k.worker("w1"), "used") == "1"
+    await start(store, p)
+    assert (await finish(store, p))[0] == 1
+    assert (await finish(store, p, S.JOB_STATE_FAILED))[0] == 0  # the outcome is recorded once
+    assert await field(redis, k, k.worker("w1"), "used") == "0"
+    assert await field(redis, k, k.job(job_id), "state") == str(S.JOB_STATE_SUCCEEDED)
+    assert 0 < await redis.ttl(k.job(job_id)) <= 600
+
+
+async def test_placement_prefers_the_least_loaded_worker_that_handles_the_kind(store: JobStore) -> None:
+    await beat(store, "busy", slots=4)
+    await beat(store, "idle", slots=4)
+    await beat(store, "wrong-kind", slots=4, kinds="other")
+    await beat(store, "draining", slots=4, off="1")
+    await beat(store, "dead", slots=4, ttl_ms=-1)
+    for _ in range(2):
+        await submit(store)
+    first = await place(store)
+    assert sorted(p.worker_id for p in first) == ["busy", "idle"]
+    for _ in range(6):
+        await submit(store)
+    later = await place(store)
+    assert sorted(p.worker_id for p in later) == ["busy"] * 3 + ["idle"] * 3  # 4 slots each, then full
+
+
+async def test_a_lost_worker_costs_an_attempt_and_fails_the_job_after_the_last(store: JobStore, redis: Redis) -> None:
+    k = store.keys
+    job_id = await submit(store, max_attempts=2)
+    for attempt in (1, 2):
+        await beat(store, f"w{attempt}", ttl_ms=300)
+        [p] = await place(store)
+        await start(store, p)
+        await redis.zadd(k.workers(), {f"w{attempt}": 0})  # its heartbeat expired
+        [settled] = await store.reap()
+        expected = S.JOB_STATE_QUEUED if attempt == 1 else S.JOB_STATE_FAILED
+        assert (settled.job_id, settled.state) == (job_id, expected)
+    assert await field(redis, k, k.job(job_id), "err_code") == "WORKER_LOST"
+    assert await redis.zcard(k.pending("default")) == 0
+
+
+async def test_an_unacknowledged_dispatch_goes_back_to_its_queue_without_using_an_attempt(
+    store: JobStore, redis: Redis
+) -> None:
+    k = store.keys
+    await beat(store, "w1", slots=1)
+    job_id = await submit(store)
+    [p] = await place(store)
+    await redis.zadd(k.acks(), {job_id: 0})  # acknowledgement deadline passed
+    [settled] = await store.reap()
+    assert settled.state == S.JOB_STATE_QUEUED
+    assert await field(redis, k, k.job(job_id), "attempt") == "0"
+    assert await field(redis, k, k.worker("w1"), "used") == "0"
+    assert await start(store, p) == 0  # the swallowed placement can no longer start
+
+
+async def test_a_new_process_under_a_registered_id_evicts_the_old_registration(store: JobStore, redis: Redis) -> None:
+    k = store.keys
+    await beat(store, "w1", instance="old")
+    job_id = await submit(store)
+    [p] = await place(store)
+    await start(store, p)
+    reply = await beat(store, "w1", instance="new")
+    assert reply[0] == 1 and reply[1].decode() == job_id  # type: ignore[attr-defined]
+    assert await field(redis, k, k.job(job_id), "state") == str(S.JOB_STATE_QUEUED)
+    assert await field(redis, k, k.worker("w1"), "used") == "0"
+    assert (await beat(store, "w1", instance="new")) == [0]
+
+
+async def test_cancel_ends_a_queued_job_and_flags_a_running_one(store: JobStore, redis: Redis) -> None:
+    k = store.keys
+    queued = await submit(store)
+    assert (await store.cancel(queued)).queue == "default"
+    assert await redis.zcard(k.pending("default")) == 0
+    await beat(store, "w1")
+    running = await submit(store)
+    [p] = await place(store)
+    await start(store, p)
+    outcome = await store.cancel(running)
+    assert (outcome.worker_id, outcome.lease) == ("w1", p.lease)
+    await redis.zadd(k.workers(), {"w1": 0})  # the worker dies before it stops the job
+    [settled] = await store.reap()
+    assert (settled.job_id, settled.state) == (running, S.JOB_STATE_CANCELLED)
