@@ -45,6 +45,7 @@ class GatewaySettings:
     idempotency_ttl_s: int = 86_400
     redis_timeout_s: float = 5.0
     grace_s: float = 10.0
+    metrics_listen: str = ""
     log_level: str = "INFO"
     log_format: str = "text"
 

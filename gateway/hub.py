@@ -23,6 +23,7 @@ from jobgate.v1 import job_pb2, relay_pb2
 from .codec import TERMINAL, event_from_hash
 from .errors import Unavailable
 from .keys import JOB_ID_RE, QUEUE_RE, Keys
+from .metrics import GatewayMetrics
 from .store import JobStore
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,9 @@ class Hub:
         *,
         on_slot_freed: Callable[[str], None],
         on_worker_change: Callable[[], None],
+        metrics: GatewayMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or GatewayMetrics()
         self.redis = redis
         self.keys = keys
         self.store = store
@@ -179,6 +182,7 @@ class Hub:
         """Routes one batch of raw pub/sub messages. Malformed messages are logged and dropped."""
         results = self.keys.results_channel().encode()
         to_verify: dict[str, job_pb2.JobEvent] = {}
+        self.metrics.messages.inc(len(batch))
         for msg in batch:
             data = msg.get("data")
             if not isinstance(data, bytes):
@@ -188,6 +192,7 @@ class Hub:
                 continue
             event = parse_event(data)
             if event is None:
+                self.metrics.dropped.inc()
                 continue
             if event.state in TERMINAL:
                 if QUEUE_RE.match(event.queue):
@@ -204,10 +209,12 @@ class Hub:
         for job_id, fields in zip(job_ids, await self.store.get_fields(job_ids), strict=True):
             if not fields:
                 log.warning("dropped a result for unknown job job_id=%s", job_id)
+                self.metrics.dropped.inc()
                 continue
             stored = event_from_hash(job_id, fields)
             if stored.state not in TERMINAL:
                 log.warning("dropped a result that does not match the stored state job_id=%s", job_id)
+                self.metrics.dropped.inc()
                 continue
             for w in self._interested(stored):
                 w.push(stored)
@@ -218,6 +225,7 @@ class Hub:
             status.ParseFromString(data)
         except DecodeError:
             log.warning("dropped a malformed worker status message (%d bytes)", len(data))
+            self.metrics.dropped.inc()
             return
         if status.change in (relay_pb2.WorkerStatus.CHANGE_JOINED, relay_pb2.WorkerStatus.CHANGE_LEFT):
             self.on_worker_change()

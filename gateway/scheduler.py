@@ -17,6 +17,7 @@ from jobgate.v1 import job_pb2, relay_pb2
 from .codec import DISPATCHED, timestamp
 from .errors import Unavailable
 from .keys import QUEUE_RE, Keys
+from .metrics import GatewayMetrics
 from .store import JobStore, Placement, now_ms, redis_errors
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ class Scheduler:
         ack_timeout_ms: int,
         scan: int = 1000,
         batch: int = 500,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or GatewayMetrics()
         self.redis = redis
         self.keys = keys
         self.store = store
@@ -75,7 +78,9 @@ class Scheduler:
                     self._all = True
                 if self._all:
                     self._all = False
-                    self._dirty.update(await self.store.queue_names())
+                    names = await self.store.queue_names()
+                    self._dirty.update(names)
+                    await self._census(names)
                 queues, self._dirty = self._dirty, set()
                 for queue in sorted(queues):
                     await self.place(queue)
@@ -87,11 +92,18 @@ class Scheduler:
                 except TimeoutError:
                     pass
 
+    async def _census(self, queues: list[str]) -> None:
+        waiting, live = await self.store.census(queues)
+        for queue, count in waiting.items():
+            self.metrics.waiting.labels(queue).set(count)
+        self.metrics.workers.set(live)
+
     async def _reap(self) -> None:
         settled = await self.store.reap()
         if not settled:
             return
         for s in settled:
+            self.metrics.settled.labels(job_pb2.JobState.Name(s.state).removeprefix("JOB_STATE_")).inc()
             log.warning(
                 "job_id=%s settled as %s after its worker or dispatch was lost",
                 s.job_id,
@@ -110,6 +122,8 @@ class Scheduler:
             if not placements:
                 return total
             lost = await self._publish(queue, placements)
+            self.metrics.placed.inc(len(placements) - len(lost))
+            self.metrics.dispatch_lost.inc(len(lost))
             for p in lost:
                 log.warning(
                     "job_id=%s dispatch to worker %s reached nobody; placing it elsewhere", p.job_id, p.worker_id

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +18,7 @@ from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from .config import GatewaySettings
 from .hub import Hub
 from .keys import Keys
+from .metrics import GatewayMetrics, serve
 from .scheduler import Scheduler
 from .service import SchedulerService
 from .store import JobStore, redis_client
@@ -40,6 +42,7 @@ class Gateway:
     port: int
     stop_event: asyncio.Event
     tasks: list[asyncio.Task[None]]
+    metrics_server: Any | None = None
 
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, then ``server.stop(grace)``, then background tasks and Redis."""
@@ -52,6 +55,8 @@ class Gateway:
             except (TimeoutError, asyncio.CancelledError):
                 pass
         await self.redis.aclose()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
 
 
 async def start(settings: GatewaySettings) -> Gateway:
@@ -59,8 +64,11 @@ async def start(settings: GatewaySettings) -> Gateway:
     keys = Keys(settings.namespace)
     redis = redis_client(settings.redis_url, settings.redis_timeout_s)
     store = JobStore(redis, keys, retention_s=settings.retention_s, idempotency_ttl_s=settings.idempotency_ttl_s)
-    scheduler = Scheduler(redis, keys, store, tick_s=settings.tick_ms / 1000, ack_timeout_ms=settings.ack_timeout_ms)
-    hub = Hub(redis, keys, store, on_slot_freed=scheduler.kick, on_worker_change=scheduler.kick_all)
+    metrics = GatewayMetrics()
+    scheduler = Scheduler(
+        redis, keys, store, tick_s=settings.tick_ms / 1000, ack_timeout_ms=settings.ack_timeout_ms, metrics=metrics
+    )
+    hub = Hub(redis, keys, store, on_slot_freed=scheduler.kick, on_worker_change=scheduler.kick_all, metrics=metrics)
     limits = Limits(
         max_payload_bytes=settings.max_payload_bytes,
         default_timeout_ms=settings.default_timeout_ms,
@@ -75,6 +83,7 @@ async def start(settings: GatewaySettings) -> Gateway:
         limits,
         stream_buffer=settings.stream_buffer,
         reconcile_s=settings.reconcile_ms / 1000,
+        metrics=metrics,
     )
 
     options = [
@@ -97,18 +106,21 @@ async def start(settings: GatewaySettings) -> Gateway:
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}")
     await server.start()
+    metrics_server = serve(settings.metrics_listen, metrics.registry) if settings.metrics_listen else None
 
     stop_event = asyncio.Event()
     tasks = [
         asyncio.create_task(hub.run(stop_event), name="hub"),
         asyncio.create_task(scheduler.run(stop_event), name="scheduler"),
-        asyncio.create_task(_health_loop(redis, health_servicer, stop_event), name="health"),
+        asyncio.create_task(_health_loop(redis, health_servicer, metrics, stop_event), name="health"),
     ]
     log.info("gateway listening on %s (port %d)", settings.listen, port)
-    return Gateway(settings, server, health_servicer, redis, hub, scheduler, port, stop_event, tasks)
+    return Gateway(settings, server, health_servicer, redis, hub, scheduler, port, stop_event, tasks, metrics_server)
 
 
-async def _health_loop(redis: Redis, servicer: health.aio.HealthServicer, stop: asyncio.Event) -> None:
+async def _health_loop(
+    redis: Redis, servicer: health.aio.HealthServicer, metrics: GatewayMetrics, stop: asyncio.Event
+) -> None:
     """SERVING while Redis answers PING, NOT_SERVING while it does not."""
     serving: bool | None = None
     while not stop.is_set():
@@ -116,6 +128,7 @@ async def _health_loop(redis: Redis, servicer: health.aio.HealthServicer, stop: 
             ok = bool(await asyncio.wait_for(redis.ping(), timeout=2))
         except Exception:  # noqa: BLE001 - any failure means "not serving"
             ok = False
+        metrics.redis_up.set(1 if ok else 0)
         if ok != serving:
             status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
             for name in ("", SERVICE_NAME):

@@ -19,6 +19,7 @@ from .codec import QUEUED, TERMINAL, event_from_hash
 from .errors import InvalidArgument, JobgateError, NotFound, ResourceExhausted
 from .hub import Hub, Watcher
 from .keys import Keys
+from .metrics import GatewayMetrics
 from .scheduler import Scheduler
 from .store import JobStore, redis_errors
 from .validation import Limits, job_id, kind_name, prepare, prepare_batch, queue_name
@@ -39,16 +40,19 @@ def _abort_code(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 def unary(
     fn: Callable[[Any, Req, grpc.aio.ServicerContext], Coroutine[Any, Any, Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext], Coroutine[Any, Any, Resp]]:
-    """Maps domain errors of a unary handler to gRPC statuses."""
+    """Maps domain errors of a unary handler to gRPC statuses, and counts calls by status."""
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+    async def wrapper(self: SchedulerService, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         try:
-            return await fn(self, request, context)
+            result = await fn(self, request, context)
         except Exception as exc:
             code, message = _abort_code(exc)
+            self.metrics.rpcs.labels(fn.__name__, code.name).inc()
             await context.abort(code, message)
             raise  # unreachable: abort raises
+        self.metrics.rpcs.labels(fn.__name__, "OK").inc()
+        return result
 
     return wrapper
 
@@ -56,16 +60,25 @@ def unary(
 def streaming(
     fn: Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext], AsyncIterator[Resp]]:
-    """Maps domain errors of a server-streaming handler to gRPC statuses."""
+    """Maps domain errors of a server-streaming handler to gRPC statuses, and counts calls by status."""
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
+    async def wrapper(self: SchedulerService, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
+        self.metrics.streams.inc()
         try:
             async for item in fn(self, request, context):
                 yield item
+        except asyncio.CancelledError:
+            self.metrics.rpcs.labels(fn.__name__, "CANCELLED").inc()
+            raise
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
             code, message = _abort_code(exc)
+            self.metrics.rpcs.labels(fn.__name__, code.name).inc()
             await context.abort(code, message)
+        else:
+            self.metrics.rpcs.labels(fn.__name__, "OK").inc()
+        finally:
+            self.metrics.streams.dec()
 
     return wrapper
 
@@ -83,7 +96,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         *,
         stream_buffer: int,
         reconcile_s: float,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or GatewayMetrics()
         self.store = store
         self.scheduler = scheduler
         self.hub = hub
@@ -98,6 +113,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.SubmitJobResponse:
         [job] = await self.store.submit([prepare(request, self.limits)])
+        self.metrics.submitted.inc()
         self.scheduler.kick(job.spec.queue)
         return scheduler_pb2.SubmitJobResponse(job=job)
 
@@ -106,6 +122,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.SubmitJobsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.SubmitJobsResponse:
         jobs = await self.store.submit(prepare_batch(list(request.jobs), self.limits))
+        self.metrics.submitted.inc(len(jobs))
         for queue in {j.spec.queue for j in jobs}:
             self.scheduler.kick(queue)
         return scheduler_pb2.SubmitJobsResponse(jobs=jobs)
@@ -150,6 +167,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.hub.add(watcher)  # before the job exists: no event can slip past
         try:
             [job] = await self.store.submit([prepared])
+            self.metrics.submitted.inc()
             self.scheduler.kick(job.spec.queue)
             if job.id != prepared.id:  # idempotent repeat: follow the original job
                 self.hub.remove(watcher)

@@ -200,6 +200,16 @@ class JobStore:
         async with redis_errors():
             return sorted(_text(q) for q in await self.redis.smembers(self.keys.queues()))
 
+    async def census(self, queues: Sequence[str]) -> tuple[dict[str, int], int]:
+        """Waiting jobs per queue and the number of live workers, in one round trip."""
+        k = self.keys
+        async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zcard(k.pending(queue))
+            pipe.zcount(k.workers(), now_ms(), "+inf")
+            counts = await pipe.execute()
+        return dict(zip(queues, counts[:-1], strict=True)), int(counts[-1])
+
     async def workers(self) -> list[scheduler_pb2.WorkerInfo]:
         """Live workers (heartbeat not expired), by id."""
         k, now = self.keys, now_ms()

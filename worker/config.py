@@ -33,6 +33,7 @@ class WorkerSettings:
     grace_s: float = 30.0
     redis_timeout_s: float = 5.0
     health_file: str = ""
+    metrics_listen: str = ""
     log_level: str = "INFO"
     log_format: str = "text"
 

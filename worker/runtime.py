@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.keys import JOB_ID_RE, Keys
+from gateway.metrics import WorkerMetrics, serve
 from gateway.store import JobStore, now_ms, redis_client, settled
 from jobgate.v1 import job_pb2, relay_pb2
 
@@ -111,6 +113,7 @@ class _Runtime:
         self.registered = False  # set by the first successful heartbeat
         self.instance = uuid.uuid4().hex  # tells this process's registration from an earlier one's
         self.stuck_threads = 0  # handler threads still running after their job ended
+        self.metrics = WorkerMetrics()
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -121,6 +124,9 @@ class _Runtime:
             ",".join(self.worker.registry.kinds),
             self.settings.concurrency,
         )
+        metrics_server = (
+            serve(self.settings.metrics_listen, self.metrics.registry) if self.settings.metrics_listen else None
+        )
         beat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         listen = asyncio.create_task(self._listen_loop(), name="listen")
         try:
@@ -129,6 +135,8 @@ class _Runtime:
             await self._drain(beat, listen)
             self.pool.shutdown(wait=False, cancel_futures=True)
             await self.redis.aclose()
+            if metrics_server is not None:
+                metrics_server.shutdown()
             log.info("worker %s stopped", self.id)
 
     async def _drain(self, beat: asyncio.Task[None], listen: asyncio.Task[None]) -> None:
@@ -291,12 +299,15 @@ class _Runtime:
             if self.draining or not await self._start(d):
                 return
             running.started = True
+            self.metrics.running.inc()
             outcome = await self._run_handler(running)
             await self._finish(d, outcome)
         except Exception:
             # The job stays placed here; the gateway places it again if this worker goes away.
             log.exception("job_id=%s could not be run", d.job_id)
         finally:
+            if running.started:
+                self.metrics.running.dec()
             if self.jobs.get(d.job_id) is running:
                 del self.jobs[d.job_id]
             self._release_slot(running)
@@ -329,6 +340,7 @@ class _Runtime:
             try:
                 return await call()
             except REDIS_ERRORS as exc:
+                self.metrics.redis_errors.inc()
                 if delay == 0.1:
                     log.warning("job_id=%s %s not recorded yet (%s); retrying", job_id, what, exc)
                 await asyncio.sleep(delay)
@@ -377,6 +389,7 @@ class _Runtime:
         else:
             running.thread = self.pool.submit(registered.fn, ctx)
             running.handler_task = asyncio.wrap_future(running.thread)
+        began = time.perf_counter()
         try:
             value = await asyncio.wait_for(running.handler_task, timeout=timeout_s)
         except TimeoutError:
@@ -398,6 +411,8 @@ class _Runtime:
                 error_code="HANDLER_ERROR",
                 error_message=f"{type(exc).__name__}: {exc}"[:4096],
             )
+        finally:
+            self.metrics.duration.labels(d.spec.kind).observe(time.perf_counter() - began)
         return _success(value)
 
     async def _finish(self, d: relay_pb2.DispatchJob, outcome: Outcome) -> None:
@@ -425,9 +440,12 @@ class _Runtime:
         reply = await self._retrying(
             "outcome", d.job_id, lambda: self.scripts.finish(keys=[k.job(d.job_id), k.results_channel()], args=args)
         )
+        state = job_pb2.JobState.Name(outcome.state)
         if reply[0] == 1:
-            log.info("job_id=%s finished %s", d.job_id, job_pb2.JobState.Name(outcome.state))
+            log.info("job_id=%s finished %s", d.job_id, state)
+            self.metrics.jobs.labels(d.spec.kind, state.removeprefix("JOB_STATE_")).inc()
         else:
+            self.metrics.superseded.inc()
             log.warning("job_id=%s outcome discarded: this attempt was superseded", d.job_id)
 
     def _event(self, d: relay_pb2.DispatchJob, state: int) -> job_pb2.JobEvent:

@@ -1,0 +1,59 @@
+"""Prometheus metrics of a gateway and a worker, scraped over HTTP as an operator's collector would."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Callable
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.devstack import Stack, free_port
+
+from .conftest import Client, eventually
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_gateway_and_worker_export_what_they_did(stack: Stack, client_for: Callable[[str], Client]) -> None:
+    gw_port, worker_port = free_port(), free_port()
+    _, address = stack.start_gateway(env={"JOBGATE_METRICS_LISTEN": f"127.0.0.1:{gw_port}"})
+    stack.start_worker(env={"JOBGATE_METRICS_LISTEN": f"127.0.0.1:{worker_port}"})
+    client = client_for(address)
+    ids = [(await client.submit("echo", {"n": n})).job.id for n in range(3)]
+    ids.append((await client.submit("fail")).job.id)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await client.submit("")
+    await client.wait_results(ids)
+
+    gw = scrape(gw_port)
+    assert gw[("jobgate_gateway_jobs_submitted_total", ())] == 4
+    assert gw[("jobgate_gateway_rpcs_total", (("code", "OK"), ("method", "SubmitJob")))] == 4
+    assert gw[("jobgate_gateway_rpcs_total", (("code", "INVALID_ARGUMENT"), ("method", "SubmitJob")))] == 1
+    assert gw[("jobgate_gateway_rpcs_total", (("code", "OK"), ("method", "WatchResults")))] == 1
+    assert gw[("jobgate_gateway_jobs_placed_total", ())] == 4
+    assert gw[("jobgate_gateway_redis_up", ())] == 1
+    assert gw[("jobgate_gateway_streams_open", ())] == 0
+
+    async def census() -> bool:
+        now = scrape(gw_port)
+        return (
+            now.get(("jobgate_workers_live", ())) == 1
+            and now.get(("jobgate_queue_jobs_waiting", (("queue", "default"),))) == 0
+        )
+
+    await eventually(census, what="queue and worker gauges")
+    w = scrape(worker_port)
+    assert w[("jobgate_worker_jobs_total", (("kind", "echo"), ("state", "SUCCEEDED")))] == 3
+    assert w[("jobgate_worker_jobs_total", (("kind", "fail"), ("state", "FAILED")))] == 1
+    assert w[("jobgate_worker_job_duration_seconds_count", (("kind", "echo"),))] == 3
+    assert w[("jobgate_worker_jobs_running", ())] == 0
