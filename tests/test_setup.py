@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import GatewaySettings
+from gateway.devstack import Stack
 from worker.config import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,3 +143,11 @@ def test_ctrl_c_stops_the_running_demo_and_every_process_it_started() -> None:
     assert demo.returncode == 0, output
     pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", output)]
     assert len(pids) == 5 and [p for p in pids if Path(f"/proc/{p}").exists()] == []
+
+
+def test_json_log_format_writes_one_json_object_per_line(stack: Stack) -> None:
+    gateway, _ = stack.start_gateway(env={"JOBGATE_LOG_FORMAT": "json"})
+    assert gateway.terminate() == 0
+    entries = [json.loads(line) for line in gateway.log().splitlines() if line.strip()]
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    assert any("listening on" in e["message"] for e in entries)
