@@ -374,3 +374,45 @@ async def test_a_worker_restarted_under_the_same_id_does_not_inherit_its_predece
     stack.start_worker(worker_id="fixed-name")  # back long before the old registration would expire
     event = (await client.wait_results([job_id], timeout=20))[job_id]
     assert (event.state, event.worker_id, event.attempt) == (S.JOB_STATE_SUCCEEDED, "fixed-name", 2)
+
+
+async def test_a_dispatch_that_reaches_no_subscriber_is_taken_back_and_placed_elsewhere(
+    stack: Stack, client_for: Callable[[str], Client], redis: Redis, keys: Keys
+) -> None:
+    """A registered worker whose subscription is gone: PUBLISH returns 0 and the gateway acts on it."""
+    scripts = Scripts.register(redis)
+    now = now_ms()
+    await scripts.heartbeat(
+        keys=[keys.workers(), keys.worker("ghost"), keys.worker_jobs("ghost"), keys.acks()],
+        args=[keys.prefix, "ghost", now, now + 60_000, 4, "default", "", "test", 1, "0", "ghost-instance"],
+    )
+    gateway, address = stack.start_gateway()
+    client = client_for(address)
+    job_id = (await client.submit("echo", {"to": "nobody"})).job.id
+    await eventually(lambda: _logged(gateway.log(), "reached nobody"), what="PUBLISH returning 0 noticed")
+
+    async def taken_back() -> bool:
+        off = await redis.hget(keys.worker("ghost"), "off")  # no more placements on it
+        return off == b"1" and (await job_state(client, job_id)).state == S.JOB_STATE_QUEUED
+
+    await eventually(taken_back, what="job back in its queue")
+    stack.start_worker(worker_id="present")
+    event = (await client.wait_results([job_id]))[job_id]
+    assert (event.state, event.worker_id, event.attempt) == (S.JOB_STATE_SUCCEEDED, "present", 1)
+
+
+async def test_gateway_sigterm_turns_health_not_serving_before_it_stops(stack: Stack) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    gateway, address = stack.start_gateway(env={"JOBGATE_GRACE_S": "2"})
+    async with grpc.aio.insecure_channel(address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=20)
+        seen = []
+        async for reply in watch:
+            seen.append(reply.status)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                gateway.signal(signal.SIGTERM)
+            elif reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+    assert seen[-2:] == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING]
+    assert gateway.proc.wait(10) == 0
