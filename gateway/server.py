@@ -19,6 +19,7 @@ from .config import GatewaySettings
 from .hub import Hub
 from .keys import Keys
 from .metrics import GatewayMetrics, serve
+from .reflection import CommentedPool
 from .scheduler import Scheduler
 from .service import SchedulerService
 from .store import JobStore, redis_client
@@ -101,6 +102,7 @@ async def start(settings: GatewaySettings) -> Gateway:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
+        pool=CommentedPool(),
     )
     port = server.add_insecure_port(settings.listen)
     if port == 0:

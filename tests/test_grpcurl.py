@@ -47,8 +47,10 @@ def test_grpcurl_lists_services_through_reflection(address: str) -> None:
     listed = grpcurl(address, "list")
     assert listed.returncode == 0, listed.stderr
     assert set(listed.stdout.split()) >= {SERVICE, "grpc.health.v1.Health"}
-    described = grpcurl(address, "describe", SERVICE)
-    assert "rpc WatchResults ( .jobgate.v1.WatchResultsRequest ) returns ( stream" in described.stdout
+    described = grpcurl(address, "describe", f"{SERVICE}.SubmitJob")
+    assert described.returncode == 0, described.stderr
+    assert "// Stores one job and returns it." in described.stdout  # the proto comments, via reflection
+    assert "rpc SubmitJob ( .jobgate.v1.SubmitJobRequest )" in described.stdout
 
 
 def test_grpcurl_submits_json_args_and_watches_the_completion(address: str) -> None:

@@ -30,8 +30,27 @@ def test_generated_code_matches_the_proto_files(tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py*"))
-    committed = sorted(p.relative_to(ROOT / "generated") for p in (ROOT / "generated").rglob("*_pb2*.py*"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            "proto",
+            "--include_source_info",
+            f"--descriptor_set_out={tmp_path}/jobgate/v1/descriptor_set.binpb",
+            *protos,
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    committed = sorted(
+        p.relative_to(ROOT / "generated")
+        for p in (ROOT / "generated").rglob("*")
+        if p.is_file() and p.name != "__init__.py" and "__pycache__" not in p.parts
+    )
     assert fresh == committed, "generated/ is stale: run `make proto`"
     stale = [str(p) for p in fresh if not filecmp.cmp(tmp_path / p, ROOT / "generated" / p, shallow=False)]
     assert stale == [], f"generated/ is stale ({stale}): run `make proto`"
