@@ -65,6 +65,8 @@ class GatewaySettings:
     def validate(self) -> GatewaySettings:
         """Raises ValueError for settings that cannot work."""
         for name in (
+            "retention_s",
+            "idempotency_ttl_s",
             "max_payload_bytes",
             "max_message_bytes",
             "max_batch",
@@ -79,9 +81,20 @@ class GatewaySettings:
                 raise ValueError(f"{name} must be positive")
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be 'text' or 'json'")
+        check_listen("listen", self.listen)
+        check_listen("metrics_listen", self.metrics_listen, optional=True)
         if self.idempotency_ttl_s > self.retention_s:
             raise ValueError("idempotency_ttl_s must not exceed retention_s (a key would outlive its job)")
         return self
+
+
+def check_listen(name: str, value: str, *, optional: bool = False) -> None:
+    """Raises ValueError unless ``value`` is ``host:port`` (or empty, when ``optional``)."""
+    if optional and not value:
+        return
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{name} must be host:port, got {value!r}")
 
 
 def _from_env(cls: type[T], env: Mapping[str, str]) -> T:

@@ -143,6 +143,9 @@ class Hub:
             try:
                 async with self.redis.pubsub() as ps:
                     await ps.subscribe(self.keys.results_channel(), self.keys.workers_channel())
+                    # redis-py reconnects a dropped pub/sub connection and subscribes again by
+                    # itself while we read; this hears of it, since events in the gap are lost.
+                    ps.connection.register_connect_callback(self._resubscribed)
                     self.connected.set()
                     log.info("subscribed to %s", self.keys.results_channel())
                     self._all_stale()  # anything published while we were away was missed
@@ -169,6 +172,11 @@ class Hub:
             while len(batch) < MAX_BATCH and (more := await get(ignore_subscribe_messages=True, timeout=0)):
                 batch.append(more)
             await self.handle(batch)
+
+    async def _resubscribed(self, connection: object) -> None:
+        log.warning("result subscription re-established after a dropped connection; reconciling")
+        self._all_stale()
+        self.on_worker_change()
 
     def _all_stale(self) -> None:
         for w in self.broad:

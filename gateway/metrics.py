@@ -25,7 +25,9 @@ class GatewayMetrics:
             "jobgate_gateway_rpcs", "RPCs handled, by method and status code", ["method", "code"], registry=r
         )
         self.submitted = Counter(
-            "jobgate_gateway_jobs_submitted", "Jobs stored by SubmitJob, SubmitJobs and RunJob", registry=r
+            "jobgate_gateway_jobs_submitted",
+            "Jobs accepted by SubmitJob, SubmitJobs and RunJob (idempotent repeats included)",
+            registry=r,
         )
         self.placed = Counter("jobgate_gateway_jobs_placed", "Jobs placed on a worker and published to it", registry=r)
         self.dispatch_lost = Counter(

@@ -46,6 +46,9 @@ def unary(
     async def wrapper(self: SchedulerService, request: Req, context: grpc.aio.ServicerContext) -> Resp:
         try:
             result = await fn(self, request, context)
+        except asyncio.CancelledError:
+            self.metrics.rpcs.labels(fn.__name__, "CANCELLED").inc()
+            raise
         except Exception as exc:
             code, message = _abort_code(exc)
             self.metrics.rpcs.labels(fn.__name__, code.name).inc()

@@ -416,3 +416,25 @@ async def test_gateway_sigterm_turns_health_not_serving_before_it_stops(stack: S
                 break
     assert seen[-2:] == [health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING]
     assert gateway.proc.wait(10) == 0
+
+
+async def test_gateway_and_worker_resubscribe_after_redis_drops_their_pubsub_connections(
+    stack: Stack, client_for: Callable[[str], Client], redis: Redis, keys: Keys
+) -> None:
+    gateway, address = stack.start_gateway()
+    worker = stack.start_worker()
+    client = client_for(address)
+    first = (await client.submit("echo")).job.id
+    await client.wait_results([first])
+    await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+
+    async def resubscribed() -> bool:
+        return "re-established" in gateway.log() and "re-established" in worker.log()
+
+    await eventually(resubscribed, what="both resubscribed")
+    live = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(kinds=["echo"]), timeout=20)
+    await asyncio.sleep(0.3)
+    second = (await client.submit("echo")).job.id
+    got = await anext(aiter(live))  # an unfiltered stream is served only by the live subscription
+    live.cancel()
+    assert got.event.job_id == second and got.event.state == S.JOB_STATE_SUCCEEDED

@@ -67,6 +67,12 @@ def cli(argv: Sequence[str] | None = None) -> None:
         asyncio.run(main(worker, settings))
     else:
         uvloop.run(main(worker, settings))
+    if worker.threads_left:
+        # Python would wait for handler threads at exit, and a thread cannot be stopped; their jobs
+        # were handed back already, so exit without them.
+        log.warning("exiting with %d handler threads still running", worker.threads_left)
+        logging.shutdown()
+        os._exit(0)
 
 
 if __name__ == "__main__":

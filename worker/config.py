@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
-from gateway.config import _from_env, _redact, _with_args
+from gateway.config import _from_env, _redact, _with_args, check_listen
 from gateway.keys import QUEUE_RE, WORKER_ID_RE
 
 
@@ -66,6 +66,7 @@ class WorkerSettings:
             raise ValueError("concurrency must be at least 1")
         if self.heartbeat_ms < 50 or self.heartbeat_ttl_ms < 2 * self.heartbeat_ms:
             raise ValueError("heartbeat_ttl_ms must be at least twice heartbeat_ms (>= 50)")
+        check_listen("metrics_listen", self.metrics_listen, optional=True)
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be 'text' or 'json'")
         return self

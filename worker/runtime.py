@@ -26,6 +26,7 @@ from google.protobuf.struct_pb2 import Value
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.errors import Unavailable
 from gateway.keys import JOB_ID_RE, Keys
 from gateway.metrics import WorkerMetrics, serve
 from gateway.store import JobStore, now_ms, redis_client, settled
@@ -37,7 +38,7 @@ from .registry import Handler, JobContext, Registry
 
 log = logging.getLogger(__name__)
 
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, Unavailable)
 F = TypeVar("F", bound=Handler)
 
 
@@ -76,6 +77,7 @@ class Worker:
             register_builtins(self.registry)
         self._stop: asyncio.Event | None = None
         self.worker_id = ""
+        self.threads_left = 0  # handler threads still running when run() returned
 
     def handler(self, kind: str) -> Callable[[F], F]:
         """Decorator registering a handler for ``kind``. Raises ValueError for a bad or taken kind."""
@@ -92,6 +94,7 @@ class Worker:
         self.worker_id = settings.worker_id or default_worker_id()
         runtime = _Runtime(self, settings, self._stop)
         await runtime.run()
+        self.threads_left = runtime.stuck_threads
 
 
 class _Runtime:
@@ -114,6 +117,7 @@ class _Runtime:
         self.instance = uuid.uuid4().hex  # tells this process's registration from an earlier one's
         self.stuck_threads = 0  # handler threads still running after their job ended
         self.metrics = WorkerMetrics()
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -168,14 +172,18 @@ class _Runtime:
         await self._status(relay_pb2.WorkerStatus.CHANGE_LEFT)
 
     async def _quietly(self, coro: Any) -> None:
+        """Runs one Redis step of a best-effort sequence (shutdown, an early heartbeat); a failure is
+        logged, and the gateways' reaping covers for it."""
         try:
             await asyncio.wait_for(coro, timeout=self.settings.redis_timeout_s + 1)
         except (*REDIS_ERRORS, TimeoutError) as exc:
-            log.warning("Redis unreachable during shutdown (%s); the gateway will reap this worker", exc)
+            self.metrics.redis_errors.inc()
+            log.warning("Redis step failed (%s); heartbeat expiry and reaping cover for it", exc)
 
     # --- heartbeats -----------------------------------------------------------------------
-    async def _beat(self) -> bool:
-        """One heartbeat. Returns True when this worker had been evicted and is registered again."""
+    async def _beat(self) -> None:
+        """One heartbeat. When it finds this worker had been evicted (and registered it again), every
+        job still held here was placed elsewhere: they are abandoned."""
         k, s, now = self.keys, self.settings, now_ms()
         off = "1" if self.draining or not self.subscribed else "0"
         reply = await self.scripts.heartbeat(
@@ -196,29 +204,35 @@ class _Runtime:
         )
         again = bool(reply[0]) and self.registered
         self.registered = True
+        if again:
+            self._abandon_all()
         if inherited := settled(reply[1:]):
             log.warning("an earlier process with id %s held %d jobs; they were placed again", self.id, len(inherited))
             await self.store.publish_settled(inherited)
         if s.health_file:
             Path(s.health_file).touch()  # noqa: ASYNC240 - a tiny local file, once a second
-        return again
+        if again and self.subscribed and not self.draining:
+            await self._status(relay_pb2.WorkerStatus.CHANGE_JOINED)
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_ms / 1000
         while True:
             try:
-                if await self._beat():
-                    self._abandon_all()
-                    if self.subscribed and not self.draining:
-                        await self._status(relay_pb2.WorkerStatus.CHANGE_JOINED)
+                await self._beat()
                 if not self.redis_ok:
                     log.info("Redis reachable again")
                 self.redis_ok = True
             except REDIS_ERRORS as exc:
+                self.metrics.redis_errors.inc()
                 if self.redis_ok:
                     log.warning("heartbeat failed (%s); retrying", exc)
                 self.redis_ok = False
             await asyncio.sleep(interval)
+
+    def _beat_soon(self) -> None:
+        task = asyncio.create_task(self._quietly(self._beat()))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _abandon_all(self) -> None:
         """After an eviction every job held here was placed again elsewhere: stop running them."""
@@ -238,6 +252,7 @@ class _Runtime:
             try:
                 async with self.redis.pubsub() as ps:
                     await ps.subscribe(channel)
+                    ps.connection.register_connect_callback(self._resubscribed)
                     self.subscribed = True
                     await self._beat()
                     await self._status(relay_pb2.WorkerStatus.CHANGE_JOINED)
@@ -253,6 +268,12 @@ class _Runtime:
                 await asyncio.sleep(0.5)
             finally:
                 self.subscribed = False
+
+    async def _resubscribed(self, connection: object) -> None:
+        """redis-py re-established a dropped dispatch subscription by itself: say so, and let the
+        gateways know this worker takes jobs (dispatches in the gap were taken back)."""
+        log.warning("dispatch subscription re-established after a dropped connection")
+        await self._status(relay_pb2.WorkerStatus.CHANGE_JOINED)
 
     def _on_message(self, data: bytes) -> None:
         msg = relay_pb2.WorkerMessage()
@@ -323,6 +344,7 @@ class _Runtime:
             "job_id=%s handler thread still running after the job ended; its slot is held", running.dispatch.job_id
         )
         self.stuck_threads += 1
+        self._beat_soon()  # report the lost slot now, not at the next heartbeat
         loop = asyncio.get_running_loop()
 
         def returned(_: object) -> None:
@@ -441,7 +463,7 @@ class _Runtime:
             "outcome", d.job_id, lambda: self.scripts.finish(keys=[k.job(d.job_id), k.results_channel()], args=args)
         )
         state = job_pb2.JobState.Name(outcome.state)
-        if reply[0] == 1:
+        if reply[0] in (1, 2):  # 2: recorded by an earlier try whose reply was lost
             log.info("job_id=%s finished %s", d.job_id, state)
             self.metrics.jobs.labels(d.spec.kind, state.removeprefix("JOB_STATE_")).inc()
         else:

@@ -87,7 +87,8 @@ class SchedulerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitJobs(self, request, context):
-        """Stores up to 1,000 jobs in one Redis transaction: all are stored or none is.
+        """Stores a batch of jobs (at most the gateway's max_batch, 1,000 by default) in one Redis
+        transaction: all are stored or none is.
         Errors as SubmitJob; a field error names the job's index, e.g. "jobs[3].kind".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
