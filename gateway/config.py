@@ -50,8 +50,7 @@ class GatewaySettings:
     log_format: str = "text"
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "redis_url")
-        return f"GatewaySettings(redis_url={_redact(self.redis_url)!r}, {shown})"
+        return settings_repr(self)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -86,6 +85,15 @@ class GatewaySettings:
         if self.idempotency_ttl_s > self.retention_s:
             raise ValueError("idempotency_ttl_s must not exceed retention_s (a key would outlive its job)")
         return self
+
+
+def settings_repr(settings: DataclassInstance) -> str:
+    """Every field, with the password in ``redis_url`` masked: settings are logged at start-up."""
+    shown = [
+        f"{f.name}={_redact(getattr(settings, f.name)) if f.name == 'redis_url' else getattr(settings, f.name)!r}"
+        for f in fields(settings)
+    ]
+    return f"{type(settings).__name__}({', '.join(shown)})"
 
 
 def check_listen(name: str, value: str, *, optional: bool = False) -> None:

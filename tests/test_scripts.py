@@ -90,6 +90,7 @@ async def test_finish_records_once_frees_the_slot_once_and_starts_retention(stor
     assert await field(redis, k, k.worker("w1"), "used") == "1"
     await start(store, p)
     assert (await finish(store, p))[0] == 1
+    assert (await finish(store, p))[0] == 2  # a retried call after a lost reply: already recorded
     assert (await finish(store, p, S.JOB_STATE_FAILED))[0] == 0  # the outcome is recorded once
     assert await field(redis, k, k.worker("w1"), "used") == "0"
     assert await field(redis, k, k.job(job_id), "state") == str(S.JOB_STATE_SUCCEEDED)

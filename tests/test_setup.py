@@ -75,6 +75,10 @@ def test_flags_override_environment_which_overrides_defaults() -> None:
         ({"JOBGATE_MAX_BATCH": "many"}, "JOBGATE_MAX_BATCH"),
         ({"JOBGATE_MAX_BATCH": "0"}, "max_batch"),
         ({"JOBGATE_LOG_FORMAT": "xml"}, "log_format"),
+        ({"JOBGATE_RETENTION_S": "0"}, "retention_s"),
+        ({"JOBGATE_RETENTION_S": "60", "JOBGATE_IDEMPOTENCY_TTL_S": "120"}, "idempotency_ttl_s"),
+        ({"JOBGATE_LISTEN": "50051"}, "listen"),
+        ({"JOBGATE_METRICS_LISTEN": "localhost"}, "metrics_listen"),
     ],
 )
 def test_bad_gateway_settings_are_refused_naming_the_setting(env: dict[str, str], message: str) -> None:
@@ -88,6 +92,7 @@ def test_bad_gateway_settings_are_refused_naming_the_setting(env: dict[str, str]
         ({"JOBGATE_QUEUES": "bad queue"}, "queues"),
         ({"JOBGATE_WORKER_ID": "a/b"}, "worker_id"),
         ({"JOBGATE_CONCURRENCY": "0"}, "concurrency"),
+        ({"JOBGATE_METRICS_LISTEN": "0.0.0.0:99999"}, "metrics_listen"),
         ({"JOBGATE_HEARTBEAT_MS": "1000", "JOBGATE_HEARTBEAT_TTL_MS": "1500"}, "heartbeat_ttl_ms"),
     ],
 )

@@ -7,9 +7,9 @@ import re
 import socket
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
-from gateway.config import _from_env, _redact, _with_args, check_listen
+from gateway.config import _from_env, _with_args, check_listen, settings_repr
 from gateway.keys import QUEUE_RE, WORKER_ID_RE
 
 
@@ -38,8 +38,7 @@ class WorkerSettings:
     log_format: str = "text"
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "redis_url")
-        return f"WorkerSettings(redis_url={_redact(self.redis_url)!r}, {shown})"
+        return settings_repr(self)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
