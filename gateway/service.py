@@ -13,15 +13,15 @@ from typing import Any, TypeVar
 
 import grpc
 
-from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2, scheduler_pb2_grpc
+from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-from .codec import QUEUED, TERMINAL, event_from_hash
+from .codec import CANCELLED, QUEUED, TERMINAL, event_from_hash
 from .errors import InvalidArgument, JobgateError, NotFound, ResourceExhausted
 from .hub import Hub, Watcher
 from .keys import Keys
 from .metrics import GatewayMetrics
 from .scheduler import Scheduler
-from .store import JobStore, redis_errors
+from .store import JobStore, Settled
 from .validation import Limits, job_id, kind_name, prepare, prepare_batch, queue_name
 
 log = logging.getLogger(__name__)
@@ -143,15 +143,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         jid = job_id(request.id)
         outcome = await self.store.cancel(jid)
         if outcome.worker_id:
-            msg = relay_pb2.WorkerMessage(cancel=relay_pb2.CancelJob(job_id=jid, lease=outcome.lease))
-            async with redis_errors():
-                await self.store.redis.publish(self.keys.dispatch_channel(outcome.worker_id), msg.SerializeToString())
+            await self.store.tell_worker_to_cancel(outcome.worker_id, jid, outcome.lease)
         else:
-            [fields] = await self.store.get_fields([jid])
-            async with redis_errors():
-                await self.store.redis.publish(
-                    self.keys.results_channel(), event_from_hash(jid, fields).SerializeToString()
-                )
+            await self.store.publish_settled([Settled(jid, outcome.queue, CANCELLED)])
         return scheduler_pb2.CancelJobResponse(job=await self.store.get(jid))
 
     @unary
@@ -176,16 +170,21 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
                 self.hub.remove(watcher)
                 watcher = Watcher(job_ids=[job.id], terminal_only=False, buffer=self.stream_buffer)
                 self.hub.add(watcher)
-                watcher.mark_stale()
-            first = job_pb2.JobEvent(
-                job_id=job.id,
-                queue=job.spec.queue,
-                kind=job.spec.kind,
-                state=QUEUED,
-                time=job.created_at,
-                created_at=job.created_at,
-            )
-            yield scheduler_pb2.RunJobResponse(event=first)
+                [fields] = await self.store.get_fields([job.id])
+                now = event_from_hash(job.id, fields)
+                yield scheduler_pb2.RunJobResponse(event=now)  # where the original job is now
+                if now.state in TERMINAL:
+                    return
+            else:
+                first = job_pb2.JobEvent(
+                    job_id=job.id,
+                    queue=job.spec.queue,
+                    kind=job.spec.kind,
+                    state=QUEUED,
+                    time=job.created_at,
+                    created_at=job.created_at,
+                )
+                yield scheduler_pb2.RunJobResponse(event=first)
             async for event in self._follow(watcher):
                 yield scheduler_pb2.RunJobResponse(event=event)
         finally:

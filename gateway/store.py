@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
-from jobgate.v1 import job_pb2, scheduler_pb2
+from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
 
 from .codec import Fields, event_from_hash, job_from_hash
 from .errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
@@ -280,6 +280,12 @@ class JobStore:
                 args=[k.prefix, p.job_id, p.lease, p.worker_id, now_ms()],
             )
         return bool(done)
+
+    async def tell_worker_to_cancel(self, worker_id: str, job_id: str, lease: int) -> None:
+        """Publishes a CancelJob on the worker's channel (nobody listening: its reaping cancels)."""
+        msg = relay_pb2.WorkerMessage(cancel=relay_pb2.CancelJob(job_id=job_id, lease=lease))
+        async with redis_errors():
+            await self.redis.publish(self.keys.dispatch_channel(worker_id), msg.SerializeToString())
 
     async def publish_settled(self, settled: Sequence[Settled]) -> None:
         """Publishes the stored state of jobs a script just changed (for RunJob and watchers)."""

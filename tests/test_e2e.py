@@ -225,3 +225,12 @@ async def test_a_batch_reusing_an_idempotency_key_differently_stores_none_of_its
     same = [request("echo", {"v": 1}, idempotency_key="pay-1"), request("echo", {"v": 3})]
     reply = await client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=same), timeout=10)
     assert reply.jobs[0].id == original.id and reply.jobs[1].id != original.id
+
+
+async def test_run_job_repeated_with_its_idempotency_key_follows_the_original_job(client: Client) -> None:
+    req = scheduler_pb2.RunJobRequest(job=request("echo", {"once": True}, idempotency_key="run-1"))
+    first = [r.event async for r in client.stub.RunJob(req, timeout=20)]
+    again = [r.event async for r in client.stub.RunJob(req, timeout=20)]
+    assert first[-1].state == S.JOB_STATE_SUCCEEDED
+    assert [(e.job_id, e.state) for e in again] == [(first[-1].job_id, S.JOB_STATE_SUCCEEDED)]
+    assert value(again[0].result) == {"once": True}
