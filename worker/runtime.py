@@ -315,7 +315,15 @@ class _Runtime:
     # --- running a job --------------------------------------------------------------------
     async def _execute(self, running: Running) -> None:
         d = running.dispatch
-        await self.slots.acquire()
+        try:
+            # Normally immediate: the gateway places no more jobs than the slots this worker offers.
+            # A dispatch that still finds none free in time is left unacknowledged (placed again).
+            await asyncio.wait_for(self.slots.acquire(), timeout=self.settings.heartbeat_ttl_ms / 1000)
+        except TimeoutError:
+            log.warning("job_id=%s no free slot in time; leaving the dispatch unacknowledged", d.job_id)
+            if self.jobs.get(d.job_id) is running:
+                del self.jobs[d.job_id]
+            return
         try:
             if self.draining or not await self._start(d):
                 return
