@@ -13,7 +13,7 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
-from gateway.devstack import RedisProcess, Stack
+from gateway.devstack import RedisProcess, Stack, free_port
 from gateway.keys import Keys
 from gateway.scripts import Scripts
 from gateway.store import now_ms
@@ -438,3 +438,26 @@ async def test_gateway_and_worker_resubscribe_after_redis_drops_their_pubsub_con
     got = await anext(aiter(live))  # an unfiltered stream is served only by the live subscription
     live.cancel()
     assert got.event.job_id == second and got.event.state == S.JOB_STATE_SUCCEEDED
+
+
+async def test_gateway_restarted_mid_stream_on_its_address_serves_the_rest_of_the_outcomes(
+    stack: Stack, client_for: Callable[[str], Client]
+) -> None:
+    port = free_port()
+    first, address = stack.start_gateway(port=port, env={"JOBGATE_GRACE_S": "0"})
+    stack.start_worker("--concurrency", "2")
+    client = client_for(address)  # one channel for the whole test: it reconnects by itself
+    reply = await client.stub.SubmitJobs(
+        scheduler_pb2.SubmitJobsRequest(jobs=[request("sleep", {"seconds": 0.5}) for _ in range(20)]), timeout=10
+    )
+    ids = [j.id for j in reply.jobs]
+    seen: set[str] = set()
+    with pytest.raises(grpc.aio.AioRpcError):
+        async for resp in client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=ids), timeout=30):
+            seen.add(resp.event.job_id)
+            if len(seen) == 3:
+                first.signal(signal.SIGTERM)  # the stream is cut when the gateway stops
+    assert first.proc.wait(10) == 0
+    stack.start_gateway(port=port)
+    rest = await client.wait_results([i for i in ids if i not in seen])
+    assert seen | set(rest) == set(ids)
