@@ -35,8 +35,7 @@ proto: $(STAMP)
 	rm -rf generated/jobgate
 	mkdir -p generated/jobgate/v1
 	$(PY) -m grpc_tools.protoc -I proto --python_out=generated --pyi_out=generated \
-		--grpc_python_out=generated $(PROTOS)
-	$(PY) -m grpc_tools.protoc -I proto --include_source_info \
+		--grpc_python_out=generated --include_source_info \
 		--descriptor_set_out=generated/jobgate/v1/descriptor_set.binpb $(PROTOS)
 	touch generated/jobgate/__init__.py generated/jobgate/v1/__init__.py
 
