@@ -37,8 +37,11 @@ class Keys:
     def job(self, job_id: str) -> str:  # hash
         return f"{self.prefix}job:{job_id}"
 
-    def pending(self, queue: str) -> str:  # zset: job id -> priority/sequence score
-        return f"{self.prefix}pending:{queue}"
+    def pending(self, queue: str, kind: str) -> str:  # zset: job id -> priority/sequence score
+        return f"{self.prefix}pending:{queue}:{kind}"
+
+    def queue_kinds(self, queue: str) -> str:  # set: kinds that may have jobs waiting in the queue
+        return f"{self.prefix}kinds:{queue}"
 
     def queues(self) -> str:  # set: queue names that have ever held a job
         return f"{self.prefix}queues"

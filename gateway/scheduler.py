@@ -34,7 +34,6 @@ class Scheduler:
         *,
         tick_s: float,
         ack_timeout_ms: int,
-        scan: int = 1000,
         batch: int = 500,
         metrics: GatewayMetrics | None = None,
     ) -> None:
@@ -44,7 +43,6 @@ class Scheduler:
         self.store = store
         self.tick_s = tick_s
         self.ack_timeout_ms = ack_timeout_ms
-        self.scan = scan
         self.batch = batch
         self._dirty: set[str] = set()
         self._all = True
@@ -116,9 +114,7 @@ class Scheduler:
         """Places as many waiting jobs of ``queue`` as there are free slots; returns how many."""
         total = 0
         while True:
-            placements = await self.store.schedule(
-                queue, ack_timeout_ms=self.ack_timeout_ms, scan=self.scan, most=self.batch
-            )
+            placements = await self.store.schedule(queue, ack_timeout_ms=self.ack_timeout_ms, most=self.batch)
             if not placements:
                 return total
             lost = await self._publish(queue, placements)

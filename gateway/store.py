@@ -153,10 +153,11 @@ class JobStore:
                 await self.scripts.submit(
                     keys=[
                         k.job(job.id),
-                        k.pending(spec.queue),
+                        k.pending(spec.queue, spec.kind),
                         k.queues(),
                         k.seq(),
                         k.idempotency(job.idempotency_digest or "none"),
+                        k.queue_kinds(spec.queue),
                     ],
                     args=[
                         job.id,
@@ -201,14 +202,24 @@ class JobStore:
             return sorted(_text(q) for q in await self.redis.smembers(self.keys.queues()))
 
     async def census(self, queues: Sequence[str]) -> tuple[dict[str, int], int]:
-        """Waiting jobs per queue and the number of live workers, in one round trip."""
+        """Waiting jobs per queue and the number of live workers (two round trips)."""
         k = self.keys
-        async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                pipe.zcard(k.pending(queue))
-            pipe.zcount(k.workers(), now_ms(), "+inf")
-            counts = await pipe.execute()
-        return dict(zip(queues, counts[:-1], strict=True)), int(counts[-1])
+        async with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for queue in queues:
+                    pipe.smembers(k.queue_kinds(queue))
+                pipe.zcount(k.workers(), now_ms(), "+inf")
+                replies = await pipe.execute()
+            kinds = [sorted(_text(kind) for kind in members) for members in replies[:-1]]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for queue, queue_kinds in zip(queues, kinds, strict=True):
+                    for kind in queue_kinds:
+                        pipe.zcard(k.pending(queue, kind))
+                counts = iter(await pipe.execute())
+        waiting = {
+            queue: sum(next(counts) for _ in queue_kinds) for queue, queue_kinds in zip(queues, kinds, strict=True)
+        }
+        return waiting, int(replies[-1])
 
     async def workers(self) -> list[scheduler_pb2.WorkerInfo]:
         """Live workers (heartbeat not expired), by id."""
@@ -251,13 +262,13 @@ class JobStore:
             return CancelOutcome(worker_id=reply[1].decode(), lease=int(reply[2]))
         return CancelOutcome(queue=reply[1].decode())
 
-    async def schedule(self, queue: str, *, ack_timeout_ms: int, scan: int, most: int) -> list[Placement]:
+    async def schedule(self, queue: str, *, ack_timeout_ms: int, most: int) -> list[Placement]:
         """Places waiting jobs of ``queue`` on free worker slots (atomic; safe across gateways)."""
         k, now = self.keys, now_ms()
         async with redis_errors():
             flat = await self.scripts.schedule(
-                keys=[k.pending(queue), k.queue_workers(queue), k.acks(), k.lease_seq()],
-                args=[k.prefix, now, now + ack_timeout_ms, scan, most],
+                keys=[k.queue_kinds(queue), k.queue_workers(queue), k.acks(), k.lease_seq()],
+                args=[k.prefix, now, now + ack_timeout_ms, queue, most],
             )
         return [
             Placement(

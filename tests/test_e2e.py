@@ -181,7 +181,7 @@ async def test_cancelling_a_queued_job_removes_it_from_its_queue(
     job_id = (await client.submit("echo")).job.id
     reply = await client.stub.CancelJob(scheduler_pb2.CancelJobRequest(id=job_id))
     assert reply.job.state == S.JOB_STATE_CANCELLED
-    assert await redis.zcard(keys.pending("default")) == 0
+    assert await redis.zcard(keys.pending("default", "echo")) == 0
     stack.start_worker()
     assert (await client.wait_results([job_id]))[job_id].state == S.JOB_STATE_CANCELLED
 

@@ -45,7 +45,7 @@ async def submit(store: JobStore, kind: str = "echo", **fields: object) -> str:
 
 
 async def place(store: JobStore) -> list[Placement]:
-    return await store.schedule("default", ack_timeout_ms=5_000, scan=100, most=100)
+    return await store.schedule("default", ack_timeout_ms=5_000, most=100)
 
 
 async def start(store: JobStore, p: Placement, worker: str | None = None) -> int:
@@ -125,7 +125,7 @@ async def test_a_lost_worker_costs_an_attempt_and_fails_the_job_after_the_last(s
         expected = S.JOB_STATE_QUEUED if attempt == 1 else S.JOB_STATE_FAILED
         assert (settled.job_id, settled.state) == (job_id, expected)
     assert await field(redis, k, k.job(job_id), "err_code") == "WORKER_LOST"
-    assert await redis.zcard(k.pending("default")) == 0
+    assert await redis.zcard(k.pending("default", "echo")) == 0
 
 
 async def test_an_unacknowledged_dispatch_goes_back_to_its_queue_without_using_an_attempt(
@@ -160,7 +160,7 @@ async def test_cancel_ends_a_queued_job_and_flags_a_running_one(store: JobStore,
     k = store.keys
     queued = await submit(store)
     assert (await store.cancel(queued)).queue == "default"
-    assert await redis.zcard(k.pending("default")) == 0
+    assert await redis.zcard(k.pending("default", "echo")) == 0
     await beat(store, "w1")
     running = await submit(store)
     [p] = await place(store)
@@ -170,3 +170,19 @@ async def test_cancel_ends_a_queued_job_and_flags_a_running_one(store: JobStore,
     await redis.zadd(k.workers(), {"w1": 0})  # the worker dies before it stops the job
     [settled] = await store.reap()
     assert (settled.job_id, settled.state) == (running, S.JOB_STATE_CANCELLED)
+
+
+async def test_jobs_of_kinds_no_free_worker_handles_do_not_hold_up_the_others(store: JobStore) -> None:
+    for _ in range(5):
+        await submit(store, "unserved", priority=9)
+    wanted = [await submit(store, "echo") for _ in range(2)]
+    await beat(store, "w1", slots=10, kinds="echo")
+    assert [p.job_id for p in await place(store)] == wanted
+
+
+async def test_placement_across_kinds_follows_priority_then_submission_order(store: JobStore) -> None:
+    low = await submit(store, "x", priority=0)
+    high_y = await submit(store, "y", priority=5)
+    high_x = await submit(store, "x", priority=5)
+    await beat(store, "w1", slots=3)
+    assert [p.job_id for p in await place(store)] == [high_y, high_x, low]

@@ -1,8 +1,8 @@
 -- Shared prelude, prepended to every script by gateway/scripts.py.
 -- States (jobgate.v1.JobState): 1 QUEUED, 2 DISPATCHED, 3 RUNNING, 4 SUCCEEDED, 5 FAILED, 6 CANCELLED.
 -- Key rules for names built from a prefix P (ARGV, e.g. "{jobgate}:"): P.."job:"..id (hash),
--- P.."pending:"..queue (zset), P.."worker:"..id (hash), P.."worker:"..id..":jobs" (set),
--- P.."qworkers:"..queue (set). All share P's hash tag.
+-- P.."pending:"..queue..":"..kind (zset), P.."kinds:"..queue (set), P.."worker:"..id (hash),
+-- P.."worker:"..id..":jobs" (set), P.."qworkers:"..queue (set). All share P's hash tag.
 local QUEUED, DISPATCHED, RUNNING, SUCCEEDED, FAILED, CANCELLED = 1, 2, 3, 4, 5, 6
 
 local function is_terminal(state)
@@ -17,11 +17,12 @@ end
 -- Put a placed job back in its queue. `interrupted` is true when it had started running
 -- on purpose-stopped worker (hand-back), which does not use up an attempt.
 local function requeue(P, job_key, job_id, now, interrupted)
-  local j = redis.call('HMGET', job_key, 'queue', 'prio', 'seq', 'attempt')
+  local j = redis.call('HMGET', job_key, 'queue', 'prio', 'seq', 'attempt', 'kind')
   local attempt = tonumber(j[4])
   if interrupted and attempt > 0 then attempt = attempt - 1 end
   redis.call('HSET', job_key, 'state', QUEUED, 'worker', '', 'attempt', attempt, 'updated', now)
-  redis.call('ZADD', P .. 'pending:' .. j[1], pending_score(tonumber(j[2]), tonumber(j[3])), job_id)
+  redis.call('ZADD', P .. 'pending:' .. j[1] .. ':' .. j[5], pending_score(tonumber(j[2]), tonumber(j[3])), job_id)
+  redis.call('SADD', P .. 'kinds:' .. j[1], j[5])
   return j[1]
 end
 

@@ -5,7 +5,7 @@
 -- returns {1, queue} cancelled now, {2, worker id, lease} running: worker must be told,
 --         {-1} missing, {-2} already terminal
 local P = ARGV[1]
-local j = redis.call('HMGET', KEYS[1], 'state', 'queue', 'worker', 'lease')
+local j = redis.call('HMGET', KEYS[1], 'state', 'queue', 'worker', 'lease', 'kind')
 if not j[1] then return {-1} end
 local state = tonumber(j[1])
 if is_terminal(state) then return {-2} end
@@ -13,7 +13,7 @@ if state == RUNNING then
   redis.call('HSET', KEYS[1], 'cancel', '1', 'updated', ARGV[3])
   return {2, j[3], j[4]}
 end
-redis.call('ZREM', P .. 'pending:' .. j[2], ARGV[2])
+redis.call('ZREM', P .. 'pending:' .. j[2] .. ':' .. j[5], ARGV[2])
 if state == DISPATCHED then
   redis.call('ZREM', KEYS[2], ARGV[2])
   release_slot(P, j[3], ARGV[2])

@@ -1,14 +1,17 @@
 -- schedule: place waiting jobs of one queue on live workers with free slots, least loaded first.
--- KEYS[1] pending zset of the queue, KEYS[2] qworkers set of the queue, KEYS[3] acks zset,
+-- Waiting jobs are kept per kind, so kinds that no free worker handles cost nothing and never hold
+-- up the others; across the kinds that can run, jobs go in priority, then submission, order.
+-- KEYS[1] kinds set of the queue, KEYS[2] qworkers set of the queue, KEYS[3] acks zset,
 -- KEYS[4] lease counter
--- ARGV[1] key prefix, ARGV[2] now ms, ARGV[3] ack deadline ms, ARGV[4] how many waiting jobs to
--- look at, ARGV[5] most placements to make
+-- ARGV[1] key prefix, ARGV[2] now ms, ARGV[3] ack deadline ms, ARGV[4] queue name,
+-- ARGV[5] most placements to make
 -- returns a flat array, 6 entries per placement:
 --   job id, worker id, lease, attempt (of the coming start), spec bytes, timeout ms
-local P, now = ARGV[1], tonumber(ARGV[2])
-local scan, most = tonumber(ARGV[4]), tonumber(ARGV[5])
+local P, now, queue = ARGV[1], tonumber(ARGV[2]), ARGV[4]
+local most = tonumber(ARGV[5])
 
 local cands = {}
+local free = 0
 for _, w in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local h = redis.call('HMGET', P .. 'worker:' .. w, 'slots', 'used', 'expires', 'kinds', 'off')
   if not h[1] then
@@ -19,11 +22,13 @@ for _, w in ipairs(redis.call('SMEMBERS', KEYS[2])) do
       local kinds = h[4]
       if kinds ~= '' then kinds = ',' .. kinds .. ',' end
       cands[#cands + 1] = {id = w, slots = slots, used = used, kinds = kinds}
+      free = free + slots - used
     end
   end
 end
-if #cands == 0 then return {} end
+if free == 0 then return {} end
 
+-- the least loaded candidate with a free slot that handles `kind`
 local function pick(kind)
   local best, best_load = nil, 2
   for _, c in ipairs(cands) do
@@ -35,30 +40,50 @@ local function pick(kind)
   return best
 end
 
-local out, placed, free = {}, 0, 0
-for _, c in ipairs(cands) do free = free + c.slots - c.used end
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, scan - 1)) do
-  if placed >= most or free == 0 then break end
-  local jk = P .. 'job:' .. id
-  local j = redis.call('HMGET', jk, 'kind', 'state', 'attempt', 'spec', 'timeout_ms')
-  if not j[1] or tonumber(j[2]) ~= QUEUED then
-    redis.call('ZREM', KEYS[1], id)  -- expired or already moved on: not waiting any more
+-- the first waiting job of each kind that some candidate handles
+local heads = {}
+local function peek(kind)
+  local key = P .. 'pending:' .. queue .. ':' .. kind
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if first[1] then
+    heads[kind] = {id = first[1], score = tonumber(first[2]), key = key}
   else
-    local c = pick(j[1])
-    if c then
+    heads[kind] = nil
+    redis.call('SREM', KEYS[1], kind)  -- nothing waits: forget the kind until a job of it comes
+  end
+end
+for _, kind in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if pick(kind) then peek(kind) end
+end
+
+local out, placed = {}, 0
+while placed < most and free > 0 do
+  local kind, head = nil, nil
+  for k, h in pairs(heads) do
+    if not head or h.score < head.score then kind, head = k, h end
+  end
+  if not head then break end
+  local c = pick(kind)
+  if not c then
+    heads[kind] = nil  -- its workers are full now
+  else
+    redis.call('ZREM', head.key, head.id)
+    local jk = P .. 'job:' .. head.id
+    local j = redis.call('HMGET', jk, 'state', 'attempt', 'spec', 'timeout_ms')
+    if j[1] and tonumber(j[1]) == QUEUED then
       local lease = redis.call('INCR', KEYS[4])
-      redis.call('ZREM', KEYS[1], id)
       redis.call('HSET', jk, 'state', DISPATCHED, 'worker', c.id, 'lease', lease, 'updated', now)
-      redis.call('SADD', P .. 'worker:' .. c.id .. ':jobs', id)
+      redis.call('SADD', P .. 'worker:' .. c.id .. ':jobs', head.id)
       redis.call('HINCRBY', P .. 'worker:' .. c.id, 'used', 1)
-      redis.call('ZADD', KEYS[3], tonumber(ARGV[3]), id)
+      redis.call('ZADD', KEYS[3], tonumber(ARGV[3]), head.id)
       c.used = c.used + 1
       free = free - 1
       placed = placed + 1
       local n = #out
-      out[n + 1], out[n + 2], out[n + 3] = id, c.id, lease
-      out[n + 4], out[n + 5], out[n + 6] = tonumber(j[3]) + 1, j[4], j[5]
-    end
+      out[n + 1], out[n + 2], out[n + 3] = head.id, c.id, lease
+      out[n + 4], out[n + 5], out[n + 6] = tonumber(j[2]) + 1, j[3], j[4]
+    end  -- else: expired or already moved on, so it was not waiting any more
+    peek(kind)
   end
 end
 return out

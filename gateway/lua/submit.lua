@@ -1,6 +1,6 @@
 -- submit: store a new job and queue it.
--- KEYS[1] job hash, KEYS[2] pending zset of its queue, KEYS[3] queues set, KEYS[4] seq counter,
--- KEYS[5] idempotency string (any key when ARGV[9] is empty)
+-- KEYS[1] job hash, KEYS[2] pending zset of its queue and kind, KEYS[3] queues set, KEYS[4] seq
+-- counter, KEYS[5] idempotency string (any key when ARGV[9] is empty), KEYS[6] kinds set of its queue
 -- ARGV[1] job id, ARGV[2] spec (JobSpec bytes), ARGV[3] queue, ARGV[4] kind, ARGV[5] priority,
 -- ARGV[6] max attempts, ARGV[7] timeout ms, ARGV[8] now ms, ARGV[9] request digest or '',
 -- ARGV[10] idempotency ttl s, ARGV[11] retention s (how long the job is kept once finished)
@@ -23,5 +23,6 @@ redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'queue', ARGV[3], 'kind', ARGV[4], 
   'worker', '', 'lease', 0, 'created', ARGV[8], 'updated', ARGV[8], 'ttl', ARGV[11])
 redis.call('ZADD', KEYS[2], pending_score(prio, seq), ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('SADD', KEYS[6], ARGV[4])
 if rdigest ~= '' then redis.call('SET', KEYS[5], ARGV[1] .. ' ' .. rdigest, 'EX', tonumber(ARGV[10])) end
 return {1, ARGV[1]}
