@@ -24,7 +24,7 @@ from .codec import TERMINAL, event_from_hash
 from .errors import Unavailable
 from .keys import JOB_ID_RE, QUEUE_RE, Keys
 from .metrics import GatewayMetrics
-from .store import JobStore
+from .store import JobStore, subscription
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +141,8 @@ class Hub:
         """Subscribes and routes messages until ``stop`` is set; resubscribes after any failure."""
         while not stop.is_set():
             try:
-                async with self.redis.pubsub() as ps:
-                    await ps.subscribe(self.keys.results_channel(), self.keys.workers_channel())
-                    # redis-py reconnects a dropped pub/sub connection and subscribes again by
-                    # itself while we read; this hears of it, since events in the gap are lost.
-                    ps.connection.register_connect_callback(self._resubscribed)
+                channels = (self.keys.results_channel(), self.keys.workers_channel())
+                async with subscription(self.redis, channels, self._resubscribed) as ps:
                     self.connected.set()
                     log.info("subscribed to %s", self.keys.results_channel())
                     self._all_stale()  # anything published while we were away was missed

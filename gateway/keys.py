@@ -43,7 +43,7 @@ class Keys:
     def queue_kinds(self, queue: str) -> str:  # set: kinds that may have jobs waiting in the queue
         return f"{self.prefix}kinds:{queue}"
 
-    def queues(self) -> str:  # set: queue names that have ever held a job
+    def queues(self) -> str:  # set: queue names that may hold waiting jobs
         return f"{self.prefix}queues"
 
     def seq(self) -> str:  # string counter: submission order

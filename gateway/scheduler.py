@@ -45,6 +45,7 @@ class Scheduler:
         self.ack_timeout_ms = ack_timeout_ms
         self.batch = batch
         self._dirty: set[str] = set()
+        self._reported: set[str] = set()  # queues with a waiting-jobs gauge
         self._all = True
         self._wake = asyncio.Event()
 
@@ -92,8 +93,11 @@ class Scheduler:
 
     async def _census(self, queues: list[str]) -> None:
         waiting, live = await self.store.census(queues)
+        for queue in self._reported - waiting.keys():  # emptied and dropped from the queues set
+            self.metrics.waiting.remove(queue)
         for queue, count in waiting.items():
             self.metrics.waiting.labels(queue).set(count)
+        self._reported = set(waiting)
         self.metrics.workers.set(live)
 
     async def _reap(self) -> None:

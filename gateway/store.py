@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -47,6 +48,27 @@ def redis_client(url: str, timeout_s: float) -> Redis:
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 3, supported_errors=tuple(errors)),
         retry_on_error=errors,
     )
+
+
+@asynccontextmanager
+async def subscription(
+    redis: Redis, channels: Sequence[str], on_reconnect: Callable[[Any], Awaitable[None]]
+) -> AsyncIterator[PubSub]:
+    """A pub/sub connection subscribed to ``channels``.
+
+    redis-py reconnects a dropped pub/sub connection and subscribes again by itself while it is read;
+    ``on_reconnect`` (a bound method: redis-py keeps a weak reference) hears of it, since whatever
+    was published in the gap is lost. It is not called for the first connection, nor on closing.
+    """
+    async with redis.pubsub() as ps:
+        await ps.subscribe(*channels)
+        connection = ps.connection
+        assert connection is not None  # subscribe connected it
+        connection.register_connect_callback(on_reconnect)
+        try:
+            yield ps
+        finally:
+            connection.deregister_connect_callback(on_reconnect)
 
 
 def now_ms() -> int:
@@ -197,7 +219,7 @@ class JobStore:
         return result
 
     async def queue_names(self) -> list[str]:
-        """Every queue that has held a job."""
+        """Every queue that may hold waiting jobs (placement drops a queue once it is empty)."""
         async with redis_errors():
             return sorted(_text(q) for q in await self.redis.smembers(self.keys.queues()))
 
@@ -267,7 +289,7 @@ class JobStore:
         k, now = self.keys, now_ms()
         async with redis_errors():
             flat = await self.scripts.schedule(
-                keys=[k.queue_kinds(queue), k.queue_workers(queue), k.acks(), k.lease_seq()],
+                keys=[k.queue_kinds(queue), k.queue_workers(queue), k.acks(), k.lease_seq(), k.queues()],
                 args=[k.prefix, now, now + ack_timeout_ms, queue, most],
             )
         return [

@@ -27,13 +27,22 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 async def test_gateway_and_worker_export_what_they_did(stack: Stack, client_for: Callable[[str], Client]) -> None:
     gw_port, worker_port = free_port(), free_port()
     _, address = stack.start_gateway(env={"JOBGATE_METRICS_LISTEN": f"127.0.0.1:{gw_port}"})
-    stack.start_worker(env={"JOBGATE_METRICS_LISTEN": f"127.0.0.1:{worker_port}"})
     client = client_for(address)
     ids = [(await client.submit("echo", {"n": n})).job.id for n in range(3)]
     ids.append((await client.submit("fail")).job.id)
     with pytest.raises(grpc.aio.AioRpcError):
         await client.submit("")
+    waiting = ("jobgate_queue_jobs_waiting", (("queue", "default"),))
+    live = ("jobgate_workers_live", ())
+
+    async def census(jobs: int | None, workers: int) -> bool:
+        now = scrape(gw_port)
+        return now.get(waiting) == jobs and now.get(live) == workers
+
+    await eventually(lambda: census(4, 0), what="4 jobs waiting, no worker")
+    stack.start_worker(env={"JOBGATE_METRICS_LISTEN": f"127.0.0.1:{worker_port}"})
     await client.wait_results(ids)
+    await eventually(lambda: census(None, 1), what="the emptied queue dropped, 1 worker")
 
     gw = scrape(gw_port)
     assert gw[("jobgate_gateway_jobs_submitted_total", ())] == 4
@@ -43,15 +52,6 @@ async def test_gateway_and_worker_export_what_they_did(stack: Stack, client_for:
     assert gw[("jobgate_gateway_jobs_placed_total", ())] == 4
     assert gw[("jobgate_gateway_redis_up", ())] == 1
     assert gw[("jobgate_gateway_streams_open", ())] == 0
-
-    async def census() -> bool:
-        now = scrape(gw_port)
-        return (
-            now.get(("jobgate_workers_live", ())) == 1
-            and now.get(("jobgate_queue_jobs_waiting", (("queue", "default"),))) == 0
-        )
-
-    await eventually(census, what="queue and worker gauges")
     w = scrape(worker_port)
     assert w[("jobgate_worker_jobs_total", (("kind", "echo"), ("state", "SUCCEEDED")))] == 3
     assert w[("jobgate_worker_jobs_total", (("kind", "fail"), ("state", "FAILED")))] == 1

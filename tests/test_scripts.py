@@ -135,8 +135,10 @@ async def test_an_unacknowledged_dispatch_goes_back_to_its_queue_without_using_a
     await beat(store, "w1", slots=1)
     job_id = await submit(store)
     [p] = await place(store)
+    assert await place(store) == [] and await store.queue_names() == []  # nothing waits: queue dropped
     await redis.zadd(k.acks(), {job_id: 0})  # acknowledgement deadline passed
     [settled] = await store.reap()
+    assert await store.queue_names() == ["default"]  # back, so the periodic pass finds the job
     assert settled.state == S.JOB_STATE_QUEUED
     assert await field(redis, k, k.job(job_id), "attempt") == "0"
     assert await field(redis, k, k.worker("w1"), "used") == "0"
@@ -186,3 +188,15 @@ async def test_placement_across_kinds_follows_priority_then_submission_order(sto
     high_x = await submit(store, "x", priority=5)
     await beat(store, "w1", slots=3)
     assert [p.job_id for p in await place(store)] == [high_y, high_x, low]
+
+
+async def test_an_emptied_queue_leaves_the_queues_set_until_a_job_comes_again(store: JobStore, redis: Redis) -> None:
+    k = store.keys
+    job_id = await submit(store)
+    assert await store.queue_names() == ["default"]
+    await store.cancel(job_id)
+    assert await place(store) == []
+    assert await store.queue_names() == []
+    assert not await redis.exists(k.queue_kinds("default"))
+    await submit(store)
+    assert await store.queue_names() == ["default"]

@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gateway.errors import Unavailable
 from gateway.keys import JOB_ID_RE, Keys
 from gateway.metrics import WorkerMetrics, serve
-from gateway.store import JobStore, now_ms, redis_client, settled
+from gateway.store import JobStore, now_ms, redis_client, settled, subscription
 from jobgate.v1 import job_pb2, relay_pb2
 
 from .builtins import register_builtins
@@ -250,9 +250,7 @@ class _Runtime:
         channel = self.keys.dispatch_channel(self.id)
         while True:
             try:
-                async with self.redis.pubsub() as ps:
-                    await ps.subscribe(channel)
-                    ps.connection.register_connect_callback(self._resubscribed)
+                async with subscription(self.redis, (channel,), self._resubscribed) as ps:
                     self.subscribed = True
                     await self._beat()
                     await self._status(relay_pb2.WorkerStatus.CHANGE_JOINED)

@@ -23,6 +23,7 @@ local function requeue(P, job_key, job_id, now, interrupted)
   redis.call('HSET', job_key, 'state', QUEUED, 'worker', '', 'attempt', attempt, 'updated', now)
   redis.call('ZADD', P .. 'pending:' .. j[1] .. ':' .. j[5], pending_score(tonumber(j[2]), tonumber(j[3])), job_id)
   redis.call('SADD', P .. 'kinds:' .. j[1], j[5])
+  redis.call('SADD', P .. 'queues', j[1])  -- placement may have dropped the emptied queue
   return j[1]
 end
 

@@ -1,14 +1,29 @@
 -- schedule: place waiting jobs of one queue on live workers with free slots, least loaded first.
 -- Waiting jobs are kept per kind, so kinds that no free worker handles cost nothing and never hold
 -- up the others; across the kinds that can run, jobs go in priority, then submission, order.
+-- A queue with nothing waiting is dropped from the queues set (submit adds it back), so the
+-- gateways' periodic pass only visits queues that hold jobs.
 -- KEYS[1] kinds set of the queue, KEYS[2] qworkers set of the queue, KEYS[3] acks zset,
--- KEYS[4] lease counter
+-- KEYS[4] lease counter, KEYS[5] queues set
 -- ARGV[1] key prefix, ARGV[2] now ms, ARGV[3] ack deadline ms, ARGV[4] queue name,
 -- ARGV[5] most placements to make
 -- returns a flat array, 6 entries per placement:
 --   job id, worker id, lease, attempt (of the coming start), spec bytes, timeout ms
 local P, now, queue = ARGV[1], tonumber(ARGV[2]), ARGV[4]
 local most = tonumber(ARGV[5])
+
+local waiting = {}  -- kinds with jobs waiting
+for _, kind in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', P .. 'pending:' .. queue .. ':' .. kind) == 1 then
+    waiting[#waiting + 1] = kind
+  else
+    redis.call('SREM', KEYS[1], kind)
+  end
+end
+if #waiting == 0 then
+  redis.call('SREM', KEYS[5], queue)
+  return {}
+end
 
 local cands = {}
 local free = 0
@@ -52,7 +67,7 @@ local function peek(kind)
     redis.call('SREM', KEYS[1], kind)  -- nothing waits: forget the kind until a job of it comes
   end
 end
-for _, kind in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+for _, kind in ipairs(waiting) do
   if pick(kind) then peek(kind) end
 end
 
