@@ -9,6 +9,7 @@ it is published, so it survives a moment when no gateway is listening.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -24,6 +25,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from google.protobuf.struct_pb2 import Value
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, ResponseError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import Unavailable
@@ -39,6 +41,18 @@ from .registry import Handler, JobContext, Registry
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, Unavailable)
+# Error replies that go away by themselves (memory freed, failover done, script or load finished):
+# a start or finish that gets one is retried like a connection error, or the job would stay RUNNING.
+TRANSIENT_REPLIES = (OutOfMemoryError, ReadOnlyError, TryAgainError, MasterDownError)
+TRANSIENT_PREFIXES = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN")
+
+
+def _transient(exc: Exception) -> bool:
+    if isinstance(exc, REDIS_ERRORS + TRANSIENT_REPLIES):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(TRANSIENT_PREFIXES)
+
+
 F = TypeVar("F", bound=Handler)
 
 
@@ -157,9 +171,10 @@ class _Runtime:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        for task in (beat, listen):  # no heartbeat may re-register us after leaving
+        background = [beat, listen, *self._background]  # no heartbeat may re-register us after leaving
+        for task in background:
             task.cancel()
-        await asyncio.gather(beat, listen, return_exceptions=True)
+        await asyncio.gather(*background, return_exceptions=True)
         await self._quietly(self._leave())
 
     async def _leave(self) -> None:
@@ -186,6 +201,7 @@ class _Runtime:
         job still held here was placed elsewhere: they are abandoned."""
         k, s, now = self.keys, self.settings, now_ms()
         off = "1" if self.draining or not self.subscribed else "0"
+        held = list(self.jobs.values())  # what an eviction found by this beat can have taken away
         reply = await self.scripts.heartbeat(
             keys=[k.workers(), k.worker(self.id), k.worker_jobs(self.id), k.acks()],
             args=[
@@ -205,7 +221,7 @@ class _Runtime:
         again = bool(reply[0]) and self.registered
         self.registered = True
         if again:
-            self._abandon_all()
+            self._abandon(held)
         if inherited := settled(reply[1:]):
             log.warning("an earlier process with id %s held %d jobs; they were placed again", self.id, len(inherited))
             await self.store.publish_settled(inherited)
@@ -234,10 +250,11 @@ class _Runtime:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _abandon_all(self) -> None:
-        """After an eviction every job held here was placed again elsewhere: stop running them."""
-        log.warning("registered again after being evicted; abandoning %d superseded jobs", len(self.jobs))
-        for running in self.jobs.values():
+    def _abandon(self, held: list[Running]) -> None:
+        """After an eviction the jobs held before it were placed again elsewhere: stop running them.
+        (A job placed here after the beat re-registered this worker is valid and keeps running.)"""
+        log.warning("registered again after being evicted; abandoning %d superseded jobs", len(held))
+        for running in held:
             if running.task is not None:
                 running.task.cancel()
 
@@ -313,16 +330,16 @@ class _Runtime:
     # --- running a job --------------------------------------------------------------------
     async def _execute(self, running: Running) -> None:
         d = running.dispatch
+        acquired = False
         try:
             # Normally immediate: the gateway places no more jobs than the slots this worker offers.
             # A dispatch that still finds none free in time is left unacknowledged (placed again).
-            await asyncio.wait_for(self.slots.acquire(), timeout=self.settings.heartbeat_ttl_ms / 1000)
-        except TimeoutError:
-            log.warning("job_id=%s no free slot in time; leaving the dispatch unacknowledged", d.job_id)
-            if self.jobs.get(d.job_id) is running:
-                del self.jobs[d.job_id]
-            return
-        try:
+            try:
+                await asyncio.wait_for(self.slots.acquire(), timeout=self.settings.heartbeat_ttl_ms / 1000)
+            except TimeoutError:
+                log.warning("job_id=%s no free slot in time; leaving the dispatch unacknowledged", d.job_id)
+                return
+            acquired = True
             if self.draining or not await self._start(d):
                 return
             running.started = True
@@ -337,7 +354,8 @@ class _Runtime:
                 self.metrics.running.dec()
             if self.jobs.get(d.job_id) is running:
                 del self.jobs[d.job_id]
-            self._release_slot(running)
+            if acquired:
+                self._release_slot(running)
 
     def _release_slot(self, running: Running) -> None:
         """Frees the job's slot, or, while its handler thread is still running (a thread cannot be
@@ -357,7 +375,11 @@ class _Runtime:
             self.stuck_threads -= 1
             self.slots.release()
 
-        thread.add_done_callback(lambda f: loop.call_soon_threadsafe(returned, f))
+        def from_thread(f: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed first: the worker has stopped
+                loop.call_soon_threadsafe(returned, f)
+
+        thread.add_done_callback(from_thread)
 
     async def _retrying(self, what: str, job_id: str, call: Callable[[], Awaitable[Any]]) -> Any:
         """Runs a script call until Redis answers. Every such call is safe to repeat: a repeated
@@ -367,7 +389,9 @@ class _Runtime:
         while True:
             try:
                 return await call()
-            except REDIS_ERRORS as exc:
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
                 self.metrics.redis_errors.inc()
                 if delay == 0.1:
                     log.warning("job_id=%s %s not recorded yet (%s); retrying", job_id, what, exc)
