@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 
 from google.protobuf.message import DecodeError
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -148,8 +149,10 @@ class Hub:
                     self._all_stale()  # anything published while we were away was missed
                     self.on_worker_change()
                     await self._listen(ps, stop)
-            except (RedisConnectionError, RedisTimeoutError, OSError, Unavailable) as exc:
-                if self.connected.is_set():
+            except Exception as exc:  # the hub must outlive any failure
+                if not isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, Unavailable)):
+                    log.exception("result routing failed; resubscribing")
+                elif self.connected.is_set():
                     log.warning("result subscription lost (%s); resubscribing", exc)
                 self.connected.clear()
                 self._all_stale()
@@ -159,8 +162,8 @@ class Hub:
                     pass
         self.connected.clear()
 
-    async def _listen(self, ps: object, stop: asyncio.Event) -> None:
-        get = ps.get_message  # type: ignore[attr-defined]
+    async def _listen(self, ps: PubSub, stop: asyncio.Event) -> None:
+        get = ps.get_message
         while not stop.is_set():
             msg = await get(ignore_subscribe_messages=True, timeout=1.0)
             if msg is None:

@@ -83,8 +83,11 @@ class Scheduler:
                 queues, self._dirty = self._dirty, set()
                 for queue in sorted(queues):
                     await self.place(queue)
-            except Unavailable as exc:
-                log.warning("placement paused: %s", exc)
+            except Exception as exc:  # placement must outlive any failure
+                if isinstance(exc, Unavailable):
+                    log.warning("placement paused: %s", exc)
+                else:  # e.g. an error reply such as OOM: retried on the next pass
+                    log.exception("placement failed; trying again")
                 self._all = True
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=self.tick_s)

@@ -18,8 +18,15 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+    WatchError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
 
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
 
@@ -76,13 +83,31 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+# Error replies of a Redis that cannot take writes for now (out of memory, a replica after a
+# failover, loading or busy with a script): to a client these mean "unavailable, retry". redis-py
+# turns most into classes; the rest keep their code at the start of the message.
+UNAVAILABLE_REPLIES = (OutOfMemoryError, ReadOnlyError, TryAgainError, MasterDownError)
+UNAVAILABLE_CODES = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN")
+
+
+def cannot_write_now(exc: BaseException) -> bool:
+    """Whether an error reply means Redis refuses writes only for now (see UNAVAILABLE_REPLIES)."""
+    return isinstance(exc, UNAVAILABLE_REPLIES) or (
+        isinstance(exc, ResponseError) and str(exc).startswith(UNAVAILABLE_CODES)
+    )
+
+
 @asynccontextmanager
 async def redis_errors() -> AsyncIterator[None]:
-    """Turns Redis connection and timeout errors into :class:`Unavailable`."""
+    """Turns Redis connection and timeout errors, and "cannot write now" replies, into :class:`Unavailable`."""
     try:
         yield
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise Unavailable(f"Redis is unavailable: {type(exc).__name__}") from exc
+    except ResponseError as exc:
+        if not cannot_write_now(exc):
+            raise
+        raise Unavailable(f"Redis cannot take the request now: {type(exc).__name__}") from exc
 
 
 @dataclass(frozen=True, slots=True)

@@ -461,3 +461,30 @@ async def test_gateway_restarted_mid_stream_on_its_address_serves_the_rest_of_th
     stack.start_gateway(port=port)
     rest = await client.wait_results([i for i in ids if i not in seen])
     assert seen | set(rest) == set(ids)
+
+
+async def test_redis_refusing_writes_gives_unavailable_and_stores_nothing_then_work_resumes(
+    own_redis: RedisProcess, client_for: Callable[[str], Client]
+) -> None:
+    stack = Stack(own_redis.url, "oom", env=FAST)
+    admin = Redis.from_url(own_redis.url, socket_timeout=5)
+    try:
+        gateway, address = stack.start_gateway()
+        worker = stack.start_worker()
+        client = client_for(address)
+        first = (await client.submit("echo", {"before": True})).job.id
+        await client.wait_results([first])
+        await admin.config_set("maxmemory", "1")  # every write is refused with OOM
+        seq = await admin.get(Keys("oom").seq())
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.submit("echo", {"during": "oom"})
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert await admin.get(Keys("oom").seq()) == seq  # nothing was stored
+        await asyncio.sleep(1.5)  # heartbeats, placement and reaping all meet OOM meanwhile
+        await admin.config_set("maxmemory", "0")
+        after = await eventually(lambda: _try_submit(client), timeout=20, what="submit after OOM")
+        assert (await client.wait_results([after]))[after].state == S.JOB_STATE_SUCCEEDED
+        assert gateway.alive() and worker.alive()
+    finally:
+        await admin.aclose()
+        stack.stop()

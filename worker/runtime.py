@@ -25,13 +25,12 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from google.protobuf.struct_pb2 import Value
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, ResponseError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import Unavailable
 from gateway.keys import JOB_ID_RE, Keys
 from gateway.metrics import WorkerMetrics, serve
-from gateway.store import JobStore, now_ms, redis_client, settled, subscription
+from gateway.store import JobStore, cannot_write_now, now_ms, redis_client, settled, subscription
 from jobgate.v1 import job_pb2, relay_pb2
 
 from .builtins import register_builtins
@@ -41,16 +40,12 @@ from .registry import Handler, JobContext, Registry
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, Unavailable)
-# Error replies that go away by themselves (memory freed, failover done, script or load finished):
-# a start or finish that gets one is retried like a connection error, or the job would stay RUNNING.
-TRANSIENT_REPLIES = (OutOfMemoryError, ReadOnlyError, TryAgainError, MasterDownError)
-TRANSIENT_PREFIXES = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN")
 
 
 def _transient(exc: Exception) -> bool:
-    if isinstance(exc, REDIS_ERRORS + TRANSIENT_REPLIES):
-        return True
-    return isinstance(exc, ResponseError) and str(exc).startswith(TRANSIENT_PREFIXES)
+    """Redis unreachable, or refusing writes only for now (memory freed, failover done, script or
+    load finished): a start or finish that meets one is retried, or the job would stay RUNNING."""
+    return isinstance(exc, REDIS_ERRORS) or cannot_write_now(exc)
 
 
 F = TypeVar("F", bound=Handler)
@@ -238,10 +233,10 @@ class _Runtime:
                 if not self.redis_ok:
                     log.info("Redis reachable again")
                 self.redis_ok = True
-            except REDIS_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - heartbeats must outlive any failure
                 self.metrics.redis_errors.inc()
                 if self.redis_ok:
-                    log.warning("heartbeat failed (%s); retrying", exc)
+                    log.warning("heartbeat failed (%s: %s); retrying", type(exc).__name__, exc)
                 self.redis_ok = False
             await asyncio.sleep(interval)
 
@@ -276,8 +271,10 @@ class _Runtime:
                         msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1.0)
                         if msg is not None and isinstance(msg.get("data"), bytes):
                             self._on_message(msg["data"])
-            except REDIS_ERRORS as exc:
-                if self.subscribed:
+            except Exception as exc:  # the subscription must outlive any failure
+                if not isinstance(exc, REDIS_ERRORS):
+                    log.exception("dispatch handling failed; resubscribing")
+                elif self.subscribed:
                     log.warning("dispatch subscription lost (%s); resubscribing", exc)
                 self.subscribed = False
                 await asyncio.sleep(0.5)
