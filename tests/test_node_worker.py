@@ -1,0 +1,121 @@
+"""A Node.js worker written from docs/PROTOCOL.md alone runs jobs end to end as the only worker.
+
+The worker is tests/node/worker.mjs (node-redis + protobufjs, the Lua scripts of gateway/lua/ and
+the envelopes of proto/). node, npm and the npm install come from tests/test_node_client.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.devstack import Stack
+from jobgate.v1 import job_pb2, scheduler_pb2
+
+from .conftest import FAST, Client, eventually, value
+from .test_node_client import NODE_DIR, NPM_TIMEOUT_S, node  # noqa: F401 - `node` is a fixture
+
+WORKER = NODE_DIR / "worker.mjs"
+EXIT_TIMEOUT_S = 10
+
+
+class NodeWorker:
+    """tests/node/worker.mjs as a subprocess, its output in a file."""
+
+    def __init__(self, node_bin: str, redis_url: str, namespace: str, worker_id: str, log_path: Path) -> None:
+        self.worker_id = worker_id
+        self.log_path = log_path
+        env = {**os.environ, **{k: FAST[k] for k in ("JOBGATE_HEARTBEAT_MS", "JOBGATE_HEARTBEAT_TTL_MS")}}
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [node_bin, str(WORKER), redis_url, namespace, worker_id],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def start_node_worker(
+    request: pytest.FixtureRequest,
+    node: str,  # noqa: F811 - the fixture imported above
+    redis_url: str,
+    namespace: str,
+) -> Iterator[Callable[[str], NodeWorker]]:
+    """Starts Node workers; kills any still running after the test, printing their output if it failed."""
+    started: list[NodeWorker] = []
+    log_dir = Path(tempfile.mkdtemp(prefix="jobgate-node-worker-"))
+
+    def start(worker_id: str) -> NodeWorker:
+        w = NodeWorker(node, redis_url, namespace, worker_id, log_dir / f"{worker_id}.log")
+        started.append(w)
+        return w
+
+    yield start
+    report = getattr(request.node, "rep_call", None)
+    for w in started:
+        w.kill()
+        if report is not None and report.failed:
+            print(f"===== node worker {w.worker_id}\n{w.log()[-4000:]}")
+    shutil.rmtree(log_dir, ignore_errors=True)
+
+
+async def _workers(client: Client) -> list[scheduler_pb2.WorkerInfo]:
+    reply = await client.stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5)
+    return list(reply.workers)
+
+
+# The first run includes `npm ci` (bounded by NPM_TIMEOUT_S), which the default per-test timeout
+# would cut short; later runs take a few seconds.
+@pytest.mark.timeout(NPM_TIMEOUT_S + 60)
+async def test_node_worker_runs_and_fails_jobs_and_leaves_cleanly_on_sigterm(
+    stack: Stack, client_for: Callable[[str], Client], start_node_worker: Callable[[str], NodeWorker]
+) -> None:
+    _, address = stack.start_gateway()
+    client = client_for(address)
+    worker = start_node_worker(f"node-{os.getpid()}")
+    listed = await eventually(lambda: _workers(client), timeout=20, what="the node worker registered")
+    assert [(w.id, list(w.kinds), list(w.queues)) for w in listed] == [
+        (worker.worker_id, ["node.fail", "node.upper"], ["default"])
+    ]
+
+    upper = (await client.submit("node.upper", {"text": "hello"})).job.id
+    failing = (await client.submit("node.fail", {})).job.id
+    events = await client.wait_results([upper, failing], timeout=20)
+
+    ok = events[upper]
+    assert ok.state == job_pb2.JOB_STATE_SUCCEEDED, ok
+    assert value(ok.result) == {"text": "HELLO", "by": "node"}
+    assert ok.worker_id == worker.worker_id
+    assert ok.attempt == 1
+    failed = events[failing]
+    assert failed.state == job_pb2.JOB_STATE_FAILED, failed
+    assert failed.error.code == "HANDLER_ERROR"
+    assert failed.error.message, failed
+    assert failed.worker_id == worker.worker_id
+
+    worker.proc.send_signal(signal.SIGTERM)
+    try:
+        code = await asyncio.to_thread(worker.proc.wait, EXIT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the node worker still ran {EXIT_TIMEOUT_S}s after SIGTERM")
+    assert code == 0
+    # leave unregistered it at once: no waiting for its heartbeat to expire
+    assert await _workers(client) == []
