@@ -124,10 +124,6 @@ class RedisProcess:
                 self.proc.wait(10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def restart(self) -> None:
-        self.kill()
-        self.start()
-
 
 class Service:
     """A gateway or worker subprocess with its log in a file."""

@@ -109,7 +109,7 @@ class Hub:
         self.on_worker_change = on_worker_change
         self.by_job: dict[str, set[Watcher]] = {}
         self.broad: set[Watcher] = set()
-        self.connected = asyncio.Event()
+        self.connected = False  # whether the subscription is up, for the log
 
     # --- registration ---------------------------------------------------------------------
     def add(self, w: Watcher) -> None:
@@ -128,10 +128,6 @@ class Hub:
                 if not group:
                     del self.by_job[job_id]
 
-    @property
-    def watcher_count(self) -> int:
-        return len(self.broad) + len({id(w) for g in self.by_job.values() for w in g})
-
     def _interested(self, event: job_pb2.JobEvent) -> list[Watcher]:
         found = [w for w in self.by_job.get(event.job_id, ()) if w.matches(event)]
         found.extend(w for w in self.broad if w.matches(event))
@@ -144,7 +140,7 @@ class Hub:
             try:
                 channels = (self.keys.results_channel(), self.keys.workers_channel())
                 async with subscription(self.redis, channels, self._resubscribed) as ps:
-                    self.connected.set()
+                    self.connected = True
                     log.info("subscribed to %s", self.keys.results_channel())
                     self._all_stale()  # anything published while we were away was missed
                     self.on_worker_change()
@@ -152,15 +148,15 @@ class Hub:
             except Exception as exc:  # the hub must outlive any failure
                 if not isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, Unavailable)):
                     log.exception("result routing failed; resubscribing")
-                elif self.connected.is_set():
+                elif self.connected:
                     log.warning("result subscription lost (%s); resubscribing", exc)
-                self.connected.clear()
+                self.connected = False
                 self._all_stale()
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=retry_s)
                 except TimeoutError:
                     pass
-        self.connected.clear()
+        self.connected = False
 
     async def _listen(self, ps: PubSub, stop: asyncio.Event) -> None:
         get = ps.get_message
