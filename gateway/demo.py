@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import signal
 import sys
 import time
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -37,12 +39,23 @@ def _request(i: int) -> scheduler_pb2.SubmitJobRequest:
     return req
 
 
+def _plain(value: Any) -> Any:
+    """JSON numbers arrive as floats (google.protobuf.Value); show whole ones as integers."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _line(event: job_pb2.JobEvent) -> str:
     state = job_pb2.JobState.Name(event.state).removeprefix("JOB_STATE_")
     if event.HasField("error"):
         detail = f"{event.error.code}: {event.error.message}"
     else:
-        detail = json_format.MessageToJson(event.result, indent=None) if event.HasField("result") else ""
+        detail = json.dumps(_plain(json_format.MessageToDict(event.result))) if event.HasField("result") else ""
     return f"{event.job_id[:8]} {event.kind:<5} {state:<9} on {event.worker_id:<18} {detail}"
 
 
