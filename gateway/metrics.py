@@ -12,6 +12,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from .config import check_listen
+
 log = logging.getLogger(__name__)
 
 
@@ -79,9 +81,8 @@ def serve(listen: str, registry: CollectorRegistry) -> Any:
 
     Raises ValueError for a malformed address, OSError when the port is taken.
     """
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"metrics_listen: expected host:port, got {listen!r}")
-    server, _ = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
+    check_listen("metrics_listen", listen)
+    host, _, port = listen.rpartition(":")
+    server, _ = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
     log.info("metrics on http://%s/metrics", listen)
     return server
