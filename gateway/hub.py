@@ -16,8 +16,6 @@ from collections.abc import Callable, Iterable
 from google.protobuf.message import DecodeError
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jobgate.v1 import job_pb2, relay_pb2
 
@@ -25,7 +23,7 @@ from .codec import TERMINAL, event_from_hash
 from .errors import Unavailable
 from .keys import JOB_ID_RE, QUEUE_RE, Keys
 from .metrics import GatewayMetrics
-from .store import JobStore, subscription
+from .store import CONNECTION_ERRORS, JobStore, subscription
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +144,7 @@ class Hub:
                     self.on_worker_change()
                     await self._listen(ps, stop)
             except Exception as exc:  # the hub must outlive any failure
-                if not isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError, Unavailable)):
+                if not isinstance(exc, (*CONNECTION_ERRORS, Unavailable)):
                     log.exception("result routing failed; resubscribing")
                 elif self.connected:
                     log.warning("result subscription lost (%s); resubscribing", exc)

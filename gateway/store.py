@@ -39,21 +39,30 @@ from .validation import PreparedJob
 log = logging.getLogger(__name__)
 
 
+# Redis cannot be reached (refused, dropped or timed out): the errors every caller retries or maps to
+# UNAVAILABLE.
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
 def redis_client(url: str, timeout_s: float) -> Redis:
     """An asyncio Redis client with bounded waits that reconnects by itself.
 
     A command that hits a connection dropped by a Redis restart is retried (up to 3 times, 50-500 ms
     apart) on a fresh connection, so the first request after a restart does not fail for nothing.
     """
-    errors = [RedisConnectionError, RedisTimeoutError, OSError]
     return Redis.from_url(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=10,
         socket_keepalive=True,
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 3, supported_errors=tuple(errors)),
-        retry_on_error=errors,
+        # OSError is not a RedisError, but a dropped socket can surface as one: retry it too.
+        retry=Retry(
+            ExponentialWithJitterBackoff(base=0.05, cap=0.5),
+            3,
+            supported_errors=CONNECTION_ERRORS,  # type: ignore[arg-type]
+        ),
+        retry_on_error=list(CONNECTION_ERRORS),
     )
 
 
@@ -102,7 +111,7 @@ async def redis_errors() -> AsyncIterator[None]:
     """Turns Redis connection and timeout errors, and "cannot write now" replies, into :class:`Unavailable`."""
     try:
         yield
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+    except CONNECTION_ERRORS as exc:
         raise Unavailable(f"Redis is unavailable: {type(exc).__name__}") from exc
     except ResponseError as exc:
         if not cannot_write_now(exc):

@@ -24,13 +24,11 @@ from typing import Any, TypeVar
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from google.protobuf.struct_pb2 import Value
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import Unavailable
 from gateway.keys import JOB_ID_RE, Keys
 from gateway.metrics import WorkerMetrics, serve
-from gateway.store import JobStore, cannot_write_now, now_ms, redis_client, settled, subscription
+from gateway.store import CONNECTION_ERRORS, JobStore, cannot_write_now, now_ms, redis_client, settled, subscription
 from jobgate.v1 import job_pb2, relay_pb2
 
 from .builtins import register_builtins
@@ -39,7 +37,8 @@ from .registry import Handler, JobContext, Registry
 
 log = logging.getLogger(__name__)
 
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, Unavailable)
+REDIS_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, Unavailable)
+STEP_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError)  # a bounded shutdown step
 
 
 def _transient(exc: Exception) -> bool:
@@ -186,7 +185,7 @@ class _Runtime:
         logged, and the gateways' reaping covers for it."""
         try:
             await asyncio.wait_for(coro, timeout=self.settings.redis_timeout_s + 1)
-        except (*REDIS_ERRORS, TimeoutError) as exc:
+        except STEP_ERRORS as exc:
             self.metrics.redis_errors.inc()
             log.warning("Redis step failed (%s); heartbeat expiry and reaping cover for it", exc)
 
