@@ -7,14 +7,28 @@ labels: they are validated names chosen by operators, not free-form client input
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 from .config import check_listen
 
 log = logging.getLogger(__name__)
+
+
+def _process(registry: CollectorRegistry, prefix: str) -> None:
+    """Memory, CPU and file descriptors of this process, and the asyncio tasks of its event loop
+    (the loop running when this is called): what leak checks and soak runs watch."""
+    ProcessCollector(registry=registry)
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    tasks = Gauge(f"{prefix}_asyncio_tasks", "asyncio tasks alive in the process's event loop", registry=registry)
+    if loop is not None:
+        tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
 
 
 class GatewayMetrics:
@@ -23,6 +37,7 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        _process(r, "jobgate_gateway")
         self.rpcs = Counter(
             "jobgate_gateway_rpcs", "RPCs handled, by method and status code", ["method", "code"], registry=r
         )
@@ -61,6 +76,7 @@ class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        _process(r, "jobgate_worker")
         self.jobs = Counter(
             "jobgate_worker_jobs", "Jobs finished here, by kind and recorded state", ["kind", "state"], registry=r
         )
