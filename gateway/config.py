@@ -37,6 +37,11 @@ class GatewaySettings:
     max_batch: int = 1000
     max_watch_ids: int = 1000
     stream_buffer: int = 1024
+    max_streams: int = 10_000
+    keepalive_time_ms: int = 60_000
+    keepalive_timeout_ms: int = 20_000
+    min_ping_interval_ms: int = 10_000
+    max_ping_strikes: int = 2
     default_timeout_ms: int = 300_000
     ack_timeout_ms: int = 5_000
     tick_ms: int = 500
@@ -71,6 +76,10 @@ class GatewaySettings:
             "max_batch",
             "max_watch_ids",
             "stream_buffer",
+            "max_streams",
+            "keepalive_time_ms",
+            "keepalive_timeout_ms",
+            "min_ping_interval_ms",
             "default_timeout_ms",
             "ack_timeout_ms",
             "tick_ms",
@@ -78,6 +87,8 @@ class GatewaySettings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.max_ping_strikes < 0:
+            raise ValueError("max_ping_strikes must not be negative (0 = no limit)")
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be 'text' or 'json'")
         check_listen("listen", self.listen)

@@ -84,16 +84,21 @@ async def start(settings: GatewaySettings) -> Gateway:
         limits,
         stream_buffer=settings.stream_buffer,
         reconcile_s=settings.reconcile_ms / 1000,
+        max_streams=settings.max_streams,
         metrics=metrics,
     )
 
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # The gateway pings idle connections (so long-idle WatchResults streams stay up through
+        # proxies and dead clients are noticed) and refuses clients that ping more often than
+        # min_ping_interval_ms: after max_ping_strikes such pings it closes the connection.
+        ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", settings.min_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", settings.max_ping_strikes),
     ]
     server = grpc.aio.server(options=options)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(service, server)

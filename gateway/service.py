@@ -67,6 +67,13 @@ def streaming(
 
     @functools.wraps(fn)
     async def wrapper(self: SchedulerService, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
+        if self.open_streams >= self.max_streams:
+            self.metrics.rpcs.labels(fn.__name__, "RESOURCE_EXHAUSTED").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this gateway already serves {self.max_streams} streams (max_streams); retry later or elsewhere",
+            )
+        self.open_streams += 1
         self.metrics.streams.inc()
         try:
             async for item in fn(self, request, context):
@@ -81,6 +88,7 @@ def streaming(
         else:
             self.metrics.rpcs.labels(fn.__name__, "OK").inc()
         finally:
+            self.open_streams -= 1
             self.metrics.streams.dec()
 
     return wrapper
@@ -99,6 +107,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         *,
         stream_buffer: int,
         reconcile_s: float,
+        max_streams: int,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
@@ -109,6 +118,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.limits = limits
         self.stream_buffer = stream_buffer
         self.reconcile_s = reconcile_s
+        self.max_streams = max_streams
+        self.open_streams = 0
 
     # --- unary ----------------------------------------------------------------------------
     @unary

@@ -1,0 +1,90 @@
+"""Connection and stream limits: concurrent streams, keepalive policy (idle streams survive, ping
+floods are refused). Real gateway processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from gateway.devstack import Stack, free_port
+from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+from .conftest import Client, eventually, request
+from .test_metrics import scrape
+
+
+async def test_streams_over_max_streams_are_refused_and_freed_slots_are_reused(
+    stack: Stack, client_for: Callable[[str], Client]
+) -> None:
+    port = free_port()
+    _, address = stack.start_gateway(env={"JOBGATE_MAX_STREAMS": "3", "JOBGATE_METRICS_LISTEN": f"127.0.0.1:{port}"})
+    client = client_for(address)
+    open_calls = [client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(), timeout=30) for _ in range(3)]
+
+    async def streams_open() -> bool:
+        return scrape(port)[("jobgate_gateway_streams_open", ())] == 3
+
+    await eventually(streams_open, what="three streams open")
+    refused = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(), timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await refused.read()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_streams" in (err.value.details() or "")
+    # Unary calls are not streams: they still work.
+    assert (await client.submit("echo")).job.id
+
+    open_calls[0].cancel()
+
+    async def accepted() -> bool:
+        call = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(), timeout=10)
+        try:
+            await asyncio.wait_for(call.read(), timeout=0.3)
+        except TimeoutError:
+            call.cancel()
+            return True  # open and waiting for events: admitted
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return False
+
+    assert await eventually(accepted, what="a freed stream slot reused")
+    for call in open_calls[1:]:
+        call.cancel()
+
+
+async def test_an_idle_stream_survives_server_keepalive_pings(stack: Stack) -> None:
+    """A WatchResults stream that sees nothing for many keepalive periods stays open, with the
+    client itself pinging at the slowest rate the gateway allows."""
+    _, address = stack.start_gateway(
+        env={
+            "JOBGATE_KEEPALIVE_TIME_MS": "200",
+            "JOBGATE_KEEPALIVE_TIMEOUT_MS": "2000",
+            "JOBGATE_MIN_PING_INTERVAL_MS": "500",
+        }
+    )
+    stack.start_worker()
+    options = [("grpc.keepalive_time_ms", 600), ("grpc.keepalive_permit_without_calls", 1)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        sleeper = await stub.SubmitJob(request("sleep", {"seconds": 4}), timeout=10)
+        call = stub.WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=[sleeper.job.id]), timeout=30)
+        events = [r.event async for r in call]
+        assert [e.state for e in events] == [job_pb2.JOB_STATE_SUCCEEDED]
+
+
+async def test_a_client_flooding_pings_is_disconnected(stack: Stack) -> None:
+    _, address = stack.start_gateway(env={"JOBGATE_MIN_PING_INTERVAL_MS": "5000", "JOBGATE_MAX_PING_STRIKES": "2"})
+    options = [
+        ("grpc.keepalive_time_ms", 100),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_time_between_pings_ms", 100),
+    ]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        call = stub.WatchResults(scheduler_pb2.WatchResultsRequest(), timeout=20)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
