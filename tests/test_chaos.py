@@ -1,0 +1,258 @@
+"""Load under faults: hundreds of jobs in flight while a worker, a gateway, Redis or a client fails,
+then the checker of ``tests/chaos.py``: nothing lost, one outcome per job, nothing invented, and
+memory, asyncio tasks and Redis subscriptions back to their baseline. Real processes, real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.devstack import RedisProcess, Stack
+from jobgate.v1 import job_pb2, scheduler_pb2
+
+from .chaos import Checker, Cluster, Node
+from .conftest import FAST, eventually
+
+pytestmark = pytest.mark.slow
+S = job_pb2
+# Room for a burst of completions on the checker's unfiltered streams (RESOURCE_EXHAUSTED is tested
+# on its own, with a slow watcher).
+ROOMY = {"JOBGATE_STREAM_BUFFER": "20000"}
+
+
+@pytest.fixture
+async def checker(stack: Stack, redis: Redis) -> AsyncIterator[Checker]:
+    c = Checker(Cluster(stack), redis)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisProcess]:
+    """A Redis of the test's own, with an append-only file, which it may restart or pause."""
+    server = RedisProcess(appendonly=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def private_checker(
+    request: pytest.FixtureRequest, private_redis: RedisProcess, namespace: str
+) -> AsyncIterator[Checker]:
+    stack = Stack(private_redis.url, namespace, env=FAST)
+    admin = Redis.from_url(private_redis.url, socket_timeout=15)
+    c = Checker(Cluster(stack), admin)
+    try:
+        yield c
+    finally:
+        await c.close()
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(stack.logs())
+        stack.stop()
+        await admin.aclose()
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+async def warm_up(checker: Checker, gw: Node, jobs: int = 200) -> None:
+    """Runs a first load to completion, then takes the baseline (no stream open)."""
+    await checker.submit(gw, [checker.job("echo", {"warm": True}) for _ in range(jobs)])
+    await checker.wait_streams(60)
+    await checker.take_baseline()
+
+
+async def load(
+    checker: Checker,
+    gateways: list[Node],
+    batches: int,
+    make: Callable[[], scheduler_pb2.SubmitJobRequest],
+    *,
+    size: int = 50,
+    pace_s: float = 0.05,
+) -> None:
+    """Submits ``batches`` batches of ``size``, each followed by a job_ids stream; a batch that fails
+    goes to the next gateway."""
+    turn = 0
+    for _ in range(batches):
+        for _ in range(len(gateways)):
+            gw = gateways[turn % len(gateways)]
+            if gw.alive() and isinstance(await checker.submit(gw, [make() for _ in range(size)]), list):
+                break
+            turn += 1
+        await asyncio.sleep(pace_s)  # pacing the load, not waiting for anything
+
+
+async def running_on(node: Node, least: int) -> bool:
+    return (await node.metrics()).get("jobgate_worker_jobs_running", 0) >= least
+
+
+def sleep_job(checker: Checker, seconds: float, **fields: object) -> Callable[[], scheduler_pb2.SubmitJobRequest]:
+    return lambda: checker.job("sleep", {"seconds": seconds}, **fields)
+
+
+def assert_run_streams_end_terminal(checker: Checker) -> None:
+    for s in checker.streams:
+        if s.kind == "run":
+            assert s.error is None and s.states, f"{s.name}: {s.error}"
+            assert s.states[-1] in (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED)
+            assert all(st not in (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED) for st in s.states[:-1])
+
+
+# --- workers ------------------------------------------------------------------------------------
+
+
+async def test_a_worker_killed_under_load_loses_no_job_and_records_none_twice(checker: Checker) -> None:
+    cluster = checker.cluster
+    gw = cluster.gateway(env=ROOMY)
+    victim = cluster.worker("--concurrency", "40")
+    for _ in range(2):
+        cluster.worker("--concurrency", "40")
+    await warm_up(checker, gw)
+    checker.watch_all(gw)
+    loader = asyncio.create_task(load(checker, [gw], 12, sleep_job(checker, 0.3)))
+    for _ in range(20):
+        checker.run_job(gw, checker.job("sleep", {"seconds": 0.5}))
+    await eventually(lambda: running_on(victim, 20), what="jobs running on the victim")
+    victim.service.kill()
+    await asyncio.wait_for(loader, 60)
+    await checker.wait_streams(60)
+    report = await checker.verify(gw)
+    report.assert_ok()
+    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    retried = [e for e in report.outcomes.values() if e.attempt >= 2]
+    assert retried, "some jobs were running on the victim when it was killed"
+    assert all(e.worker_id != victim.worker_id for e in retried)
+    assert_run_streams_end_terminal(checker)
+    await checker.check_leaks()
+
+
+async def test_a_worker_stopped_under_load_finishes_short_jobs_and_hands_long_ones_back(checker: Checker) -> None:
+    cluster = checker.cluster
+    gw = cluster.gateway(env=ROOMY)
+    leaving = cluster.worker("--concurrency", "60", env={"JOBGATE_GRACE_S": "1.5"})
+    await warm_up(checker, gw)
+    checker.watch_all(gw)
+    short, long = sleep_job(checker, 0.3), sleep_job(checker, 4)
+    # 50 long jobs hold most of its 60 slots; short ones keep the other 10 busy.
+    await load(checker, [gw], 2, long, size=15, pace_s=0)
+    for _ in range(20):
+        checker.run_job(gw, long())
+    loader = asyncio.create_task(load(checker, [gw], 10, short, size=40, pace_s=0.1))
+    await eventually(lambda: running_on(leaving, 58), what="the leaving worker's slots all busy")
+    staying = [cluster.worker("--concurrency", "60") for _ in range(2)]
+    assert leaving.service.terminate(timeout_s=30) == 0
+    await asyncio.wait_for(loader, 60)
+    await checker.wait_streams(60)
+    report = await checker.verify(gw)
+    report.assert_ok()
+    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    log = leaving.service.log()
+    drained = log[log.index("draining") :]
+    handed = set(re.findall(r"job_id=([0-9a-f]{32}) handed back", drained))
+    finished = set(re.findall(r"job_id=([0-9a-f]{32}) finished", drained))
+    assert handed and finished, "long jobs handed back, short ones finished during the grace period"
+    # Handed back, not reaped: the interrupted runs gave their attempt back, and others ran them.
+    assert {report.outcomes[j].attempt for j in handed} == {1}
+    assert {report.outcomes[j].worker_id for j in handed} <= {w.worker_id for w in staying}
+    assert_run_streams_end_terminal(checker)
+    await checker.check_leaks()
+
+
+async def test_a_worker_paused_past_its_lease_has_its_late_outcomes_refused(checker: Checker) -> None:
+    cluster = checker.cluster
+    gw = cluster.gateway(env=ROOMY)
+    frozen = cluster.worker("--concurrency", "40")
+    for _ in range(2):
+        cluster.worker("--concurrency", "40")
+    await warm_up(checker, gw)
+    checker.watch_all(gw)
+    loader = asyncio.create_task(load(checker, [gw], 12, sleep_job(checker, 0.5)))
+    await eventually(lambda: running_on(frozen, 20), what="jobs running on the worker to pause")
+    frozen.service.signal(signal.SIGSTOP)
+    try:
+        held = {m.decode() for m in await checker.redis.smembers(checker.keys.worker_jobs(frozen.worker_id))}
+        assert held
+        # its registration expires, and its jobs are placed on the others and finished there
+        await eventually(lambda: all_terminal(checker, held), timeout=60, what="the paused worker's jobs finished")
+    finally:
+        resumed_at = time.time()
+        frozen.service.signal(signal.SIGCONT)
+    # On waking it either tries to record its late outcomes (refused: stale lease) or first learns
+    # from its heartbeat that it was evicted and abandons them; then it takes jobs again.
+    await eventually(
+        lambda: logged(frozen, "outcome discarded", "abandoning"), what="late outcomes refused or abandoned"
+    )
+    await asyncio.wait_for(loader, 60)
+    await checker.submit(gw, [checker.job("sleep", {"seconds": 0.1}) for _ in range(100)])
+    await checker.wait_streams(60)
+    report = await checker.verify(gw)
+    report.assert_ok()
+    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    late = finished_since(frozen, resumed_at) & held
+    assert not late, f"outcomes of superseded attempts accepted after the pause: {sorted(late)[:5]}"
+    before = finished_since(frozen, 0) & held  # recorded in the instant before the pause
+    assert all(report.outcomes[j].worker_id != frozen.worker_id for j in held - before)
+    await checker.check_leaks()
+
+
+async def all_terminal(checker: Checker, job_ids: set[str]) -> bool:
+    pipe = checker.redis.pipeline(transaction=False)
+    for j in job_ids:
+        pipe.hget(checker.keys.job(j), "state")
+    return all(int(s or 0) in (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED) for s in await pipe.execute())
+
+
+async def logged(node: Node, *needles: str) -> bool:
+    text = node.service.log()
+    return any(n in text for n in needles)
+
+
+def finished_since(node: Node, since: float) -> set[str]:
+    """Jobs the node logged as finished at or after ``since`` (epoch seconds, to the log's millisecond)."""
+    out = set()
+    for m in re.finditer(r"^(\S+ \S+),(\d{3}) .*job_id=([0-9a-f]{32}) finished", node.service.log(), re.M):
+        stamp = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+        if stamp >= since - 0.001:
+            out.add(m.group(3))
+    return out
+
+
+async def test_ten_thousand_jobs_queued_with_no_worker_all_run_once_workers_start(checker: Checker) -> None:
+    cluster = checker.cluster
+    gw = cluster.gateway(env=ROOMY)
+    await checker.submit(gw, [checker.job("echo", {"warm": True})])
+    first = cluster.worker("--concurrency", "64")
+    await checker.wait_streams(30)
+    await checker.take_baseline()
+    first.service.terminate()
+    await eventually(lambda: no_workers(checker, gw), what="the warm-up worker gone")
+    checker.watch_all(gw)
+    for _ in range(10):
+        await checker.submit(gw, [checker.job("echo", {"n": i}) for i in range(1000)], timeout=30)
+    assert len(checker.acked) == 10_001
+    workers = [cluster.worker("--concurrency", "64") for _ in range(3)]
+    await checker.wait_streams(120)
+    report = await checker.verify(gw)
+    report.assert_ok()
+    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    finished = checker.finished_lines()
+    assert all(len(finished[j]) == 1 for j in checker.acked), "each job recorded by exactly one finish"
+    assert {e.worker_id for e in report.outcomes.values()} - {first.worker_id} <= {w.worker_id for w in workers}
+    await checker.check_leaks()
+
+
+async def no_workers(checker: Checker, gw: Node) -> bool:
+    reply = await checker.stub(gw).ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5)
+    return not reply.workers
