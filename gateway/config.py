@@ -7,6 +7,7 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -53,9 +54,22 @@ class GatewaySettings:
     metrics_listen: str = ""
     log_level: str = "INFO"
     log_format: str = "text"
+    auth_tokens: str = field(default="", repr=False)
+    auth_tokens_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
 
     def __repr__(self) -> str:
         return settings_repr(self)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.auth_tokens or self.auth_tokens_file)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert_file)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -95,16 +109,43 @@ class GatewaySettings:
         check_listen("metrics_listen", self.metrics_listen, optional=True)
         if self.idempotency_ttl_s > self.retention_s:
             raise ValueError("idempotency_ttl_s must not exceed retention_s (a key would outlive its job)")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            read_file(name, getattr(self, name))
+        from .auth import load_tokens  # imported here: config must not depend on grpc at import time
+
+        load_tokens(self.auth_tokens, self.auth_tokens_file)
         return self
 
 
+def read_file(name: str, path: str) -> bytes:
+    """The bytes of the file a setting names (b'' when it is empty). Raises ValueError naming the setting."""
+    if not path:
+        return b""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot read {path}: {exc.strerror}") from None
+
+
 def settings_repr(settings: DataclassInstance) -> str:
-    """Every field, with the password in ``redis_url`` masked: settings are logged at start-up."""
-    shown = [
-        f"{f.name}={_redact(getattr(settings, f.name)) if f.name == 'redis_url' else getattr(settings, f.name)!r}"
-        for f in fields(settings)
-    ]
+    """Every field, with secrets masked (the password in ``redis_url``, tokens): settings are logged
+    at start-up."""
+    shown = []
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if f.name == "redis_url":
+            value = _redact(value)
+        elif f.name in SECRETS and value:
+            value = "***"
+        shown.append(f"{f.name}={value!r}")
     return f"{type(settings).__name__}({', '.join(shown)})"
+
+
+SECRETS = frozenset({"auth_tokens"})
 
 
 def check_listen(name: str, value: str, *, optional: bool = False) -> None:

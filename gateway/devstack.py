@@ -177,9 +177,20 @@ class Service:
         return self.log_path.read_text(errors="replace")
 
 
-def health_status(address: str, timeout_s: float = 1.0) -> int:
-    """The gateway's overall health status (``HealthCheckResponse.ServingStatus``)."""
-    with grpc.insecure_channel(address) as channel:
+def health_status(
+    address: str,
+    timeout_s: float = 1.0,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, str]] = (),
+) -> int:
+    """The gateway's overall health status (``HealthCheckResponse.ServingStatus``); over TLS when
+    ``credentials`` are given."""
+    channel = (
+        grpc.secure_channel(address, credentials, options=options)
+        if credentials
+        else grpc.insecure_channel(address, options=options)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
         status: int = reply.status
@@ -197,6 +208,7 @@ class Stack:
         self.gateways: list[Service] = []
         self.workers: list[Service] = []
         self._count = 0
+        self.credentials: grpc.ChannelCredentials | None = None  # for gateways that serve TLS
 
     def _name(self, kind: str) -> str:
         self._count += 1
@@ -222,7 +234,8 @@ class Stack:
         def serving() -> bool:
             if not gw.alive():
                 raise RuntimeError(f"{gw.name} exited:\n{gw.log()}")
-            return bool(health_status(address) == health_pb2.HealthCheckResponse.SERVING)
+            status = health_status(address, credentials=self.credentials)
+            return bool(status == health_pb2.HealthCheckResponse.SERVING)
 
         try:
             wait_for(serving, timeout_s, f"{gw.name} at {address}", interval_s=0.1)

@@ -47,3 +47,9 @@ class Unavailable(JobgateError):
     """Redis cannot be reached; nothing was stored."""
 
     code = "UNAVAILABLE"
+
+
+class PermissionDenied(JobgateError):
+    """The caller's token does not cover the queue the request touches."""
+
+    code = "PERMISSION_DENIED"

@@ -40,6 +40,7 @@ class Watcher:
         job_ids: Iterable[str] = (),
         queue: str = "",
         kinds: Iterable[str] = (),
+        queues: frozenset[str] | None = None,
         terminal_only: bool = True,
         buffer: int = 1024,
     ) -> None:
@@ -47,6 +48,7 @@ class Watcher:
         self.remaining = set(self.job_ids)  # named jobs not yet delivered as terminal
         self.queue = queue
         self.kinds = frozenset(kinds)
+        self.queues = queues  # the queues the caller may see (None: all)
         self.terminal_only = terminal_only
         self.events: asyncio.Queue[job_pb2.JobEvent | None] = asyncio.Queue(maxsize=buffer)
         self.overflowed = False
@@ -58,6 +60,8 @@ class Watcher:
         if self.job_ids and event.job_id not in self.remaining:
             return False
         if self.queue and event.queue != self.queue:
+            return False
+        if self.queues is not None and event.queue not in self.queues:
             return False
         return not self.kinds or event.kind in self.kinds
 

@@ -64,6 +64,12 @@ class GatewayMetrics:
         self.dropped = Counter(
             "jobgate_gateway_channel_messages_dropped", "Malformed or unverifiable channel messages dropped", registry=r
         )
+        self.denied = Counter(
+            "jobgate_gateway_requests_denied",
+            "Calls refused for a missing or unknown token (UNAUTHENTICATED) or a queue the token does not cover",
+            ["code"],
+            registry=r,
+        )
         self.streams = Gauge("jobgate_gateway_streams_open", "Open RunJob and WatchResults streams", registry=r)
         self.redis_up = Gauge("jobgate_gateway_redis_up", "1 while Redis answers PING", registry=r)
         self.waiting = Gauge("jobgate_queue_jobs_waiting", "Jobs waiting in each queue", ["queue"], registry=r)

@@ -15,7 +15,8 @@ from redis.asyncio import Redis
 
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 
-from .config import GatewaySettings
+from .auth import Authenticator, AuthInterceptor, load_tokens
+from .config import GatewaySettings, read_file
 from .hub import Hub
 from .keys import Keys
 from .metrics import GatewayMetrics, serve
@@ -100,7 +101,13 @@ async def start(settings: GatewaySettings) -> Gateway:
         ("grpc.http2.min_ping_interval_without_data_ms", settings.min_ping_interval_ms),
         ("grpc.http2.max_ping_strikes", settings.max_ping_strikes),
     ]
-    server = grpc.aio.server(options=options)
+    interceptors = []
+    if settings.auth_enabled:
+        tokens = load_tokens(settings.auth_tokens, settings.auth_tokens_file)
+        denied = metrics.denied.labels("UNAUTHENTICATED")
+        interceptors.append(AuthInterceptor(Authenticator(tokens), on_denied=lambda method: denied.inc()))
+        log.info("authentication on: %d token(s): %s", len(tokens), ", ".join(t.name for t in tokens))
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -109,7 +116,11 @@ async def start(settings: GatewaySettings) -> Gateway:
         server,
         pool=CommentedPool(),
     )
-    port = server.add_insecure_port(settings.listen)
+    port = (
+        server.add_secure_port(settings.listen, server_credentials(settings))
+        if settings.tls_enabled
+        else server.add_insecure_port(settings.listen)
+    )
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}")
     await server.start()
@@ -121,8 +132,24 @@ async def start(settings: GatewaySettings) -> Gateway:
         asyncio.create_task(scheduler.run(stop_event), name="scheduler"),
         asyncio.create_task(_health_loop(redis, health_servicer, metrics, stop_event), name="health"),
     ]
-    log.info("gateway listening on %s (port %d)", settings.listen, port)
+    log.info(
+        "gateway listening on %s (port %d, %s)",
+        settings.listen,
+        port,
+        ("mutual TLS" if settings.tls_client_ca_file else "TLS") if settings.tls_enabled else "plaintext",
+    )
     return Gateway(settings, server, health_servicer, redis, hub, scheduler, port, stop_event, tasks, metrics_server)
+
+
+def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials:
+    """TLS with the gateway's certificate chain; with ``tls_client_ca_file``, clients must present
+    a certificate signed by that CA (mutual TLS)."""
+    client_ca = read_file("tls_client_ca_file", settings.tls_client_ca_file)
+    return grpc.ssl_server_credentials(
+        [(read_file("tls_key_file", settings.tls_key_file), read_file("tls_cert_file", settings.tls_cert_file))],
+        root_certificates=client_ca or None,
+        require_client_auth=bool(client_ca),
+    )
 
 
 async def _health_loop(

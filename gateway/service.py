@@ -15,6 +15,7 @@ import grpc
 
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
+from . import auth
 from .codec import CANCELLED, QUEUED, TERMINAL, event_from_hash
 from .errors import InvalidArgument, JobgateError, NotFound, ResourceExhausted
 from .hub import Hub, Watcher
@@ -37,6 +38,12 @@ def _abort_code(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
+def _count(metrics: GatewayMetrics, method: str, code: grpc.StatusCode) -> None:
+    metrics.rpcs.labels(method, code.name).inc()
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        metrics.denied.labels(code.name).inc()
+
+
 def unary(
     fn: Callable[[Any, Req, grpc.aio.ServicerContext], Coroutine[Any, Any, Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext], Coroutine[Any, Any, Resp]]:
@@ -51,7 +58,7 @@ def unary(
             raise
         except Exception as exc:
             code, message = _abort_code(exc)
-            self.metrics.rpcs.labels(fn.__name__, code.name).inc()
+            _count(self.metrics, fn.__name__, code)
             await context.abort(code, message)
             raise  # unreachable: abort raises
         self.metrics.rpcs.labels(fn.__name__, "OK").inc()
@@ -83,7 +90,7 @@ def streaming(
             raise
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
             code, message = _abort_code(exc)
-            self.metrics.rpcs.labels(fn.__name__, code.name).inc()
+            _count(self.metrics, fn.__name__, code)
             await context.abort(code, message)
         else:
             self.metrics.rpcs.labels(fn.__name__, "OK").inc()
@@ -126,7 +133,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def SubmitJob(
         self, request: scheduler_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.SubmitJobResponse:
-        [job] = await self.store.submit([prepare(request, self.limits)])
+        prepared = prepare(request, self.limits)
+        auth.current().check(prepared.spec.queue, "queue")
+        [job] = await self.store.submit([prepared])
         self.metrics.submitted.inc()
         self.scheduler.kick(job.spec.queue)
         return scheduler_pb2.SubmitJobResponse(job=job)
@@ -135,7 +144,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def SubmitJobs(
         self, request: scheduler_pb2.SubmitJobsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.SubmitJobsResponse:
-        jobs = await self.store.submit(prepare_batch(list(request.jobs), self.limits))
+        prepared = prepare_batch(list(request.jobs), self.limits)
+        principal = auth.current()
+        for i, p in enumerate(prepared):
+            principal.check(p.spec.queue, f"jobs[{i}].queue")
+        jobs = await self.store.submit(prepared)
         self.metrics.submitted.inc(len(jobs))
         for queue in {j.spec.queue for j in jobs}:
             self.scheduler.kick(queue)
@@ -145,13 +158,16 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def GetJob(
         self, request: scheduler_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.GetJobResponse:
-        return scheduler_pb2.GetJobResponse(job=await self.store.get(job_id(request.id)))
+        job = await self.store.get(job_id(request.id))
+        auth.current().check(job.spec.queue, "id")
+        return scheduler_pb2.GetJobResponse(job=job)
 
     @unary
     async def CancelJob(
         self, request: scheduler_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.CancelJobResponse:
         jid = job_id(request.id)
+        await self._check_jobs([jid], "id")
         outcome = await self.store.cancel(jid)
         if outcome.worker_id:
             await self.store.tell_worker_to_cancel(outcome.worker_id, jid, outcome.lease)
@@ -163,7 +179,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def ListWorkers(
         self, request: scheduler_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.ListWorkersResponse:
-        return scheduler_pb2.ListWorkersResponse(workers=await self.store.workers())
+        principal = auth.current()
+        workers = [w for w in await self.store.workers() if any(principal.may_use(q) for q in w.queues)]
+        return scheduler_pb2.ListWorkersResponse(workers=workers)
 
     # --- streaming ------------------------------------------------------------------------
     @streaming
@@ -171,6 +189,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.RunJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.RunJobResponse]:
         prepared = prepare(request.job, self.limits, "job.")
+        auth.current().check(prepared.spec.queue, "job.queue")
         watcher = Watcher(job_ids=[prepared.id], terminal_only=False, buffer=self.stream_buffer)
         self.hub.add(watcher)  # before the job exists: no event can slip past
         try:
@@ -210,7 +229,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         ids = [job_id(j, f"job_ids[{i}]") for i, j in enumerate(request.job_ids)]
         queue = queue_name(request.queue) if request.queue else ""
         kinds = [kind_name(k, f"kinds[{i}]") for i, k in enumerate(request.kinds)]
-        watcher = Watcher(job_ids=ids, queue=queue, kinds=kinds, buffer=self.stream_buffer)
+        principal = auth.current()
+        if queue:
+            principal.check(queue, "queue")
+        if ids:
+            await self._check_jobs(ids, "job_ids")
+        watcher = Watcher(job_ids=ids, queue=queue, kinds=kinds, queues=principal.queues, buffer=self.stream_buffer)
         self.hub.add(watcher)  # subscribe before reading stored state
         try:
             if ids:
@@ -220,6 +244,17 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
                 yield scheduler_pb2.WatchResultsResponse(event=event)
         finally:
             self.hub.remove(watcher)
+
+    async def _check_jobs(self, ids: list[str], field: str) -> None:
+        """For a token limited to some queues: raises NotFound or PermissionDenied unless every job
+        exists and is in one of its queues. Does nothing for unrestricted callers."""
+        principal = auth.current()
+        if not principal.restricted:
+            return
+        for jid, fields in zip(ids, await self.store.get_fields(ids), strict=True):
+            if not fields:
+                raise NotFound(f"{field}: no job {jid}")
+            principal.check(fields.get(b"queue", b"").decode(), f"{field}: job {jid}")
 
     async def _follow(self, watcher: Watcher) -> AsyncIterator[job_pb2.JobEvent]:
         """Events for a watcher until it is finished; re-reads stored state when events may be lost."""

@@ -1,0 +1,184 @@
+"""Bearer-token authentication and per-queue authorisation, against real gateway processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from gateway.devstack import Stack, health_status
+from jobgate.v1 import job_pb2, scheduler_pb2
+
+from .conftest import Client, eventually, request
+
+ADMIN = "adm1n-7c0f2b9e4d51a8e3"
+BILLING = "b1ll-93e7a1c4f8d20b6a5"
+TOKENS = f"admin {ADMIN} *; billing {BILLING} invoices,refunds"
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+async def stored_keys(redis: Redis, namespace: str) -> list[bytes]:
+    return sorted([k async for k in redis.scan_iter(match=f"{{{namespace}}}:*")])
+
+
+async def code_of(call: object) -> grpc.StatusCode:
+    """The status an RPC ends with (unary awaitable or stream)."""
+    try:
+        if hasattr(call, "__aiter__"):
+            async for _ in call:  # type: ignore[attr-defined]
+                pass
+        else:
+            await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_calls_without_a_valid_token_are_refused_and_store_nothing(
+    stack: Stack, client_for: Callable[[str], Client], redis: Redis, namespace: str
+) -> None:
+    gateway, address = stack.start_gateway(env={"JOBGATE_AUTH_TOKENS": TOKENS})
+    stub = client_for(address).stub
+    before = await stored_keys(redis, namespace)
+    some_id = "0" * 32
+    for metadata in ([], bearer("not-a-known-token-at-all"), [("authorization", f"Basic {ADMIN}")], bearer("")):
+        calls = [
+            stub.SubmitJob(request("echo"), metadata=metadata, timeout=5),
+            stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=[request("echo")]), metadata=metadata, timeout=5),
+            stub.RunJob(scheduler_pb2.RunJobRequest(job=request("echo")), metadata=metadata, timeout=5),
+            stub.WatchResults(scheduler_pb2.WatchResultsRequest(), metadata=metadata, timeout=5),
+            stub.GetJob(scheduler_pb2.GetJobRequest(id=some_id), metadata=metadata, timeout=5),
+            stub.CancelJob(scheduler_pb2.CancelJobRequest(id=some_id), metadata=metadata, timeout=5),
+            stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), metadata=metadata, timeout=5),
+        ]
+        assert [await code_of(c) for c in calls] == [grpc.StatusCode.UNAUTHENTICATED] * len(calls)
+    assert await stored_keys(redis, namespace) == before
+    # Health checks stay open for orchestrators; a valid token works.
+    assert health_status(address) == 1  # SERVING
+    reply = await stub.SubmitJob(request("echo"), metadata=bearer(ADMIN), timeout=5)
+    assert reply.job.id
+    # The gateway never writes a token to its log, not even in its settings line.
+    log = gateway.log()
+    assert "admin" in log and ADMIN not in log and BILLING not in log
+
+
+async def test_a_token_limited_to_queues_cannot_touch_other_queues(
+    stack: Stack, client_for: Callable[[str], Client], redis: Redis, namespace: str
+) -> None:
+    _, address = stack.start_gateway(env={"JOBGATE_AUTH_TOKENS": TOKENS})
+    stack.start_worker("--queues", "invoices,payroll", worker_id="both")
+    stack.start_worker("--queues", "payroll", worker_id="payroll-only")
+    stub = client_for(address).stub
+    admin, billing = bearer(ADMIN), bearer(BILLING)
+
+    async def listed(metadata: list[tuple[str, str]]) -> list[str]:
+        return [w.id for w in (await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), metadata=metadata)).workers]
+
+    assert await eventually(lambda: _eq(listed(admin), ["both", "payroll-only"]), what="both workers live")
+    assert await listed(billing) == ["both"]  # only workers serving its queues
+
+    payroll = (await stub.SubmitJob(request("sleep", {"seconds": 30}, queue="payroll"), metadata=admin)).job.id
+
+    async def running() -> bool:
+        job = (await stub.GetJob(scheduler_pb2.GetJobRequest(id=payroll), metadata=admin)).job
+        return job.state == job_pb2.JOB_STATE_RUNNING
+
+    await eventually(running, what="the payroll job running")
+    before = await stored_keys(redis, namespace)
+    denied = [
+        stub.SubmitJob(request("echo", queue="payroll"), metadata=billing, timeout=5),
+        stub.SubmitJob(request("echo"), metadata=billing, timeout=5),  # the default queue is a queue too
+        stub.SubmitJobs(
+            scheduler_pb2.SubmitJobsRequest(jobs=[request("echo", queue="invoices"), request("echo", queue="payroll")]),
+            metadata=billing,
+            timeout=5,
+        ),
+        stub.RunJob(scheduler_pb2.RunJobRequest(job=request("echo", queue="payroll")), metadata=billing, timeout=5),
+        stub.GetJob(scheduler_pb2.GetJobRequest(id=payroll), metadata=billing, timeout=5),
+        stub.CancelJob(scheduler_pb2.CancelJobRequest(id=payroll), metadata=billing, timeout=5),
+        stub.WatchResults(scheduler_pb2.WatchResultsRequest(queue="payroll"), metadata=billing, timeout=5),
+        stub.WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=[payroll]), metadata=billing, timeout=5),
+    ]
+    assert [await code_of(c) for c in denied] == [grpc.StatusCode.PERMISSION_DENIED] * len(denied)
+    assert await stored_keys(redis, namespace) == before  # nothing stored
+    assert await running()  # nothing cancelled
+    try:
+        await stub.SubmitJobs(
+            scheduler_pb2.SubmitJobsRequest(jobs=[request("echo", queue="invoices"), request("echo", queue="payroll")]),
+            metadata=billing,
+            timeout=5,
+        )
+    except grpc.aio.AioRpcError as exc:
+        assert exc.details().startswith("jobs[1].queue:") and BILLING not in exc.details()
+
+    # An unfiltered watch by the limited token sees its own queues' outcomes only.
+    watch = stub.WatchResults(scheduler_pb2.WatchResultsRequest(), metadata=billing, timeout=30)
+    other = (await stub.SubmitJob(request("echo", {"n": 1}, queue="payroll"), metadata=admin)).job.id
+    own = (await stub.SubmitJob(request("echo", {"n": 2}, queue="invoices"), metadata=billing)).job.id
+    got = await stub.GetJob(scheduler_pb2.GetJobRequest(id=own), metadata=billing)
+    assert got.job.spec.queue == "invoices"
+    admin_view = client_for(address)
+    done = await _results(admin_view, [other, own])
+    assert all(e.state == job_pb2.JOB_STATE_SUCCEEDED for e in done.values())
+    first = await watch.read()
+    assert first.event.job_id == own
+    watch.cancel()
+
+
+async def _eq(awaitable: object, expected: object) -> bool:
+    return bool(await awaitable == expected)  # type: ignore[misc]
+
+
+async def _results(client: Client, ids: list[str]) -> dict[str, job_pb2.JobEvent]:
+    events = {}
+    call = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=ids), metadata=bearer(ADMIN), timeout=30)
+    async for resp in call:
+        events[resp.event.job_id] = resp.event
+    return events
+
+
+async def test_tokens_from_a_file_and_the_environment_both_work(
+    stack: Stack, client_for: Callable[[str], Client], tmp_path: Path
+) -> None:
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"# operators\nops  {'f' * 40}  *\n\nreports {'r' * 24} reports  # read-only dashboards\n")
+    _, address = stack.start_gateway(
+        env={"JOBGATE_AUTH_TOKENS_FILE": str(token_file), "JOBGATE_AUTH_TOKENS": f"ci {'c' * 20}"}
+    )
+    stub = client_for(address).stub
+    for token, queue in (("f" * 40, "default"), ("r" * 24, "reports"), ("c" * 20, "anything")):
+        assert (await stub.SubmitJob(request("echo", queue=queue), metadata=bearer(token), timeout=5)).job.id
+    assert await code_of(stub.SubmitJob(request("echo"), metadata=bearer("r" * 24), timeout=5)) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        ("short tooshort", "at least 16 characters"),
+        (f"a {'x' * 20}; a {'y' * 20}", "a name of its own"),
+        (f"a {'x' * 20}; b {'x' * 20}", "the same token appears twice"),
+        (f"a {'x' * 20} bad*queue", "bad queue names"),
+        (f"a {'x' * 20} q extra", "expected 'name token [queues]'"),
+    ],
+)
+def test_the_gateway_refuses_to_start_with_bad_token_settings(tokens: str, message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway"],
+        env={**os.environ, "JOBGATE_AUTH_TOKENS": tokens, "JOBGATE_LISTEN": "127.0.0.1:1"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0 and message in result.stderr
+    assert "x" * 20 not in result.stderr and "tooshort" not in result.stderr

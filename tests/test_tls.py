@@ -1,0 +1,139 @@
+"""TLS and mutual TLS on the gateway's port, with certificates made for each test run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import trustme
+
+from gateway.devstack import Stack
+from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+from .conftest import FAST, request
+
+
+@dataclass
+class Pki:
+    server_ca: trustme.CA
+    client_ca: trustme.CA
+    dir: Path
+
+    def write(self, name: str, data: bytes) -> str:
+        path = self.dir / name
+        path.write_bytes(data)
+        return str(path)
+
+    def server_env(self, *, mutual: bool) -> dict[str, str]:
+        cert = self.server_ca.issue_cert("localhost", "127.0.0.1")
+        env = {
+            "JOBGATE_TLS_CERT_FILE": self.write("server.pem", b"".join(p.bytes() for p in cert.cert_chain_pems)),
+            "JOBGATE_TLS_KEY_FILE": self.write("server.key", cert.private_key_pem.bytes()),
+        }
+        if mutual:
+            env["JOBGATE_TLS_CLIENT_CA_FILE"] = self.write("client-ca.pem", self.client_ca.cert_pem.bytes())
+        return env
+
+    def client_credentials(
+        self, *, ca: trustme.CA | None = None, cert_from: trustme.CA | None = None
+    ) -> grpc.ChannelCredentials:
+        key = chain = None
+        if cert_from is not None:
+            cert = cert_from.issue_cert("client@example.com")
+            key, chain = cert.private_key_pem.bytes(), b"".join(p.bytes() for p in cert.cert_chain_pems)
+        return grpc.ssl_channel_credentials((ca or self.server_ca).cert_pem.bytes(), key, chain)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(trustme.CA(), trustme.CA(), tmp_path)
+
+
+@pytest.fixture
+def tls_stack(redis_url: str, namespace: str) -> Iterator[Stack]:
+    s = Stack(redis_url, namespace, env=FAST)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+async def outcome(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> job_pb2.JobEvent:
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+    call = stub.RunJob(scheduler_pb2.RunJobRequest(job=request("echo", {"over": "tls"})), metadata=metadata, timeout=20)
+    events = [r.event async for r in call]
+    return events[-1]
+
+
+async def refused(channel: grpc.aio.Channel) -> grpc.StatusCode:
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5)
+    return err.value.code()
+
+
+async def test_tls_serves_clients_that_trust_its_ca_and_no_one_else(tls_stack: Stack, pki: Pki) -> None:
+    tls_stack.credentials = pki.client_credentials()
+    gateway, address = tls_stack.start_gateway(env=pki.server_env(mutual=False))
+    tls_stack.start_worker()
+    async with grpc.aio.secure_channel(address, pki.client_credentials()) as channel:
+        assert (await outcome(channel)).state == job_pb2.JOB_STATE_SUCCEEDED
+    async with grpc.aio.insecure_channel(address) as plaintext:
+        assert await refused(plaintext) == grpc.StatusCode.UNAVAILABLE
+    stranger = trustme.CA()
+    async with grpc.aio.secure_channel(address, pki.client_credentials(ca=stranger)) as wrong_trust:
+        assert await refused(wrong_trust) == grpc.StatusCode.UNAVAILABLE
+    assert "(port" in gateway.log() and "TLS)" in gateway.log()
+
+
+async def test_mutual_tls_needs_a_client_certificate_from_the_client_ca(tls_stack: Stack, pki: Pki) -> None:
+    tls_stack.credentials = pki.client_credentials(cert_from=pki.client_ca)
+    env = {**pki.server_env(mutual=True), "JOBGATE_AUTH_TOKENS": f"app {'k' * 32}"}
+    _, address = tls_stack.start_gateway(env=env)
+    tls_stack.start_worker()
+    for creds in (pki.client_credentials(), pki.client_credentials(cert_from=trustme.CA())):
+        async with grpc.aio.secure_channel(address, creds) as channel:
+            assert await refused(channel) == grpc.StatusCode.UNAVAILABLE
+    async with grpc.aio.secure_channel(address, pki.client_credentials(cert_from=pki.client_ca)) as channel:
+        # The certificate gets the client onto the connection; the token still decides what it may do.
+        assert await refused(channel) == grpc.StatusCode.UNAUTHENTICATED
+        event = await outcome(channel, (("authorization", f"Bearer {'k' * 32}"),))
+        assert event.state == job_pb2.JOB_STATE_SUCCEEDED
+
+
+def test_the_container_health_check_speaks_tls(tls_stack: Stack, pki: Pki) -> None:
+    tls_stack.credentials = pki.client_credentials()
+    env = pki.server_env(mutual=False)
+    _, address = tls_stack.start_gateway(env=env)
+    run_env = {**os.environ, **env, "JOBGATE_LISTEN": address}
+    check = [sys.executable, "-m", "gateway.healthcheck", "--server-name", "localhost"]
+    ok = subprocess.run(check, env=run_env, capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr
+    plain = subprocess.run(
+        check, env={**run_env, "JOBGATE_TLS_CERT_FILE": ""}, capture_output=True, text=True, timeout=30
+    )
+    assert plain.returncode != 0 and "UNAVAILABLE" in plain.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"JOBGATE_TLS_CERT_FILE": "/nonexistent/cert.pem", "JOBGATE_TLS_KEY_FILE": "/nonexistent/key.pem"},
+            "cannot read",
+        ),
+        ({"JOBGATE_TLS_CERT_FILE": "/etc/hostname"}, "go together"),
+        ({"JOBGATE_TLS_CLIENT_CA_FILE": "/etc/hostname"}, "needs tls_cert_file"),
+    ],
+)
+def test_the_gateway_refuses_to_start_with_bad_tls_settings(env: dict[str, str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway"], env={**os.environ, **env}, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode != 0 and message in result.stderr
