@@ -172,6 +172,7 @@ class Checker:
         self.unwatched: list[str] = []  # acknowledged, no job_ids stream yet
         self.calls: Counter[str] = Counter()  # "<rpc> <status>"
         self.baseline: dict[str, Usage] = {}
+        self.unacked_outcomes: dict[str, str] = {}  # job id -> tag: stored by a submit that failed
         self._tasks: dict[int, asyncio.Task[None]] = {}  # id(stream) -> its reader
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tags = itertools.count()
@@ -322,6 +323,7 @@ class Checker:
             task.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
         confirmed = {j for s in confirm for j in s.outcomes}
+        await self._catch_up(timeout)
         received = {j for s in self.streams if s.kind != "all" and s not in confirm for j in s.outcomes}
         outcomes = {j: job_pb2.JobEvent.FromString(v[0]) for s in confirm for j, v in s.outcomes.items()}
         return Report(
@@ -336,6 +338,13 @@ class Checker:
             incomplete_streams=self._incomplete(),
             outcomes=outcomes,
         )
+
+    async def _catch_up(self, timeout: float) -> None:
+        """Unfiltered streams lag behind job_ids streams: give them time to deliver the rest."""
+        for _ in range(int(timeout * 10)):
+            if not self._incomplete():
+                return
+            await asyncio.sleep(0.1)
 
     def _doubles(self) -> list[str]:
         return sorted({f"{j}@{s.name}" for s in self.streams for j, v in s.outcomes.items() if len(v) > 1})
@@ -352,7 +361,7 @@ class Checker:
 
     def _incomplete(self) -> list[str]:
         return [
-            f"{s.name}: {len(set(self.acked) - s.before - set(s.outcomes))} missing"
+            f"{s.name}: {len(set(self.acked) - s.before - set(s.outcomes))} missing (ended: {s.error})"
             for s in self.streams
             if s.kind == "all" and s.must_be_complete and set(self.acked) - s.before - set(s.outcomes)
         ]
@@ -370,6 +379,8 @@ class Checker:
                 continue
             if self.tag(job.spec) not in self.failed:
                 bad.append(job_id)
+            else:
+                self.unacked_outcomes[job_id] = self.tag(job.spec)
         return bad
 
     def worker_logs(self) -> dict[str, str]:

@@ -7,13 +7,17 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import subprocess
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
+import grpc
 import pytest
 from redis.asyncio import Redis
 
-from gateway.devstack import RedisProcess, Stack
+from gateway.devstack import RedisProcess, Stack, wait_for
 from jobgate.v1 import job_pb2, scheduler_pb2
 
 from .chaos import Checker, Cluster, Node
@@ -35,10 +39,22 @@ async def checker(stack: Stack, redis: Redis) -> AsyncIterator[Checker]:
         await c.close()
 
 
+class PausableRedis(RedisProcess):
+    """A private Redis that also takes DEBUG (SLEEP) from local connections."""
+
+    def start(self, timeout_s: float = 10) -> PausableRedis:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--save", ""]
+        args += ["--appendonly", "yes" if self.appendonly else "no", "--enable-debug-command", "local"]
+        args += ["--logfile", str(Path(self.dir) / "redis.log")]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.ping, timeout_s, f"redis-server on port {self.port}")
+        return self
+
+
 @pytest.fixture
 def private_redis() -> Iterator[RedisProcess]:
     """A Redis of the test's own, with an append-only file, which it may restart or pause."""
-    server = RedisProcess(appendonly=True).start()
+    server = PausableRedis(appendonly=True).start()
     try:
         yield server
     finally:
@@ -256,3 +272,126 @@ async def test_ten_thousand_jobs_queued_with_no_worker_all_run_once_workers_star
 async def no_workers(checker: Checker, gw: Node) -> bool:
     reply = await checker.stub(gw).ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5)
     return not reply.workers
+
+
+# --- Redis --------------------------------------------------------------------------------------
+
+
+class Calls:
+    """SubmitJob calls of the submit loops, with when they began and ended (monotonic seconds)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[float, float, str, grpc.StatusCode]] = []  # began, ended, tag, status
+
+    def within(self, start: float, end: float) -> list[tuple[float, float, str, grpc.StatusCode]]:
+        """Calls that began after ``start`` and ended before ``end``."""
+        return [c for c in self.log if c[0] > start and c[1] < end]
+
+
+async def submit_loop(
+    checker: Checker, gw: Node, stop: asyncio.Event, calls: Calls, *, deadline_s: float = 5, seconds: float = 0.2
+) -> None:
+    """One SubmitJob after another until ``stop``; job_ids streams opened every 25 acknowledgements."""
+    while not stop.is_set():
+        req = checker.job("sleep", {"seconds": seconds})
+        began = time.monotonic()
+        result = await checker.submit(gw, [req], timeout=deadline_s, watch=False)
+        status = grpc.StatusCode.OK if isinstance(result, list) else result
+        calls.log.append((began, time.monotonic(), checker.tag(req), status))
+        if len(checker.unwatched) >= 25:
+            checker.follow(gw)
+        if status != grpc.StatusCode.OK:
+            await asyncio.sleep(0.05)  # a client's back-off
+
+
+async def finish_load(checker: Checker, gw: Node, stop: asyncio.Event, loops: list[asyncio.Task[None]]) -> None:
+    """Stops the submit loops, follows what they left unwatched, and resumes broken streams on ``gw``."""
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*loops), 30)
+    checker.follow(gw)
+    await checker.wait_streams(90)
+    if checker.broken():
+        await checker.resume(gw, 90)
+
+
+async def test_redis_restarted_under_load_answers_unavailable_and_keeps_everything_acknowledged(
+    private_checker: Checker, private_redis: RedisProcess
+) -> None:
+    checker = private_checker
+    cluster = checker.cluster
+    gw = cluster.gateway(env=ROOMY)
+    for _ in range(2):
+        cluster.worker("--concurrency", "40")
+    await warm_up(checker, gw)
+    checker.watch_all(gw, complete=False)  # pub/sub loses what is published while Redis is away
+    stop, calls = asyncio.Event(), Calls()
+    loops = [asyncio.create_task(submit_loop(checker, gw, stop, calls)) for _ in range(4)]
+    await load(checker, [gw], 6, sleep_job(checker, 0.5))
+    await eventually(lambda: acked_at_least(checker, 400), what="hundreds of jobs acknowledged")
+    killed = time.monotonic()
+    private_redis.kill()
+    await eventually(lambda: failed_since(calls, killed, 20), what="submits failing during the outage")
+    restarted = time.monotonic()
+    private_redis.start()
+    await accepted_again(checker, 100)
+    await finish_load(checker, gw, stop, loops)
+    report = await checker.verify(gw)
+    report.assert_ok()
+    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    during = calls.within(killed, restarted)
+    assert during and {c[3] for c in during} == {grpc.StatusCode.UNAVAILABLE}, Counter(c[3] for c in during)
+    stored = set(checker.unacked_outcomes.values()) & {c[2] for c in during}
+    assert not stored, f"submits answered UNAVAILABLE during the outage stored jobs: {sorted(stored)[:5]}"
+    await checker.check_leaks()
+
+
+async def accepted_again(checker: Checker, more: int = 50) -> None:
+    acked = len(checker.acked)
+    await eventually(lambda: acked_at_least(checker, acked + more), what="submits accepted again")
+
+
+async def acked_at_least(checker: Checker, n: int) -> bool:
+    return len(checker.acked) >= n
+
+
+async def failed_since(calls: Calls, since: float, n: int) -> bool:
+    """At least ``n`` calls that ended after ``since`` failed."""
+    return sum(1 for c in calls.log if c[1] > since and c[3] != grpc.StatusCode.OK) >= n
+
+
+async def test_redis_paused_under_load_gives_deadline_or_unavailable_and_keeps_everything_acknowledged(
+    private_checker: Checker, private_redis: RedisProcess
+) -> None:
+    checker = private_checker
+    cluster = checker.cluster
+    gw = cluster.gateway(env=ROOMY)
+    for _ in range(2):
+        cluster.worker("--concurrency", "40")
+    await warm_up(checker, gw)
+    checker.watch_all(gw, complete=False)
+    stop, calls = asyncio.Event(), Calls()
+    loops = [asyncio.create_task(submit_loop(checker, gw, stop, calls, deadline_s=1)) for _ in range(4)]
+    await load(checker, [gw], 6, sleep_job(checker, 0.5))
+    await eventually(lambda: acked_at_least(checker, 400), what="hundreds of jobs acknowledged")
+    admin = checker.redis
+    began = time.monotonic()
+    await admin.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+    await eventually(lambda: failed_since(calls, began, 4), what="submits failing during CLIENT PAUSE")
+    await accepted_again(checker)
+    sleeper = Redis.from_url(private_redis.url, socket_timeout=15)
+    try:
+        slept = time.monotonic()
+        await sleeper.execute_command("DEBUG", "SLEEP", 2)  # blocks the server, not this event loop
+    finally:
+        await sleeper.aclose()
+    await eventually(lambda: failed_since(calls, slept, 4), what="submits failing during DEBUG SLEEP")
+    await accepted_again(checker)
+    await finish_load(checker, gw, stop, loops)
+    report = await checker.verify(gw)
+    report.assert_ok()
+    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    statuses = Counter(c[3] for c in calls.log)
+    assert set(statuses) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}, (
+        statuses
+    )
+    await checker.check_leaks()
