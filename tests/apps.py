@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -35,3 +37,12 @@ async def not_json(job: JobContext) -> object:
 def block(job: JobContext) -> None:
     """Blocks its thread for ``args.seconds``, ignoring any timeout (threads cannot be stopped)."""
     time.sleep(job.args["seconds"])
+
+
+chaos = Worker()  # the built-in handlers, and one that kills its own worker
+
+
+@chaos.handler("poison")
+async def poison(job: JobContext) -> None:
+    """Kills the worker process running it, as a crash would (every attempt, on every worker)."""
+    os.kill(os.getpid(), signal.SIGKILL)

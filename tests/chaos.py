@@ -264,17 +264,26 @@ class Checker:
         stream = Stream(f"all@{gw.name}", "all", must_be_complete=complete, before=frozenset(self.acked))
         return self._start(stream, call)
 
-    def follow(self, gw: Node, ids: Iterable[str] | None = None, name: str = "ids") -> list[Stream]:
-        """WatchResults with job_ids on ``gw`` (chunks of MAX_IDS) for ``ids``, default every
+    def follow(
+        self,
+        gw: Node,
+        ids: Iterable[str] | None = None,
+        name: str = "ids",
+        *,
+        chunk: int = MAX_IDS,
+        channel: grpc.aio.Channel | None = None,
+    ) -> list[Stream]:
+        """WatchResults with job_ids on ``gw`` (``chunk`` ids per stream) for ``ids``, default every
         acknowledged job without a stream yet."""
         if ids is None:
             ids, self.unwatched = self.unwatched, []
         ids = list(ids)
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel) if channel else self.stub(gw)
         out = []
-        for i in range(0, len(ids), MAX_IDS):
-            chunk = ids[i : i + MAX_IDS]
-            call = self.stub(gw).WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=chunk), timeout=600)
-            out.append(self._start(Stream(f"{name}@{gw.name}", "ids", asked=set(chunk)), call))
+        for i in range(0, len(ids), chunk):
+            part = ids[i : i + chunk]
+            call = stub.WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=part), timeout=600)
+            out.append(self._start(Stream(f"{name}@{gw.name}", "ids", asked=set(part)), call))
         return out
 
     def run_job(self, gw: Node, req: scheduler_pb2.SubmitJobRequest, channel: grpc.aio.Channel | None = None) -> Stream:
@@ -283,6 +292,10 @@ class Checker:
         self.failed[self.tag(req)] = grpc.StatusCode.UNKNOWN  # until it is acknowledged
         call = stub.RunJob(scheduler_pb2.RunJobRequest(job=req), timeout=600)
         return self._start(Stream(f"run@{gw.name}", "run"), call)
+
+    def cancel(self, stream: Stream) -> None:
+        """Cancels a stream's call, as a client going away would."""
+        self._tasks[id(stream)].cancel()
 
     def received(self) -> set[str]:
         """Jobs whose outcome arrived on a job_ids or RunJob stream."""
@@ -294,7 +307,7 @@ class Checker:
 
     async def wait_streams(self, timeout: float, kinds: tuple[str, ...] = ("ids", "run")) -> None:
         """Waits until every stream of ``kinds`` has ended; fails naming the open ones after ``timeout`` s."""
-        tasks = [self._tasks[id(s)] for s in self.streams if s.kind in kinds]
+        tasks = [self._tasks[id(s)] for s in self.streams if s.kind in kinds and not s.ended]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
         still = [s.name for s in self.streams if s.kind in kinds and not s.ended]

@@ -18,9 +18,9 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.devstack import RedisProcess, Stack, wait_for
-from jobgate.v1 import job_pb2, scheduler_pb2
+from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-from .chaos import Checker, Cluster, Node
+from .chaos import Checker, Cluster, Node, Stream
 from .conftest import FAST, eventually
 
 pytestmark = pytest.mark.slow
@@ -168,7 +168,7 @@ async def test_a_worker_stopped_under_load_finishes_short_jobs_and_hands_long_on
     loader = asyncio.create_task(load(checker, [gw], 10, short, size=40, pace_s=0.1))
     await eventually(lambda: running_on(leaving, 58), what="the leaving worker's slots all busy")
     staying = [cluster.worker("--concurrency", "60") for _ in range(2)]
-    assert leaving.service.terminate(timeout_s=30) == 0
+    assert await asyncio.to_thread(leaving.service.terminate, 30) == 0
     await asyncio.wait_for(loader, 60)
     await checker.wait_streams(60)
     report = await checker.verify(gw)
@@ -252,7 +252,7 @@ async def test_ten_thousand_jobs_queued_with_no_worker_all_run_once_workers_star
     first = cluster.worker("--concurrency", "64")
     await checker.wait_streams(30)
     await checker.take_baseline()
-    first.service.terminate()
+    await asyncio.to_thread(first.service.terminate)
     await eventually(lambda: no_workers(checker, gw), what="the warm-up worker gone")
     checker.watch_all(gw)
     for _ in range(10):
@@ -395,3 +395,207 @@ async def test_redis_paused_under_load_gives_deadline_or_unavailable_and_keeps_e
         statuses
     )
     await checker.check_leaks()
+
+
+# --- gateways and clients -----------------------------------------------------------------------
+
+
+async def test_a_gateway_killed_mid_stream_loses_no_outcome_for_a_client_that_resumes_elsewhere(
+    checker: Checker,
+) -> None:
+    cluster = checker.cluster
+    doomed, other = cluster.gateway(env=ROOMY), cluster.gateway(env=ROOMY)
+    for _ in range(3):
+        cluster.worker("--concurrency", "40")
+    await warm_up(checker, other)
+    checker.watch_all(doomed, complete=False)
+    checker.watch_all(other)  # its subscription is untouched: it sees every outcome
+    loader = asyncio.create_task(load(checker, [doomed, other], 12, sleep_job(checker, 0.3)))
+    for _ in range(20):
+        checker.run_job(doomed, checker.job("sleep", {"seconds": 0.5}))
+    await eventually(lambda: received_at_least(checker, 150), what="outcomes streaming from the doomed gateway")
+    doomed.service.kill()
+    await asyncio.wait_for(loader, 60)
+    await checker.wait_streams(60)
+    assert checker.broken(), "the streams of the killed gateway were cut"
+    await checker.resume(other, 60)
+    report = await checker.verify(other)
+    report.assert_ok()
+    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    await checker.check_leaks()
+
+
+async def received_at_least(checker: Checker, n: int) -> bool:
+    return len(checker.received()) >= n
+
+
+async def test_a_gateway_stopped_under_load_turns_not_serving_ends_its_streams_and_others_carry_on(
+    checker: Checker,
+) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    cluster = checker.cluster
+    leaving, other = cluster.gateway(env={**ROOMY, "JOBGATE_GRACE_S": "1"}), cluster.gateway(env=ROOMY)
+    for _ in range(3):
+        cluster.worker("--concurrency", "40")
+    await warm_up(checker, other)
+    checker.watch_all(leaving, complete=False)
+    checker.watch_all(other)
+    loader = asyncio.create_task(load(checker, [leaving, other], 12, sleep_job(checker, 0.5)))
+    for _ in range(20):
+        checker.run_job(leaving, checker.job("sleep", {"seconds": 3}))
+    await eventually(lambda: received_at_least(checker, 100), what="outcomes streaming from the leaving gateway")
+    async with grpc.aio.insecure_channel(leaving.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        seen = [(await anext(aiter(health))).status]
+        leaving.service.signal(signal.SIGTERM)
+        async for reply in health:
+            seen.append(reply.status)
+            if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+    assert seen[0] == health_pb2.HealthCheckResponse.SERVING and seen[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert await asyncio.to_thread(leaving.service.proc.wait, 30) == 0
+    assert "stopped" in leaving.service.log()
+    await asyncio.wait_for(loader, 60)
+    await checker.wait_streams(60)
+    ended = {s.error for s in checker.streams if s.name.endswith(f"@{leaving.name}") and s.kind != "all"}
+    assert ended <= {None, grpc.StatusCode.UNAVAILABLE} and grpc.StatusCode.UNAVAILABLE in ended, ended
+    await checker.resume(other, 60)
+    report = await checker.verify(other)
+    report.assert_ok()
+    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    await checker.check_leaks()
+
+
+async def streams_open(gw: Node) -> float:
+    return (await gw.metrics()).get("jobgate_gateway_streams_open", 0)
+
+
+async def test_clients_that_go_away_mid_stream_leave_no_stream_or_task_behind(checker: Checker) -> None:
+    cluster = checker.cluster
+    gw = cluster.gateway(env=ROOMY)
+    for _ in range(2):
+        cluster.worker("--concurrency", "50")
+    await warm_up(checker, gw)
+    checker.watch_all(gw)
+    await load(checker, [gw], 8, sleep_job(checker, 1), pace_s=0)
+    own = len([s for s in checker.streams if not s.ended])
+    ids = list(checker.acked)[-400:]
+    cancelled, closed = grpc.aio.insecure_channel(gw.address), grpc.aio.insecure_channel(gw.address)
+    try:
+        doomed = []
+        for channel in (cancelled, closed):
+            doomed += checker.follow(gw, ids, name="doomed", chunk=4, channel=channel)
+            doomed += [checker.watch_all(gw, complete=False, channel=channel) for _ in range(20)]
+            doomed += [checker.run_job(gw, checker.job("sleep", {"seconds": 1}), channel=channel) for _ in range(50)]
+        await eventually(lambda: opened_at_least(gw, own + len(doomed)), what="every stream open on the gateway")
+        for s in doomed[: len(doomed) // 2]:  # the calls of one channel cancelled one by one
+            checker.cancel(s)
+        await closed.close()  # the other channel closed with its calls still open
+        await eventually(lambda: ended(doomed), what="the client side of every doomed stream ended")
+    finally:
+        await cancelled.close()
+        await closed.close()
+    await eventually(lambda: opened_at_most(gw, own), what="the gateway's doomed streams released")
+    await checker.wait_streams(60)
+    await checker.resume(gw, 60)  # the RunJob-submitted jobs are followed on a stream of their own
+    report = await checker.verify(gw)
+    report.assert_ok()
+    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    await checker.check_leaks()
+
+
+async def opened_at_least(gw: Node, n: int) -> bool:
+    return await streams_open(gw) >= n
+
+
+async def opened_at_most(gw: Node, n: int) -> bool:
+    return await streams_open(gw) <= n
+
+
+async def ended(streams: list[Stream]) -> bool:
+    return all(s.ended for s in streams)
+
+
+async def test_a_slow_watcher_and_dropped_pubsub_connections_leave_fast_watchers_complete(
+    checker: Checker, redis: Redis
+) -> None:
+    cluster = checker.cluster
+    # The buffer holds a burst (the gateway routes up to 512 messages at once) for fast watchers.
+    gw = cluster.gateway(env={"JOBGATE_STREAM_BUFFER": "600"})
+    workers = [cluster.worker("--concurrency", "32") for _ in range(2)]
+    await warm_up(checker, gw)
+    # No BDP probing: the HTTP/2 window stays small, so an unread stream backs up into the gateway.
+    slow_channel = grpc.aio.insecure_channel(gw.address, options=[("grpc.http2.bdp_probe", 0)])
+    try:
+        slow = scheduler_pb2_grpc.SchedulerServiceStub(slow_channel).WatchResults(
+            scheduler_pb2.WatchResultsRequest(), timeout=120
+        )
+        await eventually(lambda: opened_at_least(gw, 1), what="the slow stream open")
+        big = {"pad": "x" * 2000}
+        for i in range(8):
+            await checker.submit(gw, [checker.job("echo", big) for _ in range(150)], timeout=20)
+            if i in (2, 5):
+                await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await checker.wait_streams(90)
+        assert not checker.broken(), [(s.name, s.error) for s in checker.broken()]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in slow:
+                pass
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await slow_channel.close()
+    report = await checker.verify(gw)
+    report.assert_ok()
+    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    assert "re-established" in gw.service.log() or "subscription lost" in gw.service.log()
+    assert all("re-established" in w.service.log() or "subscription lost" in w.service.log() for w in workers)
+    await checker.check_leaks()
+
+
+# --- a job that kills its worker ----------------------------------------------------------------
+
+
+async def test_a_poison_job_fails_with_worker_lost_after_its_attempts_and_the_rest_succeed(
+    checker: Checker,
+) -> None:
+    cluster = checker.cluster
+    gw = cluster.gateway(env=ROOMY)
+    app = ("--app", "tests.apps:chaos", "--concurrency", "20")
+    for _ in range(3):
+        cluster.worker(*app)
+    await warm_up(checker, gw)
+    checker.watch_all(gw)
+    stop = asyncio.Event()
+    supervisor = asyncio.create_task(supervise(cluster, app, 3, stop))
+    try:
+        normal = sleep_job(checker, 0.2, max_attempts=10)  # may share a worker with a poison job
+        await load(checker, [gw], 3, normal)
+        poison = await checker.submit(gw, [checker.job("poison", max_attempts=3) for _ in range(3)])
+        assert isinstance(poison, list)
+        await load(checker, [gw], 6, normal)
+        await checker.wait_streams(90)
+    finally:
+        stop.set()
+        await asyncio.wait_for(supervisor, 30)
+    report = await checker.verify(gw)
+    report.assert_ok()
+    for job_id in poison:
+        e = report.outcomes[job_id]
+        assert (e.state, e.error.code, e.attempt) == (S.JOB_STATE_FAILED, "WORKER_LOST", 3), e
+    assert all(e.state == S.JOB_STATE_SUCCEEDED for j, e in report.outcomes.items() if j not in poison)
+    starts = checker.started_lines()
+    assert all(sum(n for (j, _), n in starts.items() if j == p) == 3 for p in poison), "3 starts each"
+    assert sum(not w.alive() for w in cluster.workers) >= 3  # poison jobs killed their workers
+    await checker.check_leaks()
+
+
+async def supervise(cluster: Cluster, args: tuple[str, ...], size: int, stop: asyncio.Event) -> None:
+    """Keeps ``size`` workers running: starts a new one for each that died."""
+    while not stop.is_set():
+        for _ in range(size - sum(w.alive() for w in cluster.workers)):
+            cluster.worker(*args)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=0.2)
+        except TimeoutError:
+            pass
