@@ -23,7 +23,7 @@ from .metrics import GatewayMetrics, serve
 from .reflection import CommentedPool
 from .scheduler import Scheduler
 from .service import SchedulerService
-from .store import JobStore, redis_client
+from .store import JobStore, bounded, redis_client
 from .validation import Limits
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class Gateway:
                 await asyncio.wait_for(task, timeout=5)
             except (TimeoutError, asyncio.CancelledError):
                 pass
-        await self.redis.aclose()
+        await bounded(self.redis.aclose(), self.settings.redis_timeout_s, "closing Redis connections")
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
 

@@ -6,6 +6,7 @@ domain errors here; Redis connection and timeout errors become :class:`Unavailab
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -67,6 +68,15 @@ def redis_client(url: str, timeout_s: float) -> Redis:
         ),
         retry_on_error=list(CONNECTION_ERRORS),
     )
+
+
+async def bounded(aw: Awaitable[Any], timeout_s: float, what: str) -> None:
+    """Awaits a shutdown step for at most ``timeout_s`` (closing connections can wait on a peer,
+    for example a TLS shutdown); a step that takes longer is logged and left behind."""
+    try:
+        await asyncio.wait_for(aw, timeout=timeout_s)
+    except TimeoutError:
+        log.warning("%s took longer than %.1fs; going on", what, timeout_s)
 
 
 @asynccontextmanager

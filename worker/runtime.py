@@ -28,7 +28,16 @@ from google.protobuf.struct_pb2 import Value
 from gateway.errors import Unavailable
 from gateway.keys import JOB_ID_RE, Keys
 from gateway.metrics import WorkerMetrics, serve
-from gateway.store import CONNECTION_ERRORS, JobStore, cannot_write_now, now_ms, redis_client, settled, subscription
+from gateway.store import (
+    CONNECTION_ERRORS,
+    JobStore,
+    bounded,
+    cannot_write_now,
+    now_ms,
+    redis_client,
+    settled,
+    subscription,
+)
 from jobgate.v1 import job_pb2, relay_pb2
 
 from .builtins import register_builtins
@@ -146,7 +155,7 @@ class _Runtime:
         finally:
             await self._drain(beat, listen)
             self.pool.shutdown(wait=False, cancel_futures=True)
-            await self.redis.aclose()
+            await bounded(self.redis.aclose(), self.settings.redis_timeout_s, "closing Redis connections")
             if metrics_server is not None:
                 metrics_server.shutdown()
             log.info("worker %s stopped", self.id)
@@ -168,7 +177,10 @@ class _Runtime:
         background = [beat, listen, *self._background]  # no heartbeat may re-register us after leaving
         for task in background:
             task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        # Bounded: a task's cleanup (closing a pub/sub connection, a TLS shutdown) may wait on Redis.
+        _, stuck = await asyncio.wait(background, timeout=self.settings.redis_timeout_s)
+        if stuck:
+            log.warning("%d background task(s) did not stop within %.1fs", len(stuck), self.settings.redis_timeout_s)
         await self._quietly(self._leave())
 
     async def _leave(self) -> None:
