@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/jobgate/v1/*.proto)
 
-.PHONY: all install run test test-fast proto lint typecheck bench clean
+.PHONY: all install run test test-fast proto lint typecheck bench soak clean
 
 all: install
 
@@ -57,6 +57,9 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+soak: $(STAMP)
+	$(PY) -m bench.soak
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -83,8 +83,12 @@ async def private_checker(
 
 
 async def warm_up(checker: Checker, gw: Node, jobs: int = 200) -> None:
-    """Runs a first load to completion, then takes the baseline (no stream open)."""
-    await checker.submit(gw, [checker.job("echo", {"warm": True}) for _ in range(jobs)])
+    """Once every worker has registered, runs a first load to completion, then takes the baseline
+    (no stream open)."""
+    await eventually(lambda: workers_listed(checker, gw), what="every worker registered")
+    for start in range(0, jobs, 1000):
+        batch = [checker.job("echo", {"warm": True}) for _ in range(min(1000, jobs - start))]
+        assert isinstance(await checker.submit(gw, batch, timeout=30), list)
     await checker.wait_streams(60)
     await checker.take_baseline()
 
@@ -108,6 +112,11 @@ async def load(
                 break
             turn += 1
         await asyncio.sleep(pace_s)  # pacing the load, not waiting for anything
+
+
+async def workers_listed(checker: Checker, gw: Node) -> bool:
+    reply = await checker.stub(gw).ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5)
+    return {w.id for w in reply.workers} == {w.worker_id for w in checker.cluster.workers if w.alive()}
 
 
 async def running_on(node: Node, least: int) -> bool:
@@ -599,3 +608,27 @@ async def supervise(cluster: Cluster, args: tuple[str, ...], size: int, stop: as
             await asyncio.wait_for(stop.wait(), timeout=0.2)
         except TimeoutError:
             pass
+
+
+# --- a short soak -------------------------------------------------------------------------------
+
+
+async def test_twenty_thousand_jobs_leave_memory_and_tasks_where_warm_up_left_them(checker: Checker) -> None:
+    """``make soak`` runs longer; this keeps the suite honest about leaks that show within minutes."""
+    cluster = checker.cluster
+    gw = cluster.gateway(env=ROOMY)
+    for _ in range(2):
+        cluster.worker("--concurrency", "64")
+    await warm_up(checker, gw, 2000)
+    checker.watch_all(gw)
+    for _ in range(20):
+        sent = len(checker.acked)
+        await eventually(
+            lambda sent=sent: received_at_least(checker, sent - 3000), timeout=60, what="at most 4,000 in flight"
+        )
+        await checker.submit(gw, [checker.job("echo", {"n": i}) for i in range(1000)], timeout=30)
+    await checker.wait_streams(120)
+    report = await checker.verify(gw)
+    report.assert_ok()
+    assert len(report.outcomes) == 22_000
+    await checker.check_leaks(rss_slack_mb=30)
