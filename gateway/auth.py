@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
@@ -27,6 +26,7 @@ from typing import Any
 import grpc
 
 from .errors import PermissionDenied
+from .handlers import rebuild
 from .keys import QUEUE_RE
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def parse_tokens(text: str, source: str) -> list[Token]:
         queues: frozenset[str] | None = None
         if len(parts) == 3 and parts[2] != "*":
             queues = frozenset(q for q in parts[2].split(",") if q)
-            bad = sorted(q for q in queues if not QUEUE_RE.match(q))
+            bad = sorted(q for q in queues if not QUEUE_RE.fullmatch(q))
             if bad or not queues:
                 raise ValueError(f"{where} ({name}): bad queue names {bad or parts[2]!r}")
         out.append(Token(name, _digest(secret), queues))
@@ -138,9 +138,6 @@ class Authenticator:
             if hmac.compare_digest(digest, token.digest):
                 found = token
         return Principal(found.name, found.queues) if found else None
-
-
-Behaviour = Callable[..., Any]
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -195,42 +192,7 @@ def _refuse(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 def _as(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMethodHandler:
     """The handler, run with ``principal`` as the current principal (each RPC runs in a task of its own)."""
 
-    def unary_wrap(behaviour: Behaviour) -> Behaviour:
-        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            _current.set(principal)
-            result = behaviour(request, context)
-            return await result if inspect.isawaitable(result) else result
+    async def set_principal(request: Any, context: grpc.aio.ServicerContext) -> None:
+        _current.set(principal)
 
-        return run
-
-    def stream_wrap(behaviour: Behaviour) -> Behaviour:
-        async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            _current.set(principal)
-            result = behaviour(request, context)
-            if hasattr(result, "__aiter__"):
-                async for item in result:
-                    yield item
-            elif inspect.isawaitable(result):
-                await result  # a handler that writes with context.write()
-            else:
-                for item in result:
-                    yield item
-
-        return run
-
-    shapes = (
-        ("unary_unary", grpc.unary_unary_rpc_method_handler, unary_wrap),
-        ("unary_stream", grpc.unary_stream_rpc_method_handler, stream_wrap),
-        ("stream_unary", grpc.stream_unary_rpc_method_handler, unary_wrap),
-        ("stream_stream", grpc.stream_stream_rpc_method_handler, stream_wrap),
-    )
-    for attr, build, wrap in shapes:
-        behaviour = getattr(handler, attr)
-        if behaviour is not None:
-            built: grpc.RpcMethodHandler = build(
-                wrap(behaviour),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-            return built
-    return handler
+    return rebuild(handler, set_principal)

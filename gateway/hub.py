@@ -201,7 +201,7 @@ class Hub:
                 self.metrics.dropped.inc()
                 continue
             if event.state in TERMINAL:
-                if QUEUE_RE.match(event.queue):
+                if QUEUE_RE.fullmatch(event.queue):
                     self.on_slot_freed(event.queue)
                 if self.by_job.get(event.job_id) or self.broad:
                     to_verify[event.job_id] = event
@@ -245,7 +245,7 @@ def parse_event(data: bytes) -> job_pb2.JobEvent | None:
     except DecodeError:
         log.warning("dropped a malformed result message (%d bytes)", len(data))
         return None
-    if not JOB_ID_RE.match(event.job_id) or event.state not in _KNOWN_STATES:
+    if not JOB_ID_RE.fullmatch(event.job_id) or event.state not in _KNOWN_STATES:
         log.warning("dropped a result message with a bad job id or state")
         return None
     return event

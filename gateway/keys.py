@@ -15,7 +15,7 @@ NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 QUEUE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 KIND_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")  # no ":": worker:<id> and worker:<id>:jobs must not meet
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +25,7 @@ class Keys:
     namespace: str = "jobgate"
 
     def __post_init__(self) -> None:
-        if not NAMESPACE_RE.match(self.namespace):
+        if not NAMESPACE_RE.fullmatch(self.namespace):
             raise ValueError(f"namespace must match {NAMESPACE_RE.pattern}")
 
     @property

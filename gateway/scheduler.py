@@ -51,7 +51,7 @@ class Scheduler:
 
     def kick(self, queue: str) -> None:
         """Asks for placement on ``queue`` soon (validated: only known-good names become keys)."""
-        if QUEUE_RE.match(queue):
+        if QUEUE_RE.fullmatch(queue):
             self._dirty.add(queue)
             self._wake.set()
 

@@ -17,6 +17,7 @@ from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from .auth import Authenticator, AuthInterceptor, load_tokens
 from .config import GatewaySettings, read_file
+from .handlers import MalformedRequestInterceptor
 from .hub import Hub
 from .keys import Keys
 from .metrics import GatewayMetrics, serve
@@ -101,12 +102,13 @@ async def start(settings: GatewaySettings) -> Gateway:
         ("grpc.http2.min_ping_interval_without_data_ms", settings.min_ping_interval_ms),
         ("grpc.http2.max_ping_strikes", settings.max_ping_strikes),
     ]
-    interceptors = []
+    interceptors: list[grpc.aio.ServerInterceptor] = []
     if settings.auth_enabled:
         tokens = load_tokens(settings.auth_tokens, settings.auth_tokens_file)
         denied = metrics.denied.labels("UNAUTHENTICATED")
         interceptors.append(AuthInterceptor(Authenticator(tokens), on_denied=lambda method: denied.inc()))
         log.info("authentication on: %d token(s): %s", len(tokens), ", ".join(t.name for t in tokens))
+    interceptors.append(MalformedRequestInterceptor())  # after authentication: strangers' bytes are never parsed
     server = grpc.aio.server(options=options, interceptors=interceptors)
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()

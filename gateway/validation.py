@@ -50,7 +50,7 @@ def new_job_id() -> str:
 
 def job_id(value: str, field: str = "id") -> str:
     """Checks a job id. Raises InvalidArgument naming ``field``."""
-    if not JOB_ID_RE.match(value):
+    if not JOB_ID_RE.fullmatch(value):
         raise InvalidArgument(f"{field}: must be 32 lowercase hex characters")
     return value
 
@@ -59,7 +59,7 @@ def queue_name(value: str, field: str = "queue") -> str:
     """Checks a queue name ('' means the default queue). Raises InvalidArgument."""
     if value == "":
         return DEFAULT_QUEUE
-    if not QUEUE_RE.match(value):
+    if not QUEUE_RE.fullmatch(value):
         raise InvalidArgument(f"{field}: must be 1-64 characters from [A-Za-z0-9_.-]")
     return value
 
@@ -68,7 +68,7 @@ def kind_name(value: str, field: str = "kind") -> str:
     """Checks a handler name. Raises InvalidArgument."""
     if not value:
         raise InvalidArgument(f"{field}: is required")
-    if not KIND_RE.match(value):
+    if not KIND_RE.fullmatch(value):
         raise InvalidArgument(f"{field}: must be 1-128 characters from [A-Za-z0-9_.:-]")
     return value
 

@@ -57,10 +57,10 @@ class WorkerSettings:
 
     def validate(self) -> WorkerSettings:
         """Raises ValueError for settings that cannot work."""
-        if not self.queue_list or not all(QUEUE_RE.match(q) for q in self.queue_list):
+        if not self.queue_list or not all(QUEUE_RE.fullmatch(q) for q in self.queue_list):
             raise ValueError("queues must be a comma-separated list of names from [A-Za-z0-9_.-]")
-        if self.worker_id and not WORKER_ID_RE.match(self.worker_id):
-            raise ValueError("worker_id must be 1-128 characters from [A-Za-z0-9_.:-]")
+        if self.worker_id and not WORKER_ID_RE.fullmatch(self.worker_id):
+            raise ValueError("worker_id must be 1-128 characters from [A-Za-z0-9_.-]")
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if self.heartbeat_ms < 50 or self.heartbeat_ttl_ms < 2 * self.heartbeat_ms:

@@ -51,7 +51,7 @@ class Registry:
 
     def add(self, kind: str, fn: Handler) -> None:
         """Registers ``fn`` for ``kind``. Raises ValueError for a bad or duplicate kind."""
-        if not KIND_RE.match(kind):
+        if not KIND_RE.fullmatch(kind):
             raise ValueError(f"kind {kind!r} must be 1-128 characters from [A-Za-z0-9_.:-]")
         if kind in self._handlers:
             raise ValueError(f"kind {kind!r} already has a handler")

@@ -126,7 +126,9 @@ class _Runtime:
         self.scripts = self.store.scripts
         self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="jobgate-handler")
         self.slots = asyncio.Semaphore(settings.concurrency)
-        self.jobs: dict[str, Running] = {}
+        # By (job id, lease): an attempt is known by its placement, so a dispatch for the same job with
+        # another lease (a later placement, or a forgery) never displaces the attempt running here.
+        self.jobs: dict[tuple[str, int], Running] = {}
         self.subscribed = False
         self.draining = False
         self.redis_ok = True
@@ -314,21 +316,20 @@ class _Runtime:
             log.warning("dropped a dispatch message with no body")
 
     def _on_dispatch(self, d: relay_pb2.DispatchJob) -> None:
-        if not JOB_ID_RE.match(d.job_id):
+        if not JOB_ID_RE.fullmatch(d.job_id):
             log.warning("dropped a dispatch with a malformed job id")
             return
-        current = self.jobs.get(d.job_id)
-        if current is not None and current.dispatch.lease >= d.lease:
+        if (d.job_id, d.lease) in self.jobs:
             return  # duplicate delivery
         if self.draining:
             return  # not acknowledged: handed back by the leave script
         running = Running(d)
-        self.jobs[d.job_id] = running
+        self.jobs[d.job_id, d.lease] = running
         running.task = asyncio.create_task(self._execute(running), name=f"job-{d.job_id}")
 
     def _on_cancel(self, c: relay_pb2.CancelJob) -> None:
-        running = self.jobs.get(c.job_id)
-        if running is None or running.dispatch.lease != c.lease:
+        running = self.jobs.get((c.job_id, c.lease))
+        if running is None:
             return
         running.cancel_requested = True
         if running.handler_task is not None:
@@ -360,8 +361,8 @@ class _Runtime:
         finally:
             if running.started:
                 self.metrics.running.dec()
-            if self.jobs.get(d.job_id) is running:
-                del self.jobs[d.job_id]
+            if self.jobs.get((d.job_id, d.lease)) is running:
+                del self.jobs[d.job_id, d.lease]
             if acquired:
                 self._release_slot(running)
 

@@ -19,7 +19,7 @@ import { createClient, ErrorReply, RESP_TYPES } from 'redis';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const [url, namespace, workerId] = process.argv.slice(2);
-if (!url || !/^[A-Za-z0-9_.-]{1,32}$/.test(namespace ?? '') || !/^[A-Za-z0-9_.:-]{1,128}$/.test(workerId ?? '')) {
+if (!url || !/^[A-Za-z0-9_.-]{1,32}$/.test(namespace ?? '') || !/^[A-Za-z0-9_.-]{1,128}$/.test(workerId ?? '')) {
   process.stderr.write('usage: node worker.mjs REDIS_URL NAMESPACE WORKER_ID\n');
   process.exit(2);
 }
