@@ -193,7 +193,9 @@ class JobStore:
         for job, (code, stored_id) in zip(jobs, replies, strict=True):
             stored_id = stored_id.decode()
             if code == -2:
-                raise AlreadyExists(f"idempotency_key: already used by job {stored_id} with a different request")
+                raise AlreadyExists(
+                    f"{job.field}idempotency_key: already used by job {stored_id} with a different request"
+                )
             if code == 2:
                 out.append(await self.get(stored_id))
                 continue
@@ -214,7 +216,8 @@ class JobStore:
                 for job, value in zip(keyed, await pipe.mget(names), strict=True):
                     if value is not None and _text(value).split(" ", 1)[1] != job.request_digest:
                         raise AlreadyExists(
-                            f"idempotency_key: already used by job {_text(value).split()[0]} with a different request"
+                            f"{job.field}idempotency_key: already used by job {_text(value).split()[0]}"
+                            " with a different request"
                         )
                 pipe.multi()  # type: ignore[no-untyped-call]
             for job in jobs:

@@ -41,6 +41,7 @@ class PreparedJob:
     timeout_ms: int
     idempotency_digest: str  # SHA-256 of the idempotency key, '' without one
     request_digest: str  # SHA-256 of the normalised spec, '' without an idempotency key
+    field: str = ""  # where the job sits in its request, for error messages: '', 'job.', 'jobs[3].'
 
 
 def new_job_id() -> str:
@@ -95,7 +96,9 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
         t = req.timeout
         if t.seconds < 0 or t.nanos < 0:
             raise InvalidArgument(f"{field}timeout: must not be negative")
-        if t.seconds > MAX_TIMEOUT_MS // 1000:
+        if t.nanos > 999_999_999:
+            raise InvalidArgument(f"{field}timeout: nanos must be below one second (999999999 at most)")
+        if t.seconds > MAX_TIMEOUT_MS // 1000 or t.ToMilliseconds() > MAX_TIMEOUT_MS:
             raise InvalidArgument(f"{field}timeout: must be at most 7 days")
         if t.seconds or t.nanos:
             timeout_ms = max(1, t.ToMilliseconds())
@@ -116,6 +119,7 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
         timeout_ms=timeout_ms,
         idempotency_digest=hashlib.sha256(idem.encode()).hexdigest() if idem else "",
         request_digest=hashlib.sha256(spec_bytes).hexdigest() if idem else "",
+        field=field,
     )
 
 

@@ -197,7 +197,8 @@ def bad_fields(req: scheduler_pb2.SubmitJobRequest, prefix: str = "") -> list[st
     if not 0 <= req.max_attempts <= 100:
         bad.append("max_attempts")
     t = req.timeout
-    if req.HasField("timeout") and (t.seconds < 0 or t.nanos < 0 or t.seconds > WEEK_S):
+    over_a_week = t.seconds * 1000 + t.nanos // 1_000_000 > WEEK_S * 1000
+    if req.HasField("timeout") and (t.seconds < 0 or t.nanos < 0 or t.nanos > 999_999_999 or over_a_week):
         bad.append("timeout")
     if len(req.idempotency_key) > 256:
         bad.append("idempotency_key")
@@ -352,10 +353,10 @@ def expected_submit(
     big = [p + "payload" for r, p in zip(reqs, prefixes, strict=True) if over_payload(r)]
     if big:
         return {EXHAUSTED}, big
-    for r in reqs:
+    for r, p in zip(reqs, prefixes, strict=True):
         seen = g.idempotent.get(r.idempotency_key)
         if r.idempotency_key and seen and seen[1] != spec_bytes(normalised(r)):
-            return {grpc.StatusCode.ALREADY_EXISTS}, ["idempotency_key"]  # no index: the store names it
+            return {grpc.StatusCode.ALREADY_EXISTS}, [p + "idempotency_key"]
     return {OK}, []
 
 
