@@ -144,7 +144,7 @@ class Hub:
                 async with subscription(self.redis, channels, self._resubscribed) as ps:
                     self.connected = True
                     log.info("subscribed to %s", self.keys.results_channel())
-                    self._all_stale()  # anything published while we were away was missed
+                    self.wake_all()  # anything published while we were away was missed
                     self.on_worker_change()
                     await self._listen(ps, stop)
             except Exception as exc:  # the hub must outlive any failure
@@ -153,7 +153,7 @@ class Hub:
                 elif self.connected:
                     log.warning("result subscription lost (%s); resubscribing", exc)
                 self.connected = False
-                self._all_stale()
+                self.wake_all()
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=retry_s)
                 except TimeoutError:
@@ -173,10 +173,11 @@ class Hub:
 
     async def _resubscribed(self, connection: object) -> None:
         log.warning("result subscription re-established after a dropped connection; reconciling")
-        self._all_stale()
+        self.wake_all()
         self.on_worker_change()
 
-    def _all_stale(self) -> None:
+    def wake_all(self) -> None:
+        """Wakes every stream handler to re-read stored state (and to notice a shutdown)."""
         for w in self.broad:
             w.mark_stale()
         for group in self.by_job.values():

@@ -45,12 +45,19 @@ class Gateway:
     port: int
     stop_event: asyncio.Event
     tasks: list[asyncio.Task[None]]
+    service: SchedulerService
     metrics_server: Any | None = None
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING, then ``server.stop(grace)``, then background tasks and Redis."""
+        """NOT_SERVING, then ``server.stop(grace)``, then background tasks and Redis.
+
+        Streams end at once with UNAVAILABLE, so that their clients resume on another gateway now
+        rather than be cut with CANCELLED when the grace period is over; unary calls get the grace.
+        """
+        grace = self.settings.grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.grace_s if grace_s is None else grace_s)
+        self.service.close_streams()
+        await self.server.stop(grace)
         self.stop_event.set()
         for task in self.tasks:
             try:
@@ -140,7 +147,9 @@ async def start(settings: GatewaySettings) -> Gateway:
         port,
         ("mutual TLS" if settings.tls_client_ca_file else "TLS") if settings.tls_enabled else "plaintext",
     )
-    return Gateway(settings, server, health_servicer, redis, hub, scheduler, port, stop_event, tasks, metrics_server)
+    return Gateway(
+        settings, server, health_servicer, redis, hub, scheduler, port, stop_event, tasks, service, metrics_server
+    )
 
 
 def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials:

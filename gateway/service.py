@@ -17,7 +17,7 @@ from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from . import auth
 from .codec import CANCELLED, QUEUED, TERMINAL, event_from_hash
-from .errors import InvalidArgument, JobgateError, NotFound, ResourceExhausted
+from .errors import InvalidArgument, JobgateError, NotFound, ResourceExhausted, Unavailable
 from .hub import Hub, Watcher
 from .keys import Keys
 from .metrics import GatewayMetrics
@@ -127,6 +127,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.reconcile_s = reconcile_s
         self.max_streams = max_streams
         self.open_streams = 0
+        self.closing = False
+
+    def close_streams(self) -> None:
+        """Ends every open stream with UNAVAILABLE (the gateway is going away): clients resume on
+        another gateway, RunJob callers with WatchResults for their job."""
+        self.closing = True
+        self.hub.wake_all()
 
     # --- unary ----------------------------------------------------------------------------
     @unary
@@ -259,11 +266,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def _follow(self, watcher: Watcher) -> AsyncIterator[job_pb2.JobEvent]:
         """Events for a watcher until it is finished; re-reads stored state when events may be lost."""
         while not watcher.finished:
+            if self.closing:
+                raise Unavailable("the gateway is shutting down; resume on another gateway")
             try:
                 event = await asyncio.wait_for(watcher.events.get(), timeout=self.reconcile_s)
             except TimeoutError:
                 event = None
                 watcher.stale = bool(watcher.job_ids)
+            if self.closing:
+                raise Unavailable("the gateway is shutting down; resume on another gateway")
             if watcher.overflowed:
                 raise ResourceExhausted(
                     f"stream fell more than {self.stream_buffer} events behind; reconnect and resume"
