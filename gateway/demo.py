@@ -15,6 +15,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -77,7 +78,8 @@ async def submit_and_watch(address: str, count: int) -> int:
         return seen
 
 
-def _wait_for_ctrl_c() -> None:
+def _catch_ctrl_c() -> Callable[[], None]:
+    """Turns SIGINT and SIGTERM into a flag from now on; returns a function that waits for it."""
     stop = False
 
     def handler(signum: int, frame: object) -> None:
@@ -86,8 +88,12 @@ def _wait_for_ctrl_c() -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
-    while not stop:
-        time.sleep(0.2)
+
+    def wait() -> None:
+        while not stop:
+            time.sleep(0.2)
+
+    return wait
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             print(stack.logs(), file=sys.stderr)
             return 1
         if not args.once:
+            wait = _catch_ctrl_c()  # before the prompt: a Ctrl-C right after it must not be lost
             print(
                 f"\nThe stack keeps running. Try:\n  .venv/bin/grpcurl -plaintext {address} list\n"
                 f'  .venv/bin/grpcurl -plaintext -d \'{{"job":{{"kind":"echo","args":{{"hello":"world"}}}}}}\''
                 f" {address} jobgate.v1.SchedulerService/RunJob\nPress Ctrl-C to stop every process."
             )
-            _wait_for_ctrl_c()
+            wait()
         return 0
     except KeyboardInterrupt:
         return 130

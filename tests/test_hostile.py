@@ -343,16 +343,16 @@ def expected_submit(
     message may name."""
     if size > MAX_MESSAGE:
         return {EXHAUSTED}, []
-    bad = [f for r, p in zip(reqs, prefixes, strict=True) for f in bad_fields(r, p)]
-    if bad:
-        return {INVALID}, bad
+    # Jobs are checked in order; within a job, malformed fields before the payload size.
+    for r, p in zip(reqs, prefixes, strict=True):
+        if bad := bad_fields(r, p):
+            return {INVALID}, bad
+        if over_payload(r):
+            return {EXHAUSTED}, [p + "payload"]
     if len(reqs) > 1:
         keys = [r.idempotency_key for r in reqs if r.idempotency_key]
         if len(keys) != len(set(keys)):
             return {INVALID}, ["jobs"]
-    big = [p + "payload" for r, p in zip(reqs, prefixes, strict=True) if over_payload(r)]
-    if big:
-        return {EXHAUSTED}, big
     for r, p in zip(reqs, prefixes, strict=True):
         seen = g.idempotent.get(r.idempotency_key)
         if r.idempotency_key and seen and seen[1] != spec_bytes(normalised(r)):
