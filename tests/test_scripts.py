@@ -202,3 +202,19 @@ async def test_an_emptied_queue_leaves_the_queues_set_until_a_job_comes_again(st
     assert not await redis.exists(k.queue_kinds("default"))
     await submit(store)
     assert await store.queue_names() == ["default"]
+
+
+async def test_a_resent_submit_leaves_the_job_as_it_is(store: JobStore, redis: Redis, keys: Keys) -> None:
+    """A client library that resends a submit after a lost reply must not queue the job again."""
+    await beat(store, "w1")
+    prepared = prepare(request("echo"), LIMITS)
+    [job] = await store.submit([prepared])
+    [p] = await place(store)
+    assert await start(store, p) == 1
+    seq = await redis.get(keys.seq())
+    [again] = await store.submit([prepared])  # the same call, sent again
+    assert again.id == job.id
+    assert int(await field(redis, keys, keys.job(job.id), "state")) == S.JOB_STATE_RUNNING
+    assert await field(redis, keys, keys.job(job.id), "lease") == str(p.lease)
+    assert await redis.zcard(keys.pending("default", "echo")) == 0
+    assert await redis.get(keys.seq()) == seq

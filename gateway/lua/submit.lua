@@ -4,8 +4,12 @@
 -- ARGV[1] job id, ARGV[2] spec (JobSpec bytes), ARGV[3] queue, ARGV[4] kind, ARGV[5] priority,
 -- ARGV[6] max attempts, ARGV[7] timeout ms, ARGV[8] now ms, ARGV[9] request digest or '',
 -- ARGV[10] idempotency ttl s, ARGV[11] retention s (how long the job is kept once finished)
--- returns {1, id} stored, {2, id} same request seen before (the original id),
+-- returns {1, id} stored (or already stored by this very call: a resend after a lost reply leaves
+--         the job as it is now), {2, id} same request seen before (the original id),
 --         {-2, id} idempotency key reused with a different request
+-- Every request gets a fresh job id, so an existing hash means this call is a resend (a client
+-- library retrying after a lost reply): the job may already be placed or running; leave it be.
+if redis.call('EXISTS', KEYS[1]) == 1 then return {1, ARGV[1]} end
 local rdigest = ARGV[9]
 if rdigest ~= '' then
   -- the idempotency string holds "<job id> <request digest>"
