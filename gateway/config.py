@@ -39,6 +39,8 @@ class GatewaySettings:
     max_watch_ids: int = 1000
     stream_buffer: int = 1024
     max_streams: int = 10_000
+    max_queues: int = 1000
+    max_kinds: int = 1000
     keepalive_time_ms: int = 60_000
     keepalive_timeout_ms: int = 20_000
     min_ping_interval_ms: int = 10_000
@@ -91,6 +93,8 @@ class GatewaySettings:
             "max_watch_ids",
             "stream_buffer",
             "max_streams",
+            "max_queues",
+            "max_kinds",
             "keepalive_time_ms",
             "keepalive_timeout_ms",
             "min_ping_interval_ms",

@@ -73,7 +73,14 @@ async def start(settings: GatewaySettings) -> Gateway:
     """Starts the gateway and returns it; the server is listening when this returns."""
     keys = Keys(settings.namespace)
     redis = redis_client(settings.redis_url, settings.redis_timeout_s)
-    store = JobStore(redis, keys, retention_s=settings.retention_s, idempotency_ttl_s=settings.idempotency_ttl_s)
+    store = JobStore(
+        redis,
+        keys,
+        retention_s=settings.retention_s,
+        idempotency_ttl_s=settings.idempotency_ttl_s,
+        max_queues=settings.max_queues,
+        max_kinds=settings.max_kinds,
+    )
     metrics = GatewayMetrics()
     scheduler = Scheduler(
         redis, keys, store, tick_s=settings.tick_ms / 1000, ack_timeout_ms=settings.ack_timeout_ms, metrics=metrics

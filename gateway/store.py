@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -25,14 +25,13 @@ from redis.exceptions import (
     ReadOnlyError,
     ResponseError,
     TryAgainError,
-    WatchError,
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
 
 from .codec import Fields, event_from_hash, job_from_hash
-from .errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from .errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from .keys import Keys
 from .scripts import Scripts
 from .validation import PreparedJob
@@ -165,89 +164,83 @@ class CancelOutcome:
 class JobStore:
     """Jobs, queues and workers in Redis for one namespace."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, retention_s: int, idempotency_ttl_s: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        retention_s: int,
+        idempotency_ttl_s: int,
+        max_queues: int = 1000,
+        max_kinds: int = 1000,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.scripts = Scripts.register(redis)
         self.retention_s = retention_s
         self.idempotency_ttl_s = idempotency_ttl_s
+        self.max_queues = max_queues
+        self.max_kinds = max_kinds
 
     # --- submission -----------------------------------------------------------------------
     async def submit(self, jobs: Sequence[PreparedJob]) -> list[job_pb2.Job]:
-        """Stores jobs in one MULTI/EXEC transaction (all or none) and returns them as stored.
+        """Stores jobs with one script call (all or none) and returns them as stored.
 
-        Raises AlreadyExists when an idempotency key is reused with a different request (nothing is
-        written then), Unavailable when Redis cannot be reached.
+        Raises AlreadyExists when an idempotency key is reused with a different request,
+        ResourceExhausted when a job would add a queue or a kind over the limits (nothing is written
+        then), Unavailable when Redis cannot be reached.
         """
-        now = now_ms()
+        k, now = self.keys, now_ms()
+        keys = [k.queues(), k.seq()]
+        args: list[Any] = [now, self.idempotency_ttl_s, self.retention_s, self.max_queues, self.max_kinds]
+        for job in jobs:
+            spec = job.spec
+            keys += [
+                k.job(job.id),
+                k.pending(spec.queue, spec.kind),
+                k.idempotency(job.idempotency_digest or "none"),
+                k.queue_kinds(spec.queue),
+            ]
+            args += [
+                job.id,
+                job.spec_bytes,
+                spec.queue,
+                spec.kind,
+                spec.priority,
+                spec.max_attempts,
+                job.timeout_ms,
+                job.request_digest,
+            ]
         async with redis_errors():
-            for _ in range(3):
-                try:
-                    replies = await self._submit_once(jobs, now)
-                    break
-                except WatchError:
-                    continue  # an idempotency key changed under us: check again
-            else:
-                raise Unavailable("idempotency keys kept changing during the submit; retry")
+            reply = await self.scripts.submit(keys=keys, args=args)
+        status = int(reply[0])
+        if status < 0:
+            self._refuse(status, jobs[int(reply[1])], reply[2:])
         out: list[job_pb2.Job] = []
-        for job, (code, stored_id) in zip(jobs, replies, strict=True):
-            stored_id = stored_id.decode()
-            if code == -2:
-                raise AlreadyExists(
-                    f"{job.field}idempotency_key: already used by job {stored_id} with a different request"
-                )
-            if code == 2:
-                out.append(await self.get(stored_id))
+        for job, code, stored_id in zip(jobs, reply[1::2], reply[2::2], strict=True):
+            if int(code) == 2:
+                out.append(await self.get(stored_id.decode()))
                 continue
             stored = job_pb2.Job(id=job.id, spec=job.spec, state=job_pb2.JOB_STATE_QUEUED)
             stored.created_at.FromMilliseconds(now)
             out.append(stored)
         return out
 
-    async def _submit_once(self, jobs: Sequence[PreparedJob], now: int) -> list[Any]:
-        k = self.keys
-        keyed = [j for j in jobs if j.idempotency_digest]
-        async with self.redis.pipeline(transaction=True) as pipe:
-            if len(jobs) > 1 and keyed:
-                # The submit script checks one key atomically; a batch must not half-succeed, so
-                # watch every key, check them all, and let EXEC fail if any changes meanwhile.
-                names = [k.idempotency(j.idempotency_digest) for j in keyed]
-                await pipe.watch(*names)
-                for job, value in zip(keyed, await pipe.mget(names), strict=True):
-                    if value is not None and _text(value).split(" ", 1)[1] != job.request_digest:
-                        raise AlreadyExists(
-                            f"{job.field}idempotency_key: already used by job {_text(value).split()[0]}"
-                            " with a different request"
-                        )
-                pipe.multi()  # type: ignore[no-untyped-call]
-            for job in jobs:
-                spec = job.spec
-                await self.scripts.submit(
-                    keys=[
-                        k.job(job.id),
-                        k.pending(spec.queue, spec.kind),
-                        k.queues(),
-                        k.seq(),
-                        k.idempotency(job.idempotency_digest or "none"),
-                        k.queue_kinds(spec.queue),
-                    ],
-                    args=[
-                        job.id,
-                        job.spec_bytes,
-                        spec.queue,
-                        spec.kind,
-                        spec.priority,
-                        spec.max_attempts,
-                        job.timeout_ms,
-                        now,
-                        job.request_digest,
-                        self.idempotency_ttl_s,
-                        self.retention_s,
-                    ],
-                    client=pipe,
-                )
-            replies: list[Any] = await pipe.execute()
-            return replies
+    def _refuse(self, status: int, job: PreparedJob, rest: Sequence[Any]) -> NoReturn:
+        """Raises the error for a submit the script refused (nothing was stored)."""
+        if status == -2:
+            raise AlreadyExists(
+                f"{job.field}idempotency_key: already used by job {_text(rest[0])} with a different request"
+            )
+        if status == -3:
+            raise ResourceExhausted(
+                f"{job.field}queue: {self.max_queues} queues already hold waiting jobs (max_queues);"
+                " use one of them or retry when one drains"
+            )
+        raise ResourceExhausted(
+            f"{job.field}kind: queue {job.spec.queue!r} already holds waiting jobs of {self.max_kinds} kinds"
+            " (max_kinds); retry when one drains"
+        )
 
     # --- reads ----------------------------------------------------------------------------
     async def get(self, job_id: str) -> job_pb2.Job:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import grpc
 import pytest
+from redis.asyncio import Redis
 
 from gateway.devstack import Stack, free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -88,3 +89,31 @@ async def test_a_client_flooding_pings_is_disconnected(stack: Stack) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call.read()
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_client_cannot_make_more_queues_or_kinds_than_the_limits(
+    stack: Stack, client_for: Callable[[str], Client], redis: Redis, namespace: str
+) -> None:
+    _, address = stack.start_gateway(env={"JOBGATE_MAX_QUEUES": "3", "JOBGATE_MAX_KINDS": "2"})
+    client = client_for(address)
+    for queue in ("a", "b", "c"):
+        assert (await client.submit("echo", queue=queue)).job.id  # no worker: they stay waiting
+    assert (await client.submit("sleep", queue="a")).job.id
+    before = sorted([k async for k in redis.scan_iter(match=f"{{{namespace}}}:*")])
+    for fields, named in (({"queue": "d"}, "queue"), ({"queue": "a", "kind": "fail"}, "kind")):
+        kind = str(fields.pop("kind", "echo"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.submit(kind, **fields)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (err.value.details() or "").startswith(f"{named}:")
+    assert sorted([k async for k in redis.scan_iter(match=f"{{{namespace}}}:*")]) == before
+    stack.start_worker("--queues", "a,b,c,d")  # the queues drain, placement forgets them
+    assert await eventually(lambda: _submitted(client, "d"), what="a new queue once others drained")
+
+
+async def _submitted(client: Client, queue: str) -> bool:
+    try:
+        return bool((await client.submit("echo", queue=queue)).job.id)
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return False

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
+from gateway.errors import ResourceExhausted
 from gateway.keys import Keys
 from gateway.store import JobStore, Placement, now_ms
-from gateway.validation import Limits, prepare
+from gateway.validation import Limits, prepare, prepare_batch
 from jobgate.v1 import job_pb2
 
 from .conftest import request
@@ -218,3 +219,28 @@ async def test_a_resent_submit_leaves_the_job_as_it_is(store: JobStore, redis: R
     assert await field(redis, keys, keys.job(job.id), "lease") == str(p.lease)
     assert await redis.zcard(keys.pending("default", "echo")) == 0
     assert await redis.get(keys.seq()) == seq
+
+
+async def test_queues_and_kinds_over_their_limits_are_refused_and_nothing_of_the_batch_is_stored(
+    redis: Redis, keys: Keys
+) -> None:
+    store = JobStore(redis, keys, retention_s=600, idempotency_ttl_s=600, max_queues=2, max_kinds=2)
+    first = await submit(store, queue="q1", idempotency_key="k1")
+    q2_job = await submit(store, queue="q2")
+    await submit(store, "echo", queue="q1")
+    await submit(store, "sleep", queue="q1")  # q1 now has its two kinds
+    before = sorted(await redis.keys(f"{keys.prefix}*"))
+    third_queue = prepare_batch([request("echo", queue="q1"), request("echo", queue="q3")], LIMITS)
+    with pytest.raises(ResourceExhausted, match=r"^jobs\[1\]\.queue: 2 queues"):
+        await store.submit(third_queue)
+    third_kind = prepare_batch([request("echo", queue="q2"), request("fail", queue="q1")], LIMITS)
+    with pytest.raises(ResourceExhausted, match=r"^jobs\[1\]\.kind: queue 'q1'"):
+        await store.submit(third_kind)
+    assert sorted(await redis.keys(f"{keys.prefix}*")) == before  # all or none: the first jobs neither
+    # An idempotent repeat adds nothing, so it is answered even at the limit.
+    [again] = await store.submit([prepare(request(queue="q1", idempotency_key="k1"), LIMITS)])
+    assert again.id == first
+    # Once a queue drains, placement forgets it and its place is free again.
+    await store.cancel(q2_job)
+    assert await store.schedule("q2", ack_timeout_ms=5_000, most=100) == []  # finds q2 empty: drops it
+    assert await submit(store, queue="q3")

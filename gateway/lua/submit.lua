@@ -1,32 +1,64 @@
--- submit: store a new job and queue it.
--- KEYS[1] job hash, KEYS[2] pending zset of its queue and kind, KEYS[3] queues set, KEYS[4] seq
--- counter, KEYS[5] idempotency string (any key when ARGV[9] is empty), KEYS[6] kinds set of its queue
--- ARGV[1] job id, ARGV[2] spec (JobSpec bytes), ARGV[3] queue, ARGV[4] kind, ARGV[5] priority,
--- ARGV[6] max attempts, ARGV[7] timeout ms, ARGV[8] now ms, ARGV[9] request digest or '',
--- ARGV[10] idempotency ttl s, ARGV[11] retention s (how long the job is kept once finished)
--- returns {1, id} stored (or already stored by this very call: a resend after a lost reply leaves
---         the job as it is now), {2, id} same request seen before (the original id),
---         {-2, id} idempotency key reused with a different request
--- Every request gets a fresh job id, so an existing hash means this call is a resend (a client
--- library retrying after a lost reply): the job may already be placed or running; leave it be.
-if redis.call('EXISTS', KEYS[1]) == 1 then return {1, ARGV[1]} end
-local rdigest = ARGV[9]
-if rdigest ~= '' then
-  -- the idempotency string holds "<job id> <request digest>"
-  local existing = redis.call('GET', KEYS[5])
-  if existing then
-    local id, old = string.match(existing, '^(%S+) (%S+)$')
-    if old == rdigest then return {2, id} end
-    return {-2, id}
+-- submit: store a batch of new jobs and queue them, all or none.
+-- KEYS[1] queues set, KEYS[2] seq counter, then 4 per job i (from 0): KEYS[3+4i] job hash,
+--   KEYS[4+4i] pending zset of its queue and kind, KEYS[5+4i] idempotency string (any key when the
+--   job has no idempotency key), KEYS[6+4i] kinds set of its queue
+-- ARGV[1] now ms, ARGV[2] idempotency ttl s, ARGV[3] retention s (how long a job is kept once
+--   finished), ARGV[4] most queues with waiting jobs, ARGV[5] most kinds with waiting jobs per queue,
+--   then 8 per job i: ARGV[6+8i] job id, spec (JobSpec bytes), queue, kind, priority, max attempts,
+--   timeout ms, request digest or ''
+-- returns {0, code, id, code, id, ...}: per job, 1 stored (or already stored by this very call: a
+--   resend after a lost reply leaves the job as it is now) or 2 the same request was seen before
+--   (the original id); or, with nothing stored: {-2, i, id} job i's idempotency key was used for a
+--   different request (by job id), {-3, i} job i would add a queue over the limit, {-4, i} job i
+--   would add a kind to its queue over the limit (i from 0).
+local n = (#KEYS - 2) / 4
+local now, idem_ttl, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local max_queues, max_kinds = tonumber(ARGV[4]), tonumber(ARGV[5])
+local out = {0}
+local fresh = {}  -- indexes of the jobs to store
+local new_queues, queue_count = {}, nil
+local new_kinds, kind_counts = {}, {}
+
+for i = 0, n - 1 do
+  local k, a = 3 + 4 * i, 6 + 8 * i
+  local id, queue, kind, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], ARGV[a + 7]
+  local code, stored_id = 1, id
+  -- Every request gets fresh job ids, so an existing hash means this call is a resend.
+  if redis.call('EXISTS', KEYS[k]) == 0 then
+    local existing = rdigest ~= '' and redis.call('GET', KEYS[k + 2])
+    if existing then
+      local old_id, old = string.match(existing, '^(%S+) (%S+)$')
+      if old ~= rdigest then return {-2, i, old_id} end
+      code, stored_id = 2, old_id
+    else
+      fresh[#fresh + 1] = i
+      if not new_queues[queue] and redis.call('SISMEMBER', KEYS[1], queue) == 0 then
+        queue_count = (queue_count or redis.call('SCARD', KEYS[1])) + 1
+        if queue_count > max_queues then return {-3, i} end
+        new_queues[queue] = true
+      end
+      local qk = queue .. ':' .. kind
+      if not new_kinds[qk] and redis.call('SISMEMBER', KEYS[k + 3], kind) == 0 then
+        kind_counts[queue] = (kind_counts[queue] or redis.call('SCARD', KEYS[k + 3])) + 1
+        if kind_counts[queue] > max_kinds then return {-4, i} end
+        new_kinds[qk] = true
+      end
+    end
   end
+  out[#out + 1] = code
+  out[#out + 1] = stored_id
 end
-local seq = redis.call('INCR', KEYS[4])
-local prio = tonumber(ARGV[5])
-redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'queue', ARGV[3], 'kind', ARGV[4], 'prio', prio,
-  'seq', seq, 'state', QUEUED, 'attempt', 0, 'max_attempts', ARGV[6], 'timeout_ms', ARGV[7],
-  'worker', '', 'lease', 0, 'created', ARGV[8], 'updated', ARGV[8], 'ttl', ARGV[11])
-redis.call('ZADD', KEYS[2], pending_score(prio, seq), ARGV[1])
-redis.call('SADD', KEYS[3], ARGV[3])
-redis.call('SADD', KEYS[6], ARGV[4])
-if rdigest ~= '' then redis.call('SET', KEYS[5], ARGV[1] .. ' ' .. rdigest, 'EX', tonumber(ARGV[10])) end
-return {1, ARGV[1]}
+
+for _, i in ipairs(fresh) do
+  local k, a = 3 + 4 * i, 6 + 8 * i
+  local id, queue, kind, prio, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 7]
+  local seq = redis.call('INCR', KEYS[2])
+  redis.call('HSET', KEYS[k], 'spec', ARGV[a + 1], 'queue', queue, 'kind', kind, 'prio', prio,
+    'seq', seq, 'state', QUEUED, 'attempt', 0, 'max_attempts', ARGV[a + 5], 'timeout_ms', ARGV[a + 6],
+    'worker', '', 'lease', 0, 'created', now, 'updated', now, 'ttl', ttl)
+  redis.call('ZADD', KEYS[k + 1], pending_score(prio, seq), id)
+  redis.call('SADD', KEYS[1], queue)
+  redis.call('SADD', KEYS[k + 3], kind)
+  if rdigest ~= '' then redis.call('SET', KEYS[k + 2], id .. ' ' .. rdigest, 'EX', idem_ttl) end
+end
+return out
