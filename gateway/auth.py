@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -50,9 +51,16 @@ class Principal:
         return self.queues is None or queue in self.queues
 
     def check(self, queue: str, field: str) -> None:
-        """Raises PermissionDenied naming ``field`` unless this principal may use ``queue``."""
+        """Raises PermissionDenied naming ``field`` unless this principal may use ``queue`` (a queue
+        the caller named itself, so the message may repeat it)."""
         if not self.may_use(queue):
             raise PermissionDenied(f"{field}: token {self.name!r} may not use queue {queue!r}")
+
+    def check_job(self, queue: str, job_id: str, field: str) -> None:
+        """Raises PermissionDenied unless this principal may see a stored job of ``queue``; the
+        message does not name the queue, which the caller may not know."""
+        if not self.may_use(queue):
+            raise PermissionDenied(f"{field}: job {job_id} is in a queue token {self.name!r} may not use")
 
 
 ANYONE = Principal("anonymous")  # every caller, when authentication is off
@@ -75,11 +83,14 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def parse_tokens(text: str, source: str) -> list[Token]:
-    """Token entries from ``text``. Raises ValueError naming ``source`` and the entry (never the token)."""
+def parse_tokens(text: str, source: str, *, separator: str | None = None) -> list[Token]:
+    """Token entries from ``text``, one per line (or per ``separator``). A ``#`` at the start of an
+    entry or after whitespace starts a comment. Raises ValueError naming ``source`` and the entry's
+    number, never its text (a token in the wrong column would be shown)."""
+    entries = text.split(separator) if separator else text.splitlines()
     out: list[Token] = []
-    for number, raw in enumerate(text.replace(";", "\n").splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
+    for number, raw in enumerate(entries, start=1):
+        line = re.split(r"(?:^|\s)#", raw, maxsplit=1)[0].strip()
         if not line:
             continue
         parts = line.split()
@@ -88,20 +99,19 @@ def parse_tokens(text: str, source: str) -> list[Token]:
             raise ValueError(f"{where}: expected 'name token [queues]'")
         name, secret = parts[0], parts[1]
         if len(secret) < MIN_TOKEN_CHARS:
-            raise ValueError(f"{where} ({name}): a token needs at least {MIN_TOKEN_CHARS} characters")
+            raise ValueError(f"{where}: a token needs at least {MIN_TOKEN_CHARS} characters")
         queues: frozenset[str] | None = None
         if len(parts) == 3 and parts[2] != "*":
             queues = frozenset(q for q in parts[2].split(",") if q)
-            bad = sorted(q for q in queues if not QUEUE_RE.fullmatch(q))
-            if bad or not queues:
-                raise ValueError(f"{where} ({name}): bad queue names {bad or parts[2]!r}")
+            if not queues or not all(QUEUE_RE.fullmatch(q) for q in queues):
+                raise ValueError(f"{where}: bad queue names (a comma list of queue names, or '*')")
         out.append(Token(name, _digest(secret), queues))
     return out
 
 
 def load_tokens(inline: str, path: str) -> list[Token]:
     """Tokens from the ``auth_tokens`` setting and the ``auth_tokens_file`` file. Raises ValueError."""
-    tokens = parse_tokens(inline, "JOBGATE_AUTH_TOKENS") if inline else []
+    tokens = parse_tokens(inline, "JOBGATE_AUTH_TOKENS", separator=";") if inline else []
     if path:
         try:
             text = Path(path).read_text()

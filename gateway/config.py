@@ -186,6 +186,8 @@ def _convert(default: Any, raw: str) -> Any:
 def _with_args(settings: T, argv: Sequence[str] | None, prog: str, description: str) -> T:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for f in fields(settings):
+        if f.name in SECRETS:
+            continue  # environment only: a command line shows in `ps` and /proc/<pid>/cmdline
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default)
         if kind is bool:

@@ -74,6 +74,9 @@ def streaming(
 
     @functools.wraps(fn)
     async def wrapper(self: SchedulerService, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
+        if self.closing:  # before anything is stored: a RunJob refused now must not leave a job
+            self.metrics.rpcs.labels(fn.__name__, "UNAVAILABLE").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down; use another gateway")
         if self.open_streams >= self.max_streams:
             self.metrics.rpcs.labels(fn.__name__, "RESOURCE_EXHAUSTED").inc()
             await context.abort(
@@ -166,7 +169,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.GetJobResponse:
         job = await self.store.get(job_id(request.id))
-        auth.current().check(job.spec.queue, "id")
+        auth.current().check_job(job.spec.queue, job.id, "id")
         return scheduler_pb2.GetJobResponse(job=job)
 
     @unary
@@ -187,7 +190,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.ListWorkersResponse:
         principal = auth.current()
-        workers = [w for w in await self.store.workers() if any(principal.may_use(q) for q in w.queues)]
+        workers = []
+        for w in await self.store.workers():
+            if principal.restricted:  # only its own queues: other queues' names are not its business
+                mine = [q for q in w.queues if principal.may_use(q)]
+                if not mine:
+                    continue
+                del w.queues[:]
+                w.queues.extend(mine)
+            workers.append(w)
         return scheduler_pb2.ListWorkersResponse(workers=workers)
 
     # --- streaming ------------------------------------------------------------------------
@@ -261,7 +272,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         for jid, fields in zip(ids, await self.store.get_fields(ids), strict=True):
             if not fields:
                 raise NotFound(f"{field}: no job {jid}")
-            principal.check(fields.get(b"queue", b"").decode(), f"{field}: job {jid}")
+            principal.check_job(fields.get(b"queue", b"").decode(), jid, field)
 
     async def _follow(self, watcher: Watcher) -> AsyncIterator[job_pb2.JobEvent]:
         """Events for a watcher until it is finished; re-reads stored state when events may be lost."""

@@ -39,7 +39,7 @@ class PreparedJob:
     spec: job_pb2.JobSpec
     spec_bytes: bytes
     timeout_ms: int
-    idempotency_digest: str  # SHA-256 of the idempotency key, '' without one
+    idempotency_digest: str  # SHA-256 of the queue, a NUL and the idempotency key; '' without a key
     request_digest: str  # SHA-256 of the normalised spec, '' without an idempotency key
     field: str = ""  # where the job sits in its request, for error messages: '', 'job.', 'jobs[3].'
 
@@ -117,7 +117,8 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
         spec=spec,
         spec_bytes=spec_bytes,
         timeout_ms=timeout_ms,
-        idempotency_digest=hashlib.sha256(idem.encode()).hexdigest() if idem else "",
+        # Scoped to the queue: a token limited to other queues can neither see nor claim this key.
+        idempotency_digest=hashlib.sha256(f"{spec.queue}\0{idem}".encode()).hexdigest() if idem else "",
         request_digest=hashlib.sha256(spec_bytes).hexdigest() if idem else "",
         field=field,
     )
@@ -147,5 +148,5 @@ def prepare_batch(reqs: list[scheduler_pb2.SubmitJobRequest], limits: Limits) ->
     prepared = [prepare(r, limits, f"jobs[{i}].") for i, r in enumerate(reqs)]
     keys = [p.idempotency_digest for p in prepared if p.idempotency_digest]
     if len(keys) != len(set(keys)):
-        raise InvalidArgument("jobs: the same idempotency_key appears twice in one batch")
+        raise InvalidArgument("jobs: the same idempotency_key appears twice for one queue in one batch")
     return prepared

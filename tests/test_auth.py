@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -85,6 +86,8 @@ async def test_a_token_limited_to_queues_cannot_touch_other_queues(
 
     assert await eventually(lambda: _eq(listed(admin), ["both", "payroll-only"]), what="both workers live")
     assert await listed(billing) == ["both"]  # only workers serving its queues
+    [both] = (await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), metadata=billing)).workers
+    assert list(both.queues) == ["invoices"]  # and only its own queues' names
 
     payroll = (await stub.SubmitJob(request("sleep", {"seconds": 30}, queue="payroll"), metadata=admin)).job.id
 
@@ -111,27 +114,52 @@ async def test_a_token_limited_to_queues_cannot_touch_other_queues(
     assert [await code_of(c) for c in denied] == [grpc.StatusCode.PERMISSION_DENIED] * len(denied)
     assert await stored_keys(redis, namespace) == before  # nothing stored
     assert await running()  # nothing cancelled
-    try:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.SubmitJobs(
             scheduler_pb2.SubmitJobsRequest(jobs=[request("echo", queue="invoices"), request("echo", queue="payroll")]),
             metadata=billing,
             timeout=5,
         )
-    except grpc.aio.AioRpcError as exc:
-        assert exc.details().startswith("jobs[1].queue:") and BILLING not in exc.details()
+    assert (err.value.details() or "").startswith("jobs[1].queue:") and BILLING not in (err.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetJob(scheduler_pb2.GetJobRequest(id=payroll), metadata=billing, timeout=5)
+    assert (err.value.details() or "").startswith("id:") and "payroll" not in (err.value.details() or "")
 
     # An unfiltered watch by the limited token sees its own queues' outcomes only.
-    watch = stub.WatchResults(scheduler_pb2.WatchResultsRequest(), metadata=billing, timeout=30)
+    watch = stub.WatchResults(scheduler_pb2.WatchResultsRequest(), metadata=billing, timeout=60)
+    seen: asyncio.Queue[str] = asyncio.Queue()
+
+    async def reader() -> None:
+        async for resp in watch:
+            seen.put_nowait(resp.event.job_id)
+
+    reading = asyncio.create_task(reader())
+    probes: set[str] = set()
+
+    async def watching() -> bool:  # open once it carries a job of its queue; probe until it does
+        probes.add((await stub.SubmitJob(request("echo", queue="invoices"), metadata=billing)).job.id)
+        try:
+            return await asyncio.wait_for(seen.get(), timeout=1) in probes
+        except TimeoutError:
+            return False
+
+    assert await eventually(watching, what="the watch stream open")
+    await _results(client_for(address), sorted(probes))  # every probe is over
     other = (await stub.SubmitJob(request("echo", {"n": 1}, queue="payroll"), metadata=admin)).job.id
+    done = await _results(client_for(address), [other])  # the other queue's job is over first
+    assert done[other].state == job_pb2.JOB_STATE_SUCCEEDED
     own = (await stub.SubmitJob(request("echo", {"n": 2}, queue="invoices"), metadata=billing)).job.id
-    got = await stub.GetJob(scheduler_pb2.GetJobRequest(id=own), metadata=billing)
-    assert got.job.spec.queue == "invoices"
-    admin_view = client_for(address)
-    done = await _results(admin_view, [other, own])
-    assert all(e.state == job_pb2.JOB_STATE_SUCCEEDED for e in done.values())
-    first = await watch.read()
-    assert first.event.job_id == own
+    while (job_id := await asyncio.wait_for(seen.get(), timeout=10)) != own:
+        assert job_id in probes, f"the stream carried {job_id}, not of its queue"
     watch.cancel()
+    await asyncio.gather(reading, return_exceptions=True)
+
+    # Idempotency keys are per queue: the same key in another queue names another job, and says
+    # nothing about the first.
+    key = "order-17"
+    mine = (await stub.SubmitJob(request("echo", queue="invoices", idempotency_key=key), metadata=billing)).job
+    theirs = (await stub.SubmitJob(request("echo", queue="payroll", idempotency_key=key), metadata=admin)).job
+    assert mine.id != theirs.id
 
 
 async def _eq(awaitable: object, expected: object) -> bool:
@@ -150,12 +178,16 @@ async def test_tokens_from_a_file_and_the_environment_both_work(
     stack: Stack, client_for: Callable[[str], Client], tmp_path: Path
 ) -> None:
     token_file = tmp_path / "tokens"
-    token_file.write_text(f"# operators\nops  {'f' * 40}  *\n\nreports {'r' * 24} reports  # read-only dashboards\n")
+    token_file.write_text(
+        f"# operators\nops  {'f' * 40}  *\n\nreports {'r' * 24} reports  # read-only dashboards\n"
+        "hashed  s3cr3t#with;marks-0042\n"  # '#' and ';' inside a token in a file are part of it
+    )
     _, address = stack.start_gateway(
         env={"JOBGATE_AUTH_TOKENS_FILE": str(token_file), "JOBGATE_AUTH_TOKENS": f"ci {'c' * 20}"}
     )
     stub = client_for(address).stub
-    for token, queue in (("f" * 40, "default"), ("r" * 24, "reports"), ("c" * 20, "anything")):
+    tokens = (("f" * 40, "default"), ("r" * 24, "reports"), ("c" * 20, "anything"), ("s3cr3t#with;marks-0042", "x"))
+    for token, queue in tokens:
         assert (await stub.SubmitJob(request("echo", queue=queue), metadata=bearer(token), timeout=5)).job.id
     assert await code_of(stub.SubmitJob(request("echo"), metadata=bearer("r" * 24), timeout=5)) == (
         grpc.StatusCode.PERMISSION_DENIED
@@ -170,6 +202,7 @@ async def test_tokens_from_a_file_and_the_environment_both_work(
         (f"a {'x' * 20}; b {'x' * 20}", "the same token appears twice"),
         (f"a {'x' * 20} bad*queue", "bad queue names"),
         (f"a {'x' * 20} q extra", "expected 'name token [queues]'"),
+        (f"{'x' * 20} name", "at least 16 characters"),  # columns swapped: the token is never shown
     ],
 )
 def test_the_gateway_refuses_to_start_with_bad_token_settings(tokens: str, message: str) -> None:

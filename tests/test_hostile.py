@@ -246,7 +246,8 @@ class Gateway:
         self.redis = redis
         self.channel = grpc.insecure_channel(address)
         self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
-        self.idempotent: dict[str, tuple[str, bytes]] = {}  # key -> (job id, spec bytes) of accepted jobs
+        # (queue, key) -> (job id, spec bytes) of accepted jobs: idempotency keys are per queue
+        self.idempotent: dict[tuple[str, str], tuple[str, bytes]] = {}
         self.jobs: dict[str, bytes] = {}  # accepted job id -> spec bytes
         self.metrics_port = 0
 
@@ -354,24 +355,29 @@ def expected_submit(
         if over_payload(r):
             return {EXHAUSTED}, [p + "payload"]
     if len(reqs) > 1:
-        keys = [r.idempotency_key for r in reqs if r.idempotency_key]
+        keys = [idem(r) for r in reqs if r.idempotency_key]
         if len(keys) != len(set(keys)):
             return {INVALID}, ["jobs"]
     for r, p in zip(reqs, prefixes, strict=True):
-        seen = g.idempotent.get(r.idempotency_key)
+        seen = g.idempotent.get(idem(r))
         if r.idempotency_key and seen and seen[1] != spec_bytes(normalised(r)):
             return {grpc.StatusCode.ALREADY_EXISTS}, [p + "idempotency_key"]
     return {OK}, []
+
+
+def idem(r: scheduler_pb2.SubmitJobRequest) -> tuple[str, str]:
+    """What an idempotency key is remembered under: keys are per queue."""
+    return (normalised(r).queue, r.idempotency_key)
 
 
 def check_accepted(g: Gateway, reqs: list[scheduler_pb2.SubmitJobRequest], ids: list[str]) -> None:
     """Each accepted job reads back with exactly the normalised spec that was sent."""
     for r, job_id in zip(reqs, ids, strict=True):
         want = spec_bytes(normalised(r))
-        if r.idempotency_key in g.idempotent:
-            assert g.idempotent[r.idempotency_key] == (job_id, want)
+        if idem(r) in g.idempotent:
+            assert g.idempotent[idem(r)] == (job_id, want)
         elif r.idempotency_key:
-            g.idempotent[r.idempotency_key] = (job_id, want)
+            g.idempotent[idem(r)] = (job_id, want)
         stored = g.stub.GetJob(scheduler_pb2.GetJobRequest(id=job_id), timeout=10).job
         assert spec_bytes(stored.spec) == want, (stored.spec, r)
         g.jobs[job_id] = want

@@ -4,6 +4,7 @@ works, and Redis logs no denied command, key or channel."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -15,7 +16,8 @@ import pytest
 import redis
 import trustme
 
-from gateway.acl import setuser
+import gateway
+from gateway.acl import COMMANDS, setuser
 from gateway.devstack import Stack, find_redis_server, free_port, wait_for
 from jobgate.v1 import job_pb2, scheduler_pb2
 
@@ -174,3 +176,11 @@ def test_acl_cli_prints_rules_for_a_namespace() -> None:
         [sys.executable, "-m", "gateway.acl", "--namespace", "no spaces"], capture_output=True, text=True, timeout=30
     )
     assert bad.returncode != 0 and "namespace" in bad.stderr
+
+
+def test_the_acl_grants_every_command_the_lua_scripts_run() -> None:
+    """Redis checks commands run inside scripts against the user's rules: a command a script
+    starts using must be granted, or every call of that script fails for the ACL user."""
+    lua = "".join(p.read_text() for p in (Path(gateway.__file__).parent / "lua").glob("*.lua"))
+    used = {name.lower() for name in re.findall(r"redis\.p?call\('([A-Za-z]+)'", lua)}
+    assert used and used <= set(COMMANDS), sorted(used - set(COMMANDS))

@@ -28,7 +28,7 @@ for i = 0, n - 1 do
     local existing = rdigest ~= '' and redis.call('GET', KEYS[k + 2])
     if existing then
       local old_id, old = string.match(existing, '^(%S+) (%S+)$')
-      if old ~= rdigest then return {-2, i, old_id} end
+      if old ~= rdigest then return {-2, i, old_id or ''} end
       code, stored_id = 2, old_id
     else
       fresh[#fresh + 1] = i
