@@ -53,6 +53,7 @@ class Watcher:
         self.events: asyncio.Queue[job_pb2.JobEvent | None] = asyncio.Queue(maxsize=buffer)
         self.overflowed = False
         self.stale = False  # set when events may have been missed: re-read stored state
+        self.missed = False  # set when events may have been missed and cannot be re-read (no job ids)
 
     def matches(self, event: job_pb2.JobEvent) -> bool:
         if self.terminal_only and event.state not in TERMINAL:
@@ -74,6 +75,18 @@ class Watcher:
 
     def mark_stale(self) -> None:
         self.stale = True
+        self.wake()
+
+    def mark_missed(self) -> None:
+        """Events may have been missed: a watcher of job ids re-reads their stored state; one without
+        (queue and kind filters only) has nothing to re-read, so its stream must say so."""
+        if self.job_ids:
+            self.mark_stale()
+        else:
+            self.missed = True
+            self.wake()
+
+    def wake(self) -> None:
         if not self.events.full():
             self.events.put_nowait(None)
 
@@ -144,7 +157,7 @@ class Hub:
                 async with subscription(self.redis, channels, self._resubscribed) as ps:
                     self.connected = True
                     log.info("subscribed to %s", self.keys.results_channel())
-                    self.wake_all()  # anything published while we were away was missed
+                    self.all_missed()  # anything published while we were away was missed
                     self.on_worker_change()
                     await self._listen(ps, stop)
             except Exception as exc:  # the hub must outlive any failure
@@ -153,7 +166,7 @@ class Hub:
                 elif self.connected:
                     log.warning("result subscription lost (%s); resubscribing", exc)
                 self.connected = False
-                self.wake_all()
+                self.all_missed()
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=retry_s)
                 except TimeoutError:
@@ -173,16 +186,21 @@ class Hub:
 
     async def _resubscribed(self, connection: object) -> None:
         log.warning("result subscription re-established after a dropped connection; reconciling")
-        self.wake_all()
+        self.all_missed()
         self.on_worker_change()
 
+    def _watchers(self) -> list[Watcher]:
+        return [*self.broad, *(w for group in self.by_job.values() for w in group)]
+
     def wake_all(self) -> None:
-        """Wakes every stream handler to re-read stored state (and to notice a shutdown)."""
-        for w in self.broad:
-            w.mark_stale()
-        for group in self.by_job.values():
-            for w in group:
-                w.mark_stale()
+        """Wakes every stream handler (to notice a shutdown)."""
+        for w in self._watchers():
+            w.wake()
+
+    def all_missed(self) -> None:
+        """The subscription was (re)established: events published meanwhile were missed."""
+        for w in self._watchers():
+            w.mark_missed()
 
     # --- routing --------------------------------------------------------------------------
     async def handle(self, batch: list[dict[str, object]]) -> None:

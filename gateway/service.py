@@ -286,6 +286,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
                 watcher.stale = bool(watcher.job_ids)
             if self.closing:
                 raise Unavailable("the gateway is shutting down; resume on another gateway")
+            if watcher.missed:
+                raise Unavailable(
+                    "this gateway's subscription to results was interrupted and events may have been missed;"
+                    " reconnect (a stream of job_ids re-reads their stored state)"
+                )
             if watcher.overflowed:
                 raise ResourceExhausted(
                     f"stream fell more than {self.stream_buffer} events behind; reconnect and resume"

@@ -557,7 +557,8 @@ async def test_a_slow_watcher_and_dropped_pubsub_connections_leave_fast_watchers
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async for _ in slow:
                 pass
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Cut off for falling behind, or (when the cut came first) told that events were missed.
+        assert err.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
     finally:
         await slow_channel.close()
     report = await checker.verify(gw)

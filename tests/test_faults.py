@@ -424,9 +424,15 @@ async def test_gateway_and_worker_resubscribe_after_redis_drops_their_pubsub_con
     gateway, address = stack.start_gateway()
     worker = stack.start_worker()
     client = client_for(address)
+    earlier = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(), timeout=30)
     first = (await client.submit("echo")).job.id
     await client.wait_results([first])
+    assert (await earlier.read()).event.job_id == first  # the unfiltered stream is live
     await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    # It cannot re-read what it may have missed, so it says so rather than carry on silently.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await earlier.read()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "interrupted" in (err.value.details() or "")
 
     async def resubscribed() -> bool:
         return "re-established" in gateway.log() and "re-established" in worker.log()
