@@ -4,6 +4,7 @@ and reflection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +58,14 @@ class Gateway:
         grace = self.settings.grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
         self.service.close_streams()
-        await self.server.stop(grace)
+        # Let the streams send their status before the server itself stops: a stream still writing
+        # when it does can reach its client as CANCELLED instead.
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.service.streams_closed.wait(), timeout=grace / 2)
+            await asyncio.sleep(min(0.25, grace / 4))  # their final statuses leave the process
+        await self.server.stop(max(0.0, grace - (loop.time() - began)))
         self.stop_event.set()
         for task in self.tasks:
             try:

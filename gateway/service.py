@@ -99,6 +99,8 @@ def streaming(
             self.metrics.rpcs.labels(fn.__name__, "OK").inc()
         finally:
             self.open_streams -= 1
+            if self.closing and not self.open_streams:
+                self.streams_closed.set()
             self.metrics.streams.dec()
 
     return wrapper
@@ -131,11 +133,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.max_streams = max_streams
         self.open_streams = 0
         self.closing = False
+        self.streams_closed = asyncio.Event()  # set once closing and no stream is left
 
     def close_streams(self) -> None:
         """Ends every open stream with UNAVAILABLE (the gateway is going away): clients resume on
         another gateway, RunJob callers with WatchResults for their job."""
         self.closing = True
+        if not self.open_streams:
+            self.streams_closed.set()
         self.hub.wake_all()
 
     # --- unary ----------------------------------------------------------------------------
