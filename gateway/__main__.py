@@ -1,4 +1,4 @@
-"""``python -m gateway``: run the jobgate gateway until SIGTERM or SIGINT."""
+"""``python -m gateway``: run the jobgate gateway until SIGTERM or SIGINT; SIGHUP reloads its tokens."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ async def main(settings: GatewaySettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload_tokens)
     await stop.wait()
     log.info("stopping: health NOT_SERVING, draining RPCs for up to %.1fs", settings.grace_s)
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal exits at once

@@ -134,6 +134,10 @@ class Authenticator:
     def __init__(self, tokens: Sequence[Token]) -> None:
         self._tokens = tuple(tokens)
 
+    def replace(self, tokens: Sequence[Token]) -> None:
+        """Swaps in a new set of tokens; calls from then on are checked against it."""
+        self._tokens = tuple(tokens)
+
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal | None:
         """The caller's principal, or None without a valid ``authorization: Bearer`` header."""
         header = next((v for k, v in metadata or () if k == "authorization"), None)

@@ -47,7 +47,22 @@ class Gateway:
     stop_event: asyncio.Event
     tasks: list[asyncio.Task[None]]
     service: SchedulerService
+    authenticator: Authenticator | None = None
     metrics_server: Any | None = None
+
+    def reload_tokens(self) -> None:
+        """Reads the token settings again (SIGHUP): the file's current entries replace the old ones.
+        A file that cannot be read or holds a bad entry changes nothing (logged)."""
+        if self.authenticator is None:
+            log.warning("tokens not reloaded: authentication is off (turning it on needs a restart)")
+            return
+        try:
+            tokens = load_tokens(self.settings.auth_tokens, self.settings.auth_tokens_file)
+        except ValueError as exc:
+            log.error("tokens not reloaded, the previous ones stay in force: %s", exc)
+            return
+        self.authenticator.replace(tokens)
+        log.info("tokens reloaded: %d token(s): %s", len(tokens), ", ".join(t.name for t in tokens))
 
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, then ``server.stop(grace)``, then background tasks and Redis.
@@ -125,10 +140,12 @@ async def start(settings: GatewaySettings) -> Gateway:
         ("grpc.http2.max_ping_strikes", settings.max_ping_strikes),
     ]
     interceptors: list[grpc.aio.ServerInterceptor] = []
+    authenticator = None
     if settings.auth_enabled:
         tokens = load_tokens(settings.auth_tokens, settings.auth_tokens_file)
         denied = metrics.denied.labels("UNAUTHENTICATED")
-        interceptors.append(AuthInterceptor(Authenticator(tokens), on_denied=lambda method: denied.inc()))
+        authenticator = Authenticator(tokens)
+        interceptors.append(AuthInterceptor(authenticator, on_denied=lambda method: denied.inc()))
         log.info("authentication on: %d token(s): %s", len(tokens), ", ".join(t.name for t in tokens))
     interceptors.append(MalformedRequestInterceptor())  # after authentication: strangers' bytes are never parsed
     server = grpc.aio.server(options=options, interceptors=interceptors)
@@ -163,7 +180,18 @@ async def start(settings: GatewaySettings) -> Gateway:
         ("mutual TLS" if settings.tls_client_ca_file else "TLS") if settings.tls_enabled else "plaintext",
     )
     return Gateway(
-        settings, server, health_servicer, redis, hub, scheduler, port, stop_event, tasks, service, metrics_server
+        settings,
+        server,
+        health_servicer,
+        redis,
+        hub,
+        scheduler,
+        port,
+        stop_event,
+        tasks,
+        service,
+        authenticator,
+        metrics_server,
     )
 
 

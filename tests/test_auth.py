@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,7 +14,7 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
-from gateway.devstack import Stack, health_status
+from gateway.devstack import Service, Stack, health_status
 from jobgate.v1 import job_pb2, scheduler_pb2
 
 from .conftest import Client, eventually, request
@@ -215,3 +216,35 @@ def test_the_gateway_refuses_to_start_with_bad_token_settings(tokens: str, messa
     )
     assert result.returncode != 0 and message in result.stderr
     assert "x" * 20 not in result.stderr and "tooshort" not in result.stderr
+
+
+async def test_sighup_reloads_the_token_file_and_a_bad_file_changes_nothing(
+    stack: Stack, client_for: Callable[[str], Client], tmp_path: Path
+) -> None:
+    old, new = "o" * 24, "n" * 24
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"app {old}\n")
+    gateway, address = stack.start_gateway(env={"JOBGATE_AUTH_TOKENS_FILE": str(token_file)})
+    stub = client_for(address).stub
+
+    async def status(token: str) -> grpc.StatusCode:
+        return await code_of(stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), metadata=bearer(token), timeout=5))
+
+    assert (await status(old), await status(new)) == (grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED)
+    token_file.write_text(f"app {new}\n")  # rotated
+    gateway.signal(signal.SIGHUP)
+
+    async def rotated() -> bool:
+        return await status(new) == grpc.StatusCode.OK
+
+    await eventually(rotated, what="the new token accepted")
+    assert await status(old) == grpc.StatusCode.UNAUTHENTICATED
+    token_file.write_text("app short\n")  # a bad entry: the tokens in force stay
+    gateway.signal(signal.SIGHUP)
+    await eventually(lambda: _logged(gateway, "tokens not reloaded"), what="the bad file refused")
+    assert await status(new) == grpc.StatusCode.OK
+    assert gateway.alive() and new not in gateway.log() and old not in gateway.log()
+
+
+async def _logged(service: Service, text: str) -> bool:
+    return text in service.log()
