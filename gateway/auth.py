@@ -9,7 +9,7 @@ Tokens come from ``auth_tokens`` (an environment variable) and ``auth_tokens_fil
 
 Clients send ``authorization: Bearer <token>``. Only SHA-256 digests of tokens are kept, every
 configured digest is compared in constant time, and tokens are never logged: logs and metrics
-name the token's ``name``. Health checks stay open so that orchestrators can probe the gateway.
+name the token's ``name``. Health checks (``Check``) stay open so that orchestrators can probe the gateway.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from .keys import QUEUE_RE
 log = logging.getLogger(__name__)
 
 MIN_TOKEN_CHARS = 16
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+# Health checks stay open for orchestrators' probes. Only Check: Watch is a stream, and strangers
+# must not be able to hold streams open.
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +169,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        if details.method.startswith(OPEN_PREFIXES):
+        if details.method in OPEN_METHODS:
             return await continuation(details)
         principal = self.authenticator.authenticate(details.invocation_metadata)
         handler = await continuation(details)

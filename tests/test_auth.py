@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
 from gateway.devstack import Service, Stack, health_status
@@ -64,8 +65,14 @@ async def test_calls_without_a_valid_token_are_refused_and_store_nothing(
         ]
         assert [await code_of(c) for c in calls] == [grpc.StatusCode.UNAUTHENTICATED] * len(calls)
     assert await stored_keys(redis, namespace) == before
-    # Health checks stay open for orchestrators; a valid token works.
+    # Health checks stay open for orchestrators; watching health (a stream) needs a token.
     assert health_status(address) == 1  # SERVING
+    health = health_pb2_grpc.HealthStub(client_for(address).channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert await code_of(watch) == grpc.StatusCode.UNAUTHENTICATED
+    authed = health.Watch(health_pb2.HealthCheckRequest(service=""), metadata=bearer(ADMIN), timeout=5)
+    assert (await authed.read()).status == health_pb2.HealthCheckResponse.SERVING
+    authed.cancel()
     reply = await stub.SubmitJob(request("echo"), metadata=bearer(ADMIN), timeout=5)
     assert reply.job.id
     # The gateway never writes a token to its log, not even in its settings line.
