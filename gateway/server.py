@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from .auth import Authenticator, AuthInterceptor, load_tokens
-from .config import GatewaySettings, read_file
+from .config import GatewaySettings
 from .handlers import MalformedRequestInterceptor
 from .hub import Hub
 from .keys import Keys
@@ -26,6 +26,7 @@ from .reflection import CommentedPool
 from .scheduler import Scheduler
 from .service import SchedulerService
 from .store import JobStore, bounded, redis_client
+from .tls import CertificateFiles
 from .validation import Limits
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ async def start(settings: GatewaySettings) -> Gateway:
         pool=CommentedPool(),
     )
     port = (
-        server.add_secure_port(settings.listen, server_credentials(settings))
+        server.add_secure_port(settings.listen, CertificateFiles(settings).credentials())
         if settings.tls_enabled
         else server.add_insecure_port(settings.listen)
     )
@@ -192,17 +193,6 @@ async def start(settings: GatewaySettings) -> Gateway:
         service,
         authenticator,
         metrics_server,
-    )
-
-
-def server_credentials(settings: GatewaySettings) -> grpc.ServerCredentials:
-    """TLS with the gateway's certificate chain; with ``tls_client_ca_file``, clients must present
-    a certificate signed by that CA (mutual TLS)."""
-    client_ca = read_file("tls_client_ca_file", settings.tls_client_ca_file)
-    return grpc.ssl_server_credentials(
-        [(read_file("tls_key_file", settings.tls_key_file), read_file("tls_cert_file", settings.tls_cert_file))],
-        root_certificates=client_ca or None,
-        require_client_auth=bool(client_ca),
     )
 
 

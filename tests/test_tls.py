@@ -137,3 +137,29 @@ def test_the_gateway_refuses_to_start_with_bad_tls_settings(env: dict[str, str],
         [sys.executable, "-m", "gateway"], env={**os.environ, **env}, capture_output=True, text=True, timeout=30
     )
     assert result.returncode != 0 and message in result.stderr
+
+
+async def test_a_renewed_certificate_is_served_to_new_connections_without_a_restart(tls_stack: Stack, pki: Pki) -> None:
+    tls_stack.credentials = pki.client_credentials()
+    env = pki.server_env(mutual=False)
+    gateway, address = tls_stack.start_gateway(env=env)
+    tls_stack.start_worker()
+    old_channel = grpc.aio.secure_channel(address, pki.client_credentials())
+    try:
+        assert (await outcome(old_channel)).state == job_pb2.JOB_STATE_SUCCEEDED
+        # A key that does not match the certificate (a renewal half done) is refused; the old one stays.
+        renewed_ca = trustme.CA()
+        half = renewed_ca.issue_cert("localhost", "127.0.0.1")
+        pki.write("server.pem", b"".join(p.bytes() for p in half.cert_chain_pems))
+        async with grpc.aio.secure_channel(address, pki.client_credentials()) as channel:
+            assert (await outcome(channel)).state == job_pb2.JOB_STATE_SUCCEEDED
+        assert "cannot be used" in gateway.log()
+        # The whole renewal: certificate and key from another CA.
+        pki.write("server.key", half.private_key_pem.bytes())
+        async with grpc.aio.secure_channel(address, pki.client_credentials(ca=renewed_ca)) as channel:
+            assert (await outcome(channel)).state == job_pb2.JOB_STATE_SUCCEEDED
+        async with grpc.aio.secure_channel(address, pki.client_credentials()) as stale:
+            assert await refused(stale) == grpc.StatusCode.UNAVAILABLE  # new connections get the new one
+        assert (await outcome(old_channel)).state == job_pb2.JOB_STATE_SUCCEEDED  # an open one carries on
+    finally:
+        await old_channel.close()
