@@ -58,6 +58,9 @@ class Keys:
     def acks(self) -> str:  # zset: dispatched job id -> acknowledgement deadline (ms)
         return f"{self.prefix}acks"
 
+    def cancels(self) -> str:  # zset: running job id -> when its worker was last told to cancel it (ms)
+        return f"{self.prefix}cancels"
+
     # --- workers --------------------------------------------------------------------------
     def workers(self) -> str:  # zset: worker id -> heartbeat expiry (ms)
         return f"{self.prefix}workers"

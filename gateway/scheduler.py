@@ -74,6 +74,7 @@ class Scheduler:
                 if loop.time() >= next_tick:
                     next_tick = loop.time() + self.tick_s
                     await self._reap()
+                    await self.store.resend_cancels(older_than_ms=max(1000, int(self.tick_s * 1000)))
                     self._all = True
                 if self._all:
                     self._all = False

@@ -363,6 +363,35 @@ class JobStore:
         async with redis_errors():
             await self.redis.publish(self.keys.dispatch_channel(worker_id), msg.SerializeToString())
 
+    async def resend_cancels(self, older_than_ms: int, limit: int = 100) -> int:
+        """Tells workers again to stop RUNNING jobs whose cancellation they were told of more than
+        ``older_than_ms`` ago (a CancelJob message can be lost like any pub/sub message); forgets
+        jobs that have ended. Returns how many were told again."""
+        k, now = self.keys, now_ms()
+        async with redis_errors():
+            ids = [_text(j) for j in await self.redis.zrangebyscore(k.cancels(), "-inf", now - older_than_ms, 0, limit)]
+            if not ids:
+                return 0
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for jid in ids:
+                    pipe.hmget(k.job(jid), "state", "worker", "lease", "cancel")
+                rows = await pipe.execute()
+            told, ended = [], []
+            for jid, (state, worker, lease, flag) in zip(ids, rows, strict=True):
+                if state is not None and int(state) == job_pb2.JOB_STATE_RUNNING and flag and worker:
+                    told.append((jid, _text(worker), int(lease)))
+                else:
+                    ended.append(jid)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for jid, worker_id, lease in told:
+                    msg = relay_pb2.WorkerMessage(cancel=relay_pb2.CancelJob(job_id=jid, lease=lease))
+                    pipe.publish(k.dispatch_channel(worker_id), msg.SerializeToString())
+                    pipe.zadd(k.cancels(), {jid: now}, xx=True)
+                if ended:
+                    pipe.zrem(k.cancels(), *ended)
+                await pipe.execute()
+        return len(told)
+
     async def publish_settled(self, settled: Sequence[Settled]) -> None:
         """Publishes the stored state of jobs a script just changed (for RunJob and watchers)."""
         if not settled:

@@ -494,3 +494,22 @@ async def test_redis_refusing_writes_gives_unavailable_and_stores_nothing_then_w
     finally:
         await admin.aclose()
         stack.stop()
+
+
+async def test_a_cancel_whose_message_was_lost_still_reaches_the_worker(
+    stack: Stack, client_for: Callable[[str], Client], redis: Redis
+) -> None:
+    _, address = stack.start_gateway()
+    worker = stack.start_worker(worker_id="target", env={"JOBGATE_HEARTBEAT_TTL_MS": "20000"})
+    client = client_for(address)
+    job_id = (await client.submit("sleep", {"seconds": 15})).job.id
+    await wait_running(client, job_id, "target")
+    worker.signal(signal.SIGSTOP)  # it cannot resubscribe before the cancel is published
+    try:
+        await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        reply = await client.stub.CancelJob(scheduler_pb2.CancelJobRequest(id=job_id), timeout=5)
+        assert reply.job.state == S.JOB_STATE_RUNNING  # flagged; the message reached nobody
+    finally:
+        worker.signal(signal.SIGCONT)
+    event = (await client.wait_results([job_id], timeout=30))[job_id]
+    assert event.state == S.JOB_STATE_CANCELLED, event  # told again once it was back

@@ -9,7 +9,7 @@ from gateway.errors import ResourceExhausted
 from gateway.keys import Keys
 from gateway.store import JobStore, Placement, now_ms
 from gateway.validation import Limits, prepare, prepare_batch
-from jobgate.v1 import job_pb2
+from jobgate.v1 import job_pb2, relay_pb2
 
 from .conftest import request
 
@@ -244,3 +244,28 @@ async def test_queues_and_kinds_over_their_limits_are_refused_and_nothing_of_the
     await store.cancel(q2_job)
     assert await store.schedule("q2", ack_timeout_ms=5_000, most=100) == []  # finds q2 empty: drops it
     assert await submit(store, queue="q3")
+
+
+async def test_a_running_jobs_worker_is_told_to_cancel_again_until_the_job_ends(
+    store: JobStore, redis: Redis, keys: Keys
+) -> None:
+    """A CancelJob message can be lost like any pub/sub message: gateways repeat it."""
+    await beat(store, "w1")
+    job_id = await submit(store)
+    [p] = await place(store)
+    assert await start(store, p) == 1
+    outcome = await store.cancel(job_id)  # the message the gateway would publish now is "lost"
+    assert (outcome.worker_id, outcome.lease) == ("w1", p.lease)
+    async with redis.pubsub() as ps:
+        await ps.subscribe(keys.dispatch_channel("w1"))
+        await ps.get_message(timeout=1)  # the subscribe confirmation
+        assert await store.resend_cancels(older_than_ms=60_000) == 0  # told just now: not yet again
+        assert await store.resend_cancels(older_than_ms=0) == 1
+        msg = await ps.get_message(ignore_subscribe_messages=True, timeout=5)
+        assert msg is not None
+        told = relay_pb2.WorkerMessage.FromString(msg["data"])
+        assert (told.cancel.job_id, told.cancel.lease) == (job_id, p.lease)
+        assert (await finish(store, p, S.JOB_STATE_CANCELLED))[0] == 1
+        assert await store.resend_cancels(older_than_ms=0) == 0  # ended: forgotten, nobody told
+        assert await ps.get_message(ignore_subscribe_messages=True, timeout=0.2) is None
+    assert await redis.zcard(keys.cancels()) == 0

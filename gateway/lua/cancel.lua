@@ -1,5 +1,6 @@
 -- cancel: cancel a job. A queued or not yet acknowledged job ends CANCELLED at once; a running one
--- is flagged and its worker is told to stop it.
+-- is flagged, its worker is told to stop it, and it is listed in P..'cancels' so that gateways
+-- tell the worker again until the job ends.
 -- KEYS[1] job hash, KEYS[2] acks zset
 -- ARGV[1] key prefix, ARGV[2] job id, ARGV[3] now ms
 -- returns {1, queue} cancelled now, {2, worker id, lease} running: worker must be told,
@@ -11,6 +12,8 @@ local state = tonumber(j[1])
 if is_terminal(state) then return {-2} end
 if state == RUNNING then
   redis.call('HSET', KEYS[1], 'cancel', '1', 'updated', ARGV[3])
+  -- gateways tell the worker again until the job ends, in case this message is lost
+  redis.call('ZADD', P .. 'cancels', ARGV[3], ARGV[2])
   return {2, j[3], j[4]}
 end
 redis.call('ZREM', P .. 'pending:' .. j[2] .. ':' .. j[5], ARGV[2])
