@@ -30,10 +30,19 @@ EXIT_TIMEOUT_S = 10
 class NodeWorker:
     """tests/node/worker.mjs as a subprocess, its output in a file."""
 
-    def __init__(self, node_bin: str, redis_url: str, namespace: str, worker_id: str, log_path: Path) -> None:
+    def __init__(
+        self,
+        node_bin: str,
+        redis_url: str,
+        namespace: str,
+        worker_id: str,
+        log_path: Path,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.worker_id = worker_id
         self.log_path = log_path
         env = {**os.environ, **{k: FAST[k] for k in ("JOBGATE_HEARTBEAT_MS", "JOBGATE_HEARTBEAT_TTL_MS")}}
+        env.update(extra_env or {})
         with log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [node_bin, str(WORKER), redis_url, namespace, worker_id],

@@ -22,6 +22,8 @@ from gateway.devstack import Stack, find_redis_server, free_port, wait_for
 from jobgate.v1 import job_pb2, scheduler_pb2
 
 from .conftest import FAST, Client, eventually, request
+from .test_node_client import NPM_TIMEOUT_S, node  # noqa: F401 - `node` is a fixture
+from .test_node_worker import NodeWorker
 
 pytestmark = pytest.mark.slow
 NAMESPACE = "secure"
@@ -184,3 +186,33 @@ def test_the_acl_grants_every_command_the_lua_scripts_run() -> None:
     lua = "".join(p.read_text() for p in (Path(gateway.__file__).parent / "lua").glob("*.lua"))
     used = {name.lower() for name in re.findall(r"redis\.p?call\('([A-Za-z]+)'", lua)}
     assert used and used <= set(COMMANDS), sorted(used - set(COMMANDS))
+
+
+@pytest.mark.timeout(NPM_TIMEOUT_S + 60)
+async def test_the_node_worker_runs_jobs_over_tls_as_the_minimal_acl_user(
+    secure_redis: SecureRedis,
+    secure_stack: Stack,
+    client_for: Callable[[str], Client],
+    node: str,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> None:
+    """A worker written from docs/PROTOCOL.md needs no more than the ACL grants."""
+    _, address = secure_stack.start_gateway()
+    worker = NodeWorker(
+        node,
+        secure_redis.url("jobgate", PASSWORD),
+        NAMESPACE,
+        "node-secure",
+        tmp_path / "node.log",
+        extra_env={"NODE_EXTRA_CA_CERTS": secure_redis.ca_file},
+    )
+    try:
+        client = client_for(address)
+        ok = (await client.submit("node.upper", {"text": "over tls"})).job.id
+        failing = (await client.submit("node.fail", {}, max_attempts=1)).job.id
+        events = await client.wait_results([ok, failing], timeout=60)
+        assert events[ok].state == job_pb2.JOB_STATE_SUCCEEDED, worker.log()
+        assert events[failing].state == job_pb2.JOB_STATE_FAILED, worker.log()
+    finally:
+        worker.kill()
+    assert denials(secure_redis.admin) == [], worker.log()
