@@ -163,6 +163,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, authenticator: Authenticator, on_denied: Callable[[str], None] | None = None) -> None:
         self.authenticator = authenticator
         self.on_denied = on_denied or (lambda method: None)
+        self._built: dict[tuple[int, Principal], tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -179,7 +180,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self.on_denied(details.method)
             log.debug("refused an unauthenticated call to %s", details.method)
             return _refuse(handler)
-        return _as(handler, principal)
+        key = (id(handler), principal)
+        cached = self._built.get(key)
+        if cached is None or cached[0] is not handler:  # one wrapper per method and principal
+            cached = (handler, _as(handler, principal))
+            self._built[key] = cached
+        return cached[1]
 
 
 async def _abort(context: grpc.aio.ServicerContext) -> None:

@@ -81,6 +81,9 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
     the handler runs. (Client-streaming calls parse later, message by message; none of jobgate's
     own RPCs is one.)"""
 
+    def __init__(self) -> None:
+        self._built: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -89,6 +92,16 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         handler = await continuation(details)
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
+        # A method's handler is the same object on every call: build its wrapper once.
+        cached = self._built.get(id(handler))
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        built = self._build(handler)
+        self._built[id(handler)] = (handler, built)
+        return built
+
+    @staticmethod
+    def _build(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         parse = handler.request_deserializer
 
         def tolerant(data: bytes) -> Any:
