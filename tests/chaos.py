@@ -326,6 +326,13 @@ class Checker:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- verdict --------------------------------------------------------------------------
+    async def verify_succeeded(self, gw: Node) -> Report:
+        """:meth:`verify`, asserting the report is clean and that every job succeeded."""
+        report = await self.verify(gw)
+        report.assert_ok()
+        assert all(e.state == job_pb2.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+        return report
+
     async def verify(self, gw: Node, timeout: float = 60) -> Report:
         """Confirms on ``gw`` that every acknowledged job is terminal, then counts every violation."""
         confirm = self.follow(gw, list(self.acked), name="confirm")

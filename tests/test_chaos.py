@@ -153,9 +153,7 @@ async def test_a_worker_killed_under_load_loses_no_job_and_records_none_twice(ch
     victim.service.kill()
     await asyncio.wait_for(loader, 60)
     await checker.wait_streams(60)
-    report = await checker.verify(gw)
-    report.assert_ok()
-    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    report = await checker.verify_succeeded(gw)
     retried = [e for e in report.outcomes.values() if e.attempt >= 2]
     assert retried, "some jobs were running on the victim when it was killed"
     assert all(e.worker_id != victim.worker_id for e in retried)
@@ -180,9 +178,7 @@ async def test_a_worker_stopped_under_load_finishes_short_jobs_and_hands_long_on
     assert await asyncio.to_thread(leaving.service.terminate, 30) == 0
     await asyncio.wait_for(loader, 60)
     await checker.wait_streams(60)
-    report = await checker.verify(gw)
-    report.assert_ok()
-    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    report = await checker.verify_succeeded(gw)
     log = leaving.service.log()
     drained = log[log.index("draining") :]
     handed = set(re.findall(r"job_id=([0-9a-f]{32}) handed back", drained))
@@ -222,9 +218,7 @@ async def test_a_worker_paused_past_its_lease_has_its_late_outcomes_refused(chec
     await asyncio.wait_for(loader, 60)
     await checker.submit(gw, [checker.job("sleep", {"seconds": 0.1}) for _ in range(100)])
     await checker.wait_streams(60)
-    report = await checker.verify(gw)
-    report.assert_ok()
-    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    report = await checker.verify_succeeded(gw)
     late = finished_since(frozen, resumed_at) & held
     assert not late, f"outcomes of superseded attempts accepted after the pause: {sorted(late)[:5]}"
     before = finished_since(frozen, 0) & held  # recorded in the instant before the pause
@@ -269,9 +263,7 @@ async def test_ten_thousand_jobs_queued_with_no_worker_all_run_once_workers_star
     assert len(checker.acked) == 10_001
     workers = [cluster.worker("--concurrency", "64") for _ in range(3)]
     await checker.wait_streams(120)
-    report = await checker.verify(gw)
-    report.assert_ok()
-    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    report = await checker.verify_succeeded(gw)
     finished = checker.finished_lines()
     assert all(len(finished[j]) == 1 for j in checker.acked), "each job recorded by exactly one finish"
     assert {e.worker_id for e in report.outcomes.values()} - {first.worker_id} <= {w.worker_id for w in workers}
@@ -344,9 +336,7 @@ async def test_redis_restarted_under_load_answers_unavailable_and_keeps_everythi
     private_redis.start()
     await accepted_again(checker, 100)
     await finish_load(checker, gw, stop, loops)
-    report = await checker.verify(gw)
-    report.assert_ok()
-    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    await checker.verify_succeeded(gw)
     during = calls.within(killed, restarted)
     assert during and {c[3] for c in during} == {grpc.StatusCode.UNAVAILABLE}, Counter(c[3] for c in during)
     stored = set(checker.unacked_outcomes.values()) & {c[2] for c in during}
@@ -396,9 +386,7 @@ async def test_redis_paused_under_load_gives_deadline_or_unavailable_and_keeps_e
     await eventually(lambda: failed_since(calls, slept, 4), what="submits failing during DEBUG SLEEP")
     await accepted_again(checker)
     await finish_load(checker, gw, stop, loops)
-    report = await checker.verify(gw)
-    report.assert_ok()
-    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    await checker.verify_succeeded(gw)
     statuses = Counter(c[3] for c in calls.log)
     assert set(statuses) <= {grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE}, (
         statuses
@@ -428,9 +416,7 @@ async def test_a_gateway_killed_mid_stream_loses_no_outcome_for_a_client_that_re
     await checker.wait_streams(60)
     assert checker.broken(), "the streams of the killed gateway were cut"
     await checker.resume(other, 60)
-    report = await checker.verify(other)
-    report.assert_ok()
-    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    await checker.verify_succeeded(other)
     await checker.check_leaks()
 
 
@@ -476,9 +462,7 @@ async def test_a_gateway_stopped_under_load_turns_not_serving_ends_its_streams_a
     assert ("run", grpc.StatusCode.UNAVAILABLE) in ended, ended
     assert all(s.ended for s in checker.streams if s.name.endswith(f"@{leaving.name}"))
     await checker.resume(other, 60)
-    report = await checker.verify(other)
-    report.assert_ok()
-    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    await checker.verify_succeeded(other)
     await checker.check_leaks()
 
 
@@ -514,9 +498,7 @@ async def test_clients_that_go_away_mid_stream_leave_no_stream_or_task_behind(ch
     await eventually(lambda: opened_at_most(gw, own), what="the gateway's doomed streams released")
     await checker.wait_streams(60)
     await checker.resume(gw, 60)  # the RunJob-submitted jobs are followed on a stream of their own
-    report = await checker.verify(gw)
-    report.assert_ok()
-    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    await checker.verify_succeeded(gw)
     await checker.check_leaks()
 
 
@@ -561,9 +543,7 @@ async def test_a_slow_watcher_and_dropped_pubsub_connections_leave_fast_watchers
         assert err.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
     finally:
         await slow_channel.close()
-    report = await checker.verify(gw)
-    report.assert_ok()
-    assert all(e.state == S.JOB_STATE_SUCCEEDED for e in report.outcomes.values())
+    await checker.verify_succeeded(gw)
     assert "re-established" in gw.service.log() or "subscription lost" in gw.service.log()
     assert all("re-established" in w.service.log() or "subscription lost" in w.service.log() for w in workers)
     await checker.check_leaks()
