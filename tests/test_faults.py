@@ -371,9 +371,10 @@ async def test_a_worker_restarted_under_the_same_id_does_not_inherit_its_predece
     job_id = (await client.submit("sleep", {"seconds": 1})).job.id
     await wait_running(client, job_id, "fixed-name")
     crashed.kill()
-    stack.start_worker(worker_id="fixed-name")  # back long before the old registration would expire
+    restarted = stack.start_worker(worker_id="fixed-name")  # back before the old registration expires
     event = (await client.wait_results([job_id], timeout=20))[job_id]
     assert (event.state, event.worker_id, event.attempt) == (S.JOB_STATE_SUCCEEDED, "fixed-name", 2)
+    assert "another live process" not in restarted.log()  # a crashed predecessor is no twin
 
 
 async def test_a_dispatch_that_reaches_no_subscriber_is_taken_back_and_placed_elsewhere(
@@ -513,3 +514,14 @@ async def test_a_cancel_whose_message_was_lost_still_reaches_the_worker(
         worker.signal(signal.SIGCONT)
     event = (await client.wait_results([job_id], timeout=30))[job_id]
     assert event.state == S.JOB_STATE_CANCELLED, event  # told again once it was back
+
+
+async def test_two_live_workers_with_one_id_are_reported(stack: Stack) -> None:
+    """Ids must be unique: a restarted worker evicts its crashed predecessor once, but two live
+    processes under one id evict each other on every heartbeat, and say so."""
+    twins = [stack.start_worker(worker_id="twin") for _ in range(2)]
+
+    async def reported() -> bool:
+        return any("another live process seems to use worker id twin" in w.log() for w in twins)
+
+    await eventually(reported, what="the duplicate id reported")

@@ -134,6 +134,7 @@ class _Runtime:
         self.redis_ok = True
         self.registered = False  # set by the first successful heartbeat
         self.instance = uuid.uuid4().hex  # tells this process's registration from an earlier one's
+        self.evictions: list[float] = []  # when this process found itself evicted (monotonic s)
         self.stuck_threads = 0  # handler threads still running after their job ended
         self.metrics = WorkerMetrics()
         self._background: set[asyncio.Task[None]] = set()
@@ -261,7 +262,15 @@ class _Runtime:
     def _abandon(self, held: list[Running]) -> None:
         """After an eviction the jobs held before it were placed again elsewhere: stop running them.
         (A job placed here after the beat re-registered this worker is valid and keeps running.)"""
+        now = time.monotonic()
+        self.evictions = [t for t in self.evictions if now - t < 60] + [now]
         log.warning("registered again after being evicted; abandoning %d superseded jobs", len(held))
+        if len(self.evictions) > 1:  # a crashed predecessor is evicted once; a live twin again and again
+            log.error(
+                "evicted %d times in a minute: another live process seems to use worker id %s (ids must be unique)",
+                len(self.evictions),
+                self.id,
+            )
         for running in held:
             if running.task is not None:
                 running.task.cancel()
