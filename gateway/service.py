@@ -182,7 +182,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.CancelJobResponse:
         jid = job_id(request.id)
-        await self._check_jobs([jid], "id")
+        await self._check_job(jid, "id")
         outcome = await self.store.cancel(jid)
         if outcome.worker_id:
             await self.store.tell_worker_to_cancel(outcome.worker_id, jid, outcome.lease)
@@ -255,8 +255,6 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         principal = auth.current()
         if queue:
             principal.check(queue, "queue")
-        if ids:
-            await self._check_jobs(ids, "job_ids")
         watcher = Watcher(job_ids=ids, queue=queue, kinds=kinds, queues=principal.queues, buffer=self.stream_buffer)
         self.hub.add(watcher)  # subscribe before reading stored state
         try:
@@ -268,38 +266,27 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         finally:
             self.hub.remove(watcher)
 
-    async def _check_jobs(self, ids: list[str], field: str) -> None:
-        """For a token limited to some queues: raises NotFound or PermissionDenied unless every job
+    async def _check_job(self, jid: str, field: str) -> None:
+        """For a token limited to some queues: raises NotFound or PermissionDenied unless the job
         exists and is in one of its queues. Does nothing for unrestricted callers."""
         principal = auth.current()
         if not principal.restricted:
             return
-        for jid, fields in zip(ids, await self.store.get_fields(ids), strict=True):
-            if not fields:
-                raise NotFound(f"{field}: no job {jid}")
-            principal.check_job(fields.get(b"queue", b"").decode(), jid, field)
+        [fields] = await self.store.get_fields([jid])
+        if not fields:
+            raise NotFound(f"{field}: no job {jid}")
+        principal.check_job(fields.get(b"queue", b"").decode(), jid, field)
 
     async def _follow(self, watcher: Watcher) -> AsyncIterator[job_pb2.JobEvent]:
         """Events for a watcher until it is finished; re-reads stored state when events may be lost."""
         while not watcher.finished:
-            if self.closing:
-                raise Unavailable("the gateway is shutting down; resume on another gateway")
+            self._check_open(watcher)
             try:
                 event = await asyncio.wait_for(watcher.events.get(), timeout=self.reconcile_s)
             except TimeoutError:
                 event = None
                 watcher.stale = bool(watcher.job_ids)
-            if self.closing:
-                raise Unavailable("the gateway is shutting down; resume on another gateway")
-            if watcher.missed:
-                raise Unavailable(
-                    "this gateway's subscription to results was interrupted and events may have been missed;"
-                    " reconnect (a stream of job_ids re-reads their stored state)"
-                )
-            if watcher.overflowed:
-                raise ResourceExhausted(
-                    f"stream fell more than {self.stream_buffer} events behind; reconnect and resume"
-                )
+            self._check_open(watcher)
             if event is None:
                 if watcher.stale and watcher.job_ids:
                     watcher.stale = False
@@ -309,15 +296,32 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
             if watcher.delivered(event):
                 yield event
 
+    def _check_open(self, watcher: Watcher) -> None:
+        """Raises the status that ends a stream: the gateway is stopping, events may have been
+        missed with nothing to re-read, or the client fell too far behind."""
+        if self.closing:
+            raise Unavailable("the gateway is shutting down; resume on another gateway")
+        if watcher.missed:
+            raise Unavailable(
+                "this gateway's subscription to results was interrupted and events may have been missed;"
+                " reconnect (a stream of job_ids re-reads their stored state)"
+            )
+        if watcher.overflowed:
+            raise ResourceExhausted(f"stream fell more than {self.stream_buffer} events behind; reconnect and resume")
+
     async def _stored_terminal(self, watcher: Watcher, *, missing_is_error: bool) -> list[job_pb2.JobEvent]:
-        """Terminal events of the watcher's outstanding jobs, read from Redis (and marked delivered)."""
+        """Terminal events of the watcher's outstanding jobs, read from Redis (and marked delivered).
+        Raises PermissionDenied for a job outside the caller's queues: the first read comes before
+        anything is streamed."""
         ids = sorted(watcher.remaining)
+        principal = auth.current()
         out = []
         for jid, fields in zip(ids, await self.store.get_fields(ids), strict=True):
             if not fields:
                 if missing_is_error:
                     raise NotFound(f"job_ids: no job {jid}")
                 continue
+            principal.check_job(fields.get(b"queue", b"").decode(), jid, "job_ids")
             event = event_from_hash(jid, fields)
             if event.state not in TERMINAL:
                 continue
