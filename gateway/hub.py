@@ -73,18 +73,14 @@ class Watcher:
         except asyncio.QueueFull:
             self.overflowed = True
 
-    def mark_stale(self) -> None:
-        self.stale = True
-        self.wake()
-
     def mark_missed(self) -> None:
         """Events may have been missed: a watcher of job ids re-reads their stored state; one without
         (queue and kind filters only) has nothing to re-read, so its stream must say so."""
         if self.job_ids:
-            self.mark_stale()
+            self.stale = True
         else:
             self.missed = True
-            self.wake()
+        self.wake()
 
     def wake(self) -> None:
         if not self.events.full():

@@ -359,9 +359,8 @@ class JobStore:
 
     async def tell_worker_to_cancel(self, worker_id: str, job_id: str, lease: int) -> None:
         """Publishes a CancelJob on the worker's channel (nobody listening: its reaping cancels)."""
-        msg = relay_pb2.WorkerMessage(cancel=relay_pb2.CancelJob(job_id=job_id, lease=lease))
         async with redis_errors():
-            await self.redis.publish(self.keys.dispatch_channel(worker_id), msg.SerializeToString())
+            await self.redis.publish(self.keys.dispatch_channel(worker_id), _cancel_message(job_id, lease))
 
     async def resend_cancels(self, older_than_ms: int, limit: int = 100) -> int:
         """Tells workers again to stop RUNNING jobs whose cancellation they were told of more than
@@ -384,8 +383,7 @@ class JobStore:
                     ended.append(jid)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for jid, worker_id, lease in told:
-                    msg = relay_pb2.WorkerMessage(cancel=relay_pb2.CancelJob(job_id=jid, lease=lease))
-                    pipe.publish(k.dispatch_channel(worker_id), msg.SerializeToString())
+                    pipe.publish(k.dispatch_channel(worker_id), _cancel_message(jid, lease))
                     pipe.zadd(k.cancels(), {jid: now}, xx=True)
                 if ended:
                     pipe.zrem(k.cancels(), *ended)
@@ -410,6 +408,11 @@ class JobStore:
         async with redis_errors():
             flat = await self.scripts.reap(keys=[k.workers(), k.acks()], args=[k.prefix, now_ms(), limit])
         return settled(flat)
+
+
+def _cancel_message(job_id: str, lease: int) -> bytes:
+    """A worker's instruction to stop the attempt ``lease`` of a job."""
+    return relay_pb2.WorkerMessage(cancel=relay_pb2.CancelJob(job_id=job_id, lease=lease)).SerializeToString()
 
 
 def _text(value: object) -> str:

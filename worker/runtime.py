@@ -340,10 +340,11 @@ class _Runtime:
         running = self.jobs.get((c.job_id, c.lease))
         if running is None:
             return
+        if not running.cancel_requested:  # gateways repeat the message until the job ends
+            log.info("job_id=%s cancel requested", c.job_id)
         running.cancel_requested = True
         if running.handler_task is not None:
             running.handler_task.cancel()
-        log.info("job_id=%s cancel requested", c.job_id)
 
     # --- running a job --------------------------------------------------------------------
     async def _execute(self, running: Running) -> None:
