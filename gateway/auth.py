@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 
 from .errors import PermissionDenied
-from .handlers import rebuild
+from .handlers import HandlerCache, rebuild
 from .keys import QUEUE_RE
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, authenticator: Authenticator, on_denied: Callable[[str], None] | None = None) -> None:
         self.authenticator = authenticator
         self.on_denied = on_denied or (lambda method: None)
-        self._built: dict[tuple[int, Principal], tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._built = HandlerCache()
 
     async def intercept_service(
         self,
@@ -179,36 +179,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if principal is None:
             self.on_denied(details.method)
             log.debug("refused an unauthenticated call to %s", details.method)
-            return _refuse(handler)
-        key = (id(handler), principal)
-        cached = self._built.get(key)
-        if cached is None or cached[0] is not handler:  # one wrapper per method and principal
-            cached = (handler, _as(handler, principal))
-            self._built[key] = cached
-        return cached[1]
+            return self._built.get(handler, "refuse", lambda: rebuild(handler, _abort, _unparsed))
+        return self._built.get(handler, principal, lambda: _as(handler, principal))
 
 
-async def _abort(context: grpc.aio.ServicerContext) -> None:
+async def _abort(request: Any, context: grpc.aio.ServicerContext) -> None:
+    """Answers UNAUTHENTICATED (the request is left as the bytes it arrived as)."""
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid 'authorization: Bearer <token>' header is required")
 
 
-def _refuse(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same shape that answers UNAUTHENTICATED without parsing the request."""
-
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await _abort(context)
-
-    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await _abort(context)
-        yield  # pragma: no cover - abort raises
-
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(stream)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(stream)
-    return grpc.unary_unary_rpc_method_handler(unary)
+def _unparsed(data: bytes) -> bytes:
+    return data
 
 
 def _as(handler: grpc.RpcMethodHandler, principal: Principal) -> grpc.RpcMethodHandler:

@@ -67,6 +67,23 @@ def rebuild(
     return handler
 
 
+class HandlerCache:
+    """Wrapped handlers, built once per (original handler, key): a method's handler is the same
+    object on every call, so an interceptor need not rebuild its wrapper per call."""
+
+    def __init__(self) -> None:
+        self._built: dict[tuple[int, object], tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(
+        self, handler: grpc.RpcMethodHandler, key: object, build: Callable[[], grpc.RpcMethodHandler]
+    ) -> grpc.RpcMethodHandler:
+        cached = self._built.get((id(handler), key))
+        if cached is None or cached[0] is not handler:  # (an id can be reused once its object is gone)
+            cached = (handler, build())
+            self._built[id(handler), key] = cached
+        return cached[1]
+
+
 class _Malformed:
     """Stands in for a request that could not be parsed."""
 
@@ -82,7 +99,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
     own RPCs is one.)"""
 
     def __init__(self) -> None:
-        self._built: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._built = HandlerCache()
 
     async def intercept_service(
         self,
@@ -92,13 +109,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         handler = await continuation(details)
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
-        # A method's handler is the same object on every call: build its wrapper once.
-        cached = self._built.get(id(handler))
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        built = self._build(handler)
-        self._built[id(handler)] = (handler, built)
-        return built
+        return self._built.get(handler, None, lambda: self._build(handler))
 
     @staticmethod
     def _build(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
