@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from google.protobuf.struct_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from jobgate.v1 import job_pb2
+from jobgate.v1 import job_pb2, relay_pb2
 
 QUEUED = job_pb2.JOB_STATE_QUEUED
 DISPATCHED = job_pb2.JOB_STATE_DISPATCHED
@@ -25,6 +25,11 @@ def timestamp(ms: int) -> Timestamp:
     ts = Timestamp()
     ts.FromMilliseconds(ms)
     return ts
+
+
+def events_message(events: Iterable[job_pb2.JobEvent]) -> bytes:
+    """The results-channel message (a ``JobEvents``) carrying ``events`` in order."""
+    return relay_pb2.JobEvents(events=events).SerializeToString()
 
 
 def _int(fields: Fields, name: bytes) -> int:

@@ -27,7 +27,7 @@ from .store import CONNECTION_ERRORS, JobStore, subscription
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 512  # messages handled per wake-up
+MAX_BATCH = 512  # messages handled per wake-up; terminal events checked per read
 _KNOWN_STATES = frozenset(v for v in job_pb2.JobState.values() if v != job_pb2.JOB_STATE_UNSPECIFIED)
 
 
@@ -211,18 +211,21 @@ class Hub:
             if msg.get("channel") != results:
                 self._worker_status(data)
                 continue
-            event = parse_event(data)
-            if event is None:
-                self.metrics.dropped.inc()
-                continue
-            if event.state in TERMINAL:
-                if QUEUE_RE.fullmatch(event.queue):
-                    self.on_slot_freed(event.queue)
-                if self.by_job.get(event.job_id) or self.broad:
-                    to_verify[event.job_id] = event
-            else:
-                for w in self._interested(event):
-                    w.push(event)
+            events, dropped = parse_events(data)
+            if dropped:
+                self.metrics.dropped.inc(dropped)
+            for event in events:
+                if event.state in TERMINAL:
+                    if QUEUE_RE.fullmatch(event.queue):
+                        self.on_slot_freed(event.queue)
+                    if self.by_job.get(event.job_id) or self.broad:
+                        to_verify[event.job_id] = event
+                        if len(to_verify) >= MAX_BATCH:  # bounded bursts: watchers drain in between
+                            await self._forward_verified(list(to_verify))
+                            to_verify.clear()
+                else:
+                    for w in self._interested(event):
+                        w.push(event)
         if to_verify:
             await self._forward_verified(list(to_verify))
 
@@ -252,15 +255,19 @@ class Hub:
             self.on_worker_change()
 
 
-def parse_event(data: bytes) -> job_pb2.JobEvent | None:
-    """Parses a JobEvent from the result channel; None (logged) when malformed."""
-    event = job_pb2.JobEvent()
+def parse_events(data: bytes) -> tuple[list[job_pb2.JobEvent], int]:
+    """The events of a JobEvents message from the result channel, and how many were dropped (logged):
+    a malformed or empty message counts as one, an event with a bad job id or state as one each."""
+    msg = relay_pb2.JobEvents()
     try:
-        event.ParseFromString(data)
+        msg.ParseFromString(data)
     except DecodeError:
         log.warning("dropped a malformed result message (%d bytes)", len(data))
-        return None
-    if not JOB_ID_RE.fullmatch(event.job_id) or event.state not in _KNOWN_STATES:
-        log.warning("dropped a result message with a bad job id or state")
-        return None
-    return event
+        return [], 1
+    if not msg.events:
+        log.warning("dropped a result message with no events (%d bytes)", len(data))
+        return [], 1
+    events = [e for e in msg.events if JOB_ID_RE.fullmatch(e.job_id) and e.state in _KNOWN_STATES]
+    if len(events) < len(msg.events):
+        log.warning("dropped %d result event(s) with a bad job id or state", len(msg.events) - len(events))
+    return events, len(msg.events) - len(events)

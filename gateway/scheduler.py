@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from jobgate.v1 import job_pb2, relay_pb2
 
-from .codec import DISPATCHED, timestamp
+from .codec import DISPATCHED, events_message, timestamp
 from .errors import Unavailable
 from .keys import QUEUE_RE, Keys
 from .metrics import GatewayMetrics
@@ -138,17 +138,19 @@ class Scheduler:
                 return total
 
     async def _publish(self, queue: str, placements: list[Placement]) -> list[Placement]:
+        """Publishes one message per worker with its placements, and one message with every
+        DISPATCHED event; returns the placements whose worker's message reached nobody."""
         k, now = self.keys, timestamp(now_ms())
-        async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
-            for p in placements:
-                spec = job_pb2.JobSpec.FromString(p.spec)
-                msg = relay_pb2.WorkerMessage(
-                    dispatch=relay_pb2.DispatchJob(
-                        job_id=p.job_id, lease=p.lease, attempt=p.attempt, spec=spec, timeout_ms=p.timeout_ms
-                    )
-                )
-                pipe.publish(k.dispatch_channel(p.worker_id), msg.SerializeToString())
-                event = job_pb2.JobEvent(
+        by_worker: dict[str, list[relay_pb2.DispatchJob]] = {}
+        events = []
+        for p in placements:
+            spec = job_pb2.JobSpec.FromString(p.spec)
+            dispatch = relay_pb2.DispatchJob(
+                job_id=p.job_id, lease=p.lease, attempt=p.attempt, spec=spec, timeout_ms=p.timeout_ms
+            )
+            by_worker.setdefault(p.worker_id, []).append(dispatch)
+            events.append(
+                job_pb2.JobEvent(
                     job_id=p.job_id,
                     queue=queue,
                     kind=spec.kind,
@@ -157,6 +159,15 @@ class Scheduler:
                     worker_id=p.worker_id,
                     time=now,
                 )
-                pipe.publish(k.results_channel(), event.SerializeToString())
+            )
+        async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
+            for worker_id, jobs in by_worker.items():
+                if len(jobs) == 1:
+                    msg = relay_pb2.WorkerMessage(dispatch=jobs[0])
+                else:
+                    msg = relay_pb2.WorkerMessage(dispatches=relay_pb2.DispatchJobs(jobs=jobs))
+                pipe.publish(k.dispatch_channel(worker_id), msg.SerializeToString())
+            pipe.publish(k.results_channel(), events_message(events))
             receivers = await pipe.execute()
-        return [p for p, n in zip(placements, receivers[::2], strict=True) if n == 0]
+        unreached = {w for w, n in zip(by_worker, receivers, strict=False) if n == 0}
+        return [p for p in placements if p.worker_id in unreached]

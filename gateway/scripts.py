@@ -19,7 +19,9 @@ NAMES = (
     "schedule",
     "unassign",
     "start",
+    "start_many",
     "finish",
+    "finish_many",
     "heartbeat",
     "leave",
     "reap",
@@ -42,7 +44,9 @@ class Scripts:
     schedule: AsyncScript
     unassign: AsyncScript
     start: AsyncScript
+    start_many: AsyncScript
     finish: AsyncScript
+    finish_many: AsyncScript
     heartbeat: AsyncScript
     leave: AsyncScript
     reap: AsyncScript

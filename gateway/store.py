@@ -30,7 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
 
-from .codec import Fields, event_from_hash, job_from_hash
+from .codec import Fields, event_from_hash, events_message, job_from_hash
 from .errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from .keys import Keys
 from .scripts import Scripts
@@ -396,11 +396,10 @@ class JobStore:
             return
         ids = [s.job_id for s in settled]
         fields = await self.get_fields(ids)
-        async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
-            for job_id, f in zip(ids, fields, strict=True):
-                if f:
-                    pipe.publish(self.keys.results_channel(), event_from_hash(job_id, f).SerializeToString())
-            await pipe.execute()
+        events = [event_from_hash(job_id, f) for job_id, f in zip(ids, fields, strict=True) if f]
+        if events:
+            async with redis_errors():
+                await self.redis.publish(self.keys.results_channel(), events_message(events))
 
     async def reap(self, limit: int = 100) -> list[Settled]:
         """Settles jobs of expired workers and unacknowledged dispatches."""

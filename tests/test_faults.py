@@ -287,8 +287,12 @@ async def test_forged_and_malformed_channel_messages_change_nothing(
     )
     for channel, data in [
         (keys.results_channel(), b"\xff\x00garbage"),
-        (keys.results_channel(), forged.SerializeToString()),
-        (keys.results_channel(), job_pb2.JobEvent(job_id="../../etc", state=99).SerializeToString()),
+        (keys.results_channel(), relay_pb2.JobEvents(events=[forged]).SerializeToString()),
+        (keys.results_channel(), forged.SerializeToString()),  # a bare JobEvent is not a results message
+        (
+            keys.results_channel(),
+            relay_pb2.JobEvents(events=[job_pb2.JobEvent(job_id="../../etc", state=99)]).SerializeToString(),
+        ),
         (keys.dispatch_channel("target"), b"\x0a\xffnot a message"),
         (keys.dispatch_channel("target"), phantom.SerializeToString()),
         (

@@ -711,7 +711,8 @@ def _forged_outcomes(job_id: str) -> list[bytes]:
     failed = job_pb2.JobEvent(job_id=job_id, queue="default", kind="sleep", state=S.JOB_STATE_FAILED, attempt=9)
     failed.error.code, failed.error.message = "FORGED", "forged"
     cancelled = job_pb2.JobEvent(job_id=job_id, queue="default", state=S.JOB_STATE_CANCELLED)
-    return [e.SerializeToString() for e in (succeeded, failed, cancelled)]
+    one_each = [relay_pb2.JobEvents(events=[e]).SerializeToString() for e in (succeeded, failed, cancelled)]
+    return [*one_each, relay_pb2.JobEvents(events=[cancelled, succeeded]).SerializeToString()]
 
 
 async def _collect(call: Any, into: list[job_pb2.JobEvent]) -> None:

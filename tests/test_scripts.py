@@ -98,6 +98,59 @@ async def test_finish_records_once_frees_the_slot_once_and_starts_retention(stor
     assert 0 < await redis.ttl(k.job(job_id)) <= 600
 
 
+def one_event(job_id: str, state: int) -> bytes:
+    return relay_pb2.JobEvents(events=[job_pb2.JobEvent(job_id=job_id, state=state)]).SerializeToString()  # type: ignore[arg-type]
+
+
+async def test_batched_start_and_finish_handle_each_job_as_alone_and_publish_the_changes_as_one_message(
+    store: JobStore, redis: Redis
+) -> None:
+    k = store.keys
+    await beat(store, "w1", slots=3)
+    ids = [await submit(store) for _ in range(3)]
+    placed = {p.job_id: p for p in await place(store)}
+    a, b, c = (placed[i] for i in ids)
+    assert await start(store, a) == 1  # started alone before the batch: its event is not repeated
+    stale = Placement(c.job_id, c.worker_id, c.lease + 1, c.attempt, c.spec, c.timeout_ms)
+    async with redis.pubsub() as ps:
+        await ps.subscribe(k.results_channel())
+        await ps.get_message(timeout=1)  # the subscribe confirmation
+        jobs = [(a.job_id, a.lease), (b.job_id, b.lease), (c.job_id, stale.lease), ("f" * 32, 1)]
+        codes = await store.scripts.start_many(
+            keys=[k.acks(), k.results_channel(), *(k.job(j) for j, _ in jobs)],
+            args=["w1", now_ms(), *(x for j, lease in jobs for x in (j, lease, one_event(j, S.JOB_STATE_RUNNING)))],
+        )
+        assert codes == [1, 1, 0, -1]
+        msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1)
+        assert [e.job_id for e in relay_pb2.JobEvents.FromString(msg["data"]).events] == [b.job_id]
+
+        def outcome(p: Placement, state: int) -> list[object]:
+            return [p.job_id, p.lease, state, b"", b"", "", "", one_event(p.job_id, state)]
+
+        bad = await redis.hgetall(k.job(a.job_id))
+        with pytest.raises(Exception, match="terminal state"):
+            await store.scripts.finish_many(
+                keys=[k.results_channel(), k.job(a.job_id), k.job(b.job_id)],
+                args=[k.prefix, "w1", now_ms(), *outcome(a, S.JOB_STATE_SUCCEEDED), *outcome(b, S.JOB_STATE_RUNNING)],
+            )
+        assert await redis.hgetall(k.job(a.job_id)) == bad  # nothing of the batch was written
+        assert (await finish(store, a))[0] == 1
+        await ps.get_message(ignore_subscribe_messages=True, timeout=1)
+        codes = await store.scripts.finish_many(
+            keys=[k.results_channel(), k.job(a.job_id), k.job(b.job_id), k.job(c.job_id)],
+            args=[k.prefix, "w1", now_ms(), *outcome(a, S.JOB_STATE_SUCCEEDED), *outcome(b, S.JOB_STATE_FAILED),
+                  *outcome(stale, S.JOB_STATE_SUCCEEDED)],
+        )  # fmt: skip
+        assert codes == [2, 1, 0]
+        msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1)
+        assert [(e.job_id, e.state) for e in relay_pb2.JobEvents.FromString(msg["data"]).events] == [
+            (b.job_id, S.JOB_STATE_FAILED)
+        ]
+        assert await ps.get_message(ignore_subscribe_messages=True, timeout=0.2) is None
+    assert await field(redis, k, k.worker("w1"), "used") == "1"  # c is still placed
+    assert await field(redis, k, k.job(c.job_id), "state") == str(S.JOB_STATE_DISPATCHED)
+
+
 async def test_placement_prefers_the_least_loaded_worker_that_handles_the_kind(store: JobStore) -> None:
     await beat(store, "busy", slots=4)
     await beat(store, "idle", slots=4)

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from google.protobuf.struct_pb2 import Value
 
+from gateway.codec import events_message
 from gateway.errors import Unavailable
 from gateway.keys import JOB_ID_RE, Keys
 from gateway.metrics import WorkerMetrics, serve
@@ -41,6 +42,7 @@ from gateway.store import (
 from jobgate.v1 import job_pb2, relay_pb2
 
 from .builtins import register_builtins
+from .coalesce import Coalescer
 from .config import WorkerSettings, default_worker_id
 from .registry import Handler, JobContext, Registry
 
@@ -138,6 +140,9 @@ class _Runtime:
         self.stuck_threads = 0  # handler threads still running after their job ended
         self.metrics = WorkerMetrics()
         self._background: set[asyncio.Task[None]] = set()
+        # Concurrent starts and finishes go to Redis together, one script call per batch.
+        self.starts: Coalescer[tuple[relay_pb2.DispatchJob, bytes], int] = Coalescer(self._start_many)
+        self.finishes: Coalescer[list[Any], int] = Coalescer(self._finish_many)
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -184,6 +189,8 @@ class _Runtime:
         _, stuck = await asyncio.wait(background, timeout=self.settings.redis_timeout_s)
         if stuck:
             log.warning("%d background task(s) did not stop within %.1fs", len(stuck), self.settings.redis_timeout_s)
+        await self.starts.aclose()
+        await self.finishes.aclose()
         await self._quietly(self._leave())
 
     async def _leave(self) -> None:
@@ -319,6 +326,9 @@ class _Runtime:
         body = msg.WhichOneof("body")
         if body == "dispatch":
             self._on_dispatch(msg.dispatch)
+        elif body == "dispatches":
+            for d in msg.dispatches.jobs:
+                self._on_dispatch(d)
         elif body == "cancel":
             self._on_cancel(msg.cancel)
         else:
@@ -418,21 +428,24 @@ class _Runtime:
                 delay = min(delay * 2, 2.0)
 
     async def _start(self, d: relay_pb2.DispatchJob) -> bool:
-        k = self.keys
-        event = self._event(d, job_pb2.JOB_STATE_RUNNING).SerializeToString()
-        code = await self._retrying(
-            "start",
-            d.job_id,
-            lambda: self.scripts.start(
-                keys=[k.job(d.job_id), k.acks(), k.results_channel()],
-                args=[d.job_id, d.lease, self.id, now_ms(), event],
-            ),
-        )
+        event = events_message([self._event(d, job_pb2.JOB_STATE_RUNNING)])
+        code = await self._retrying("start", d.job_id, lambda: self.starts.call((d, event)))
         if code != 1:
             log.warning("job_id=%s dispatch refused (%s)", d.job_id, "missing" if code == -1 else "stale")
             return False
         log.info("job_id=%s kind=%s attempt=%d started", d.job_id, d.spec.kind, d.attempt)
         return True
+
+    async def _start_many(self, items: Sequence[tuple[relay_pb2.DispatchJob, bytes]]) -> list[int]:
+        """One start_many call for dispatches that arrived together; start's code for each."""
+        k = self.keys
+        keys = [k.acks(), k.results_channel()]
+        args: list[Any] = [self.id, now_ms()]
+        for d, event in items:
+            keys.append(k.job(d.job_id))
+            args += (d.job_id, d.lease, event)
+        codes: list[int] = await self.scripts.start_many(keys=keys, args=args)
+        return codes
 
     async def _run_handler(self, running: Running) -> Outcome:
         d = running.dispatch
@@ -487,7 +500,6 @@ class _Runtime:
         return _success(value)
 
     async def _finish(self, d: relay_pb2.DispatchJob, outcome: Outcome) -> None:
-        k = self.keys
         event = self._event(d, outcome.state)
         if outcome.result:
             event.result.ParseFromString(outcome.result)
@@ -495,29 +507,35 @@ class _Runtime:
         if outcome.error_code:
             event.error.code = outcome.error_code
             event.error.message = outcome.error_message
-        args: list[Any] = [
-            k.prefix,
+        item: list[Any] = [
             d.job_id,
             d.lease,
-            self.id,
             outcome.state,
-            now_ms(),
             outcome.result,
             outcome.output,
             outcome.error_code,
             outcome.error_message,
-            event.SerializeToString(),
+            events_message([event]),
         ]
-        reply = await self._retrying(
-            "outcome", d.job_id, lambda: self.scripts.finish(keys=[k.job(d.job_id), k.results_channel()], args=args)
-        )
+        code = await self._retrying("outcome", d.job_id, lambda: self.finishes.call(item))
         state = job_pb2.JobState.Name(outcome.state)
-        if reply[0] in (1, 2):  # 2: recorded by an earlier try whose reply was lost
+        if code in (1, 2):  # 2: recorded by an earlier try whose reply was lost
             log.info("job_id=%s finished %s", d.job_id, state)
             self.metrics.jobs.labels(d.spec.kind, state.removeprefix("JOB_STATE_")).inc()
         else:
             self.metrics.superseded.inc()
             log.warning("job_id=%s outcome discarded: this attempt was superseded", d.job_id)
+
+    async def _finish_many(self, items: Sequence[list[Any]]) -> list[int]:
+        """One finish_many call for outcomes recorded together; finish's code for each."""
+        k = self.keys
+        keys = [k.results_channel()]
+        args: list[Any] = [k.prefix, self.id, now_ms()]
+        for item in items:
+            keys.append(k.job(item[0]))
+            args += item
+        codes: list[int] = await self.scripts.finish_many(keys=keys, args=args)
+        return codes
 
     def _event(self, d: relay_pb2.DispatchJob, state: int) -> job_pb2.JobEvent:
         event = job_pb2.JobEvent(

@@ -80,3 +80,35 @@ local function evict_worker(P, workers_key, acks_key, w, now, handback, out)
   redis.call('DEL', wk, jobs_key)
   redis.call('ZREM', workers_key, w)
 end
+
+-- A worker acknowledges one dispatch (the start and start_many scripts; contract in start.lua).
+-- Returns 1 running, 0 stale, -1 missing; and true when it changed the job (its RUNNING event is
+-- to be published).
+local function start_job(job_key, acks_key, job_id, lease, worker_id, now)
+  local j = redis.call('HMGET', job_key, 'state', 'lease', 'worker', 'attempt')
+  if not j[1] then return -1 end
+  if j[2] ~= lease or j[3] ~= worker_id then return 0 end
+  if tonumber(j[1]) == RUNNING then return 1 end
+  if tonumber(j[1]) ~= DISPATCHED then return 0 end
+  redis.call('HSET', job_key, 'state', RUNNING, 'attempt', tonumber(j[4]) + 1, 'started', now, 'updated', now)
+  redis.call('ZREM', acks_key, job_id)
+  return 1, true
+end
+
+-- A worker records one outcome (the finish and finish_many scripts; contract in finish.lua).
+-- `o` holds job_id, lease, state (a number), result, output, code, message.
+-- Returns 1 recorded (its event is to be published), 2 already recorded by this placement,
+-- 0 stale, -1 missing, -2 not a terminal state (nothing written).
+local function record_outcome(P, job_key, worker_id, now, o)
+  local j = redis.call('HMGET', job_key, 'state', 'lease', 'worker')
+  if not j[1] then return -1 end
+  if not is_terminal(o.state) then return -2 end
+  if j[2] ~= o.lease or j[3] ~= worker_id then return 0 end
+  -- 'recorded' names the lease whose outcome this script wrote; reap, leave and cancel never set it
+  if tonumber(j[1]) == o.state and redis.call('HGET', job_key, 'recorded') == o.lease then return 2 end
+  if tonumber(j[1]) ~= RUNNING then return 0 end
+  redis.call('HSET', job_key, 'result', o.result, 'output', o.output, 'recorded', o.lease)
+  finish_job(job_key, o.state, o.code, o.message, now)
+  release_slot(P, worker_id, o.job_id)
+  return 1
+end

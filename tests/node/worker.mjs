@@ -64,7 +64,7 @@ const root = new protobuf.Root();
 root.resolvePath = (_origin, target) => path.join(ROOT, 'proto', target);
 root.loadSync(['jobgate/v1/job.proto', 'jobgate/v1/relay.proto'], { keepCase: true });
 const T = Object.fromEntries(
-  ['JobEvent', 'WorkerMessage', 'WorkerStatus'].map((n) => [n, root.lookupType(`jobgate.v1.${n}`)]),
+  ['JobEvents', 'WorkerMessage', 'WorkerStatus'].map((n) => [n, root.lookupType(`jobgate.v1.${n}`)]),
 );
 const Value = root.lookupType('google.protobuf.Value');
 const encode = (type, obj) => Buffer.from(type.encode(type.fromObject(obj)).finish());
@@ -148,7 +148,7 @@ async function publishSettled(flat) {
     };
     if (f.result?.length) event.result = Value.toObject(Value.decode(f.result));
     if (str('err_code')) event.error = { code: str('err_code'), message: str('err_msg') };
-    await redis.publish(K.results, encode(T.JobEvent, event));
+    await redis.publish(K.results, encode(T.JobEvents, { events: [event] }));
     log(`job_id=${id} settled: state ${event.state}`);
   }
 }
@@ -196,6 +196,7 @@ function onMessage(data) {
     return log('dropped a malformed dispatch message');
   }
   if (msg.body === 'dispatch') onDispatch(msg.dispatch);
+  else if (msg.body === 'dispatches') for (const d of msg.dispatches.jobs ?? []) onDispatch(d);
   else if (msg.body === 'cancel') onCancel(msg.cancel);
 }
 
@@ -227,7 +228,7 @@ const jobEvent = (d, state, extra = {}) => ({
 
 async function execute(d, job) {
   const lease = job.lease.toString(); // the plain decimal, compared as a string by the scripts
-  const running = encode(T.JobEvent, jobEvent(d, RUNNING));
+  const running = encode(T.JobEvents, { events: [jobEvent(d, RUNNING)] });
   const started = await retrying('start', d.job_id, () =>
     script('start', [K.job(d.job_id), K.acks, K.results], [d.job_id, lease, workerId, Date.now(), running]));
   if (started !== 1) return log(`job_id=${d.job_id} dispatch refused (${started === -1 ? 'missing' : 'stale'})`);
@@ -236,7 +237,7 @@ async function execute(d, job) {
   if (job.abandoned) return log(`job_id=${d.job_id} abandoned: its placement was settled elsewhere`);
   const value = out.state === SUCCEEDED ? toValue(out.result) : undefined;
   const error = out.code ? { code: out.code, message: out.message } : undefined;
-  const event = encode(T.JobEvent, jobEvent(d, out.state, { result: value, error }));
+  const event = encode(T.JobEvents, { events: [jobEvent(d, out.state, { result: value, error })] });
   const args = [P, d.job_id, lease, workerId, out.state, Date.now(), value ? encode(Value, value) : '', '',
     out.code ?? '', out.message ?? '', event];
   const reply = await retrying('finish', d.job_id, () => script('finish', [K.job(d.job_id), K.results], args));

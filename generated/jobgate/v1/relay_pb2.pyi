@@ -1,8 +1,9 @@
 from jobgate.v1 import job_pb2 as _job_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -21,6 +22,12 @@ class DispatchJob(_message.Message):
     timeout_ms: int
     def __init__(self, job_id: _Optional[str] = ..., lease: _Optional[int] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
+class DispatchJobs(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[DispatchJob]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[DispatchJob, _Mapping]]] = ...) -> None: ...
+
 class CancelJob(_message.Message):
     __slots__ = ("job_id", "lease")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -30,12 +37,20 @@ class CancelJob(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., lease: _Optional[int] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("dispatch", "cancel")
+    __slots__ = ("dispatch", "cancel", "dispatches")
     DISPATCH_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    DISPATCHES_FIELD_NUMBER: _ClassVar[int]
     dispatch: DispatchJob
     cancel: CancelJob
-    def __init__(self, dispatch: _Optional[_Union[DispatchJob, _Mapping]] = ..., cancel: _Optional[_Union[CancelJob, _Mapping]] = ...) -> None: ...
+    dispatches: DispatchJobs
+    def __init__(self, dispatch: _Optional[_Union[DispatchJob, _Mapping]] = ..., cancel: _Optional[_Union[CancelJob, _Mapping]] = ..., dispatches: _Optional[_Union[DispatchJobs, _Mapping]] = ...) -> None: ...
+
+class JobEvents(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[_job_pb2.JobEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[_job_pb2.JobEvent, _Mapping]]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("worker_id", "change")

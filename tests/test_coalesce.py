@@ -1,0 +1,69 @@
+"""The worker's coalescer: concurrent calls go out together, one batch in flight at a time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from worker.coalesce import Coalescer
+
+
+class Recorder:
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.fail_on = fail_on
+
+    async def send(self, items: Sequence[int]) -> list[int]:
+        self.batches.append(list(items))
+        await self.release.wait()
+        if self.fail_on in items:
+            raise ConnectionError("lost")
+        return [i * 10 for i in items]
+
+
+async def test_a_lone_call_goes_at_once_and_calls_made_meanwhile_go_together_next() -> None:
+    rec = Recorder()
+    c: Coalescer[int, int] = Coalescer(rec.send, most=3)
+    first = asyncio.create_task(c.call(1))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert rec.batches == [[1]]  # not held back waiting for company
+    rest = [asyncio.create_task(c.call(i)) for i in range(2, 7)]
+    await asyncio.sleep(0)
+    rec.release.set()
+    assert await first == 10
+    assert [await t for t in rest] == [20, 30, 40, 50, 60]
+    assert rec.batches == [[1], [2, 3, 4], [5, 6]]  # at most `most` per batch, in order
+
+
+async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_still_goes() -> None:
+    rec = Recorder(fail_on=2)
+    rec.release.set()
+    c: Coalescer[int, int] = Coalescer(rec.send)
+    results = await asyncio.gather(c.call(1), c.call(2), return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+    assert await c.call(3) == 30
+
+
+async def test_a_caller_that_gave_up_is_left_out_and_closing_cancels_the_waiting() -> None:
+    rec = Recorder()
+    c: Coalescer[int, int] = Coalescer(rec.send)
+    first = asyncio.create_task(c.call(1))
+    await asyncio.sleep(0)
+    gave_up = asyncio.create_task(c.call(2))
+    kept = asyncio.create_task(c.call(3))
+    await asyncio.sleep(0)
+    gave_up.cancel()
+    rec.release.set()
+    assert (await first, await kept) == (10, 30)
+    assert rec.batches == [[1], [3]]
+    rec.release.clear()
+    stuck = asyncio.create_task(c.call(4))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    await c.aclose()
+    with pytest.raises(asyncio.CancelledError):
+        await stuck

@@ -1,0 +1,72 @@
+"""Coalesces concurrent per-job Redis calls into one batched call.
+
+Under load many jobs start and finish at once; sending each start or finish as its own script
+call costs a round trip and the client's per-command overhead every time. A :class:`Coalescer`
+gathers the items that callers hand it while one batch is in flight, then sends them together
+as the next batch. An idle worker still sends a lone item at once, so a single job waits no longer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Coalescer(Generic[T, R]):
+    """Runs ``send(items)`` for batches of at most ``most`` items, one batch in flight at a time.
+
+    ``send`` returns one result per item, in order. When it raises, every caller of that batch gets
+    the exception (and may retry on its own: the batched calls are safe to repeat per item).
+    """
+
+    def __init__(self, send: Callable[[Sequence[T]], Awaitable[Sequence[R]]], *, most: int = 256) -> None:
+        self._send = send
+        self._most = most
+        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def call(self, item: T) -> R:
+        """Queues ``item`` for the next batch and returns its result."""
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def aclose(self) -> None:
+        """Stops sending (on shutdown): callers still waiting are cancelled."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+
+    async def _flush(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[: self._most], self._waiting[self._most :]
+                live = [(item, f) for item, f in batch if not f.done()]  # a cancelled caller gave up
+                if not live:
+                    continue
+                try:
+                    results = await self._send([item for item, _ in live])
+                except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
+                    for _, f in live:
+                        if not f.done():
+                            f.set_exception(exc)
+                    continue
+                except asyncio.CancelledError:
+                    for _, f in live:
+                        f.cancel()
+                    raise
+                for (_, f), result in zip(live, results, strict=True):
+                    if not f.done():
+                        f.set_result(result)
+        finally:
+            self._flusher = None
+            for _, f in self._waiting:  # only when cancelled: nobody will send these
+                f.cancel()
+            if self._waiting:
+                self._waiting = []
