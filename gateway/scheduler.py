@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 
 from redis.asyncio import Redis
 
-from jobgate.v1 import job_pb2, relay_pb2
+from jobgate.v1 import job_pb2
 
-from .codec import DISPATCHED, events_message, timestamp
 from .errors import Unavailable
 from .keys import QUEUE_RE, Keys
 from .metrics import GatewayMetrics
-from .store import JobStore, Placement, now_ms, redis_errors
+from .store import JobStore, Placed
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class Scheduler:
         self.batch = batch
         self._dirty: set[str] = set()
         self._reported: set[str] = set()  # queues with a waiting-jobs gauge
+        # Queues known to hold waiting jobs (from placements and the census): only a slot freed in
+        # one of them calls for a placement pass.
+        self._backlog: set[str] = set()
         self._all = True
         self._wake = asyncio.Event()
 
@@ -101,6 +104,8 @@ class Scheduler:
             self.metrics.waiting.remove(queue)
         for queue, count in waiting.items():
             self.metrics.waiting.labels(queue).set(count)
+            if count:
+                self._backlog.add(queue)
         self._reported = set(waiting)
         self.metrics.workers.set(live)
 
@@ -122,52 +127,33 @@ class Scheduler:
         """Places as many waiting jobs of ``queue`` as there are free slots; returns how many."""
         total = 0
         while True:
-            placements = await self.store.schedule(queue, ack_timeout_ms=self.ack_timeout_ms, most=self.batch)
-            if not placements:
-                return total
-            lost = await self._publish(queue, placements)
-            self.metrics.placed.inc(len(placements) - len(lost))
-            self.metrics.dispatch_lost.inc(len(lost))
-            for p in lost:
-                log.warning(
-                    "job_id=%s dispatch to worker %s reached nobody; placing it elsewhere", p.job_id, p.worker_id
-                )
-                await self.store.unassign(p)
-            total += len(placements) - len(lost)
-            if len(placements) < self.batch and not lost:
+            placed = await self.store.schedule(queue, ack_timeout_ms=self.ack_timeout_ms, most=self.batch)
+            total += len(placed.placements)
+            if not self.record(placed, (queue,)) or len(placed.placements) < self.batch:
                 return total
 
-    async def _publish(self, queue: str, placements: list[Placement]) -> list[Placement]:
-        """Publishes one message per worker with its placements, and one message with every
-        DISPATCHED event; returns the placements whose worker's message reached nobody."""
-        k, now = self.keys, timestamp(now_ms())
-        by_worker: dict[str, list[relay_pb2.DispatchJob]] = {}
-        events = []
-        for p in placements:
-            spec = job_pb2.JobSpec.FromString(p.spec)
-            dispatch = relay_pb2.DispatchJob(
-                job_id=p.job_id, lease=p.lease, attempt=p.attempt, spec=spec, timeout_ms=p.timeout_ms
-            )
-            by_worker.setdefault(p.worker_id, []).append(dispatch)
-            events.append(
-                job_pb2.JobEvent(
-                    job_id=p.job_id,
-                    queue=queue,
-                    kind=spec.kind,
-                    state=DISPATCHED,
-                    attempt=p.attempt,
-                    worker_id=p.worker_id,
-                    time=now,
-                )
-            )
-        async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
-            for worker_id, jobs in by_worker.items():
-                if len(jobs) == 1:
-                    msg = relay_pb2.WorkerMessage(dispatch=jobs[0])
-                else:
-                    msg = relay_pb2.WorkerMessage(dispatches=relay_pb2.DispatchJobs(jobs=jobs))
-                pipe.publish(k.dispatch_channel(worker_id), msg.SerializeToString())
-            pipe.publish(k.results_channel(), events_message(events))
-            receivers = await pipe.execute()
-        unreached = {w for w, n in zip(by_worker, receivers, strict=False) if n == 0}
-        return [p for p in placements if p.worker_id in unreached]
+    def record(self, placed: Placed, queues: Iterable[str]) -> bool:
+        """Takes note of what a placing script (schedule, or submit right away) did for ``queues``:
+        counts its placements, logs those that went back (no subscriber on their worker's channel)
+        and remembers which queues still hold waiting jobs. Asks for another pass when jobs went
+        back or when jobs still wait after the script stopped at its limit. Returns whether jobs of
+        ``queues`` still wait."""
+        lost = [p for p in placed.placements if not p.reached]
+        self.metrics.placed.inc(len(placed.placements) - len(lost))
+        if lost:
+            self.metrics.dispatch_lost.inc(len(lost))
+        for p in lost:
+            log.warning("job_id=%s dispatch to worker %s reached nobody; placing it elsewhere", p.job_id, p.worker_id)
+        for queue in queues:
+            if queue not in placed.waiting:
+                self._backlog.discard(queue)
+                continue
+            self._backlog.add(queue)
+            if lost or len(placed.placements) >= self.store.place_most:
+                self.kick(queue)
+        return bool(placed.waiting)
+
+    def slot_freed(self, queue: str) -> None:
+        """A job of ``queue`` ended: runs placement there if jobs are known to wait in it."""
+        if queue in self._backlog:
+            self.kick(queue)

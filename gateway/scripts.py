@@ -17,7 +17,6 @@ from redis.commands.core import AsyncScript
 NAMES = (
     "submit",
     "schedule",
-    "unassign",
     "start",
     "start_many",
     "finish",
@@ -42,7 +41,6 @@ class Scripts:
 
     submit: AsyncScript
     schedule: AsyncScript
-    unassign: AsyncScript
     start: AsyncScript
     start_many: AsyncScript
     finish: AsyncScript

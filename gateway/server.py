@@ -104,12 +104,15 @@ async def start(settings: GatewaySettings) -> Gateway:
         idempotency_ttl_s=settings.idempotency_ttl_s,
         max_queues=settings.max_queues,
         max_kinds=settings.max_kinds,
+        ack_timeout_ms=settings.ack_timeout_ms,
     )
     metrics = GatewayMetrics()
     scheduler = Scheduler(
         redis, keys, store, tick_s=settings.tick_ms / 1000, ack_timeout_ms=settings.ack_timeout_ms, metrics=metrics
     )
-    hub = Hub(redis, keys, store, on_slot_freed=scheduler.kick, on_worker_change=scheduler.kick_all, metrics=metrics)
+    hub = Hub(
+        redis, keys, store, on_slot_freed=scheduler.slot_freed, on_worker_change=scheduler.kick_all, metrics=metrics
+    )
     limits = Limits(
         max_payload_bytes=settings.max_payload_bytes,
         default_timeout_ms=settings.default_timeout_ms,

@@ -150,9 +150,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> scheduler_pb2.SubmitJobResponse:
         prepared = prepare(request, self.limits)
         auth.current().check(prepared.spec.queue, "queue")
-        [job] = await self.store.submit([prepared])
+        [job], placed = await self.store.submit([prepared])
         self.metrics.submitted.inc()
-        self.scheduler.kick(job.spec.queue)
+        self.scheduler.record(placed, (job.spec.queue,))
         return scheduler_pb2.SubmitJobResponse(job=job)
 
     @unary
@@ -163,10 +163,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         principal = auth.current()
         for i, p in enumerate(prepared):
             principal.check(p.spec.queue, f"jobs[{i}].queue")
-        jobs = await self.store.submit(prepared)
+        jobs, placed = await self.store.submit(prepared)
         self.metrics.submitted.inc(len(jobs))
-        for queue in {j.spec.queue for j in jobs}:
-            self.scheduler.kick(queue)
+        self.scheduler.record(placed, {j.spec.queue for j in jobs})
         return scheduler_pb2.SubmitJobsResponse(jobs=jobs)
 
     @unary
@@ -216,9 +215,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         watcher = Watcher(job_ids=[prepared.id], terminal_only=False, buffer=self.stream_buffer)
         self.hub.add(watcher)  # before the job exists: no event can slip past
         try:
-            [job] = await self.store.submit([prepared])
+            [job], placed = await self.store.submit([prepared])
             self.metrics.submitted.inc()
-            self.scheduler.kick(job.spec.queue)
+            self.scheduler.record(placed, (job.spec.queue,))
             if job.id != prepared.id:  # idempotent repeat: follow the original job
                 self.hub.remove(watcher)
                 watcher = Watcher(job_ids=[job.id], terminal_only=False, buffer=self.stream_buffer)

@@ -12,10 +12,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, NoReturn, cast
 
+import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -44,13 +47,34 @@ log = logging.getLogger(__name__)
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
+@cache
+def _packing_with_hiredis(cls: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``cls`` with commands packed by hiredis (C) instead of redis-py's Python packer, which
+    copies its growing buffer for every argument: a batch script call carries thousands of them."""
+
+    class Packed(cls):  # type: ignore[valid-type, misc]
+        def pack_command(self, *args: Any) -> list[bytes]:
+            try:
+                if isinstance(args[0], str):  # e.g. "SCRIPT LOAD": the server expects separate words
+                    args = (*args[0].encode().split(), *args[1:])
+                elif b" " in args[0]:
+                    args = (*args[0].split(), *args[1:])
+                return [hiredis.pack_command(args)]
+            except TypeError:  # a value Redis cannot take: redis-py's packer raises its own error
+                packed: list[bytes] = super().pack_command(*args)
+                return packed
+
+    Packed.__name__ = Packed.__qualname__ = f"Hiredis{cls.__name__}"
+    return Packed
+
+
 def redis_client(url: str, timeout_s: float) -> Redis:
     """An asyncio Redis client with bounded waits that reconnects by itself.
 
     A command that hits a connection dropped by a Redis restart is retried (up to 3 times, 50-500 ms
     apart) on a fresh connection, so the first request after a restart does not fail for nothing.
     """
-    return Redis.from_url(
+    client = Redis.from_url(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
@@ -67,6 +91,9 @@ def redis_client(url: str, timeout_s: float) -> Redis:
         ),
         retry_on_error=list(CONNECTION_ERRORS),
     )
+    pool = client.connection_pool  # connections are made on first use, so this applies to all
+    pool.connection_class = _packing_with_hiredis(pool.connection_class)  # type: ignore[arg-type]
+    return client
 
 
 async def bounded(aw: Awaitable[Any], timeout_s: float, what: str) -> None:
@@ -133,14 +160,29 @@ async def redis_errors() -> AsyncIterator[None]:
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """One job placed on one worker by the schedule script."""
+    """One job placed on one worker (and published) by the submit or schedule script."""
 
     job_id: str
     worker_id: str
     lease: int
     attempt: int
-    spec: bytes
-    timeout_ms: int
+    reached: bool  # False: no subscriber on the worker's channel, so the job went back to its queue
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """What a placing script did: its placements, and the queues it left jobs waiting in."""
+
+    placements: list[Placement]
+    waiting: set[str]
+
+
+def placements(flat: Sequence[Any]) -> list[Placement]:
+    """Parses the flat placement array of the submit and schedule scripts (5 entries each)."""
+    return [
+        Placement(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]), flat[i + 4] == 1)
+        for i in range(0, len(flat), 5)
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +215,8 @@ class JobStore:
         idempotency_ttl_s: int,
         max_queues: int = 1000,
         max_kinds: int = 1000,
+        ack_timeout_ms: int = 5000,
+        place_most: int = 500,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -181,10 +225,13 @@ class JobStore:
         self.idempotency_ttl_s = idempotency_ttl_s
         self.max_queues = max_queues
         self.max_kinds = max_kinds
+        self.ack_timeout_ms = ack_timeout_ms  # for the placements made right at submit
+        self.place_most = place_most
 
     # --- submission -----------------------------------------------------------------------
-    async def submit(self, jobs: Sequence[PreparedJob]) -> list[job_pb2.Job]:
-        """Stores jobs with one script call (all or none) and returns them as stored.
+    async def submit(self, jobs: Sequence[PreparedJob]) -> tuple[list[job_pb2.Job], Placed]:
+        """Stores jobs with one script call (all or none) and returns them as stored, with the
+        placements the same call made (up to ``place_most`` per queue, published by the script).
 
         Raises AlreadyExists when an idempotency key is reused with a different request,
         ResourceExhausted when a job would add a queue or a kind over the limits (nothing is written
@@ -193,6 +240,7 @@ class JobStore:
         k, now = self.keys, now_ms()
         keys = [k.queues(), k.seq()]
         args: list[Any] = [now, self.idempotency_ttl_s, self.retention_s, self.max_queues, self.max_kinds]
+        args += [k.prefix, now + self.ack_timeout_ms, self.place_most]
         for job in jobs:
             spec = job.spec
             keys += [
@@ -217,14 +265,18 @@ class JobStore:
         if status < 0:
             self._refuse(status, jobs[int(reply[1])], reply[2:])
         out: list[job_pb2.Job] = []
-        for job, code, stored_id in zip(jobs, reply[1::2], reply[2::2], strict=True):
+        for job, code, stored_id in zip(jobs, reply[3::2], reply[4::2], strict=True):
             if int(code) == 2:
                 out.append(await self.get(stored_id.decode()))
                 continue
             stored = job_pb2.Job(id=job.id, spec=job.spec, state=job_pb2.JOB_STATE_QUEUED)
             stored.created_at.FromMilliseconds(now)
             out.append(stored)
-        return out
+        if self.place_most > 0:
+            waiting = {_text(q) for q in reply[2]}
+        else:  # nothing was placed: whatever was stored waits
+            waiting = {job.spec.queue for job in jobs}
+        return out, Placed(placements(reply[1]), waiting)
 
     def _refuse(self, status: int, job: PreparedJob, rest: Sequence[Any]) -> NoReturn:
         """Raises the error for a submit the script refused (nothing was stored)."""
@@ -327,35 +379,16 @@ class JobStore:
             return CancelOutcome(worker_id=reply[1].decode(), lease=int(reply[2]))
         return CancelOutcome(queue=reply[1].decode())
 
-    async def schedule(self, queue: str, *, ack_timeout_ms: int, most: int) -> list[Placement]:
-        """Places waiting jobs of ``queue`` on free worker slots (atomic; safe across gateways)."""
+    async def schedule(self, queue: str, *, ack_timeout_ms: int, most: int) -> Placed:
+        """Places and publishes waiting jobs of ``queue`` on free worker slots (atomic; safe across
+        gateways). Raises Unavailable."""
         k, now = self.keys, now_ms()
         async with redis_errors():
             flat = await self.scripts.schedule(
                 keys=[k.queue_kinds(queue), k.queue_workers(queue), k.acks(), k.lease_seq(), k.queues()],
                 args=[k.prefix, now, now + ack_timeout_ms, queue, most],
             )
-        return [
-            Placement(
-                job_id=flat[i].decode(),
-                worker_id=flat[i + 1].decode(),
-                lease=int(flat[i + 2]),
-                attempt=int(flat[i + 3]),
-                spec=flat[i + 4],
-                timeout_ms=int(flat[i + 5]),
-            )
-            for i in range(0, len(flat), 6)
-        ]
-
-    async def unassign(self, p: Placement) -> bool:
-        """Takes back a placement whose dispatch reached nobody. False if it already moved on."""
-        k = self.keys
-        async with redis_errors():
-            done = await self.scripts.unassign(
-                keys=[k.job(p.job_id), k.acks(), k.worker(p.worker_id)],
-                args=[k.prefix, p.job_id, p.lease, p.worker_id, now_ms()],
-            )
-        return bool(done)
+        return Placed(placements(flat[1:]), {queue} if flat[0] == 1 else set())
 
     async def tell_worker_to_cancel(self, worker_id: str, job_id: str, lease: int) -> None:
         """Publishes a CancelJob on the worker's channel (nobody listening: its reaping cancels)."""

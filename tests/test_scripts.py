@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import AsyncIterator
+
 import pytest
 from redis.asyncio import Redis
 
 from gateway.errors import ResourceExhausted
 from gateway.keys import Keys
-from gateway.store import JobStore, Placement, now_ms
+from gateway.store import JobStore, Placed, Placement, now_ms
 from gateway.validation import Limits, prepare, prepare_batch
 from jobgate.v1 import job_pb2, relay_pb2
 
@@ -17,9 +20,19 @@ S = job_pb2
 LIMITS = Limits(max_payload_bytes=1 << 20, default_timeout_ms=60_000, max_batch=100, max_watch_ids=100)
 
 
+@pytest.fixture(autouse=True)
+async def listening(redis: Redis, keys: Keys) -> AsyncIterator[None]:
+    """Subscribers on the dispatch channels of the workers these tests register (all but "gone"),
+    so that placements reach someone and stay placed."""
+    async with redis.pubsub() as ps:
+        await ps.subscribe(*(keys.dispatch_channel(w) for w in ("w1", "w2", "busy", "idle", "dead", "draining")))
+        yield
+
+
 @pytest.fixture
 def store(redis: Redis, keys: Keys) -> JobStore:
-    return JobStore(redis, keys, retention_s=600, idempotency_ttl_s=600)
+    # Placement at submit is off here, so each test places with the schedule script when it wants.
+    return JobStore(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=0)
 
 
 async def beat(
@@ -41,12 +54,12 @@ async def beat(
 
 
 async def submit(store: JobStore, kind: str = "echo", **fields: object) -> str:
-    [job] = await store.submit([prepare(request(kind, **fields), LIMITS)])
+    [job], _ = await store.submit([prepare(request(kind, **fields), LIMITS)])
     return job.id
 
 
 async def place(store: JobStore) -> list[Placement]:
-    return await store.schedule("default", ack_timeout_ms=5_000, most=100)
+    return (await store.schedule("default", ack_timeout_ms=5_000, most=100)).placements
 
 
 async def start(store: JobStore, p: Placement, worker: str | None = None) -> int:
@@ -78,7 +91,7 @@ async def test_start_is_idempotent_for_its_placement_and_refuses_any_other(store
     assert await start(store, p) == 1
     assert await start(store, p) == 1  # a retried call after a lost reply
     assert await start(store, p, worker="w2") == 0
-    stale = Placement(p.job_id, p.worker_id, p.lease + 1, p.attempt, p.spec, p.timeout_ms)
+    stale = dataclasses.replace(p, lease=p.lease + 1)
     assert await start(store, stale) == 0
     assert await field(redis, store.keys, store.keys.job(job_id), "attempt") == "1"
 
@@ -98,6 +111,58 @@ async def test_finish_records_once_frees_the_slot_once_and_starts_retention(stor
     assert 0 < await redis.ttl(k.job(job_id)) <= 600
 
 
+async def test_submit_places_at_once_and_publishes_what_protobuf_reads_as_the_stored_placement(
+    redis: Redis, keys: Keys
+) -> None:
+    """The placement scripts write the relay messages themselves: they must parse with protobuf and
+    agree with the stored job; a dispatch that reaches nobody is taken back in the same call."""
+    store = JobStore(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=100)
+    await beat(store, "w1", slots=3)
+    await beat(store, "gone", slots=1, kinds="other")  # nobody subscribes to its channel
+    spec_args = {"n": 2**40, "s": "é" * 200}
+    async with redis.pubsub() as ps:
+        await ps.subscribe(keys.dispatch_channel("w1"), keys.results_channel())
+        for _ in range(2):
+            await ps.get_message(timeout=1)
+        reqs = [request("echo", args={**spec_args, "i": i}) for i in range(2)]
+        for r in reqs:
+            r.timeout.seconds = 7
+        batch = [prepare(r, LIMITS) for r in reqs]
+        batch.append(prepare(request("other"), LIMITS))
+        jobs, placed = await store.submit(batch)
+        assert placed.waiting == {"default"}  # the job taken back waits again
+        assert [(p.job_id, p.worker_id, p.attempt, p.reached) for p in placed.placements] == [
+            (jobs[0].id, "w1", 1, True), (jobs[1].id, "w1", 1, True), (jobs[2].id, "gone", 1, False),
+        ]  # fmt: skip
+        msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1)
+        sent = relay_pb2.WorkerMessage.FromString(msg["data"])
+        assert sent.WhichOneof("body") == "dispatches"
+        for d, job, p in zip(sent.dispatches.jobs, jobs, placed.placements, strict=False):
+            stored = await redis.hgetall(keys.job(job.id))
+            assert (d.job_id, d.lease, d.attempt, d.timeout_ms) == (job.id, p.lease, 1, 7000)
+            assert d.spec.SerializeToString(deterministic=True) == stored[b"spec"]
+            assert int(stored[b"lease"]) == p.lease and stored[b"state"] == b"2"
+        msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1)
+        events = relay_pb2.JobEvents.FromString(msg["data"]).events
+        assert [(e.job_id, e.queue, e.kind, e.state, e.attempt, e.worker_id) for e in events] == [
+            (j.id, "default", "echo", S.JOB_STATE_DISPATCHED, 1, "w1") for j in jobs[:2]
+        ]
+        assert abs(events[0].time.ToMilliseconds() - now_ms()) < 5000
+        # The lost one is back in its queue, its worker takes nothing more until its next heartbeat.
+        assert await field(redis, keys, keys.job(jobs[2].id), "state") == str(S.JOB_STATE_QUEUED)
+        assert await field(redis, keys, keys.worker("gone"), "off") == "1"
+        assert await field(redis, keys, keys.worker("gone"), "used") == "0"
+        assert await redis.zscore(keys.acks(), jobs[2].id) is None
+        # The next submit places on w1's last slot the job that has waited longest: the one taken back.
+        [_], placed = await store.submit([prepare(request("echo"), LIMITS)])
+        msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1)
+        assert relay_pb2.WorkerMessage.FromString(msg["data"]).dispatch.job_id == jobs[2].id
+        assert [(p.job_id, p.worker_id, p.reached) for p in placed.placements] == [(jobs[2].id, "w1", True)]
+        assert placed.waiting == {"default"}  # w1 is full: the new job waits
+        await beat(store, "w1", slots=4)
+        assert (await store.schedule("default", ack_timeout_ms=5_000, most=100)).waiting == set()
+
+
 def one_event(job_id: str, state: int) -> bytes:
     return relay_pb2.JobEvents(events=[job_pb2.JobEvent(job_id=job_id, state=state)]).SerializeToString()  # type: ignore[arg-type]
 
@@ -111,7 +176,7 @@ async def test_batched_start_and_finish_handle_each_job_as_alone_and_publish_the
     placed = {p.job_id: p for p in await place(store)}
     a, b, c = (placed[i] for i in ids)
     assert await start(store, a) == 1  # started alone before the batch: its event is not repeated
-    stale = Placement(c.job_id, c.worker_id, c.lease + 1, c.attempt, c.spec, c.timeout_ms)
+    stale = dataclasses.replace(c, lease=c.lease + 1)
     async with redis.pubsub() as ps:
         await ps.subscribe(k.results_channel())
         await ps.get_message(timeout=1)  # the subscribe confirmation
@@ -262,11 +327,11 @@ async def test_a_resent_submit_leaves_the_job_as_it_is(store: JobStore, redis: R
     """A client library that resends a submit after a lost reply must not queue the job again."""
     await beat(store, "w1")
     prepared = prepare(request("echo"), LIMITS)
-    [job] = await store.submit([prepared])
+    [job], _ = await store.submit([prepared])
     [p] = await place(store)
     assert await start(store, p) == 1
     seq = await redis.get(keys.seq())
-    [again] = await store.submit([prepared])  # the same call, sent again
+    [again], _ = await store.submit([prepared])  # the same call, sent again
     assert again.id == job.id
     assert int(await field(redis, keys, keys.job(job.id), "state")) == S.JOB_STATE_RUNNING
     assert await field(redis, keys, keys.job(job.id), "lease") == str(p.lease)
@@ -277,7 +342,7 @@ async def test_a_resent_submit_leaves_the_job_as_it_is(store: JobStore, redis: R
 async def test_queues_and_kinds_over_their_limits_are_refused_and_nothing_of_the_batch_is_stored(
     redis: Redis, keys: Keys
 ) -> None:
-    store = JobStore(redis, keys, retention_s=600, idempotency_ttl_s=600, max_queues=2, max_kinds=2)
+    store = JobStore(redis, keys, retention_s=600, idempotency_ttl_s=600, max_queues=2, max_kinds=2, place_most=0)
     first = await submit(store, queue="q1", idempotency_key="k1")
     q2_job = await submit(store, queue="q2")
     await submit(store, "echo", queue="q1")
@@ -291,11 +356,11 @@ async def test_queues_and_kinds_over_their_limits_are_refused_and_nothing_of_the
         await store.submit(third_kind)
     assert sorted(await redis.keys(f"{keys.prefix}*")) == before  # all or none: the first jobs neither
     # An idempotent repeat adds nothing, so it is answered even at the limit.
-    [again] = await store.submit([prepare(request(queue="q1", idempotency_key="k1"), LIMITS)])
+    [again], _ = await store.submit([prepare(request(queue="q1", idempotency_key="k1"), LIMITS)])
     assert again.id == first
     # Once a queue drains, placement forgets it and its place is free again.
     await store.cancel(q2_job)
-    assert await store.schedule("q2", ack_timeout_ms=5_000, most=100) == []  # finds q2 empty: drops it
+    assert await store.schedule("q2", ack_timeout_ms=5_000, most=100) == Placed([], set())  # q2 empty: dropped
     assert await submit(store, queue="q3")
 
 

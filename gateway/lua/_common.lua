@@ -2,7 +2,8 @@
 -- States (jobgate.v1.JobState): 1 QUEUED, 2 DISPATCHED, 3 RUNNING, 4 SUCCEEDED, 5 FAILED, 6 CANCELLED.
 -- Key rules for names built from a prefix P (ARGV, e.g. "{jobgate}:"): P.."job:"..id (hash),
 -- P.."pending:"..queue..":"..kind (zset), P.."kinds:"..queue (set), P.."worker:"..id (hash),
--- P.."worker:"..id..":jobs" (set), P.."qworkers:"..queue (set). All share P's hash tag.
+-- P.."worker:"..id..":jobs" (set), P.."qworkers:"..queue (set), P.."queues" (set), P.."acks" (zset),
+-- P.."lease" (counter); channels P.."dispatch:"..worker id and P.."results". All share P's hash tag.
 local QUEUED, DISPATCHED, RUNNING, SUCCEEDED, FAILED, CANCELLED = 1, 2, 3, 4, 5, 6
 
 local function is_terminal(state)
@@ -111,4 +112,183 @@ local function record_outcome(P, job_key, worker_id, now, o)
   finish_job(job_key, o.state, o.code, o.message, now)
   release_slot(P, worker_id, o.job_id)
   return 1
+end
+
+-- Take back a placement whose dispatch reached nobody: the job goes back to its queue and the
+-- worker takes no more jobs until its next heartbeat says it is subscribed again.
+-- Returns true when put back, false when the placement had already moved on.
+local function unassign_job(P, job_id, lease, worker_id, now)
+  local jk = P .. 'job:' .. job_id
+  local j = redis.call('HMGET', jk, 'state', 'lease', 'worker')
+  if tonumber(j[1]) ~= DISPATCHED or j[2] ~= lease or j[3] ~= worker_id then return false end
+  release_slot(P, worker_id, job_id)
+  redis.call('ZREM', P .. 'acks', job_id)
+  requeue(P, jk, job_id, now, false)
+  local wk = P .. 'worker:' .. worker_id
+  if redis.call('EXISTS', wk) == 1 then redis.call('HSET', wk, 'off', '1') end
+  return true
+end
+
+-- Protocol buffers encoding of the few relay messages placement publishes itself
+-- (proto/jobgate/v1/relay.proto and job.proto; the tests parse them with protobuf).
+local function pb_varint(n)  -- a non-negative integer below 2^53
+  local out = {}
+  repeat
+    local b = n % 128
+    n = (n - b) / 128
+    if n > 0 then b = b + 128 end
+    out[#out + 1] = string.char(b)
+  until n == 0
+  return table.concat(out)
+end
+local function pb_int(field, n)  -- fields 1-15, varint wire type; 0 is left out as proto3 does
+  if n == 0 then return '' end
+  return string.char(field * 8) .. pb_varint(n)
+end
+local function pb_bytes(field, s)  -- fields 1-15, length-delimited wire type
+  if s == '' then return '' end
+  return string.char(field * 8 + 2) .. pb_varint(#s) .. s
+end
+local function pb_timestamp(ms)  -- google.protobuf.Timestamp
+  local nanos = (ms % 1000) * 1000000
+  return pb_int(1, (ms - ms % 1000) / 1000) .. pb_int(2, nanos)
+end
+
+-- Place waiting jobs of one queue on live workers with free slots, least loaded first, and
+-- publish them: per worker one WorkerMessage (dispatch, or dispatches for several) on its dispatch
+-- channel, then one JobEvents with the DISPATCHED events on the results channel. A dispatch that
+-- reaches nobody is taken back at once (unassign_job). Waiting jobs are kept per kind, so kinds that
+-- no free worker handles cost nothing and never hold up the others; across the kinds that can run,
+-- jobs go in priority, then submission, order. A queue with nothing waiting is dropped from the
+-- queues set (submit adds it back), so the gateways' periodic pass only visits queues that hold jobs.
+-- Appends 5 entries per placement to `out`: job id, worker id, lease, attempt (of the coming
+-- start), 1 dispatched or 0 taken back (its worker had no subscriber). Returns true when jobs are
+-- still waiting in the queue afterwards.
+local function place_jobs(P, queue, now, ack_deadline, most, out)
+  local kinds_key = P .. 'kinds:' .. queue
+  local waiting = {}  -- kinds with jobs waiting
+  for _, kind in ipairs(redis.call('SMEMBERS', kinds_key)) do
+    if redis.call('EXISTS', P .. 'pending:' .. queue .. ':' .. kind) == 1 then
+      waiting[#waiting + 1] = kind
+    else
+      redis.call('SREM', kinds_key, kind)
+    end
+  end
+  if #waiting == 0 then
+    redis.call('SREM', P .. 'queues', queue)
+    return false
+  end
+
+  local cands = {}
+  local free = 0
+  local qworkers = P .. 'qworkers:' .. queue
+  for _, w in ipairs(redis.call('SMEMBERS', qworkers)) do
+    local h = redis.call('HMGET', P .. 'worker:' .. w, 'slots', 'used', 'expires', 'kinds', 'off')
+    if not h[1] then
+      redis.call('SREM', qworkers, w)
+    elseif tonumber(h[3]) > now and h[5] ~= '1' then
+      local slots, used = tonumber(h[1]), tonumber(h[2])
+      if used < slots then
+        local kinds = h[4]
+        if kinds ~= '' then kinds = ',' .. kinds .. ',' end
+        cands[#cands + 1] = {id = w, slots = slots, used = used, kinds = kinds}
+        free = free + slots - used
+      end
+    end
+  end
+  if free == 0 then return true end
+
+  -- the least loaded candidate with a free slot that handles `kind`
+  local function pick(kind)
+    local best, best_load = nil, 2
+    for _, c in ipairs(cands) do
+      if c.used < c.slots and (c.kinds == '' or string.find(c.kinds, ',' .. kind .. ',', 1, true)) then
+        local load = c.used / c.slots
+        if load < best_load then best, best_load = c, load end
+      end
+    end
+    return best
+  end
+
+  -- the first waiting job of each kind that some candidate handles
+  local heads = {}
+  local function peek(kind)
+    local key = P .. 'pending:' .. queue .. ':' .. kind
+    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    if first[1] then
+      heads[kind] = {id = first[1], score = tonumber(first[2]), key = key}
+    else
+      heads[kind] = nil
+      redis.call('SREM', kinds_key, kind)  -- nothing waits: forget the kind until a job of it comes
+    end
+  end
+  for _, kind in ipairs(waiting) do
+    if pick(kind) then peek(kind) end
+  end
+
+  local placed, order, by_worker = {}, {}, {}
+  while #placed < most and free > 0 do
+    local kind, head = nil, nil
+    for k, h in pairs(heads) do
+      if not head or h.score < head.score then kind, head = k, h end
+    end
+    if not head then break end
+    local c = pick(kind)
+    if not c then
+      heads[kind] = nil  -- its workers are full now
+    else
+      redis.call('ZREM', head.key, head.id)
+      local jk = P .. 'job:' .. head.id
+      local j = redis.call('HMGET', jk, 'state', 'attempt', 'spec', 'timeout_ms')
+      if j[1] and tonumber(j[1]) == QUEUED then
+        local lease = redis.call('INCR', P .. 'lease')
+        redis.call('HSET', jk, 'state', DISPATCHED, 'worker', c.id, 'lease', lease, 'updated', now)
+        redis.call('SADD', P .. 'worker:' .. c.id .. ':jobs', head.id)
+        redis.call('HINCRBY', P .. 'worker:' .. c.id, 'used', 1)
+        redis.call('ZADD', P .. 'acks', ack_deadline, head.id)
+        c.used = c.used + 1
+        free = free - 1
+        local attempt = tonumber(j[2]) + 1
+        placed[#placed + 1] = {id = head.id, worker = c.id, lease = lease, attempt = attempt, kind = kind}
+        if not by_worker[c.id] then
+          by_worker[c.id] = {}
+          order[#order + 1] = c.id
+        end
+        local d = pb_bytes(1, head.id) .. pb_int(2, lease) .. pb_int(3, attempt) .. pb_bytes(4, j[3])
+          .. pb_int(5, tonumber(j[4]))
+        table.insert(by_worker[c.id], d)
+      end  -- else: expired or already moved on, so it was not waiting any more
+      peek(kind)
+    end
+  end
+
+  local reached = {}
+  for _, w in ipairs(order) do
+    local ds, msg = by_worker[w], nil
+    if #ds == 1 then
+      msg = pb_bytes(1, ds[1])
+    else
+      local jobs = {}
+      for i, d in ipairs(ds) do jobs[i] = pb_bytes(1, d) end
+      msg = pb_bytes(3, table.concat(jobs))
+    end
+    reached[w] = redis.call('PUBLISH', P .. 'dispatch:' .. w, msg) > 0
+  end
+  local events, ts = {}, pb_timestamp(now)
+  for _, p in ipairs(placed) do
+    local ok = reached[p.worker]
+    if ok then
+      events[#events + 1] = pb_bytes(1, pb_bytes(1, p.id) .. pb_bytes(2, queue) .. pb_bytes(3, p.kind)
+        .. pb_int(4, DISPATCHED) .. pb_int(5, p.attempt) .. pb_bytes(6, p.worker) .. pb_bytes(10, ts))
+    else
+      unassign_job(P, p.id, tostring(p.lease), p.worker, now)
+    end
+    local n = #out
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = p.id, p.worker, p.lease, p.attempt, ok and 1 or 0
+  end
+  if #events > 0 then redis.call('PUBLISH', P .. 'results', table.concat(events)) end
+  for _, kind in ipairs(waiting) do
+    if redis.call('EXISTS', P .. 'pending:' .. queue .. ':' .. kind) == 1 then return true end
+  end
+  return false
 end

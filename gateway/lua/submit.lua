@@ -1,12 +1,16 @@
--- submit: store a batch of new jobs and queue them, all or none.
+-- submit: store a batch of new jobs and queue them, all or none; then place what can run now on
+-- free worker slots (place_jobs in the prelude) for each queue it added jobs to.
 -- KEYS[1] queues set, KEYS[2] seq counter, then 4 per job i (from 0): KEYS[3+4i] job hash,
 --   KEYS[4+4i] pending zset of its queue and kind, KEYS[5+4i] idempotency string (any key when the
 --   job has no idempotency key), KEYS[6+4i] kinds set of its queue
 -- ARGV[1] now ms, ARGV[2] idempotency ttl s, ARGV[3] retention s (how long a job is kept once
 --   finished), ARGV[4] most queues with waiting jobs, ARGV[5] most kinds with waiting jobs per queue,
---   then 8 per job i: ARGV[6+8i] job id, spec (JobSpec bytes), queue, kind, priority, max attempts,
+--   ARGV[6] key prefix, ARGV[7] ack deadline ms, ARGV[8] most placements per queue (0: place none),
+--   then 8 per job i: ARGV[9+8i] job id, spec (JobSpec bytes), queue, kind, priority, max attempts,
 --   timeout ms, request digest or ''
--- returns {0, code, id, code, id, ...}: per job, 1 stored (or already stored by this very call: a
+-- returns {0, placements, waiting, code, id, code, id, ...}: placements a flat array as schedule
+--   returns them after its first entry (5 entries per placement), waiting the names of the queues
+--   placed on that still hold waiting jobs, then per job, 1 stored (or already stored by this very call: a
 --   resend after a lost reply leaves the job as it is now) or 2 the same request was seen before
 --   (the original id); or, with nothing stored: {-2, i, id} job i's idempotency key was used for a
 --   different request (by job id), {-3, i} job i would add a queue over the limit, {-4, i} job i
@@ -14,13 +18,13 @@
 local n = (#KEYS - 2) / 4
 local now, idem_ttl, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local max_queues, max_kinds = tonumber(ARGV[4]), tonumber(ARGV[5])
-local out = {0}
+local out = {0, {}, {}}
 local fresh = {}  -- indexes of the jobs to store
 local new_queues, queue_count = {}, nil
 local new_kinds, kind_counts = {}, {}
 
 for i = 0, n - 1 do
-  local k, a = 3 + 4 * i, 6 + 8 * i
+  local k, a = 3 + 4 * i, 9 + 8 * i
   local id, queue, kind, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], ARGV[a + 7]
   local code, stored_id = 1, id
   -- Every request gets fresh job ids, so an existing hash means this call is a resend.
@@ -50,7 +54,7 @@ for i = 0, n - 1 do
 end
 
 for _, i in ipairs(fresh) do
-  local k, a = 3 + 4 * i, 6 + 8 * i
+  local k, a = 3 + 4 * i, 9 + 8 * i
   local id, queue, kind, prio, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 7]
   local seq = redis.call('INCR', KEYS[2])
   redis.call('HSET', KEYS[k], 'spec', ARGV[a + 1], 'queue', queue, 'kind', kind, 'prio', prio,
@@ -60,5 +64,17 @@ for _, i in ipairs(fresh) do
   redis.call('SADD', KEYS[1], queue)
   redis.call('SADD', KEYS[k + 3], kind)
   if rdigest ~= '' then redis.call('SET', KEYS[k + 2], id .. ' ' .. rdigest, 'EX', idem_ttl) end
+end
+
+local placed_queues = {}
+if tonumber(ARGV[8]) <= 0 then fresh = {} end
+for _, i in ipairs(fresh) do
+  local queue = ARGV[9 + 8 * i + 2]
+  if not placed_queues[queue] then
+    placed_queues[queue] = true
+    if place_jobs(ARGV[6], queue, tonumber(now), tonumber(ARGV[7]), tonumber(ARGV[8]), out[2]) then
+      table.insert(out[3], queue)
+    end
+  end
 end
 return out
