@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -26,6 +26,8 @@ from .store import JobStore, Settled
 from .validation import Limits, job_id, kind_name, prepare, prepare_batch, queue_name
 
 log = logging.getLogger(__name__)
+
+MAX_WATCH_BATCH = 1000  # completions per WatchResults response
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -237,8 +239,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
                     created_at=job.created_at,
                 )
                 yield scheduler_pb2.RunJobResponse(event=first)
-            async for event in self._follow(watcher):
-                yield scheduler_pb2.RunJobResponse(event=event)
+            async for events in self._follow(watcher):
+                for event in events:
+                    yield scheduler_pb2.RunJobResponse(event=event)
         finally:
             self.hub.remove(watcher)
 
@@ -251,6 +254,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         ids = [job_id(j, f"job_ids[{i}]") for i, j in enumerate(request.job_ids)]
         queue = queue_name(request.queue) if request.queue else ""
         kinds = [kind_name(k, f"kinds[{i}]") for i, k in enumerate(request.kinds)]
+        if request.max_batch > MAX_WATCH_BATCH:
+            raise InvalidArgument(f"max_batch: at most {MAX_WATCH_BATCH}, got {request.max_batch}")
+        most = max(1, request.max_batch)
         principal = auth.current()
         if queue:
             principal.check(queue, "queue")
@@ -258,10 +264,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.hub.add(watcher)  # subscribe before reading stored state
         try:
             if ids:
-                for event in await self._stored_terminal(watcher, missing_is_error=True):
-                    yield scheduler_pb2.WatchResultsResponse(event=event)
-            async for event in self._follow(watcher):
-                yield scheduler_pb2.WatchResultsResponse(event=event)
+                for events in _chunks(await self._stored_terminal(watcher, missing_is_error=True), most):
+                    yield _watch_response(events, request.max_batch)
+            async for arrived in self._follow(watcher, most):
+                for events in _chunks(arrived, most):
+                    yield _watch_response(events, request.max_batch)
         finally:
             self.hub.remove(watcher)
 
@@ -276,8 +283,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
             raise NotFound(f"{field}: no job {jid}")
         principal.check_job(fields.get(b"queue", b"").decode(), jid, field)
 
-    async def _follow(self, watcher: Watcher) -> AsyncIterator[job_pb2.JobEvent]:
-        """Events for a watcher until it is finished; re-reads stored state when events may be lost."""
+    async def _follow(self, watcher: Watcher, most: int = 1) -> AsyncIterator[list[job_pb2.JobEvent]]:
+        """Events for a watcher until it is finished, in lists of what arrived together (up to about
+        ``most``, more when stored state is re-read); re-reads stored state when events may be lost."""
         while not watcher.finished:
             self._check_open(watcher)
             try:
@@ -286,14 +294,19 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
                 event = None
                 watcher.stale = bool(watcher.job_ids)
             self._check_open(watcher)
-            if event is None:
-                if watcher.stale and watcher.job_ids:
-                    watcher.stale = False
-                    for stored in await self._stored_terminal(watcher, missing_is_error=False):
-                        yield stored
-                continue
-            if watcher.delivered(event):
-                yield event
+            arrived: list[job_pb2.JobEvent] = []
+            while True:
+                if event is None:
+                    if watcher.stale and watcher.job_ids:
+                        watcher.stale = False
+                        arrived.extend(await self._stored_terminal(watcher, missing_is_error=False))
+                elif watcher.delivered(event):
+                    arrived.append(event)
+                if len(arrived) >= most or watcher.events.empty():
+                    break
+                event = watcher.events.get_nowait()
+            if arrived:
+                yield arrived
 
     def _check_open(self, watcher: Watcher) -> None:
         """Raises the status that ends a stream: the gateway is stopping, events may have been
@@ -329,3 +342,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
             else:  # finished, but outside the queue/kind filter: nothing to wait for
                 watcher.remaining.discard(jid)
         return out
+
+
+def _chunks(events: list[job_pb2.JobEvent], most: int) -> Iterator[list[job_pb2.JobEvent]]:
+    for i in range(0, len(events), most):
+        yield events[i : i + most]
+
+
+def _watch_response(events: list[job_pb2.JobEvent], max_batch: int) -> scheduler_pb2.WatchResultsResponse:
+    if max_batch > 1:
+        return scheduler_pb2.WatchResultsResponse(events=events)
+    [event] = events
+    return scheduler_pb2.WatchResultsResponse(event=event)

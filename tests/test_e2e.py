@@ -65,6 +65,33 @@ async def test_batch_submit_stores_every_job_in_request_order(client: Client) ->
     assert all(e.state == S.JOB_STATE_SUCCEEDED for e in events.values())
 
 
+async def test_watch_with_max_batch_delivers_every_completion_once_in_bounded_responses(client: Client) -> None:
+    done = [(await client.submit("echo", {"n": n})).job.id for n in range(5)]
+    await client.wait_results(done)
+    broad = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(kinds=["echo"], max_batch=50), timeout=30)
+    await asyncio.sleep(0.3)  # let the unfiltered stream register before the jobs finish
+    reqs = [request("echo", {"i": i}) for i in range(120)]
+    ids = [j.id for j in (await client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=reqs), timeout=10)).jobs]
+    call = client.stub.WatchResults(
+        scheduler_pb2.WatchResultsRequest(job_ids=done + ids, max_batch=7), timeout=30
+    )  # the finished ones are replayed in batches too
+    responses = [r async for r in call]
+    assert all(not r.HasField("event") and 1 <= len(r.events) <= 7 for r in responses)
+    seen = [e.job_id for r in responses for e in r.events]
+    assert sorted(seen) == sorted(done + ids) and len(responses) >= 125 // 7
+    broad_seen: list[str] = []
+    async for r in broad:
+        assert not r.HasField("event") and 1 <= len(r.events) <= 50
+        broad_seen.extend(e.job_id for e in r.events if e.state == S.JOB_STATE_SUCCEEDED)
+        if len(broad_seen) >= len(ids):
+            break
+    broad.cancel()
+    assert sorted(broad_seen) == sorted(ids)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await anext(aiter(client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(max_batch=1001), timeout=5)))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_batch" in (refused.value.details() or "")
+
+
 async def test_watch_replays_results_that_finished_before_it_subscribed(client: Client) -> None:
     ids = [(await client.submit("echo", {"n": n})).job.id for n in range(3)]
     await client.wait_results(ids)

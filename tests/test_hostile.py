@@ -450,15 +450,17 @@ def test_run_job_answers_as_documented_and_a_refusal_stores_nothing(
     job_ids=st.lists(st.one_of(hex_ids, hostile_text), max_size=MAX_WATCH_IDS + 3),
     queue=st.one_of(st.just(""), hostile_text),
     kinds=st.lists(st.one_of(st.just("echo"), hostile_text), max_size=4),
+    max_batch=st.one_of(st.integers(0, 1001), st.integers(0, 2**32 - 1)),
 )
 def test_watch_results_answers_as_documented(
-    gateway: Gateway, job_ids: list[str], queue: str, kinds: list[str]
+    gateway: Gateway, job_ids: list[str], queue: str, kinds: list[str], max_batch: int
 ) -> None:
-    req = scheduler_pb2.WatchResultsRequest(job_ids=job_ids, queue=queue, kinds=kinds)
+    req = scheduler_pb2.WatchResultsRequest(job_ids=job_ids, queue=queue, kinds=kinds, max_batch=max_batch)
     bad = [f"job_ids[{i}]" for i, j in enumerate(job_ids) if not ID_OK.match(j)]
     bad += ["job_ids"] if len(job_ids) > MAX_WATCH_IDS else []
     bad += ["queue"] if queue and not QUEUE_OK.match(queue) else []
     bad += [f"kinds[{i}]" for i, k in enumerate(kinds) if not KIND_OK.match(k)]
+    bad += ["max_batch"] if max_batch > 1000 else []
     before = gateway.snapshot()
     if req.ByteSize() > MAX_MESSAGE:
         code, details, _ = call_status(lambda: list(gateway.stub.WatchResults(req, timeout=10)))
