@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from google.protobuf.struct_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from jobgate.v1 import job_pb2, relay_pb2
+from jobgate.v1 import job_pb2
 
 QUEUED = job_pb2.JOB_STATE_QUEUED
 DISPATCHED = job_pb2.JOB_STATE_DISPATCHED
@@ -28,8 +30,70 @@ def timestamp(ms: int) -> Timestamp:
 
 
 def events_message(events: Iterable[job_pb2.JobEvent]) -> bytes:
-    """The results-channel message (a ``JobEvents``) carrying ``events`` in order."""
-    return relay_pb2.JobEvents(events=events).SerializeToString()
+    """The results-channel message (a ``JobEvents``) carrying ``events`` in order: each event as
+    field 1 (0x0A, its varint length, its encoding), which spares copying them into a message."""
+    out = bytearray()
+    for event in events:
+        data = event.SerializeToString()
+        out.append(0x0A)
+        n = len(data)
+        while n > 0x7F:
+            out.append((n & 0x7F) | 0x80)
+            n >>= 7
+        out.append(n)
+        out += data
+    return bytes(out)
+
+
+def value_to_python(value: Value) -> Any:
+    """A google.protobuf.Value as plain Python (dict, list, str, float, bool or None), as
+    ``json_format.MessageToDict`` gives it, without its per-field overhead."""
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return {k: value_to_python(v) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [value_to_python(v) for v in value.list_value.values]
+    if kind == "number_value":
+        return value.number_value
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    return None
+
+
+def python_to_value(obj: Any, value: Value) -> None:
+    """Sets ``value`` from plain Python (dict with str keys, list or tuple, str, int, float, bool,
+    None). Raises TypeError for anything else, ValueError for NaN, infinities and huge ints."""
+    if obj is None:
+        value.null_value = 0  # type: ignore[assignment]
+    elif obj is True or obj is False:
+        value.bool_value = obj
+    elif isinstance(obj, int | float):
+        try:
+            number = float(obj)
+        except OverflowError:
+            raise ValueError(f"{obj} is too large for a JSON number") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{obj!r} is not a JSON number")
+        value.number_value = number
+    elif isinstance(obj, str):
+        value.string_value = obj
+    elif isinstance(obj, dict):
+        fields = value.struct_value.fields
+        value.struct_value.SetInParent()
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"object keys must be strings, not {type(k).__name__}")
+            python_to_value(v, fields[k])
+        return
+    elif isinstance(obj, list | tuple):
+        values = value.list_value.values
+        value.list_value.SetInParent()
+        for v in obj:
+            python_to_value(v, values.add())
+    else:
+        raise TypeError(f"{type(obj).__name__} is not JSON-compatible")
 
 
 def _int(fields: Fields, name: bytes) -> int:

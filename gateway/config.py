@@ -37,7 +37,7 @@ class GatewaySettings:
     max_message_bytes: int = 4 * 1024 * 1024
     max_batch: int = 1000
     max_watch_ids: int = 1000
-    stream_buffer: int = 1024
+    stream_buffer: int = 10_000
     max_streams: int = 10_000
     max_queues: int = 1000
     max_kinds: int = 1000

@@ -96,6 +96,11 @@ class WorkerMetrics:
         self.redis_errors = Counter(
             "jobgate_worker_redis_errors", "Redis calls that failed and were retried", registry=r
         )
+        self.placed = Counter(
+            "jobgate_worker_jobs_placed",
+            "Waiting jobs placed (on any worker) by this worker's finish calls, in the slots they freed",
+            registry=r,
+        )
 
 
 def serve(listen: str, registry: CollectorRegistry) -> Any:

@@ -225,7 +225,7 @@ class JobStore:
         self.idempotency_ttl_s = idempotency_ttl_s
         self.max_queues = max_queues
         self.max_kinds = max_kinds
-        self.ack_timeout_ms = ack_timeout_ms  # for the placements made right at submit
+        self.ack_timeout_ms = ack_timeout_ms  # stored with each job: how long a worker has to start it
         self.place_most = place_most
 
     # --- submission -----------------------------------------------------------------------
@@ -240,7 +240,7 @@ class JobStore:
         k, now = self.keys, now_ms()
         keys = [k.queues(), k.seq()]
         args: list[Any] = [now, self.idempotency_ttl_s, self.retention_s, self.max_queues, self.max_kinds]
-        args += [k.prefix, now + self.ack_timeout_ms, self.place_most]
+        args += [k.prefix, self.ack_timeout_ms, self.place_most]
         for job in jobs:
             spec = job.spec
             keys += [
@@ -386,7 +386,7 @@ class JobStore:
         async with redis_errors():
             flat = await self.scripts.schedule(
                 keys=[k.queue_kinds(queue), k.queue_workers(queue), k.acks(), k.lease_seq(), k.queues()],
-                args=[k.prefix, now, now + ack_timeout_ms, queue, most],
+                args=[k.prefix, now, ack_timeout_ms, queue, most],
             )
         return Placed(placements(flat[1:]), {queue} if flat[0] == 1 else set())
 

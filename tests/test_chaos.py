@@ -518,8 +518,9 @@ async def test_a_slow_watcher_and_dropped_pubsub_connections_leave_fast_watchers
     checker: Checker, redis: Redis
 ) -> None:
     cluster = checker.cluster
-    # The buffer holds a burst (the gateway routes up to 512 messages at once) for fast watchers.
-    gw = cluster.gateway(env={"JOBGATE_STREAM_BUFFER": "600"})
+    # The buffer holds a burst for fast watchers (completions come in batches); the slow stream is
+    # cut off for falling behind, or ended by the dropped subscription, whichever comes first.
+    gw = cluster.gateway(env={"JOBGATE_STREAM_BUFFER": "3000"})
     workers = [cluster.worker("--concurrency", "32") for _ in range(2)]
     await warm_up(checker, gw)
     # No BDP probing: the HTTP/2 window stays small, so an unread stream backs up into the gateway.

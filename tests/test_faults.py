@@ -314,8 +314,9 @@ async def test_forged_and_malformed_channel_messages_change_nothing(
 async def test_slow_watcher_is_cut_off_while_fast_watchers_keep_up(
     stack: Stack, client_for: Callable[[str], Client]
 ) -> None:
-    # The buffer must hold a burst (the gateway routes up to 512 messages at once) for fast watchers.
-    _, address = stack.start_gateway(env={"JOBGATE_STREAM_BUFFER": "600"})
+    # The buffer must hold a burst for fast watchers: completions come in batches (a worker records
+    # the outcomes that end together in one call), and a stream writes one message per event.
+    _, address = stack.start_gateway(env={"JOBGATE_STREAM_BUFFER": "3000"})
     stack.start_worker("--concurrency", "8")
     # No BDP probing: the HTTP/2 window stays small, so an unread stream backs up into the gateway.
     slow_channel = grpc.aio.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)])
@@ -329,13 +330,15 @@ async def test_slow_watcher_is_cut_off_while_fast_watchers_keep_up(
         client = client_for(address)
         big = {"pad": "x" * 2000}
         ids = []
-        for _ in range(4):
+        for _ in range(16):  # 4,000 events of 2 KB: far more than the slow stream's buffer and window
             reply = await client.stub.SubmitJobs(
                 scheduler_pb2.SubmitJobsRequest(jobs=[request("echo", big) for _ in range(250)]), timeout=20
             )
             ids += [j.id for j in reply.jobs]
-        events = await client.wait_results(ids, timeout=60)
-        assert len(events) == 1000
+        groups = await asyncio.gather(
+            *(client.wait_results(ids[i : i + 1000], timeout=60) for i in range(0, 4000, 1000))
+        )
+        assert sum(len(g) for g in groups) == 4000  # four fast watchers, each complete
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async for _ in slow:
                 pass

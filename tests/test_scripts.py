@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from gateway.errors import ResourceExhausted
 from gateway.keys import Keys
-from gateway.store import JobStore, Placed, Placement, now_ms
+from gateway.store import JobStore, Placed, Placement, now_ms, placements
 from gateway.validation import Limits, prepare, prepare_batch
 from jobgate.v1 import job_pb2, relay_pb2
 
@@ -196,24 +196,36 @@ async def test_batched_start_and_finish_handle_each_job_as_alone_and_publish_the
         with pytest.raises(Exception, match="terminal state"):
             await store.scripts.finish_many(
                 keys=[k.results_channel(), k.job(a.job_id), k.job(b.job_id)],
-                args=[k.prefix, "w1", now_ms(), *outcome(a, S.JOB_STATE_SUCCEEDED), *outcome(b, S.JOB_STATE_RUNNING)],
-            )
+                args=[k.prefix, "w1", now_ms(), 0, 5000, *outcome(a, S.JOB_STATE_SUCCEEDED),
+                      *outcome(b, S.JOB_STATE_RUNNING)],
+            )  # fmt: skip
         assert await redis.hgetall(k.job(a.job_id)) == bad  # nothing of the batch was written
         assert (await finish(store, a))[0] == 1
         await ps.get_message(ignore_subscribe_messages=True, timeout=1)
-        codes = await store.scripts.finish_many(
+        d, waiting = await submit(store), await submit(store)
+        assert [p.job_id for p in await place(store)] == [d]  # a's slot; w1 is full again: one waits
+        await ps.get_message(ignore_subscribe_messages=True, timeout=1)  # d's DISPATCHED
+        codes, flat = await store.scripts.finish_many(
             keys=[k.results_channel(), k.job(a.job_id), k.job(b.job_id), k.job(c.job_id)],
-            args=[k.prefix, "w1", now_ms(), *outcome(a, S.JOB_STATE_SUCCEEDED), *outcome(b, S.JOB_STATE_FAILED),
-                  *outcome(stale, S.JOB_STATE_SUCCEEDED)],
+            args=[k.prefix, "w1", now_ms(), 10, 5000, *outcome(a, S.JOB_STATE_SUCCEEDED),
+                  *outcome(b, S.JOB_STATE_FAILED), *outcome(stale, S.JOB_STATE_SUCCEEDED)],
         )  # fmt: skip
         assert codes == [2, 1, 0]
         msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1)
         assert [(e.job_id, e.state) for e in relay_pb2.JobEvents.FromString(msg["data"]).events] == [
             (b.job_id, S.JOB_STATE_FAILED)
         ]
+        # b's slot went straight to the job that was waiting, with no gateway involved.
+        [refill] = placements(flat)
+        assert (refill.job_id, refill.worker_id, refill.reached) == (waiting, "w1", True)
+        msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1)
+        assert [(e.job_id, e.state) for e in relay_pb2.JobEvents.FromString(msg["data"]).events] == [
+            (waiting, S.JOB_STATE_DISPATCHED)
+        ]
         assert await ps.get_message(ignore_subscribe_messages=True, timeout=0.2) is None
-    assert await field(redis, k, k.worker("w1"), "used") == "1"  # c is still placed
+    assert await field(redis, k, k.worker("w1"), "used") == "3"  # c, d and the refill
     assert await field(redis, k, k.job(c.job_id), "state") == str(S.JOB_STATE_DISPATCHED)
+    assert 0 < (await redis.zscore(k.acks(), waiting) or 0) - now_ms() <= 600_000  # the stored ack timeout
 
 
 async def test_placement_prefers_the_least_loaded_worker_that_handles_the_kind(store: JobStore) -> None:

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from google.protobuf.struct_pb2 import Value
 
-from gateway.codec import events_message
+from gateway.codec import events_message, python_to_value, value_to_python
 from gateway.errors import Unavailable
 from gateway.keys import JOB_ID_RE, Keys
 from gateway.metrics import WorkerMetrics, serve
@@ -35,6 +34,7 @@ from gateway.store import (
     bounded,
     cannot_write_now,
     now_ms,
+    placements,
     redis_client,
     settled,
     subscription,
@@ -59,6 +59,11 @@ def _transient(exc: Exception) -> bool:
 
 
 F = TypeVar("F", bound=Handler)
+
+# finish_many places waiting jobs of the queues whose slots it freed: at most this many per queue,
+# each to be started within its stored ack timeout (DEFAULT_ACK_MS for a job stored without one).
+PLACE_MOST = 500
+DEFAULT_ACK_MS = 5000
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +145,7 @@ class _Runtime:
         self.stuck_threads = 0  # handler threads still running after their job ended
         self.metrics = WorkerMetrics()
         self._background: set[asyncio.Task[None]] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # Concurrent starts and finishes go to Redis together, one script call per batch.
         self.starts: Coalescer[tuple[relay_pb2.DispatchJob, bytes], int] = Coalescer(self._start_many)
         self.finishes: Coalescer[list[Any], int] = Coalescer(self._finish_many)
@@ -464,7 +470,7 @@ class _Runtime:
             kind=d.spec.kind,
             queue=d.spec.queue,
             attempt=d.attempt,
-            args=json_format.MessageToDict(d.spec.args) if d.spec.HasField("args") else None,
+            args=value_to_python(d.spec.args) if d.spec.HasField("args") else None,
             payload=d.spec.payload,
             timeout_s=timeout_s or 0.0,
         )
@@ -496,7 +502,7 @@ class _Runtime:
                 error_message=f"{type(exc).__name__}: {exc}"[:4096],
             )
         finally:
-            self.metrics.duration.labels(d.spec.kind).observe(time.perf_counter() - began)
+            self._metric(self.metrics.duration, d.spec.kind).observe(time.perf_counter() - began)
         return _success(value)
 
     async def _finish(self, d: relay_pb2.DispatchJob, outcome: Outcome) -> None:
@@ -521,21 +527,35 @@ class _Runtime:
         state = job_pb2.JobState.Name(outcome.state)
         if code in (1, 2):  # 2: recorded by an earlier try whose reply was lost
             log.info("job_id=%s finished %s", d.job_id, state)
-            self.metrics.jobs.labels(d.spec.kind, state.removeprefix("JOB_STATE_")).inc()
+            self._metric(self.metrics.jobs, d.spec.kind, state.removeprefix("JOB_STATE_")).inc()
         else:
             self.metrics.superseded.inc()
             log.warning("job_id=%s outcome discarded: this attempt was superseded", d.job_id)
 
     async def _finish_many(self, items: Sequence[list[Any]]) -> list[int]:
-        """One finish_many call for outcomes recorded together; finish's code for each."""
+        """One finish_many call for outcomes recorded together; finish's code for each. The script
+        also places waiting jobs of the queues whose slots it freed (on this worker or another)."""
         k = self.keys
         keys = [k.results_channel()]
-        args: list[Any] = [k.prefix, self.id, now_ms()]
+        args: list[Any] = [k.prefix, self.id, now_ms(), PLACE_MOST, DEFAULT_ACK_MS]
         for item in items:
             keys.append(k.job(item[0]))
             args += item
-        codes: list[int] = await self.scripts.finish_many(keys=keys, args=args)
-        return codes
+        codes, flat = await self.scripts.finish_many(keys=keys, args=args)
+        placed = placements(flat)
+        self.metrics.placed.inc(sum(p.reached for p in placed))
+        for p in placed:
+            if not p.reached:
+                log.warning("job_id=%s dispatch to worker %s reached nobody; it waits again", p.job_id, p.worker_id)
+        return [int(c) for c in codes]
+
+    def _metric(self, family: Any, *labels: str) -> Any:
+        """The child of a labelled metric, looked up once per label set (labels() is not cheap)."""
+        key = (id(family), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
 
     def _event(self, d: relay_pb2.DispatchJob, state: int) -> job_pb2.JobEvent:
         event = job_pb2.JobEvent(
@@ -559,9 +579,10 @@ def _cancelling() -> bool:
 def _success(value: Any) -> Outcome:
     if isinstance(value, bytes | bytearray | memoryview):
         return Outcome(job_pb2.JOB_STATE_SUCCEEDED, output=bytes(value))
+    result = Value()
     try:
-        result = json_format.ParseDict(value, Value())
-    except (json_format.ParseError, TypeError, ValueError) as exc:
+        python_to_value(value, result)
+    except (TypeError, ValueError, RecursionError) as exc:
         return Outcome(
             job_pb2.JOB_STATE_FAILED,
             error_code="HANDLER_ERROR",

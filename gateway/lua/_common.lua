@@ -99,9 +99,9 @@ end
 -- A worker records one outcome (the finish and finish_many scripts; contract in finish.lua).
 -- `o` holds job_id, lease, state (a number), result, output, code, message.
 -- Returns 1 recorded (its event is to be published), 2 already recorded by this placement,
--- 0 stale, -1 missing, -2 not a terminal state (nothing written).
+-- 0 stale, -1 missing, -2 not a terminal state (nothing written); and the job's queue.
 local function record_outcome(P, job_key, worker_id, now, o)
-  local j = redis.call('HMGET', job_key, 'state', 'lease', 'worker')
+  local j = redis.call('HMGET', job_key, 'state', 'lease', 'worker', 'queue')
   if not j[1] then return -1 end
   if not is_terminal(o.state) then return -2 end
   if j[2] ~= o.lease or j[3] ~= worker_id then return 0 end
@@ -111,7 +111,7 @@ local function record_outcome(P, job_key, worker_id, now, o)
   redis.call('HSET', job_key, 'result', o.result, 'output', o.output, 'recorded', o.lease)
   finish_job(job_key, o.state, o.code, o.message, now)
   release_slot(P, worker_id, o.job_id)
-  return 1
+  return 1, j[4]
 end
 
 -- Take back a placement whose dispatch reached nobody: the job goes back to its queue and the
@@ -161,10 +161,12 @@ end
 -- no free worker handles cost nothing and never hold up the others; across the kinds that can run,
 -- jobs go in priority, then submission, order. A queue with nothing waiting is dropped from the
 -- queues set (submit adds it back), so the gateways' periodic pass only visits queues that hold jobs.
+-- Each placement must be acknowledged (started) within the job's 'ack' field (ms, stored at
+-- submit), or `ack_ms` for a job stored without one.
 -- Appends 5 entries per placement to `out`: job id, worker id, lease, attempt (of the coming
 -- start), 1 dispatched or 0 taken back (its worker had no subscriber). Returns true when jobs are
 -- still waiting in the queue afterwards.
-local function place_jobs(P, queue, now, ack_deadline, most, out)
+local function place_jobs(P, queue, now, ack_ms, most, out)
   local kinds_key = P .. 'kinds:' .. queue
   local waiting = {}  -- kinds with jobs waiting
   for _, kind in ipairs(redis.call('SMEMBERS', kinds_key)) do
@@ -239,13 +241,13 @@ local function place_jobs(P, queue, now, ack_deadline, most, out)
     else
       redis.call('ZREM', head.key, head.id)
       local jk = P .. 'job:' .. head.id
-      local j = redis.call('HMGET', jk, 'state', 'attempt', 'spec', 'timeout_ms')
+      local j = redis.call('HMGET', jk, 'state', 'attempt', 'spec', 'timeout_ms', 'ack')
       if j[1] and tonumber(j[1]) == QUEUED then
         local lease = redis.call('INCR', P .. 'lease')
         redis.call('HSET', jk, 'state', DISPATCHED, 'worker', c.id, 'lease', lease, 'updated', now)
         redis.call('SADD', P .. 'worker:' .. c.id .. ':jobs', head.id)
         redis.call('HINCRBY', P .. 'worker:' .. c.id, 'used', 1)
-        redis.call('ZADD', P .. 'acks', ack_deadline, head.id)
+        redis.call('ZADD', P .. 'acks', now + (tonumber(j[5]) or ack_ms), head.id)
         c.used = c.used + 1
         free = free - 1
         local attempt = tonumber(j[2]) + 1

@@ -1,23 +1,41 @@
 -- finish_many: finish for several jobs of one worker in one call (each exactly as finish); the
--- events of the outcomes it recorded go out as one JobEvents message.
+-- events of the outcomes it recorded go out as one JobEvents message. Then, for each queue in
+-- which it freed a slot, it places waiting jobs as schedule does (place_jobs in the prelude), so a
+-- busy queue refills without waiting for a gateway.
 -- KEYS[1] results channel, then KEYS[1+i] job hash of job i (i from 1)
--- ARGV[1] key prefix, ARGV[2] worker id, ARGV[3] now ms, then 8 per job i, from a = 8i - 4:
---   job id, lease, terminal state, result (Value bytes), output bytes, error code, error message,
---   JobEvents bytes holding its terminal event
--- returns an array with finish's code (1 recorded, 2 already recorded, 0 stale, -1 missing) for
--- each job, in order; an error reply, with nothing written, when any state is not terminal
+-- ARGV[1] key prefix, ARGV[2] worker id, ARGV[3] now ms, ARGV[4] most placements per queue
+--   (0: place none), ARGV[5] ack timeout ms for a job stored without one, then 8 per job i, from
+--   a = 8i - 2: job id, lease, terminal state, result (Value bytes), output bytes, error code,
+--   error message, JobEvents bytes holding its terminal event
+-- returns {codes, placements}: codes an array with finish's code (1 recorded, 2 already recorded,
+--   0 stale, -1 missing) for each job, in order; placements a flat array as schedule returns them
+--   after its first entry (5 per placement). An error reply, with nothing written, when any state
+--   is not terminal.
 for i = 1, #KEYS - 1 do
-  if not is_terminal(tonumber(ARGV[8 * i - 2])) then
+  if not is_terminal(tonumber(ARGV[8 * i])) then
     return redis.error_reply('ERR finish needs a terminal state')
   end
 end
-local out, events = {}, {}
+local codes, events, freed, seen = {}, {}, {}, {}
 for i = 1, #KEYS - 1 do
-  local a = 8 * i - 4
-  out[i] = record_outcome(ARGV[1], KEYS[1 + i], ARGV[2], ARGV[3], {
+  local a = 8 * i - 2
+  local code, queue = record_outcome(ARGV[1], KEYS[1 + i], ARGV[2], ARGV[3], {
     job_id = ARGV[a], lease = ARGV[a + 1], state = tonumber(ARGV[a + 2]), result = ARGV[a + 3],
     output = ARGV[a + 4], code = ARGV[a + 5], message = ARGV[a + 6]})
-  if out[i] == 1 then events[#events + 1] = ARGV[a + 7] end
+  codes[i] = code
+  if code == 1 then
+    events[#events + 1] = ARGV[a + 7]
+    if not seen[queue] then
+      seen[queue] = true
+      freed[#freed + 1] = queue
+    end
+  end
 end
 if #events > 0 then redis.call('PUBLISH', KEYS[1], table.concat(events)) end
-return out
+local placements = {}
+if tonumber(ARGV[4]) > 0 then
+  for _, queue in ipairs(freed) do
+    place_jobs(ARGV[1], queue, tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[4]), placements)
+  end
+end
+return {codes, placements}

@@ -2,7 +2,7 @@
 -- (place_jobs in the prelude says how).
 -- KEYS[1] kinds set of the queue, KEYS[2] qworkers set of the queue, KEYS[3] acks zset,
 -- KEYS[4] lease counter, KEYS[5] queues set (all as the prelude's key rules name them)
--- ARGV[1] key prefix, ARGV[2] now ms, ARGV[3] ack deadline ms, ARGV[4] queue name,
+-- ARGV[1] key prefix, ARGV[2] now ms, ARGV[3] ack timeout ms for a job stored without one, ARGV[4] queue name,
 -- ARGV[5] most placements to make
 -- returns a flat array: 1 when jobs are still waiting in the queue afterwards (else 0), then 5
 --   entries per placement: job id, worker id, lease, attempt (of the coming start), 1 dispatched or

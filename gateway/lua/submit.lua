@@ -5,7 +5,8 @@
 --   job has no idempotency key), KEYS[6+4i] kinds set of its queue
 -- ARGV[1] now ms, ARGV[2] idempotency ttl s, ARGV[3] retention s (how long a job is kept once
 --   finished), ARGV[4] most queues with waiting jobs, ARGV[5] most kinds with waiting jobs per queue,
---   ARGV[6] key prefix, ARGV[7] ack deadline ms, ARGV[8] most placements per queue (0: place none),
+--   ARGV[6] key prefix, ARGV[7] ack timeout ms (stored as the job's 'ack': how long a worker has to
+--   start it once dispatched), ARGV[8] most placements per queue (0: place none),
 --   then 8 per job i: ARGV[9+8i] job id, spec (JobSpec bytes), queue, kind, priority, max attempts,
 --   timeout ms, request digest or ''
 -- returns {0, placements, waiting, code, id, code, id, ...}: placements a flat array as schedule
@@ -59,7 +60,7 @@ for _, i in ipairs(fresh) do
   local seq = redis.call('INCR', KEYS[2])
   redis.call('HSET', KEYS[k], 'spec', ARGV[a + 1], 'queue', queue, 'kind', kind, 'prio', prio,
     'seq', seq, 'state', QUEUED, 'attempt', 0, 'max_attempts', ARGV[a + 5], 'timeout_ms', ARGV[a + 6],
-    'worker', '', 'lease', 0, 'created', now, 'updated', now, 'ttl', ttl)
+    'worker', '', 'lease', 0, 'created', now, 'updated', now, 'ttl', ttl, 'ack', ARGV[7])
   redis.call('ZADD', KEYS[k + 1], pending_score(prio, seq), id)
   redis.call('SADD', KEYS[1], queue)
   redis.call('SADD', KEYS[k + 3], kind)
