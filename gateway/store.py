@@ -158,6 +158,13 @@ async def redis_errors() -> AsyncIterator[None]:
         raise Unavailable(f"Redis cannot take the request now: {type(exc).__name__}") from exc
 
 
+# What event_from_hash reads of a job hash.
+EVENT_FIELDS = (
+    b"state", b"queue", b"kind", b"attempt", b"worker", b"output", b"result", b"err_code", b"err_msg", b"updated",
+    b"created",
+)  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class Placement:
     """One job placed on one worker (and published) by the submit or schedule script."""
@@ -304,14 +311,15 @@ class JobStore:
         return job_from_hash(job_id, fields)
 
     async def get_fields(self, job_ids: Sequence[str]) -> list[Fields]:
-        """Raw stored hashes for many jobs in one round trip (empty dicts for missing ones)."""
+        """The stored fields a JobEvent is built from, for many jobs in one round trip (empty dicts
+        for missing ones). Not the spec: a completion needs none of its payload."""
         if not job_ids:
             return []
         async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.hgetall(self.keys.job(job_id))
-            result: list[Fields] = await pipe.execute()
-        return result
+                pipe.hmget(self.keys.job(job_id), EVENT_FIELDS)
+            rows: list[list[bytes | None]] = await pipe.execute()
+        return [{k: v for k, v in zip(EVENT_FIELDS, row, strict=True) if v is not None} for row in rows]
 
     async def queue_names(self) -> list[str]:
         """Every queue that may hold waiting jobs (placement drops a queue once it is empty)."""

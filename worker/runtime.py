@@ -370,7 +370,10 @@ class _Runtime:
             # Normally immediate: the gateway places no more jobs than the slots this worker offers.
             # A dispatch that still finds none free in time is left unacknowledged (placed again).
             try:
-                await asyncio.wait_for(self.slots.acquire(), timeout=self.settings.heartbeat_ttl_ms / 1000)
+                if self.slots.locked():
+                    await asyncio.wait_for(self.slots.acquire(), timeout=self.settings.heartbeat_ttl_ms / 1000)
+                else:
+                    await self.slots.acquire()  # free: no need for a timer
             except TimeoutError:
                 log.warning("job_id=%s no free slot in time; leaving the dispatch unacknowledged", d.job_id)
                 return
