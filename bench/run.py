@@ -1,188 +1,357 @@
-"""``make bench``: jobgate's own throughput and latency on this machine, written to docs/BENCHMARKS.md.
+"""``make bench``: jobgate beside Celery, RQ, Dramatiq and arq, in one run, into docs/BENCHMARKS.md.
 
-Starts a private Redis, one gateway and workers as real processes (as ``make run`` does), then
-measures, each over several interleaved rounds (medians with min-max, the machine is shared):
-- batched throughput: ``SubmitJobs`` batches from one client, first submit to last completion
-  received on a ``WatchResults`` stream;
-- unary throughput: one ``SubmitJob`` per job from concurrent clients, measured the same way;
-- ``RunJob`` round trip: sequential single jobs, p50 and p99.
-Timing lives here, never in tests.
+Starts one private Redis for the run and, for each system in turn, its worker processes (jobgate:
+a gateway and ``python -m worker`` processes), then measures with the same no-op job and the same
+submitter shape: batched and unary end-to-end throughput, sequential round trips, throughput by
+worker count and by payload size, Redis memory per queued job and, for jobgate, the gateway's memory
+with 1,000 open ``WatchResults`` streams. Rounds are interleaved (every system once per round) and
+medians with min-max are reported, because the machine is shared. A system that fails to start or
+times out is reported as failed and the run goes on.
+
+``make bench`` runs this from ``.bench-venv``, which has the peers; ``--systems jobgate`` also runs
+in jobgate's own ``.venv``.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
+import datetime
+import os
 import platform
-import statistics
+import signal
+import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from types import FrameType
 
-import grpc
+import redis
 
-from gateway.devstack import RedisProcess, Stack
-from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
+from bench.results import Results, describe
+from bench.systems import SYSTEMS, load
+from bench.systems.base import ROOT, System, flush
+from gateway.devstack import RedisProcess
 
-ROOT = Path(__file__).resolve().parent.parent
-REPORT = ROOT / "docs" / "BENCHMARKS.md"
-
-
-@dataclass
-class Setup:
-    stub: scheduler_pb2_grpc.SchedulerServiceStub
-    channel: grpc.aio.Channel
-
-
-def echo(i: int) -> scheduler_pb2.SubmitJobRequest:
-    req = scheduler_pb2.SubmitJobRequest(kind="echo")
-    req.args.struct_value.fields["i"].number_value = i
-    return req
+DOCS = ROOT / "docs"
+REPORT = DOCS / "BENCHMARKS.md"
+CHARTS = DOCS / "bench"
+# No single measurement (starting a system included) may take longer than this.
+LIMIT_S = 360
 
 
-async def _completions(stub: scheduler_pb2_grpc.SchedulerServiceStub, n: int, ready: asyncio.Event) -> float:
-    """Counts completions on an unfiltered stream; returns the time the n-th arrived."""
-    call = stub.WatchResults(scheduler_pb2.WatchResultsRequest(kinds=["echo"]), timeout=300)
-    seen = 0
-    ready.set()
-    async for resp in call:
-        if resp.event.state == job_pb2.JOB_STATE_SUCCEEDED:
-            seen += 1
-            if seen == n:
-                call.cancel()
-                break
-    return time.perf_counter()
+@dataclass(frozen=True)
+class Plan:
+    """Job counts of one run."""
+
+    rounds: int = 3
+    workers: int = 2
+    batched: int = 10_000
+    unary: int = 4_000
+    clients: int = 32
+    trips: int = 300
+    sweep: int = 5_000
+    sweep_workers: tuple[int, ...] = (1, 2, 4)
+    payloads: dict[int, int] = field(default_factory=lambda: {100: 5_000, 10_000: 5_000, 100_000: 1_000})
+    queued: int = 10_000
+    streams: int = 1_000
+    channels: int = 10
 
 
-async def throughput(
-    stub: scheduler_pb2_grpc.SchedulerServiceStub, n: int, submit: Callable[[], Awaitable[None]]
-) -> float:
-    ready = asyncio.Event()
-    watcher = asyncio.create_task(_completions(stub, n, ready))
-    await ready.wait()
-    await asyncio.sleep(0.2)  # the stream is registered on the gateway
-    began = time.perf_counter()
-    await submit()
-    ended = await asyncio.wait_for(watcher, timeout=300)
-    return n / (ended - began)
+QUICK = Plan(
+    rounds=1,
+    batched=300,
+    unary=320,
+    trips=30,
+    sweep=200,
+    payloads={100: 200, 10_000: 100, 100_000: 20},
+    queued=500,
+    streams=100,
+    channels=2,
+)
 
 
-async def batched(stub: scheduler_pb2_grpc.SchedulerServiceStub, n: int, batch: int = 500) -> float:
-    async def submit() -> None:
-        await asyncio.gather(
-            *(
-                stub.SubmitJobs(
-                    scheduler_pb2.SubmitJobsRequest(jobs=[echo(i) for i in range(start, start + batch)]), timeout=60
+class MeasurementTimeout(Exception):
+    """A measurement ran past LIMIT_S."""
+
+
+@contextlib.contextmanager
+def limit(seconds: float) -> Iterator[None]:
+    """Raises MeasurementTimeout in the main thread after ``seconds``, whatever it is blocked on."""
+
+    def expired(signum: int, frame: FrameType | None) -> None:
+        raise MeasurementTimeout(f"over {seconds:.0f}s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class Bench:
+    """Runs the plan over the systems and collects the figures."""
+
+    def __init__(self, plan: Plan, names: list[str], redis_url: str) -> None:
+        self.plan = plan
+        self.redis_url = redis_url
+        self.results = Results(names)
+        self.systems: dict[str, System] = {}
+        for name in names:
+            try:
+                self.systems[name] = load(name, redis_url)
+            except ImportError as exc:
+                self.results.fail(name, "import", f"{exc} (the peers are installed in .bench-venv by `make bench`)")
+                print(f"{name}: cannot import: {exc}", flush=True)
+                continue
+            system = self.systems[name]
+            self.results.versions[name] = ", ".join(_version(p) for p in system.packages)
+            self.results.settings[name] = system.settings(plan.workers)
+            self.results.submitters[name] = system.submitter
+
+    def session(
+        self, name: str, where: str, start: Callable[[System], None], measures: dict[str, Callable[[System], float]]
+    ) -> None:
+        """Flushes Redis, starts the system, takes each measure in order and stops it, also on
+        failure; a failure skips the rest of the session."""
+        system = self.systems.get(name)
+        if system is None:
+            return
+        flush(self.redis_url)
+        began = time.monotonic()
+        step = "start"
+        try:
+            with limit(LIMIT_S):
+                start(system)
+            for step, measure in measures.items():
+                with limit(LIMIT_S):
+                    value = measure(system)
+                self.results.add(name, step, value)
+                print(f"  {where:<22} {name:<9} {step:<15} {value:>12,.2f}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - reported as failed; the run goes on
+            self.results.fail(name, f"{where}, {step}", exc)
+            print(f"  {where:<22} {name:<9} {step:<15} FAILED: {describe(exc, 2000)}", flush=True)
+            with contextlib.suppress(Exception):
+                print(system.logs()[-6000:], flush=True)
+        finally:
+            try:
+                with limit(60):
+                    system.stop()
+            except Exception as exc:  # noqa: BLE001
+                self.results.fail(name, f"{where}, stop", exc)
+        print(f"  {where:<22} {name:<9} ({time.monotonic() - began:.0f}s)", flush=True)
+
+    def round(self, r: int) -> None:
+        p = self.plan
+        print(f"round {r}", flush=True)
+        main: dict[str, Callable[[System], float]] = {
+            "batched": lambda s: s.batched(p.batched),
+            "unary": lambda s: s.unary(p.unary, p.clients),
+            **self._trips(),
+            **{f"payload:{b}": _payload(b, n) for b, n in p.payloads.items()},
+        }
+        for name in self.systems:
+            before = len(self.results.values(name, "batched"))
+            self.session(name, f"round {r}, main", lambda s: s.start(p.workers), main)
+            batched = self.results.values(name, "batched")
+            if len(batched) > before and p.workers in p.sweep_workers:
+                self.results.add(name, f"workers:{p.workers}", batched[-1])
+        for w in p.sweep_workers:
+            if w == p.workers:
+                continue
+            for name in self.systems:
+                self.session(
+                    name, f"round {r}, workers={w}", lambda s, w=w: s.start(w), {f"workers:{w}": _sweep(p.sweep)}
                 )
-                for start in range(0, n, batch)
+        if "jobgate" in self.systems:
+            self.session("jobgate", f"round {r}, streams", _start_plain, self._streams())
+
+    def queued(self) -> None:
+        """Redis bytes per queued job, once per system (it hardly varies between rounds)."""
+        print("memory per queued job", flush=True)
+        for name in self.systems:
+            self.session(
+                name, "memory", lambda s: s.start(0), {"bytes_per_job": lambda s: s.bytes_per_job(self.plan.queued)}
             )
-        )
 
-    return await throughput(stub, n, submit)
+    def _trips(self) -> dict[str, Callable[[System], float]]:
+        trips: list[float] = []
 
+        def p50(s: System) -> float:
+            trips[:] = s.round_trips(self.plan.trips)
+            return percentile(trips, 50)
 
-async def unary(stub: scheduler_pb2_grpc.SchedulerServiceStub, n: int, clients: int = 32) -> float:
-    async def one_client(count: int) -> None:
-        for i in range(count):
-            await stub.SubmitJob(echo(i), timeout=30)
+        return {"p50": p50, "p99": lambda s: percentile(trips, 99)}
 
-    async def submit() -> None:
-        await asyncio.gather(*(one_client(n // clients) for _ in range(clients)))
+    def _streams(self) -> dict[str, Callable[[System], float]]:
+        idle: list[float] = []
 
-    return await throughput(stub, n // clients * clients, submit)
+        def rss_idle(s: System) -> float:
+            idle[:] = s.stream_rss(self.plan.streams, self.plan.channels)
+            return idle[0]
 
-
-async def round_trips(stub: scheduler_pb2_grpc.SchedulerServiceStub, n: int) -> list[float]:
-    out = []
-    for i in range(n):
-        began = time.perf_counter()
-        async for _ in stub.RunJob(scheduler_pb2.RunJobRequest(job=echo(i)), timeout=30):
-            pass
-        out.append((time.perf_counter() - began) * 1000)
-    return out
+        return {"rss_idle": rss_idle, "rss_streams": lambda s: idle[1]}
 
 
-def pct(values: list[float], p: float) -> float:
+def _payload(size: int, n: int) -> Callable[[System], float]:
+    return lambda s: s.batched(n, size)
+
+
+def _sweep(n: int) -> Callable[[System], float]:
+    return lambda s: s.batched(n)
+
+
+def _start_plain(system: System) -> None:
+    """jobgate as an operator runs it: default settings (but quiet logs), one worker."""
+    system.start(1, env={"JOBGATE_LOG_LEVEL": "WARNING"})
+
+
+def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
-def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
-    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+def _version(package: str) -> str:
+    try:
+        return f"{package} {metadata.version(package)}"
+    except metadata.PackageNotFoundError:
+        return f"{package} (not installed)"
 
 
-async def measure(address: str, rounds: int, jobs: int) -> dict[str, list[float]]:
-    results: dict[str, list[float]] = {"batched": [], "unary": [], "p50": [], "p99": []}
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-        await round_trips(stub, 50)  # warm-up
-        for r in range(rounds):
-            results["batched"].append(await batched(stub, jobs))
-            results["unary"].append(await unary(stub, jobs // 4))
-            trips = await round_trips(stub, 300)
-            results["p50"].append(pct(trips, 50))
-            results["p99"].append(pct(trips, 99))
-            print(
-                f"round {r + 1}: batched {results['batched'][-1]:,.0f}/s, unary {results['unary'][-1]:,.0f}/s, "
-                f"RunJob p50 {results['p50'][-1]:.2f} ms p99 {results['p99'][-1]:.2f} ms",
-                flush=True,
-            )
-    return results
+# --- what the report says about the run ----------------------------------------------------------
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = ""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        kib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
+        memory = f", {kib / 1024 / 1024:.0f} GiB"
+    return (
+        f"{cpu}, {os.cpu_count()} cores{memory}, {platform.system()} {platform.release()}, "
+        f"{platform.python_implementation()} {platform.python_version()}"
+    )
 
 
-def report(results: dict[str, list[float]], workers: int, concurrency: int, jobs: int) -> str:
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("grpcio", "protobuf", "redis", "hiredis", "uvloop"))
-    return f"""# Benchmarks
+def commit() -> str:
+    """The checkout's commit, and whether gateway/ or worker/ differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "gateway", "worker", "proto"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "an unknown commit"
+    return f"commit `{head}`" + (" with uncommitted changes to its gateway or worker" if dirty else "")
 
-Produced by `make bench` (`bench/run.py`) on {platform.machine()} with {platform.python_implementation()}
-{platform.python_version()}; Redis, the gateway, {workers} workers ({concurrency} slots each) and the
-submitting client all share this machine (the gateway with `stream_buffer` 200,000, so the measuring
-stream can hold a whole burst). Medians over {len(results["batched"])} rounds, min–max in brackets.
-Versions: {versions}.
 
-| measure | result |
-|---|---|
-| batched throughput (`SubmitJobs` of 500, {jobs:,} jobs, first submit to last completion streamed back) | {spread(results["batched"])} jobs/s |
-| unary throughput (one `SubmitJob` per job from 32 concurrent calls, {jobs // 4:,} jobs) | {spread(results["unary"])} jobs/s |
-| `RunJob` round trip p50 (300 sequential jobs) | {spread(results["p50"], "{:.2f}")} ms |
-| `RunJob` round trip p99 | {spread(results["p99"], "{:.2f}")} ms |
+def redis_version(url: str) -> str:
+    with redis.Redis.from_url(url) as client:
+        return str(client.info("server")["redis_version"])
 
-Every figure is end to end with every guarantee on: each job is stored in Redis before it is
-acknowledged, placed by the placement script, acknowledged and recorded by the worker's scripts,
-and its completion is checked against the stored job before it is streamed back.
-"""
+
+def redis_closed_clients(server: RedisProcess) -> list[str]:
+    """Redis's log lines about clients it closed (e.g. a subscriber over its output buffer limit)."""
+    with contextlib.suppress(OSError):
+        log = (Path(server.dir) / "redis.log").read_text(errors="replace")
+        return [f"Redis log: {line.strip()}" for line in log.splitlines() if "closed" in line.lower()]
+    return []
+
+
+def summary(results: Results, plan: Plan) -> str:
+    """Medians as a plain table, one row per system (``-`` where a figure is missing)."""
+    columns = [
+        ("batched/s", "batched"),
+        ("unary/s", "unary"),
+        ("p50_ms", "p50"),
+        ("p99_ms", "p99"),
+        *((f"w{w}/s", f"workers:{w}") for w in plan.sweep_workers),
+        *((f"{b}B/s", f"payload:{b}") for b in plan.payloads),
+        ("bytes/job", "bytes_per_job"),
+        ("rss_idle_MB", "rss_idle"),
+        ("rss_streams_MB", "rss_streams"),
+    ]
+    lines = ["system    " + " ".join(f"{title:>14}" for title, _ in columns)]
+    for system in results.systems:
+        cells = []
+        for _, measure in columns:
+            m = results.median(system, measure)
+            cells.append(f"{'-' if m is None else f'{m:.2f}':>14}")
+        lines.append(f"{system:<9} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def write_report(results: Results, plan: Plan, redis_url: str) -> None:
+    from bench import charts, report
+
+    drawn = charts.draw(results, CHARTS, list(plan.sweep_workers), list(plan.payloads))
+    ctx = report.Context(
+        when=datetime.date.today().isoformat(),
+        machine=machine(),
+        commit=commit(),
+        redis=redis_version(redis_url),
+        rounds=plan.rounds,
+        workers=plan.workers,
+        plan={k: v for k, v in asdict(plan).items() if isinstance(v, int)},
+        payloads=plan.payloads,
+        sweep=list(plan.sweep_workers),
+        charts=drawn,
+        docs=DOCS,
+    )
+    REPORT.write_text(report.render(results, ctx))
+    print(f"wrote {REPORT.relative_to(ROOT)} and {len(drawn)} charts in {CHARTS.relative_to(ROOT)}/", flush=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=10_000)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--no-report", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of every measurement (default 3)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
+    parser.add_argument("--quick", action="store_true", help="tiny counts and 1 round: a smoke test")
+    parser.add_argument("--no-report", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()
-    redis = RedisProcess().start()
-    # The measuring stream takes every completion of a 10,000-job burst while the same process is
-    # submitting: give it a buffer that holds the burst instead of the default 1,024 events.
-    stack = Stack(redis.url, "bench", env={"JOBGATE_LOG_LEVEL": "WARNING", "JOBGATE_STREAM_BUFFER": "200000"})
+    names = [n.strip() for n in args.systems.split(",") if n.strip()]
+    if unknown := [n for n in names if n not in SYSTEMS]:
+        parser.error(f"unknown systems: {', '.join(unknown)} (known: {', '.join(SYSTEMS)})")
+    plan = QUICK if args.quick else Plan()
+    if args.rounds is not None:
+        plan = Plan(**{**asdict(plan), "rounds": args.rounds})
+    began = time.monotonic()
+    server = RedisProcess().start()
     try:
-        _, address = stack.start_gateway()
-        for _ in range(args.workers):
-            stack.start_worker("--concurrency", str(args.concurrency))
-        time.sleep(1.5)  # workers registered
-        results = asyncio.run(measure(address, args.rounds, args.jobs))
+        bench = Bench(plan, names, server.url)
+        bench.queued()
+        for r in range(1, plan.rounds + 1):
+            bench.round(r)
+        results = bench.results
+        results.notes += redis_closed_clients(server)
+        print(f"\nmedians over {plan.rounds} round(s), {time.monotonic() - began:.0f}s in all", flush=True)
+        print(summary(results, plan), flush=True)
+        for name in names:
+            for failure in results.failures.get(name, []):
+                print(f"failed: {name}: {failure}", flush=True)
+        for note in results.notes:
+            print(f"note: {note}", flush=True)
+        if not args.no_report:
+            write_report(results, plan, server.url)
     finally:
-        stack.stop()
-        redis.stop()
-    text = report(results, args.workers, args.concurrency, args.jobs)
-    print(text)
-    if not args.no_report:
-        REPORT.parent.mkdir(exist_ok=True)
-        REPORT.write_text(text)
-    return 0
+        server.stop()
+    measured = any(results.values(n, "batched") for n in names)
+    return 0 if measured else 1
 
 
 if __name__ == "__main__":

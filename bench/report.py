@@ -1,0 +1,257 @@
+"""docs/BENCHMARKS.md from the figures of one run: targets, tables, charts, versions and settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.results import Results
+
+KIB = 1024
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the report says about the run besides its figures."""
+
+    when: str
+    machine: str
+    commit: str
+    redis: str
+    rounds: int
+    workers: int
+    plan: dict[str, int]  # job counts: batched, unary, clients, trips, sweep, queued, streams, channels
+    payloads: dict[int, int]  # payload bytes -> jobs
+    sweep: list[int]  # worker counts
+    charts: dict[str, Path]
+    docs: Path
+
+
+@dataclass(frozen=True)
+class Target:
+    text: str
+    measured: str
+    met: bool | None  # None: not measured
+
+
+def _num(value: float | None, fmt: str = "{:,.0f}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def _at_least(value: float | None, goal: float) -> bool | None:
+    return None if value is None else value >= goal
+
+
+def _at_most(value: float | None, goal: float) -> bool | None:
+    return None if value is None else value <= goal
+
+
+def fastest_peer(results: Results, measure: str) -> tuple[str, float] | None:
+    """The peer with the highest median for ``measure``, and that median."""
+    peers = [(s, m) for s in results.systems if s != "jobgate" and (m := results.median(s, measure)) is not None]
+    return max(peers, key=lambda p: p[1]) if peers else None
+
+
+def targets(results: Results) -> list[Target]:
+    """jobgate's goals, each with the figure of this run that decides it."""
+    med: Callable[[str], float | None] = lambda measure: results.median("jobgate", measure)  # noqa: E731
+    out = [
+        Target("batched throughput ≥ 10,000 jobs/s", f"{_num(med('batched'))} jobs/s", _at_least(med("batched"), 1e4)),
+        Target("unary throughput ≥ 3,000 jobs/s", f"{_num(med('unary'))} jobs/s", _at_least(med("unary"), 3e3)),
+    ]
+    for measure in ("batched", "unary"):
+        ours, peer = med(measure), fastest_peer(results, measure)
+        if ours is None or peer is None:
+            out.append(Target(f"{measure} ≥ 3× the fastest peer", "not measured", None))
+            continue
+        name, theirs = peer
+        out.append(
+            Target(
+                f"{measure} ≥ 3× the fastest peer",
+                f"{ours / theirs:.2f}× ({ours:,.0f} vs {name} {theirs:,.0f} jobs/s)",
+                ours >= 3 * theirs,
+            )
+        )
+    rss, per_job = med("rss_streams"), med("bytes_per_job")
+    out += [
+        Target("`RunJob` p50 ≤ 1 ms", f"{_num(med('p50'), '{:.2f}')} ms", _at_most(med("p50"), 1.0)),
+        Target("`RunJob` p99 ≤ 3 ms", f"{_num(med('p99'), '{:.2f}')} ms", _at_most(med("p99"), 3.0)),
+        Target("gateway ≤ 150 MB RSS with 1,000 open streams", f"{_num(rss, '{:.1f}')} MB", _at_most(rss, 150)),
+        Target("≤ 1 KiB of Redis per queued small job", f"{_num(per_job)} bytes", _at_most(per_job, KIB)),
+    ]
+    return out
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "**not met**", None: "not measured"}[met]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _chart(ctx: Context, name: str, alt: str) -> str:
+    path = ctx.charts.get(name)
+    return f"\n![{alt}]({path.relative_to(ctx.docs).as_posix()})\n" if path else ""
+
+
+def _plural(n: int) -> str:
+    return "s" if n != 1 else ""
+
+
+def _size(n: int) -> str:
+    return f"{n // 1000} KB" if n >= 1000 else f"{n} B"
+
+
+def _figures(results: Results, ctx: Context) -> str:
+    p = ctx.plan
+    rows = [[s, results.spread(s, "batched"), results.spread(s, "unary")] for s in results.systems]
+    header = [
+        "system",
+        f"batched ({p['batched']:,} jobs), jobs/s",
+        f"unary ({p['unary']:,} jobs, {p['clients']} submitters), jobs/s",
+    ]
+    throughput = _table(header, rows)
+    rows = [[s, results.spread(s, "p50", "{:.2f}"), results.spread(s, "p99", "{:.2f}")] for s in results.systems]
+    latency = _table(["system", "p50, ms", "p99, ms"], rows)
+    rows = [[s, *(results.spread(s, f"workers:{w}") for w in ctx.sweep)] for s in results.systems]
+    workers = _table(["system", *(f"{w} worker{'s' if w > 1 else ''}, jobs/s" for w in ctx.sweep)], rows)
+    rows = [[s, *(results.spread(s, f"payload:{b}") for b in ctx.payloads)] for s in results.systems]
+    payload = _table(["system", *(f"{_size(b)} ({n:,} jobs), jobs/s" for b, n in ctx.payloads.items())], rows)
+    rows = [[s, results.spread(s, "bytes_per_job")] for s in results.systems]
+    memory = _table(["system", "Redis bytes per queued job"], rows)
+    rss = _table(
+        ["gateway VmRSS", "MB"],
+        [
+            ["idle (1 worker connected)", results.spread("jobgate", "rss_idle", "{:.1f}")],
+            [f"with {p['streams']:,} open `WatchResults` streams", results.spread("jobgate", "rss_streams", "{:.1f}")],
+        ],
+    )
+    per_channel = p["streams"] // max(p["channels"], 1)
+    warmup = max(p["queued"] // 10, 1)
+    sweep_note = (
+        f"Batched submission of {p['sweep']:,} small jobs; the {ctx.workers}-worker point is the batched figure above."
+        if ctx.workers in ctx.sweep
+        else f"Batched submission of {p['sweep']:,} small jobs."
+    )
+    return f"""## Throughput
+
+End to end: from the first submit to the last result received by the submitter. Batched: the
+library's bulk API, in chunks of 500 jobs; unary: one submit call per job from {p["clients"]} concurrent
+submitters. How each system submits and waits is under [Systems and settings](#systems-and-settings).
+
+{throughput}
+{_chart(ctx, "throughput", "throughput per system")}
+## Round trip latency
+
+{p["trips"]} jobs one after another, each submitted once the previous result is in (jobgate: one
+`RunJob` call; the peers: enqueue, then wait for the result through the library's result API).
+
+{latency}
+{_chart(ctx, "latency", "round trip latency per system")}
+## Worker processes
+
+{sweep_note} Every process shares the machine's cores with Redis and the submitter.
+
+{workers}
+{_chart(ctx, "workers", "throughput by number of workers")}
+## Payload size
+
+Batched submission with {ctx.workers} worker processes; each job carries the payload and returns it
+(jobgate: the `payload` bytes field, chunks kept under 2 MB per request; the peers: a string of that
+many characters).
+
+{payload}
+{_chart(ctx, "payload", "throughput by payload size")}
+## Memory
+
+Redis `used_memory` growth per queued job, once per system: {p["queued"]:,} small jobs submitted
+through the bulk API with no worker running, `INFO memory` before and after, divided by the count.
+{warmup:,} unmeasured jobs go first, so that connections, scripts and the queue's own keys are in
+place. It counts everything the system keeps in Redis for a job it has accepted.
+
+{memory}
+{_chart(ctx, "memory", "Redis memory per queued job")}
+The gateway's resident memory (`VmRSS` in `/proc/<pid>/status`), freshly started with default
+settings and one worker, before and with {p["streams"]:,} `WatchResults` streams open over
+{p["channels"]} client connections ({per_channel} streams each: HTTP/2 caps concurrent streams per
+connection). Every stream has received one completion before the second reading.
+
+{rss}
+"""
+
+
+def _systems(results: Results, ctx: Context) -> str:
+    rows = [
+        [s, results.versions.get(s, "–"), results.settings.get(s, "not loaded"), results.submitters.get(s, "–")]
+        for s in results.systems
+    ]
+    header = ["system", "versions", f"workers (as run with {ctx.workers})", "submitter"]
+    return f"""## Systems and settings
+
+Each peer runs as a user would set it up for throughput on this machine: as many worker processes
+as jobgate has workers, in-process execution, and each library's bulk submission and result API. Chunks
+hold 500 jobs (fewer for large payloads, under 2 MB each); the concurrent submitters are
+{ctx.plan["clients"]} threads for the synchronous libraries and {ctx.plan["clients"]} asyncio tasks for jobgate and arq.
+
+{_table(header, rows)}
+
+- Celery: a thread pool (no fork and no pipe between the consumer and the task), with gossip,
+  mingle and heartbeats off and a prefetch multiplier of 16, so no worker waits for messages; the
+  prefork and solo pools measured within noise of it here.
+- RQ: `SimpleWorker` runs each job in the worker process as every other system does; RQ's default
+  worker forks a work horse per job (isolation at a cost of milliseconds each), which is about four
+  times slower here. RQ runs one job at a time per process.
+- Dramatiq: its defaults (8 threads per process, prefetch of twice the threads).
+- arq: `poll_delay` defaults to 0.5 s in the worker and in `Job.result`, which caps a worker at a few
+  hundred jobs a second; 5 ms is the setting used here (1 ms halves arq's round trip and lifts unary
+  throughput by some 15%, but costs batched throughput about 10% on two cores; 20 ms and more cut
+  both).
+  arq 0.25.0 is the newest arq that installs beside redis-py 8 (later ones require redis-py < 6), so
+  every system here runs on the same client library."""
+
+
+def _failures(results: Results) -> str:
+    if not any(results.failures.values()) and not results.notes:
+        return ""
+    failed = [f"- {s}: {msg}" for s in results.systems for msg in results.failures.get(s, [])]
+    lines = "\n".join(failed + [f"- {note}" for note in results.notes])
+    return f"\n## Failures\n\nA failed measurement leaves its cell `failed`, or out of the median:\n\n{lines}\n"
+
+
+def render(results: Results, ctx: Context) -> str:
+    """The whole of docs/BENCHMARKS.md."""
+    target_rows = [[t.text, t.measured, _verdict(t.met)] for t in targets(results)]
+    order = ", ".join(results.systems)
+    return f"""# Benchmarks: jobgate beside Celery, RQ, Dramatiq and arq
+
+Produced by `make bench` (`bench/run.py`) on {ctx.when}, jobgate at {ctx.commit}.
+
+- Machine: {ctx.machine}.
+- Redis {ctx.redis}: one private server for the run (no persistence), flushed before each system starts.
+- Every system runs the same no-op job (it returns its input), with {ctx.workers} worker processes
+  unless a sweep says otherwise. The submitter is the benchmark process, on the same machine.
+- Figures are medians over {ctx.rounds} round{_plural(ctx.rounds)}, min–max in brackets; Redis memory per job is
+  measured once per system. Each round runs every system in turn ({order}) before
+  the next round starts, so the noise of a shared machine falls on all of them alike.
+- The peers run from `.bench-venv` (`bench/requirements.txt`), never from jobgate's dependencies;
+  their versions and settings are under [Systems and settings](#systems-and-settings).
+
+Where jobgate's time goes: [PERFORMANCE.md](PERFORMANCE.md).
+
+## Targets
+
+{_table(["target", "measured (jobgate, median)", "verdict"], target_rows)}
+
+{_figures(results, ctx)}
+{_systems(results, ctx)}
+
+Redis is shared by the submitter and the workers of one system at a time. jobgate keeps every
+guarantee on while measured: each job is stored in Redis before it is acknowledged, placed by the
+placement script, acknowledged and recorded by the worker's scripts, and its completion is checked
+against the stored job before it is streamed back. The peers run with their result backends on,
+since the submitter waits for every result.
+{_failures(results)}"""

@@ -1,0 +1,249 @@
+"""jobgate: one gateway and ``python -m worker`` processes (the built-in ``echo`` handler), driven
+over gRPC from one asyncio client.
+
+Batched submission is ``SubmitJobs``, unary is one ``SubmitJob`` per job; both count completions
+on one ``WatchResults`` stream. Round trips are ``RunJob`` calls, one after another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from bench.systems.base import WAIT_S, System, chunks, rate, wait_until
+from gateway.devstack import Stack
+from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+SLOTS = 64  # per worker: jobs one worker runs at once
+# The measuring stream takes every completion of a burst while the same process is submitting:
+# give it a buffer that holds the burst instead of the default 1,024 events.
+T = TypeVar("T")
+PROBE = -1  # the input of the job that shows a stream is registered
+ENV = {"JOBGATE_LOG_LEVEL": "WARNING", "JOBGATE_STREAM_BUFFER": "200000"}
+
+
+def echo(i: int, payload: int = 0) -> scheduler_pb2.SubmitJobRequest:
+    """An ``echo`` job: args ``{"i": i}``, or ``payload`` bytes (which echo returns) and no args."""
+    if payload:
+        return scheduler_pb2.SubmitJobRequest(kind="echo", payload=b"x" * payload)
+    req = scheduler_pb2.SubmitJobRequest(kind="echo")
+    req.args.struct_value.fields["i"].number_value = i
+    return req
+
+
+def is_probe(event: job_pb2.JobEvent) -> bool:
+    fields = event.result.struct_value.fields
+    return "i" in fields and fields["i"].number_value == PROBE
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS of a process, in MB (10^6 bytes)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / 1e6
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class Jobgate(System):
+    name = "jobgate"
+    packages = ("jobgate", "grpcio", "protobuf", "redis", "hiredis", "uvloop")
+    submitter = (
+        "batched: `SubmitJobs` per chunk, every chunk in flight at once; unary: `SubmitJob` from asyncio tasks; "
+        "results: one `WatchResults` stream counts completions; round trip: `RunJob`"
+    )
+
+    def __init__(self, redis_url: str) -> None:
+        super().__init__(redis_url)
+        self.stack: Stack | None = None
+        self.address = ""
+        self.runner: asyncio.Runner | None = None
+        self.channel: grpc.aio.Channel | None = None
+        self.stub: scheduler_pb2_grpc.SchedulerServiceStub | None = None
+
+    def settings(self, workers: int) -> str:
+        return (
+            f"1 gateway (`python -m gateway`, `JOBGATE_STREAM_BUFFER=200000`, log level WARNING) and "
+            f"{workers} × `python -m worker --concurrency {SLOTS}` (asyncio, built-in `echo` handler); "
+            "the client is one asyncio process"
+        )
+
+    def start(self, workers: int, env: dict[str, str] | None = None) -> None:
+        self.stack = Stack(self.redis_url, "bench", env=ENV if env is None else env)
+        _, self.address = self.stack.start_gateway()
+        for _ in range(workers):
+            self.stack.start_worker("--concurrency", str(SLOTS))
+        self.runner = asyncio.Runner()
+        self.channel = self.runner.run(self._open())
+        self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
+        wait_until(lambda: self._live_workers() == workers, 30, f"{workers} jobgate workers", interval_s=0.1)
+        if workers:
+            self.round_trips(20)  # warm-up: connections, scripts, handler caches
+
+    async def _open(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(self.address)
+
+    def _live_workers(self) -> int:
+        stub = self._stub()
+
+        async def count() -> int:
+            reply = await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5)
+            return len(reply.workers)
+
+        return self._run(count())
+
+    def stop(self) -> None:
+        if self.runner:
+            if self.channel:
+                self.runner.run(self.channel.close())
+            self.runner.close()
+        if self.stack:
+            self.stack.stop()
+        self.runner = self.channel = self.stub = self.stack = None
+
+    def logs(self) -> str:
+        return self.stack.logs() if self.stack else ""
+
+    @property
+    def gateway_pid(self) -> int:
+        assert self.stack
+        return self.stack.gateways[0].pid
+
+    # --- measurements ---------------------------------------------------------------------------
+    def batched(self, n: int, payload: int = 0) -> float:
+        stub = self._stub()
+
+        async def submit() -> None:
+            await asyncio.gather(
+                *(
+                    stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=[echo(i, payload) for i in part]), timeout=60)
+                    for part in chunks(n, payload)
+                )
+            )
+
+        return self._run(self._throughput(n, submit))
+
+    def unary(self, n: int, clients: int) -> float:
+        stub = self._stub()
+
+        async def one_client(first: int) -> None:
+            for i in range(first, n, clients):
+                await stub.SubmitJob(echo(i), timeout=30)
+
+        async def submit() -> None:
+            await asyncio.gather(*(one_client(c) for c in range(clients)))
+
+        return self._run(self._throughput(n, submit))
+
+    def round_trips(self, n: int) -> list[float]:
+        stub = self._stub()
+
+        async def trips() -> list[float]:
+            out = []
+            for i in range(n):
+                began = time.perf_counter()
+                async for resp in stub.RunJob(scheduler_pb2.RunJobRequest(job=echo(i)), timeout=30):
+                    last = resp.event.state
+                if last != job_pb2.JOB_STATE_SUCCEEDED:
+                    raise RuntimeError(f"RunJob ended in state {last}")
+                out.append((time.perf_counter() - began) * 1000)
+            return out
+
+        return self._run(trips())
+
+    def enqueue(self, n: int) -> None:
+        stub = self._stub()
+
+        async def submit() -> None:
+            for part in chunks(n, 0):
+                await stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=[echo(i) for i in part]), timeout=60)
+
+        self._run(submit())
+
+    def stream_rss(self, streams: int, channels: int) -> tuple[float, float]:
+        """The gateway's VmRSS (MB) before and with ``streams`` ``WatchResults`` streams open, spread
+        over ``channels`` connections (HTTP/2 caps concurrent streams per connection). Every stream
+        has received one completion before the second reading, so each is registered on the gateway."""
+        before = rss_mb(self.gateway_pid)
+        return before, self._run(self._streams_open_rss(streams, channels))
+
+    async def _streams_open_rss(self, streams: int, channels: int) -> float:
+        # A channel of its own per connection: channels with equal arguments share a subchannel.
+        opened = [
+            grpc.aio.insecure_channel(self.address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(channels)
+        ]
+        got = asyncio.Semaphore(0)
+
+        async def watch(channel: grpc.aio.Channel) -> None:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+            async for _ in stub.WatchResults(scheduler_pb2.WatchResultsRequest(kinds=["echo"]), timeout=WAIT_S):
+                got.release()
+
+        tasks = [asyncio.create_task(watch(opened[s % channels])) for s in range(streams)]
+        try:
+            await asyncio.sleep(1.0)  # let the calls reach the gateway before the probe job runs
+            async with asyncio.timeout(60):
+                async for _ in self._stub().RunJob(scheduler_pb2.RunJobRequest(job=echo(0)), timeout=30):
+                    pass
+                for _ in range(streams):
+                    await got.acquire()
+            return rss_mb(self.gateway_pid)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for c in opened:
+                await c.close()
+
+    # --- plumbing -------------------------------------------------------------------------------
+    def _stub(self) -> scheduler_pb2_grpc.SchedulerServiceStub:
+        if self.stub is None:
+            raise RuntimeError("jobgate is not started")
+        return self.stub
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        assert self.runner
+        return self.runner.run(coro)
+
+    async def _throughput(self, n: int, submit: Callable[[], Awaitable[None]]) -> float:
+        """Runs ``submit`` while one ``WatchResults`` stream counts ``n`` completions; jobs/s from
+        the first submit to the n-th completion. A probe job, seen on the stream before the clock
+        starts, proves the stream is registered on the gateway."""
+        stub = self._stub()
+        primed = asyncio.Event()
+        call = stub.WatchResults(scheduler_pb2.WatchResultsRequest(kinds=["echo"]), timeout=WAIT_S)
+
+        async def count() -> float:
+            seen = 0
+            async for resp in call:
+                event = resp.event
+                if event.state != job_pb2.JOB_STATE_SUCCEEDED:
+                    raise RuntimeError(f"job {event.job_id} ended {event.state}: {event.error}")
+                if is_probe(event):
+                    primed.set()
+                    continue
+                seen += 1
+                if seen == n:
+                    return time.perf_counter()
+            raise RuntimeError(f"the stream ended after {seen} of {n} completions")
+
+        counter = asyncio.create_task(count())
+        try:
+            async with asyncio.timeout(30):
+                while not primed.is_set():
+                    await stub.SubmitJob(echo(PROBE), timeout=10)
+                    await asyncio.wait([asyncio.ensure_future(primed.wait()), counter], timeout=1.0)
+                    if counter.done():
+                        counter.result()
+            began = time.perf_counter()
+            await submit()
+            ended = await asyncio.wait_for(counter, timeout=WAIT_S)
+            return rate(n, began, ended)
+        finally:
+            call.cancel()
+            counter.cancel()

@@ -1,0 +1,43 @@
+"""The benchmark harness, run as ``make bench`` runs it but with tiny counts and jobgate alone (the
+peers live in .bench-venv, not in this environment). Timing belongs to the benchmark; this test
+checks that a run completes and that its figures are plausible, never how fast they are."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORT = ROOT / "docs" / "BENCHMARKS.md"
+
+
+def summary_row(stdout: str, system: str) -> dict[str, float]:
+    """The row of the run's closing summary table for ``system``, by column title."""
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("system "))
+    titles = lines[header].split()[1:]
+    row = next(line.split() for line in lines[header + 1 :] if line.split()[:1] == [system])
+    return {title: float(cell) for title, cell in zip(titles, row[1:], strict=True) if cell != "-"}
+
+
+def test_quick_benchmark_run_completes_with_plausible_figures_and_leaves_docs_alone() -> None:
+    report_before = REPORT.read_bytes() if REPORT.exists() else None
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--systems", "jobgate", "--quick", "--no-report"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    output = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, output
+    assert "FAILED" not in result.stdout, output
+
+    figures = summary_row(result.stdout, "jobgate")
+    for throughput in ("batched/s", "unary/s", "w1/s", "w2/s", "w4/s", "100B/s", "10000B/s", "100000B/s"):
+        assert figures.get(throughput, 0) > 0, (throughput, output)
+    assert 0 < figures["p50_ms"] <= figures["p99_ms"], output
+    assert figures["bytes/job"] > 0, output
+    assert 0 < figures["rss_idle_MB"] and 0 < figures["rss_streams_MB"], output
+    assert (REPORT.read_bytes() if REPORT.exists() else None) == report_before
