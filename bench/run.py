@@ -317,6 +317,10 @@ def write_report(results: Results, plan: Plan, redis_url: str) -> None:
     print(f"wrote {REPORT.relative_to(ROOT)} and {len(drawn)} charts in {CHARTS.relative_to(ROOT)}/", flush=True)
 
 
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=None, help="rounds of every measurement (default 3)")
@@ -331,6 +335,9 @@ def main() -> int:
     if args.rounds is not None:
         plan = Plan(**{**asdict(plan), "rounds": args.rounds})
     began = time.monotonic()
+    # SIGTERM (e.g. from make being stopped) unwinds like Ctrl-C, so every worker process and the
+    # private Redis are stopped on the way out.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     server = RedisProcess().start()
     try:
         bench = Bench(plan, names, server.url)
