@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -16,6 +16,7 @@ import grpc
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from . import auth
+from .coalesce import Coalescer
 from .codec import CANCELLED, QUEUED, TERMINAL, event_from_hash
 from .errors import InvalidArgument, JobgateError, NotFound, ResourceExhausted, Unavailable
 from .hub import Hub, Watcher
@@ -23,7 +24,7 @@ from .keys import Keys
 from .metrics import GatewayMetrics
 from .scheduler import Scheduler
 from .store import JobStore, Settled
-from .validation import Limits, job_id, kind_name, prepare, prepare_batch, queue_name
+from .validation import Limits, PreparedJob, job_id, kind_name, prepare, prepare_batch, queue_name
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.open_streams = 0
         self.closing = False
         self.streams_closed = asyncio.Event()  # set once closing and no stream is left
+        # Single submits (SubmitJob, RunJob) that arrive together share one script call.
+        self._singles: Coalescer[PreparedJob, job_pb2.Job | JobgateError] = Coalescer(self._submit_singles)
 
     def close_streams(self) -> None:
         """Ends every open stream with UNAVAILABLE (the gateway is going away): clients resume on
@@ -152,10 +155,23 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> scheduler_pb2.SubmitJobResponse:
         prepared = prepare(request, self.limits)
         auth.current().check(prepared.spec.queue, "queue")
-        [job], placed = await self.store.submit([prepared])
-        self.metrics.submitted.inc()
-        self.scheduler.record(placed, (job.spec.queue,))
+        job = await self._submit_one(prepared)
         return scheduler_pb2.SubmitJobResponse(job=job)
+
+    async def _submit_one(self, prepared: PreparedJob) -> job_pb2.Job:
+        """Submits one job, in a script call shared with the single submits that arrive with it.
+        Raises what a submit of it alone would."""
+        result = await self._singles.call(prepared)
+        if isinstance(result, JobgateError):
+            raise result
+        return result
+
+    async def _submit_singles(self, jobs: Sequence[PreparedJob]) -> list[job_pb2.Job | JobgateError]:
+        results, calls = await self.store.submit_each(jobs)
+        self.metrics.submitted.inc(sum(1 for r in results if not isinstance(r, JobgateError)))
+        for placed, queues in calls:
+            self.scheduler.record(placed, queues)
+        return results
 
     @unary
     async def SubmitJobs(
@@ -217,9 +233,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         watcher = Watcher(job_ids=[prepared.id], terminal_only=False, buffer=self.stream_buffer)
         self.hub.add(watcher)  # before the job exists: no event can slip past
         try:
-            [job], placed = await self.store.submit([prepared])
-            self.metrics.submitted.inc()
-            self.scheduler.record(placed, (job.spec.queue,))
+            job = await self._submit_one(prepared)
             if job.id != prepared.id:  # idempotent repeat: follow the original job
                 self.hub.remove(watcher)
                 watcher = Watcher(job_ids=[job.id], terminal_only=False, buffer=self.stream_buffer)

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, NoReturn, cast
+from typing import Any, cast
 
 import hiredis
 from redis.asyncio import Redis
@@ -34,7 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
 
 from .codec import Fields, event_from_hash, events_message, job_from_hash
-from .errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from .errors import AlreadyExists, FailedPrecondition, JobgateError, NotFound, ResourceExhausted, Unavailable
 from .keys import Keys
 from .scripts import Scripts
 from .validation import PreparedJob
@@ -176,6 +176,15 @@ class Placement:
     reached: bool  # False: no subscriber on the worker's channel, so the job went back to its queue
 
 
+class _Refused(Exception):
+    """The submit script refused job ``index`` of its call (and stored nothing)."""
+
+    def __init__(self, index: int, error: JobgateError) -> None:
+        super().__init__(error.message)
+        self.index = index
+        self.error = error
+
+
 @dataclass(frozen=True, slots=True)
 class Placed:
     """What a placing script did: its placements, and the queues it left jobs waiting in."""
@@ -244,6 +253,43 @@ class JobStore:
         ResourceExhausted when a job would add a queue or a kind over the limits (nothing is written
         then), Unavailable when Redis cannot be reached.
         """
+        try:
+            return await self._submit_call(jobs)
+        except _Refused as refused:
+            raise refused.error from None
+
+    async def submit_each(
+        self, jobs: Sequence[PreparedJob]
+    ) -> tuple[list[job_pb2.Job | JobgateError], list[tuple[Placed, set[str]]]]:
+        """Stores unrelated jobs (single submits that arrived together) in as few script calls as
+        possible, each accepted or refused on its own: per job, the stored job or the error a submit
+        of it alone would raise; and what each call placed, with the queues it stored jobs in.
+        Two jobs with the same idempotency key never share a call, so the second sees the first.
+        Raises Unavailable when Redis cannot be reached."""
+        results: list[job_pb2.Job | JobgateError | None] = [None] * len(jobs)
+        calls: list[tuple[Placed, set[str]]] = []
+        pending = list(range(len(jobs)))
+        while pending:
+            batch: list[int] = []
+            later: list[int] = []
+            digests: set[str] = set()
+            for i in pending:
+                digest = jobs[i].idempotency_digest
+                (later if digest and digest in digests else batch).append(i)
+                digests.add(digest)
+            try:
+                stored, placed = await self._submit_call([jobs[i] for i in batch])
+            except _Refused as refused:  # nothing of the call was stored: the others go again
+                results[batch[refused.index]] = refused.error
+                pending = [i for n, i in enumerate(batch) if n != refused.index] + later
+                continue
+            for i, job in zip(batch, stored, strict=True):
+                results[i] = job
+            calls.append((placed, {jobs[i].spec.queue for i in batch}))
+            pending = later
+        return [r for r in results if r is not None], calls
+
+    async def _submit_call(self, jobs: Sequence[PreparedJob]) -> tuple[list[job_pb2.Job], Placed]:
         k, now = self.keys, now_ms()
         keys = [k.queues(), k.seq()]
         args: list[Any] = [now, self.idempotency_ttl_s, self.retention_s, self.max_queues, self.max_kinds]
@@ -270,7 +316,8 @@ class JobStore:
             reply = await self.scripts.submit(keys=keys, args=args)
         status = int(reply[0])
         if status < 0:
-            self._refuse(status, jobs[int(reply[1])], reply[2:])
+            index = int(reply[1])
+            raise _Refused(index, self._refusal(status, jobs[index], reply[2:]))
         out: list[job_pb2.Job] = []
         for job, code, stored_id in zip(jobs, reply[3::2], reply[4::2], strict=True):
             if int(code) == 2:
@@ -285,18 +332,18 @@ class JobStore:
             waiting = {job.spec.queue for job in jobs}
         return out, Placed(placements(reply[1]), waiting)
 
-    def _refuse(self, status: int, job: PreparedJob, rest: Sequence[Any]) -> NoReturn:
-        """Raises the error for a submit the script refused (nothing was stored)."""
+    def _refusal(self, status: int, job: PreparedJob, rest: Sequence[Any]) -> JobgateError:
+        """The error for a submit the script refused (nothing was stored)."""
         if status == -2:
-            raise AlreadyExists(
+            return AlreadyExists(
                 f"{job.field}idempotency_key: already used by job {_text(rest[0])} with a different request"
             )
         if status == -3:
-            raise ResourceExhausted(
+            return ResourceExhausted(
                 f"{job.field}queue: {self.max_queues} queues already hold waiting jobs (max_queues);"
                 " use one of them or retry when one drains"
             )
-        raise ResourceExhausted(
+        return ResourceExhausted(
             f"{job.field}kind: queue {job.spec.queue!r} already holds waiting jobs of {self.max_kinds} kinds"
             " (max_kinds); retry when one drains"
         )

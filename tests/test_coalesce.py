@@ -1,4 +1,4 @@
-"""The worker's coalescer: concurrent calls go out together, one batch in flight at a time."""
+"""The coalescer of single submits, starts and finishes: calls made together go out together."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from worker.coalesce import Coalescer
+from gateway.coalesce import Coalescer
 
 
 class Recorder:

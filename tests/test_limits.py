@@ -117,3 +117,31 @@ async def _submitted(client: Client, queue: str) -> bool:
     except grpc.aio.AioRpcError as exc:
         assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         return False
+
+
+async def test_single_submits_that_arrive_together_are_accepted_or_refused_each_on_its_own(
+    stack: Stack, client_for: Callable[[str], Client], redis: Redis, namespace: str
+) -> None:
+    """Concurrent SubmitJob calls share script calls: a refused one must not fail its neighbours,
+    and the same idempotency key sent at once must still give one job."""
+    _, address = stack.start_gateway(env={"JOBGATE_MAX_QUEUES": "2"})
+    client = client_for(address)
+    await client.submit("echo", queue="a")  # no worker: queue "a" keeps a waiting job
+
+    async def outcome(**fields: object) -> str:
+        try:
+            return (await client.submit("echo", {"same": True}, **fields)).job.id
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name} {exc.details()}"
+
+    calls = [outcome(queue="a") for _ in range(30)]
+    calls += [outcome(queue=f"new{i}") for i in range(10)]  # one new queue fits, nine do not
+    calls += [outcome(queue="a", idempotency_key="once") for _ in range(20)]
+    results = await asyncio.gather(*calls)
+    plain, fresh, keyed = results[:30], results[30:40], results[40:]
+    assert all(len(r) == 32 for r in plain)
+    assert sum(len(r) == 32 for r in fresh) == 1
+    assert all(r.startswith("RESOURCE_EXHAUSTED queue:") for r in fresh if len(r) != 32)
+    assert len(set(keyed)) == 1 and len(keyed[0]) == 32  # one job for the key, every caller told its id
+    stored = {k async for k in redis.scan_iter(match=f"{{{namespace}}}:job:*")}
+    assert len(stored) == 1 + 30 + 1 + 1

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from google.protobuf.message import DecodeError
 from google.protobuf.struct_pb2 import Value
 
+from gateway.coalesce import Coalescer
 from gateway.codec import events_message, python_to_value, value_to_python
 from gateway.errors import Unavailable
 from gateway.keys import JOB_ID_RE, Keys
@@ -42,7 +43,6 @@ from gateway.store import (
 from jobgate.v1 import job_pb2, relay_pb2
 
 from .builtins import register_builtins
-from .coalesce import Coalescer
 from .config import WorkerSettings, default_worker_id
 from .registry import Handler, JobContext, Registry
 

@@ -1,9 +1,10 @@
 """Coalesces concurrent per-job Redis calls into one batched call.
 
-Under load many jobs start and finish at once; sending each start or finish as its own script
+Under load many jobs are submitted, started and finished at once; sending each as its own script
 call costs a round trip and the client's per-command overhead every time. A :class:`Coalescer`
-gathers the items that callers hand it while one batch is in flight, then sends them together
-as the next batch. An idle worker still sends a lone item at once, so a single job waits no longer.
+gathers the items that callers hand it while one batch is in flight, then sends them together as
+the next batch (the gateway's single submits, a worker's starts and finishes). When idle it sends
+a lone item at once, so a single job waits no longer.
 """
 
 from __future__ import annotations
