@@ -2,8 +2,8 @@
 over gRPC from one asyncio client.
 
 Batched submission is ``SubmitJobs``, unary is one ``SubmitJob`` per job; both count completions
-on one ``WatchResults`` stream (``max_batch`` 1,000: completions that arrive together come in one
-response). Round trips are ``RunJob`` calls, one after another.
+on one ``WatchResults`` stream (``max_batch`` 1,000, fewer for large payloads: completions that
+arrive together come in one response). Round trips are ``RunJob`` calls, one after another.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from bench.systems.base import WAIT_S, System, chunks, rate, wait_until
+from bench.systems.base import BATCH_BYTES, WAIT_S, System, chunks, rate, wait_until
 from gateway.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -127,7 +127,7 @@ class Jobgate(System):
                 )
             )
 
-        return self._run(self._throughput(n, submit))
+        return self._run(self._throughput(n, submit, payload))
 
     def unary(self, n: int, clients: int) -> float:
         stub = self._stub()
@@ -212,15 +212,16 @@ class Jobgate(System):
         assert self.runner
         return self.runner.run(coro)
 
-    async def _throughput(self, n: int, submit: Callable[[], Awaitable[None]]) -> float:
+    async def _throughput(self, n: int, submit: Callable[[], Awaitable[None]], payload: int = 0) -> float:
         """Runs ``submit`` while one ``WatchResults`` stream counts ``n`` completions; jobs/s from
         the first submit to the n-th completion. A probe job, seen on the stream before the clock
         starts, proves the stream is registered on the gateway."""
         stub = self._stub()
         primed = asyncio.Event()
         # Completions that arrive together come in one response, as a client following many jobs
-        # asks for them.
-        request = scheduler_pb2.WatchResultsRequest(kinds=["echo"], max_batch=WATCH_BATCH)
+        # asks for them; no more than a submission chunk's worth of payload bytes in one response.
+        batch = max(1, min(WATCH_BATCH, BATCH_BYTES // max(payload, 1)))
+        request = scheduler_pb2.WatchResultsRequest(kinds=["echo"], max_batch=batch)
         call = stub.WatchResults(request, timeout=WAIT_S)
 
         async def count() -> float:
