@@ -68,10 +68,12 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         next_tick = 0.0
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.tick_s)
-            except TimeoutError:
-                pass
+            if not self._wake.is_set():
+                try:
+                    async with asyncio.timeout(self.tick_s):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
             self._wake.clear()
             try:
                 if loop.time() >= next_tick:

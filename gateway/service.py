@@ -302,11 +302,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         ``most``, more when stored state is re-read); re-reads stored state when events may be lost."""
         while not watcher.finished:
             self._check_open(watcher)
-            try:
-                event = await asyncio.wait_for(watcher.events.get(), timeout=self.reconcile_s)
-            except TimeoutError:
-                event = None
-                watcher.stale = bool(watcher.job_ids)
+            if not watcher.events.empty():  # no timer when an event is already there
+                event = watcher.events.get_nowait()
+            else:
+                try:
+                    async with asyncio.timeout(self.reconcile_s):
+                        event = await watcher.events.get()
+                except TimeoutError:
+                    event = None
+                    watcher.stale = bool(watcher.job_ids)
             self._check_open(watcher)
             arrived: list[job_pb2.JobEvent] = []
             while True:

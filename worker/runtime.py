@@ -484,7 +484,8 @@ class _Runtime:
             running.handler_task = asyncio.wrap_future(running.thread)
         began = time.perf_counter()
         try:
-            value = await asyncio.wait_for(running.handler_task, timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):  # cancels the handler's task when it fires
+                value = await running.handler_task
         except TimeoutError:
             return Outcome(
                 job_pb2.JOB_STATE_FAILED,
