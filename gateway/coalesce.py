@@ -18,15 +18,26 @@ R = TypeVar("R")
 
 
 class Coalescer(Generic[T, R]):
-    """Runs ``send(items)`` for batches of at most ``most`` items, one batch in flight at a time.
+    """Runs ``send(items)`` for batches of at most ``most`` items, one batch in flight at a time;
+    with ``size``, also of at most ``most_bytes`` by that measure (an item bigger than that goes
+    alone), so that big items never make one huge call.
 
     ``send`` returns one result per item, in order. When it raises, every caller of that batch gets
     the exception (and may retry on its own: the batched calls are safe to repeat per item).
     """
 
-    def __init__(self, send: Callable[[Sequence[T]], Awaitable[Sequence[R]]], *, most: int = 256) -> None:
+    def __init__(
+        self,
+        send: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+        *,
+        most: int = 256,
+        size: Callable[[T], int] | None = None,
+        most_bytes: int = 4 << 20,
+    ) -> None:
         self._send = send
         self._most = most
+        self._size = size
+        self._most_bytes = most_bytes
         self._waiting: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -44,10 +55,23 @@ class Coalescer(Generic[T, R]):
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
 
+    def _take(self) -> int:
+        """How many of the waiting items the next batch takes (at least one)."""
+        n = min(len(self._waiting), self._most)
+        if self._size is None:
+            return n
+        total = 0
+        for i in range(n):
+            total += self._size(self._waiting[i][0])
+            if total > self._most_bytes and i > 0:
+                return i
+        return n
+
     async def _flush(self) -> None:
         try:
             while self._waiting:
-                batch, self._waiting = self._waiting[: self._most], self._waiting[self._most :]
+                n = self._take()
+                batch, self._waiting = self._waiting[:n], self._waiting[n:]
                 live = [(item, f) for item, f in batch if not f.done()]  # a cancelled caller gave up
                 if not live:
                     continue

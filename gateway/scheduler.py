@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
 
 from redis.asyncio import Redis
 
@@ -131,22 +130,22 @@ class Scheduler:
         while True:
             placed = await self.store.schedule(queue, ack_timeout_ms=self.ack_timeout_ms, most=self.batch)
             total += len(placed.placements)
-            if not self.record(placed, (queue,)) or len(placed.placements) < self.batch:
+            if not self.record(placed) or len(placed.placements) < self.batch:
                 return total
 
-    def record(self, placed: Placed, queues: Iterable[str]) -> bool:
-        """Takes note of what a placing script (schedule, or submit right away) did for ``queues``:
-        counts its placements, logs those that went back (no subscriber on their worker's channel)
-        and remembers which queues still hold waiting jobs. Asks for another pass when jobs went
-        back or when jobs still wait after the script stopped at its limit. Returns whether jobs of
-        ``queues`` still wait."""
+    def record(self, placed: Placed) -> bool:
+        """Takes note of what a placing script (schedule, or submit right away) did: counts its
+        placements, logs those that went back (no subscriber on their worker's channel) and
+        remembers which of the queues it placed on still hold waiting jobs. Asks for another pass
+        when jobs went back or when jobs still wait after the script stopped at its limit. Returns
+        whether jobs still wait in them."""
         lost = [p for p in placed.placements if not p.reached]
         self.metrics.placed.inc(len(placed.placements) - len(lost))
         if lost:
             self.metrics.dispatch_lost.inc(len(lost))
         for p in lost:
             log.warning("job_id=%s dispatch to worker %s reached nobody; placing it elsewhere", p.job_id, p.worker_id)
-        for queue in queues:
+        for queue in placed.visited:
             if queue not in placed.waiting:
                 self._backlog.discard(queue)
                 continue

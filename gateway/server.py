@@ -128,6 +128,7 @@ async def start(settings: GatewaySettings) -> Gateway:
         stream_buffer=settings.stream_buffer,
         reconcile_s=settings.reconcile_ms / 1000,
         max_streams=settings.max_streams,
+        max_message_bytes=settings.max_message_bytes,
         metrics=metrics,
     )
 

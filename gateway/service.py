@@ -123,9 +123,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         stream_buffer: int,
         reconcile_s: float,
         max_streams: int,
+        max_message_bytes: int = 4 << 20,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
+        # A batched WatchResults response stays well under what the server may send in one message.
+        self.batch_bytes = max_message_bytes // 2
         self.store = store
         self.scheduler = scheduler
         self.hub = hub
@@ -169,8 +172,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def _submit_singles(self, jobs: Sequence[PreparedJob]) -> list[job_pb2.Job | JobgateError]:
         results, calls = await self.store.submit_each(jobs)
         self.metrics.submitted.inc(sum(1 for r in results if not isinstance(r, JobgateError)))
-        for placed, queues in calls:
-            self.scheduler.record(placed, queues)
+        for placed in calls:
+            self.scheduler.record(placed)
         return results
 
     @unary
@@ -183,7 +186,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
             principal.check(p.spec.queue, f"jobs[{i}].queue")
         jobs, placed = await self.store.submit(prepared)
         self.metrics.submitted.inc(len(jobs))
-        self.scheduler.record(placed, {j.spec.queue for j in jobs})
+        self.scheduler.record(placed)
         return scheduler_pb2.SubmitJobsResponse(jobs=jobs)
 
     @unary
@@ -278,10 +281,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.hub.add(watcher)  # subscribe before reading stored state
         try:
             if ids:
-                for events in _chunks(await self._stored_terminal(watcher, missing_is_error=True), most):
+                for events in _chunks(
+                    await self._stored_terminal(watcher, missing_is_error=True), most, self.batch_bytes
+                ):
                     yield _watch_response(events, request.max_batch)
             async for arrived in self._follow(watcher, most):
-                for events in _chunks(arrived, most):
+                for events in _chunks(arrived, most, self.batch_bytes):
                     yield _watch_response(events, request.max_batch)
         finally:
             self.hub.remove(watcher)
@@ -362,9 +367,20 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         return out
 
 
-def _chunks(events: list[job_pb2.JobEvent], most: int) -> Iterator[list[job_pb2.JobEvent]]:
-    for i in range(0, len(events), most):
-        yield events[i : i + most]
+def _chunks(events: list[job_pb2.JobEvent], most: int, most_bytes: int) -> Iterator[list[job_pb2.JobEvent]]:
+    """``events`` in runs of at most ``most``, and of at most ``most_bytes`` encoded (an event
+    bigger than that goes alone)."""
+    chunk: list[job_pb2.JobEvent] = []
+    size = 0
+    for event in events:
+        n = event.ByteSize() + 8  # the event and its field header
+        if chunk and (len(chunk) == most or size + n > most_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(event)
+        size += n
+    if chunk:
+        yield chunk
 
 
 def _watch_response(events: list[job_pb2.JobEvent], max_batch: int) -> scheduler_pb2.WatchResultsResponse:

@@ -187,10 +187,12 @@ class _Refused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Placed:
-    """What a placing script did: its placements, and the queues it left jobs waiting in."""
+    """What a placing script did: its placements, the queues it placed on (visited) and those of
+    them it left jobs waiting in."""
 
     placements: list[Placement]
     waiting: set[str]
+    visited: set[str]
 
 
 def placements(flat: Sequence[Any]) -> list[Placement]:
@@ -260,14 +262,14 @@ class JobStore:
 
     async def submit_each(
         self, jobs: Sequence[PreparedJob]
-    ) -> tuple[list[job_pb2.Job | JobgateError], list[tuple[Placed, set[str]]]]:
+    ) -> tuple[list[job_pb2.Job | JobgateError], list[Placed]]:
         """Stores unrelated jobs (single submits that arrived together) in as few script calls as
         possible, each accepted or refused on its own: per job, the stored job or the error a submit
-        of it alone would raise; and what each call placed, with the queues it stored jobs in.
-        Two jobs with the same idempotency key never share a call, so the second sees the first.
-        Raises Unavailable when Redis cannot be reached."""
+        of it alone would raise (Unavailable for those of a call Redis did not answer, and of calls
+        not sent after it); and what each call placed. Two jobs with the same idempotency key never
+        share a call, so the second sees the first."""
         results: list[job_pb2.Job | JobgateError | None] = [None] * len(jobs)
-        calls: list[tuple[Placed, set[str]]] = []
+        calls: list[Placed] = []
         pending = list(range(len(jobs)))
         while pending:
             batch: list[int] = []
@@ -283,9 +285,13 @@ class JobStore:
                 results[batch[refused.index]] = refused.error
                 pending = [i for n, i in enumerate(batch) if n != refused.index] + later
                 continue
+            except Unavailable as exc:  # this call and those not sent yet fail; earlier calls stand
+                for i in pending:
+                    results[i] = exc
+                break
             for i, job in zip(batch, stored, strict=True):
                 results[i] = job
-            calls.append((placed, {jobs[i].spec.queue for i in batch}))
+            calls.append(placed)
             pending = later
         return [r for r in results if r is not None], calls
 
@@ -327,10 +333,10 @@ class JobStore:
             stored.created_at.FromMilliseconds(now)
             out.append(stored)
         if self.place_most > 0:
-            waiting = {_text(q) for q in reply[2]}
+            visited = {_text(q): left == 1 for q, left in zip(reply[2][::2], reply[2][1::2], strict=True)}
         else:  # nothing was placed: whatever was stored waits
-            waiting = {job.spec.queue for job in jobs}
-        return out, Placed(placements(reply[1]), waiting)
+            visited = {job.spec.queue: True for job in jobs}
+        return out, Placed(placements(reply[1]), {q for q, left in visited.items() if left}, set(visited))
 
     def _refusal(self, status: int, job: PreparedJob, rest: Sequence[Any]) -> JobgateError:
         """The error for a submit the script refused (nothing was stored)."""
@@ -443,7 +449,7 @@ class JobStore:
                 keys=[k.queue_kinds(queue), k.queue_workers(queue), k.acks(), k.lease_seq(), k.queues()],
                 args=[k.prefix, now, ack_timeout_ms, queue, most],
             )
-        return Placed(placements(flat[1:]), {queue} if flat[0] == 1 else set())
+        return Placed(placements(flat[1:]), {queue} if flat[0] == 1 else set(), {queue})
 
     async def tell_worker_to_cancel(self, worker_id: str, job_id: str, lease: int) -> None:
         """Publishes a CancelJob on the worker's channel (nobody listening: its reaping cancels)."""

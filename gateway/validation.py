@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import uuid
+import os
 from dataclasses import dataclass
 
 from google.protobuf import struct_pb2
@@ -45,8 +45,8 @@ class PreparedJob:
 
 
 def new_job_id() -> str:
-    """A fresh job id: 32 lowercase hex characters."""
-    return uuid.uuid4().hex
+    """A fresh job id: 32 lowercase hex characters (128 random bits)."""
+    return os.urandom(16).hex()
 
 
 def job_id(value: str, field: str = "id") -> str:

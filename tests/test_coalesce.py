@@ -67,3 +67,15 @@ async def test_a_caller_that_gave_up_is_left_out_and_closing_cancels_the_waiting
     await c.aclose()
     with pytest.raises(asyncio.CancelledError):
         await stuck
+
+
+async def test_big_items_split_batches_by_bytes_and_one_too_big_goes_alone() -> None:
+    rec = Recorder()
+    c: Coalescer[int, int] = Coalescer(rec.send, size=lambda i: i, most_bytes=10)
+    first = asyncio.create_task(c.call(1))
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(c.call(i)) for i in (4, 5, 2, 30, 3)]
+    await asyncio.sleep(0)
+    rec.release.set()
+    await asyncio.gather(first, *rest)
+    assert rec.batches == [[1], [4, 5], [2], [30], [3]]

@@ -93,6 +93,20 @@ async def test_watch_with_max_batch_delivers_every_completion_once_in_bounded_re
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_batch" in (refused.value.details() or "")
 
 
+async def test_watch_batches_stay_under_the_message_limit_however_big_the_outputs(client: Client) -> None:
+    ids = []
+    for half in range(2):  # 3 MB per request, under the 4 MB limit
+        reqs = [scheduler_pb2.SubmitJobRequest(kind="echo", payload=bytes([half]) * 300_000) for _ in range(10)]
+        reply = await client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=reqs), timeout=20)
+        ids += [j.id for j in reply.jobs]
+    await client.wait_results(ids, timeout=30)
+    call = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=ids, max_batch=1000), timeout=30)
+    responses = [r async for r in call]  # 6 MB of outputs: more than one 4 MB message may carry
+    assert len(responses) > 1 and all(r.ByteSize() < 4 << 20 for r in responses)
+    assert sorted(e.job_id for r in responses for e in r.events) == sorted(ids)
+    assert {len(e.output) for r in responses for e in r.events} == {300_000}
+
+
 async def test_watch_replays_results_that_finished_before_it_subscribed(client: Client) -> None:
     ids = [(await client.submit("echo", {"n": n})).job.id for n in range(3)]
     await client.wait_results(ids)

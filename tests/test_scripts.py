@@ -163,6 +163,28 @@ async def test_submit_places_at_once_and_publishes_what_protobuf_reads_as_the_st
         assert (await store.schedule("default", ack_timeout_ms=5_000, most=100)).waiting == set()
 
 
+async def test_placements_too_big_for_one_message_go_out_in_several(redis: Redis, keys: Keys) -> None:
+    """Redis cuts off a subscriber whose buffer passes 32 MB: no message may grow with the batch."""
+    store = JobStore(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=100)
+    await beat(store, "w1", slots=4)
+    async with redis.pubsub() as ps:
+        await ps.subscribe(keys.dispatch_channel("w1"), keys.results_channel())
+        for _ in range(2):
+            await ps.get_message(timeout=1)
+        batch = [prepare(request("echo", payload=bytes([i]) * 600_000), LIMITS) for i in range(3)]
+        batch.append(prepare(request("echo"), LIMITS))
+        jobs, placed = await store.submit(batch)
+        assert all(p.reached for p in placed.placements) and len(placed.placements) == 4
+        got: list[relay_pb2.DispatchJob] = []
+        for _ in range(3):  # 600 KB alone; 600 KB + 600 KB would pass 1 MB; the last with the small one
+            msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1)
+            assert len(msg["data"]) < 1_300_000
+            sent = relay_pb2.WorkerMessage.FromString(msg["data"])
+            got += [sent.dispatch] if sent.WhichOneof("body") == "dispatch" else list(sent.dispatches.jobs)
+        assert [d.job_id for d in got] == [j.id for j in jobs]
+        assert [len(d.spec.payload) for d in got] == [600_000, 600_000, 600_000, 0]
+
+
 def one_event(job_id: str, state: int) -> bytes:
     return relay_pb2.JobEvents(events=[job_pb2.JobEvent(job_id=job_id, state=state)]).SerializeToString()  # type: ignore[arg-type]
 
@@ -372,7 +394,7 @@ async def test_queues_and_kinds_over_their_limits_are_refused_and_nothing_of_the
     assert again.id == first
     # Once a queue drains, placement forgets it and its place is free again.
     await store.cancel(q2_job)
-    assert await store.schedule("q2", ack_timeout_ms=5_000, most=100) == Placed([], set())  # q2 empty: dropped
+    assert await store.schedule("q2", ack_timeout_ms=5_000, most=100) == Placed([], set(), {"q2"})  # q2 empty: dropped
     assert await submit(store, queue="q3")
 
 

@@ -148,7 +148,7 @@ class _Runtime:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # Concurrent starts and finishes go to Redis together, one script call per batch.
         self.starts: Coalescer[tuple[relay_pb2.DispatchJob, bytes], int] = Coalescer(self._start_many)
-        self.finishes: Coalescer[list[Any], int] = Coalescer(self._finish_many)
+        self.finishes: Coalescer[list[Any], int] = Coalescer(self._finish_many, size=_outcome_bytes)
 
     # --- lifecycle ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -572,6 +572,11 @@ class _Runtime:
         )
         event.time.FromMilliseconds(now_ms())
         return event
+
+
+def _outcome_bytes(item: list[Any]) -> int:
+    """Roughly what one finish_many entry adds to the call: result, output and event bytes."""
+    return len(item[3]) + len(item[4]) + len(item[7])
 
 
 def _cancelling() -> bool:

@@ -82,6 +82,26 @@ local function evict_worker(P, workers_key, acks_key, w, now, handback, out)
   redis.call('ZREM', workers_key, w)
 end
 
+-- Pub/sub messages stay under this size where they can: Redis disconnects a subscriber whose
+-- output buffer passes its pubsub limit (32 MB by default), so one huge message would cut every
+-- gateway's subscription.
+local MESSAGE_BYTES = 1048576
+
+-- Publishes `parts` (encodings that concatenate into one message, such as one-event JobEvents) on
+-- `channel` in as few messages as fit MESSAGE_BYTES (a part bigger than that goes alone).
+local function publish_parts(channel, parts)
+  local chunk, size = {}, 0
+  for _, part in ipairs(parts) do
+    if #chunk > 0 and size + #part > MESSAGE_BYTES then
+      redis.call('PUBLISH', channel, table.concat(chunk))
+      chunk, size = {}, 0
+    end
+    chunk[#chunk + 1] = part
+    size = size + #part
+  end
+  if #chunk > 0 then redis.call('PUBLISH', channel, table.concat(chunk)) end
+end
+
 -- A worker acknowledges one dispatch (the start and start_many scripts; contract in start.lua).
 -- Returns 1 running, 0 stale, -1 missing; and true when it changed the job (its RUNNING event is
 -- to be published).
@@ -258,37 +278,47 @@ local function place_jobs(P, queue, now, ack_ms, most, out)
         end
         local d = pb_bytes(1, head.id) .. pb_int(2, lease) .. pb_int(3, attempt) .. pb_bytes(4, j[3])
           .. pb_int(5, tonumber(j[4]))
-        table.insert(by_worker[c.id], d)
+        table.insert(by_worker[c.id], {d = d, p = placed[#placed]})
       end  -- else: expired or already moved on, so it was not waiting any more
       peek(kind)
     end
   end
 
-  local reached = {}
+  -- Per worker, WorkerMessages under MESSAGE_BYTES: `dispatch` for a lone job, else `dispatches`.
   for _, w in ipairs(order) do
-    local ds, msg = by_worker[w], nil
-    if #ds == 1 then
-      msg = pb_bytes(1, ds[1])
-    else
-      local jobs = {}
-      for i, d in ipairs(ds) do jobs[i] = pb_bytes(1, d) end
-      msg = pb_bytes(3, table.concat(jobs))
+    local ds, first = by_worker[w], 1
+    while first <= #ds do
+      local last, size = first, #ds[first].d
+      while last < #ds and size + #ds[last + 1].d <= MESSAGE_BYTES do
+        last = last + 1
+        size = size + #ds[last].d
+      end
+      local msg
+      if last == first then
+        msg = pb_bytes(1, ds[first].d)
+      else
+        local jobs = {}
+        for i = first, last do jobs[#jobs + 1] = pb_bytes(1, ds[i].d) end
+        msg = pb_bytes(3, table.concat(jobs))
+      end
+      local ok = redis.call('PUBLISH', P .. 'dispatch:' .. w, msg) > 0
+      for i = first, last do ds[i].p.reached = ok end
+      first = last + 1
     end
-    reached[w] = redis.call('PUBLISH', P .. 'dispatch:' .. w, msg) > 0
   end
   local events, ts = {}, pb_timestamp(now)
   for _, p in ipairs(placed) do
-    local ok = reached[p.worker]
-    if ok then
+    if p.reached then
       events[#events + 1] = pb_bytes(1, pb_bytes(1, p.id) .. pb_bytes(2, queue) .. pb_bytes(3, p.kind)
         .. pb_int(4, DISPATCHED) .. pb_int(5, p.attempt) .. pb_bytes(6, p.worker) .. pb_bytes(10, ts))
     else
-      unassign_job(P, p.id, tostring(p.lease), p.worker, now)
+      unassign_job(P, p.id, string.format('%.0f', p.lease), p.worker, now)
     end
     local n = #out
-    out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] = p.id, p.worker, p.lease, p.attempt, ok and 1 or 0
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = p.id, p.worker, p.lease, p.attempt
+    out[n + 5] = p.reached and 1 or 0
   end
-  if #events > 0 then redis.call('PUBLISH', P .. 'results', table.concat(events)) end
+  publish_parts(P .. 'results', events)
   for _, kind in ipairs(waiting) do
     if redis.call('EXISTS', P .. 'pending:' .. queue .. ':' .. kind) == 1 then return true end
   end

@@ -1,5 +1,5 @@
 -- finish_many: finish for several jobs of one worker in one call (each exactly as finish); the
--- events of the outcomes it recorded go out as one JobEvents message. Then, for each queue in
+-- events of the outcomes it recorded go out as one JobEvents message (several when they pass 1 MB). Then, for each queue in
 -- which it freed a slot, it places waiting jobs as schedule does (place_jobs in the prelude), so a
 -- busy queue refills without waiting for a gateway.
 -- KEYS[1] results channel, then KEYS[1+i] job hash of job i (i from 1)
@@ -31,7 +31,7 @@ for i = 1, #KEYS - 1 do
     end
   end
 end
-if #events > 0 then redis.call('PUBLISH', KEYS[1], table.concat(events)) end
+publish_parts(KEYS[1], events)
 local placements = {}
 if tonumber(ARGV[4]) > 0 then
   for _, queue in ipairs(freed) do

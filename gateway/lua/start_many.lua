@@ -1,5 +1,5 @@
 -- start_many: start for several dispatches of one worker in one call (each exactly as start);
--- the RUNNING events of the jobs it started go out as one JobEvents message.
+-- the RUNNING events of the jobs it started go out as one JobEvents message (several when they pass 1 MB).
 -- KEYS[1] acks zset, KEYS[2] results channel, then KEYS[2+i] job hash of job i (i from 1)
 -- ARGV[1] worker id, ARGV[2] now ms, then 3 per job i: ARGV[3i] job id, ARGV[3i+1] lease,
 --   ARGV[3i+2] JobEvents bytes holding its RUNNING event
@@ -11,5 +11,5 @@ for i = 1, #KEYS - 2 do
   out[i] = code
   if changed then events[#events + 1] = ARGV[a + 2] end
 end
-if #events > 0 then redis.call('PUBLISH', KEYS[2], table.concat(events)) end
+publish_parts(KEYS[2], events)
 return out

@@ -9,9 +9,10 @@
 --   start it once dispatched), ARGV[8] most placements per queue (0: place none),
 --   then 8 per job i: ARGV[9+8i] job id, spec (JobSpec bytes), queue, kind, priority, max attempts,
 --   timeout ms, request digest or ''
--- returns {0, placements, waiting, code, id, code, id, ...}: placements a flat array as schedule
---   returns them after its first entry (5 entries per placement), waiting the names of the queues
---   placed on that still hold waiting jobs, then per job, 1 stored (or already stored by this very call: a
+-- returns {0, placements, visited, code, id, code, id, ...}: placements a flat array as schedule
+--   returns them after its first entry (5 entries per placement), visited a flat array of
+--   queue name, 1 when jobs still wait in it afterwards (else 0), for each queue it placed on; then
+--   per job, 1 stored (or already stored by this very call: a
 --   resend after a lost reply leaves the job as it is now) or 2 the same request was seen before
 --   (the original id); or, with nothing stored: {-2, i, id} job i's idempotency key was used for a
 --   different request (by job id), {-3, i} job i would add a queue over the limit, {-4, i} job i
@@ -73,9 +74,9 @@ for _, i in ipairs(fresh) do
   local queue = ARGV[9 + 8 * i + 2]
   if not placed_queues[queue] then
     placed_queues[queue] = true
-    if place_jobs(ARGV[6], queue, tonumber(now), tonumber(ARGV[7]), tonumber(ARGV[8]), out[2]) then
-      table.insert(out[3], queue)
-    end
+    local left = place_jobs(ARGV[6], queue, tonumber(now), tonumber(ARGV[7]), tonumber(ARGV[8]), out[2])
+    table.insert(out[3], queue)
+    table.insert(out[3], left and 1 or 0)
   end
 end
 return out
