@@ -217,9 +217,18 @@ hold 500 jobs (fewer for large payloads, under 2 MB each); the concurrent submit
 def _failures(results: Results) -> str:
     if not any(results.failures.values()) and not results.notes:
         return ""
-    failed = [f"- {s}: {msg}" for s in results.systems for msg in results.failures.get(s, [])]
-    lines = "\n".join(failed + [f"- {note}" for note in results.notes])
-    return f"\n## Failures\n\nA failed measurement leaves its cell `failed`, or out of the median:\n\n{lines}\n"
+    out = ""
+    if failed := [f"- {s}: {msg}" for s in results.systems for msg in results.failures.get(s, [])]:
+        out += "\n## Failures\n\nA failed measurement leaves its cell `failed`, or out of the median:\n\n"
+        out += "\n".join(failed) + "\n"
+    if results.notes:
+        out += (
+            "\n## What Redis logged\n\nClients Redis closed while a system was measured (a pub/sub subscriber is "
+            "closed once it falls 32 MB behind, Redis's default `client-output-buffer-limit pubsub`); a measurement "
+            "that still has its figure recovered from it:\n\n"
+        )
+        out += "\n".join(f"- {note}" for note in results.notes) + "\n"
+    return out
 
 
 def render(results: Results, ctx: Context) -> str:

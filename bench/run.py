@@ -97,9 +97,10 @@ def limit(seconds: float) -> Iterator[None]:
 class Bench:
     """Runs the plan over the systems and collects the figures."""
 
-    def __init__(self, plan: Plan, names: list[str], redis_url: str) -> None:
+    def __init__(self, plan: Plan, names: list[str], redis_url: str, redis_log: RedisLog | None = None) -> None:
         self.plan = plan
         self.redis_url = redis_url
+        self.redis_log = redis_log
         self.results = Results(names)
         self.systems: dict[str, System] = {}
         for name in names:
@@ -145,6 +146,11 @@ class Bench:
             except Exception as exc:  # noqa: BLE001
                 self.results.fail(name, f"{where}, stop", exc)
         print(f"  {where:<22} {name:<9} ({time.monotonic() - began:.0f}s)", flush=True)
+        if self.redis_log and (closed := self.redis_log.closed_clients()):
+            kind = "pub/sub " if all("P" in flags for flags in closed) else ""
+            note = f"{name}, {where}: Redis closed {len(closed)} {kind}client(s) over their output buffer limit"
+            self.results.notes.append(note)
+            print(f"  {note}", flush=True)
 
     def round(self, r: int) -> None:
         p = self.plan
@@ -265,12 +271,27 @@ def redis_version(url: str) -> str:
         return str(client.info("server")["redis_version"])
 
 
-def redis_closed_clients(server: RedisProcess) -> list[str]:
-    """Redis's log lines about clients it closed (e.g. a subscriber over its output buffer limit)."""
-    with contextlib.suppress(OSError):
-        log = (Path(server.dir) / "redis.log").read_text(errors="replace")
-        return [f"Redis log: {line.strip()}" for line in log.splitlines() if "closed" in line.lower()]
-    return []
+class RedisLog:
+    """Reads what Redis logged since the last look, to tie clients it closed to a session."""
+
+    def __init__(self, server: RedisProcess) -> None:
+        self.path = Path(server.dir) / "redis.log"
+        self.offset = 0
+
+    def closed_clients(self) -> list[str]:
+        """The ``flags=`` of each client Redis closed for its output buffer limit since the last call."""
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                text = f.read().decode(errors="replace")
+                self.offset = f.tell()
+        except OSError:
+            return []
+        return [
+            next((w.removeprefix("flags=") for w in line.split() if w.startswith("flags=")), "?")
+            for line in text.splitlines()
+            if "output buffer limits" in line
+        ]
 
 
 def summary(results: Results, plan: Plan) -> str:
@@ -340,12 +361,11 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     server = RedisProcess().start()
     try:
-        bench = Bench(plan, names, server.url)
+        bench = Bench(plan, names, server.url, RedisLog(server))
         bench.queued()
         for r in range(1, plan.rounds + 1):
             bench.round(r)
         results = bench.results
-        results.notes += redis_closed_clients(server)
         print(f"\nmedians over {plan.rounds} round(s), {time.monotonic() - began:.0f}s in all", flush=True)
         print(summary(results, plan), flush=True)
         for name in names:
