@@ -110,6 +110,7 @@ class Stream:
     outcomes: dict[str, list[bytes]] = field(default_factory=lambda: defaultdict(list))
     states: list[int] = field(default_factory=list)  # RunJob only: every state in order
     error: grpc.StatusCode | None = None
+    detail: str = ""  # the error's message
     ended: bool = False
     must_be_complete: bool = False  # "all" only: open for the whole load, nothing may be missing
     before: frozenset[str] = frozenset()  # "all" only: jobs acknowledged before it opened
@@ -133,6 +134,7 @@ class Report:
     worker_doubles: list[str]
     incomplete_streams: list[str]
     outcomes: dict[str, job_pb2.JobEvent]
+    confirm_errors: list[str] = field(default_factory=list)
 
     def problems(self) -> dict[str, list[str]]:
         checks = {
@@ -144,6 +146,7 @@ class Report:
             "outcomes for jobs never submitted": self.never_submitted,
             "recorded twice by workers (finished lines)": self.worker_doubles,
             "unfiltered streams missing outcomes": self.incomplete_streams,
+            "confirming streams that ended with an error": self.confirm_errors,
         }
         return {k: v for k, v in checks.items() if v}
 
@@ -250,6 +253,7 @@ class Checker:
                 stream.record(event)
         except grpc.aio.AioRpcError as exc:
             stream.error = exc.code()
+            stream.detail = exc.details() or ""
         except asyncio.CancelledError:
             stream.error = grpc.StatusCode.CANCELLED
             call.cancel()
@@ -357,6 +361,9 @@ class Checker:
             worker_doubles=self._worker_doubles(outcomes),
             incomplete_streams=self._incomplete(),
             outcomes=outcomes,
+            confirm_errors=sorted(
+                {f"{s.error.name}: {s.detail}" for s in confirm if s.error and s.error != grpc.StatusCode.CANCELLED}
+            ),
         )
 
     async def _catch_up(self, timeout: float) -> None:
