@@ -510,10 +510,9 @@ class _Runtime:
         return _success(value)
 
     async def _finish(self, d: relay_pb2.DispatchJob, outcome: Outcome) -> None:
+        # The published event leaves out result and output: gateways build what clients see from the
+        # stored job, and big outputs on the shared channel would only swell every gateway's buffer.
         event = self._event(d, outcome.state)
-        if outcome.result:
-            event.result.ParseFromString(outcome.result)
-        event.output = outcome.output
         if outcome.error_code:
             event.error.code = outcome.error_code
             event.error.message = outcome.error_message
