@@ -22,8 +22,8 @@ local now, idem_ttl, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local max_queues, max_kinds = tonumber(ARGV[4]), tonumber(ARGV[5])
 local out = {0, {}, {}}
 local fresh = {}  -- indexes of the jobs to store
-local new_queues, queue_count = {}, nil
-local new_kinds, kind_counts = {}, {}
+local seen_queues, queue_count = {}, nil  -- queues and kinds checked once per call
+local seen_kinds, kind_counts = {}, {}
 
 for i = 0, n - 1 do
   local k, a = 3 + 4 * i, 9 + 8 * i
@@ -38,16 +38,20 @@ for i = 0, n - 1 do
       code, stored_id = 2, old_id
     else
       fresh[#fresh + 1] = i
-      if not new_queues[queue] and redis.call('SISMEMBER', KEYS[1], queue) == 0 then
-        queue_count = (queue_count or redis.call('SCARD', KEYS[1])) + 1
-        if queue_count > max_queues then return {-3, i} end
-        new_queues[queue] = true
+      if not seen_queues[queue] then
+        if redis.call('SISMEMBER', KEYS[1], queue) == 0 then
+          queue_count = (queue_count or redis.call('SCARD', KEYS[1])) + 1
+          if queue_count > max_queues then return {-3, i} end
+        end
+        seen_queues[queue] = true
       end
       local qk = queue .. ':' .. kind
-      if not new_kinds[qk] and redis.call('SISMEMBER', KEYS[k + 3], kind) == 0 then
-        kind_counts[queue] = (kind_counts[queue] or redis.call('SCARD', KEYS[k + 3])) + 1
-        if kind_counts[queue] > max_kinds then return {-4, i} end
-        new_kinds[qk] = true
+      if not seen_kinds[qk] then
+        if redis.call('SISMEMBER', KEYS[k + 3], kind) == 0 then
+          kind_counts[queue] = (kind_counts[queue] or redis.call('SCARD', KEYS[k + 3])) + 1
+          if kind_counts[queue] > max_kinds then return {-4, i} end
+        end
+        seen_kinds[qk] = true
       end
     end
   end
@@ -63,8 +67,14 @@ for _, i in ipairs(fresh) do
     'seq', seq, 'state', QUEUED, 'attempt', 0, 'max_attempts', ARGV[a + 5], 'timeout_ms', ARGV[a + 6],
     'worker', '', 'lease', 0, 'created', now, 'updated', now, 'ttl', ttl, 'ack', ARGV[7])
   redis.call('ZADD', KEYS[k + 1], pending_score(prio, seq), id)
-  redis.call('SADD', KEYS[1], queue)
-  redis.call('SADD', KEYS[k + 3], kind)
+  if seen_queues[queue] ~= 'added' then
+    redis.call('SADD', KEYS[1], queue)
+    seen_queues[queue] = 'added'
+  end
+  if seen_kinds[queue .. ':' .. kind] ~= 'added' then
+    redis.call('SADD', KEYS[k + 3], kind)
+    seen_kinds[queue .. ':' .. kind] = 'added'
+  end
   if rdigest ~= '' then redis.call('SET', KEYS[k + 2], id .. ' ' .. rdigest, 'EX', idem_ttl) end
 end
 

@@ -1,0 +1,102 @@
+"""``python -m bench.grpc_floor``: what Python gRPC alone costs, as a floor under jobgate's figures.
+
+Serves jobgate's own ``SchedulerService`` from a separate process with handlers that do nothing
+(``SubmitJob`` answers at once; ``RunJob`` streams four events, as a real one does) and drives it
+with the benchmark's client shapes: unary calls from 32 concurrent asyncio tasks, and sequential
+``RunJob`` calls. No Redis, no workers: whatever jobgate adds comes on top of these numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from gateway.devstack import free_port
+from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+STATES = (
+    job_pb2.JOB_STATE_QUEUED,
+    job_pb2.JOB_STATE_DISPATCHED,
+    job_pb2.JOB_STATE_RUNNING,
+    job_pb2.JOB_STATE_SUCCEEDED,
+)
+
+
+class Nothing(scheduler_pb2_grpc.SchedulerServiceServicer):
+    async def SubmitJob(  # noqa: N802 - the RPC's name
+        self, request: scheduler_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.SubmitJobResponse:
+        return scheduler_pb2.SubmitJobResponse(job=job_pb2.Job(id="0" * 32, spec=job_pb2.JobSpec(kind=request.kind)))
+
+    async def RunJob(  # noqa: N802 - the RPC's name
+        self, request: scheduler_pb2.RunJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.RunJobResponse]:
+        for state in STATES:
+            yield scheduler_pb2.RunJobResponse(event=job_pb2.JobEvent(job_id="0" * 32, kind="echo", state=state))
+
+
+async def serve(address: str) -> None:
+    server = grpc.aio.server()
+    scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(Nothing(), server)
+    server.add_insecure_port(address)
+    await server.start()
+    await server.wait_for_termination()
+
+
+def run_server(address: str) -> None:
+    import uvloop
+
+    uvloop.run(serve(address))
+
+
+async def measure(address: str, calls: int, clients: int, trips: int) -> tuple[float, float, float]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        req = scheduler_pb2.SubmitJobRequest(kind="echo")
+        await stub.SubmitJob(req, timeout=10)
+
+        async def client(n: int) -> None:
+            for _ in range(n):
+                await stub.SubmitJob(req, timeout=10)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(client(calls // clients) for _ in range(clients)))
+        rate = calls // clients * clients / (time.perf_counter() - began)
+        took = []
+        for _ in range(trips):
+            began = time.perf_counter()
+            async for _ in stub.RunJob(scheduler_pb2.RunJobRequest(job=req), timeout=10):
+                pass
+            took.append((time.perf_counter() - began) * 1000)
+        took.sort()
+        return rate, took[len(took) // 2], took[int(len(took) * 0.99)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.grpc_floor", description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=8000)
+    parser.add_argument("--trips", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    address = f"127.0.0.1:{free_port()}"
+    server = multiprocessing.get_context("spawn").Process(target=run_server, args=(address,), daemon=True)
+    server.start()
+    try:
+        time.sleep(1.5)  # serving
+        for r in range(args.rounds):
+            rate, p50, p99 = asyncio.run(measure(address, args.calls, 32, args.trips))
+            print(f"round {r + 1}: unary {rate:,.0f} calls/s (32 tasks); RunJob p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    finally:
+        server.terminate()
+        server.join(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

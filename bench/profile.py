@@ -1,0 +1,115 @@
+"""``python -m bench.profile``: where jobgate's time goes, per process, under one kind of load.
+
+Starts the same stack as the benchmark (a private Redis, one gateway, workers), runs one
+measurement of the benchmark's jobgate adapter (``batched``, ``unary`` or ``latency``) and
+reports, for Redis, the gateway, each worker and the submitting client, the CPU time each used
+per job (from /proc, so it counts only that process, whatever else the machine runs). With
+``--py-spy`` (``pip install py-spy``) it also samples the gateway and the first worker while
+they hold the GIL and prints the functions with the most samples, themselves and with callees.
+docs/PERFORMANCE.md records what this showed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.systems.jobgate import Jobgate
+from gateway.devstack import RedisProcess
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User plus system CPU seconds a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def hot_spots(raw: Path, top: int) -> str:
+    """The functions with most samples in a py-spy raw (collapsed stacks) file."""
+    own: collections.Counter[str] = collections.Counter()
+    total_with_callees: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        frames = [f.split(" (")[0] + " " + f.rsplit("/", 1)[-1].split(":")[0].rstrip(")") for f in stack.split(";")]
+        own[frames[-1]] += n
+        for frame in set(frames):
+            total_with_callees[frame] += n
+    if not total:
+        return "  (no samples)"
+    lines = ["  own time:"]
+    lines += [f"    {n / total:6.1%}  {name}" for name, n in own.most_common(top)]
+    lines += ["  with callees:"]
+    lines += [f"    {n / total:6.1%}  {name}" for name, n in total_with_callees.most_common(top + 8)]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
+    parser.add_argument("load", choices=("batched", "unary", "latency"))
+    parser.add_argument("--jobs", type=int, default=20_000, help="jobs (latency: round trips, 1/10 of this)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--py-spy", action="store_true", help="also sample the gateway and a worker with py-spy")
+    parser.add_argument("--top", type=int, default=20)
+    args = parser.parse_args()
+    spy = shutil.which("py-spy")
+    if args.py_spy and not spy:
+        parser.error("py-spy is not installed: pip install py-spy")
+    redis = RedisProcess().start()
+    system = Jobgate(redis.url)
+    out = Path(tempfile.mkdtemp(prefix="jobgate-profile-"))
+    try:
+        system.start(args.workers)
+        assert system.stack
+        pids = {"redis": redis.pid, "gateway": system.gateway_pid, "client": os.getpid()}
+        pids |= {f"worker {i + 1}": w.pid for i, w in enumerate(system.stack.workers)}
+        samplers = []
+        if args.py_spy and spy:
+            for name in ("gateway", "worker 1"):
+                cmd = [spy, "record", "--gil", "--nonblocking", "-r", "250", "-f", "raw", "-p", str(pids[name])]
+                cmd += ["-o", str(out / f"{name}.txt")]
+                samplers.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(1)  # py-spy attaches
+        before = {name: cpu_s(pid) for name, pid in pids.items()}
+        began = time.perf_counter()
+        if args.load == "batched":
+            jobs, figure = args.jobs, f"{system.batched(args.jobs):,.0f} jobs/s"
+        elif args.load == "unary":
+            jobs, figure = args.jobs // 4, f"{system.unary(args.jobs // 4, 32):,.0f} jobs/s"
+        else:
+            jobs = args.jobs // 10
+            trips = sorted(system.round_trips(jobs))
+            figure = f"RunJob p50 {trips[len(trips) // 2]:.2f} ms, p99 {trips[int(len(trips) * 0.99)]:.2f} ms"
+        elapsed = time.perf_counter() - began
+        used = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
+        for sampler in samplers:
+            sampler.send_signal(2)  # SIGINT: py-spy writes what it has
+            sampler.wait(timeout=30)
+    finally:
+        system.stop()
+        redis.stop()
+    print(f"{args.load}: {jobs:,} jobs in {elapsed:.1f} s, {figure}")
+    print(f"{'process':<10} {'CPU %':>7} {'CPU µs per job':>15}")
+    for name, seconds in used.items():
+        print(f"{name:<10} {seconds / elapsed:7.0%} {seconds / jobs * 1e6:15.0f}")
+    print(f"{'all':<10} {sum(used.values()) / elapsed:7.0%} {sum(used.values()) / jobs * 1e6:15.0f}")
+    for name in ("gateway", "worker 1"):
+        if (out / f"{name}.txt").exists():
+            print(f"\n{name} (py-spy, samples holding the GIL):\n{hot_spots(out / f'{name}.txt', args.top)}")
+    shutil.rmtree(out, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
