@@ -63,7 +63,7 @@ def main() -> int:
     parser.add_argument("--py-spy", action="store_true", help="also sample the gateway and a worker with py-spy")
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args()
-    spy = shutil.which("py-spy")
+    spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
     if args.py_spy and not spy:
         parser.error("py-spy is not installed: pip install py-spy")
     redis = RedisProcess().start()

@@ -25,6 +25,7 @@ NAMES = (
     "leave",
     "reap",
     "cancel",
+    "read_events",
 )
 
 
@@ -49,6 +50,7 @@ class Scripts:
     leave: AsyncScript
     reap: AsyncScript
     cancel: AsyncScript
+    read_events: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:

@@ -368,10 +368,8 @@ class JobStore:
         for missing ones). Not the spec: a completion needs none of its payload."""
         if not job_ids:
             return []
-        async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hmget(self.keys.job(job_id), EVENT_FIELDS)
-            rows: list[list[bytes | None]] = await pipe.execute()
+        async with redis_errors():
+            rows = await self.scripts.read_events(keys=[self.keys.job(j) for j in job_ids], args=EVENT_FIELDS)
         return [{k: v for k, v in zip(EVENT_FIELDS, row, strict=True) if v is not None} for row in rows]
 
     async def queue_names(self) -> list[str]:
