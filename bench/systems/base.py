@@ -16,8 +16,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import redis
 
@@ -58,6 +59,39 @@ def flush(url: str) -> None:
     """Empties the Redis db, so every system starts from the same state."""
     with redis.Redis.from_url(url) as client:
         client.flushall()
+
+
+def check_count(got: int, n: int) -> None:
+    """Raises unless all ``n`` results came back."""
+    if got != n:
+        raise RuntimeError(f"{got} of {n} results came back")
+
+
+def threaded_unary(n: int, clients: int, client: Callable[[range], list[Any]]) -> float:
+    """Throughput of ``clients`` threads, each submitting its share of ``n`` jobs one call at a time
+    and then waiting for their results (``client(inputs)`` returns them); every result must be the
+    job's input. Jobs/s from the first submit to the last result."""
+    with ThreadPoolExecutor(clients) as pool:
+        began = time.perf_counter()
+        shares = [range(first, n, clients) for first in range(clients)]
+        got = sum(
+            sum(1 for i, r in zip(share, res, strict=True) if r == i)
+            for share, res in zip(shares, pool.map(client, shares), strict=True)
+        )
+        ended = time.perf_counter()
+    check_count(got, n)
+    return rate(n, began, ended)
+
+
+def sequential_trips(n: int, run: Callable[[int], Any]) -> list[float]:
+    """Round trips in ms: ``run(i)`` submits job ``i`` and returns its result, which must be ``i``."""
+    out = []
+    for i in range(n):
+        began = time.perf_counter()
+        if run(i) != i:
+            raise RuntimeError("echo returned something else")
+        out.append((time.perf_counter() - began) * 1000)
+    return out
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:

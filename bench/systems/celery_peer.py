@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench.systems.base import WAIT_S, System, chunks, job_input, rate
+from bench.systems.base import WAIT_S, System, check_count, chunks, job_input, rate, sequential_trips, threaded_unary
 
 POOL = os.environ.get("BENCH_CELERY_POOL", "threads")
 CONCURRENCY = int(os.environ.get("BENCH_CELERY_CONCURRENCY", "8"))
@@ -63,7 +62,7 @@ class CeleryPeer(System):
         sent = [ResultSet(self._send_chunk(part, payload)) for part in chunks(n, payload)]
         got = sum(len(rs.get(timeout=WAIT_S)) for rs in sent)
         ended = time.perf_counter()
-        _check(got, n)
+        check_count(got, n)
         return rate(n, began, ended)
 
     def _send_chunk(self, part: range, payload: int, ignore_result: bool = False) -> list[Any]:
@@ -76,33 +75,17 @@ class CeleryPeer(System):
             ]
 
     def unary(self, n: int, clients: int) -> float:
-        def client(first: int) -> int:
-            sent = [self.echo.delay(i) for i in range(first, n, clients)]
-            return sum(1 for r in sent if r.get(timeout=WAIT_S) is not None)
+        def client(inputs: range) -> list[Any]:
+            sent = [self.echo.delay(i) for i in inputs]
+            return [r.get(timeout=WAIT_S) for r in sent]
 
-        with ThreadPoolExecutor(clients) as pool:
-            began = time.perf_counter()
-            got = sum(pool.map(client, range(clients)))
-            ended = time.perf_counter()
-        _check(got, n)
-        return rate(n, began, ended)
+        return threaded_unary(n, clients, client)
 
     def round_trips(self, n: int) -> list[float]:
-        out = []
-        for i in range(n):
-            began = time.perf_counter()
-            if self.echo.delay(i).get(timeout=30) != i:
-                raise RuntimeError("echo returned something else")
-            out.append((time.perf_counter() - began) * 1000)
-        return out
+        return sequential_trips(n, lambda i: self.echo.delay(i).get(timeout=30))
 
     def enqueue(self, n: int) -> None:
         # Nobody waits for these: without ignore_result, the result consumer would subscribe to
         # each task's result channel, which is the submitter's state, not the queued job's.
         for part in chunks(n, 0):
             self._send_chunk(part, 0, ignore_result=True)
-
-
-def _check(got: int, n: int) -> None:
-    if got != n:
-        raise RuntimeError(f"{got} of {n} results")

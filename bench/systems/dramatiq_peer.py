@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench.systems.base import WAIT_S, System, chunks, job_input, rate
+from bench.systems.base import WAIT_S, System, check_count, chunks, job_input, rate, sequential_trips, threaded_unary
 
 THREADS = 8
 READY = "Worker process is ready for action"
@@ -64,37 +63,21 @@ class DramatiqPeer(System):
         sent = [group(self.echo.message(job_input(i, payload)) for i in part).run() for part in chunks(n, payload)]
         got = sum(sum(1 for _ in g.get_results(block=True, timeout=int(WAIT_S * 1000))) for g in sent)
         ended = time.perf_counter()
-        _check(got, n)
+        check_count(got, n)
         return rate(n, began, ended)
 
     def unary(self, n: int, clients: int) -> float:
-        def client(first: int) -> int:
-            sent = [self.echo.send(i) for i in range(first, n, clients)]
-            return sum(1 for m in sent if m.get_result(block=True, timeout=int(WAIT_S * 1000)) is not None)
+        def client(inputs: range) -> list[Any]:
+            sent = [self.echo.send(i) for i in inputs]
+            return [m.get_result(block=True, timeout=int(WAIT_S * 1000)) for m in sent]
 
-        with ThreadPoolExecutor(clients) as pool:
-            began = time.perf_counter()
-            got = sum(pool.map(client, range(clients)))
-            ended = time.perf_counter()
-        _check(got, n)
-        return rate(n, began, ended)
+        return threaded_unary(n, clients, client)
 
     def round_trips(self, n: int) -> list[float]:
-        out = []
-        for i in range(n):
-            began = time.perf_counter()
-            if self.echo.send(i).get_result(block=True, timeout=30_000) != i:
-                raise RuntimeError("echo returned something else")
-            out.append((time.perf_counter() - began) * 1000)
-        return out
+        return sequential_trips(n, lambda i: self.echo.send(i).get_result(block=True, timeout=30_000))
 
     def enqueue(self, n: int) -> None:
         from dramatiq import group
 
         for part in chunks(n, 0):
             group(self.echo.message(i) for i in part).run()
-
-
-def _check(got: int, n: int) -> None:
-    if got != n:
-        raise RuntimeError(f"{got} of {n} results")

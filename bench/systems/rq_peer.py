@@ -10,13 +10,12 @@ concurrent threads, and the submitter waits for every result with ``Job.latest_r
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from bench.systems.base import WAIT_S, System, chunks, job_input, rate
+from bench.systems.base import WAIT_S, System, check_count, chunks, job_input, rate, sequential_trips, threaded_unary
 
 FUNC = "bench.systems.rq_app.echo"
 WORKER_CLASS = "rq.worker.SimpleWorker"
@@ -73,29 +72,18 @@ class RQPeer(System):
         jobs = self._submit_many(n, payload)
         got = sum(1 for job in jobs if _result(job) is not None)
         ended = time.perf_counter()
-        _check(got, n)
+        check_count(got, n)
         return rate(n, began, ended)
 
     def unary(self, n: int, clients: int) -> float:
-        def client(first: int) -> int:
-            sent = [self.queue.enqueue(FUNC, i) for i in range(first, n, clients)]
-            return sum(1 for job in sent if _result(job) is not None)
+        def client(inputs: range) -> list[Any]:
+            sent = [self.queue.enqueue(FUNC, i) for i in inputs]
+            return [_result(job) for job in sent]
 
-        with ThreadPoolExecutor(clients) as pool:
-            began = time.perf_counter()
-            got = sum(pool.map(client, range(clients)))
-            ended = time.perf_counter()
-        _check(got, n)
-        return rate(n, began, ended)
+        return threaded_unary(n, clients, client)
 
     def round_trips(self, n: int) -> list[float]:
-        out = []
-        for i in range(n):
-            began = time.perf_counter()
-            if _result(self.queue.enqueue(FUNC, i)) != i:
-                raise RuntimeError("echo returned something else")
-            out.append((time.perf_counter() - began) * 1000)
-        return out
+        return sequential_trips(n, lambda i: _result(self.queue.enqueue(FUNC, i)))
 
     def enqueue(self, n: int) -> None:
         self._submit_many(n, 0)
@@ -109,8 +97,3 @@ def _result(job: Any) -> Any:
     if result.type != result.Type.SUCCESSFUL:
         raise RuntimeError(f"RQ job {job.id}: {result.exc_string}")
     return result.return_value
-
-
-def _check(got: int, n: int) -> None:
-    if got != n:
-        raise RuntimeError(f"{got} of {n} results")
