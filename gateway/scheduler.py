@@ -1,8 +1,11 @@
-"""Placement: moves waiting jobs onto worker slots and publishes them on dispatch channels.
+"""Placement: moves waiting jobs onto worker slots; the scripts publish them on dispatch channels.
 
-Placement itself is one Lua script (atomic, so several gateways never place a job twice). This
-module decides *when* to run it: right after a submit, when a result frees a slot, when a worker
-joins, and on a periodic tick that also reaps lost workers and unacknowledged dispatches.
+Placement itself is Lua (``place_jobs``, atomic, so several gateways never place a job twice),
+run by the submit script for the jobs it stores, by a worker's finish_many in the slots it frees,
+and by the schedule script. This module decides when a gateway runs schedule: when a submit's own
+placement stopped at its limit or lost a dispatch, when a result frees a slot in a queue known to
+hold waiting jobs, when a worker joins or leaves, and on a periodic tick that also reaps lost
+workers and unacknowledged dispatches.
 """
 
 from __future__ import annotations
