@@ -36,7 +36,6 @@ class Scheduler:
         *,
         tick_s: float,
         ack_timeout_ms: int,
-        batch: int = 500,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
@@ -45,7 +44,6 @@ class Scheduler:
         self.store = store
         self.tick_s = tick_s
         self.ack_timeout_ms = ack_timeout_ms
-        self.batch = batch
         self._dirty: set[str] = set()
         self._reported: set[str] = set()  # queues with a waiting-jobs gauge
         # Queues known to hold waiting jobs (from placements and the census): only a slot freed in
@@ -128,20 +126,18 @@ class Scheduler:
         await self.store.publish_settled(settled)
 
     async def place(self, queue: str) -> int:
-        """Places as many waiting jobs of ``queue`` as there are free slots; returns how many."""
-        total = 0
-        while True:
-            placed = await self.store.schedule(queue, ack_timeout_ms=self.ack_timeout_ms, most=self.batch)
-            total += len(placed.placements)
-            if not self.record(placed) or len(placed.placements) < self.batch:
-                return total
+        """Places up to ``place_most`` waiting jobs of ``queue`` on free slots; returns how many. When
+        more may be placed (the limit was reached, or dispatches went back), :meth:`record` asks for
+        another pass."""
+        placed = await self.store.schedule(queue, ack_timeout_ms=self.ack_timeout_ms, most=self.store.place_most)
+        self.record(placed)
+        return len(placed.placements)
 
-    def record(self, placed: Placed) -> bool:
+    def record(self, placed: Placed) -> None:
         """Takes note of what a placing script (schedule, or submit right away) did: counts its
         placements, logs those that went back (no subscriber on their worker's channel) and
         remembers which of the queues it placed on still hold waiting jobs. Asks for another pass
-        when jobs went back or when jobs still wait after the script stopped at its limit. Returns
-        whether jobs still wait in them."""
+        when jobs went back or when jobs still wait after the script stopped at its limit."""
         lost = [p for p in placed.placements if not p.reached]
         self.metrics.placed.inc(len(placed.placements) - len(lost))
         if lost:
@@ -155,7 +151,6 @@ class Scheduler:
             self._backlog.add(queue)
             if lost or len(placed.placements) >= self.store.place_most:
                 self.kick(queue)
-        return bool(placed.waiting)
 
     def slot_freed(self, queue: str) -> None:
         """A job of ``queue`` ended: runs placement there if jobs are known to wait in it."""
