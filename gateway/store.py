@@ -260,9 +260,7 @@ class JobStore:
         except _Refused as refused:
             raise refused.error from None
 
-    async def submit_each(
-        self, jobs: Sequence[PreparedJob]
-    ) -> tuple[list[job_pb2.Job | JobgateError], list[Placed]]:
+    async def submit_each(self, jobs: Sequence[PreparedJob]) -> tuple[list[job_pb2.Job | JobgateError], list[Placed]]:
         """Stores unrelated jobs (single submits that arrived together) in as few script calls as
         possible, each accepted or refused on its own: per job, the stored job or the error a submit
         of it alone would raise (Unavailable for those of a call Redis did not answer, and of calls
