@@ -26,7 +26,7 @@ COMMANDS = (
     # jobgate's Lua scripts: loaded (again after a Redis restart), then run by digest
     "evalsha", "script|load",
     # what the scripts run, and the gateway's reads (tests/test_redis_security.py checks the scripts')
-    "get", "set", "incr", "del", "exists", "expire",
+    "get", "set", "incrby", "del", "exists", "expire",
     "hget", "hmget", "hgetall", "hset", "hdel", "hincrby",
     "sadd", "srem", "smembers", "scard", "sismember",
     "zadd", "zrem", "zrange", "zrangebyscore", "zcard", "zcount",

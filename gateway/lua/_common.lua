@@ -30,21 +30,40 @@ end
 
 -- Record a terminal state and start the job's retention clock (its 'ttl' field, set at submit
 -- from the gateway's retention setting, so every writer keeps a finished job equally long).
-local function finish_job(job_key, state, code, message, now)
-  redis.call('HSET', job_key, 'state', state, 'err_code', code, 'err_msg', message,
-    'finished', now, 'updated', now)
+-- `more`, when given, holds further field/value pairs written with the state.
+local function finish_job(job_key, state, code, message, now, more)
+  local fields = {'state', state, 'err_code', code, 'err_msg', message, 'finished', now, 'updated', now}
+  if more then
+    for _, v in ipairs(more) do fields[#fields + 1] = v end
+  end
+  redis.call('HSET', job_key, unpack(fields))
   redis.call('HDEL', job_key, 'cancel')
   local ttl = tonumber(redis.call('HGET', job_key, 'ttl') or '0')
   if ttl and ttl > 0 then redis.call('EXPIRE', job_key, ttl) end
 end
 
--- Take a job off a worker's books: its job set and busy-slot count.
-local function release_slot(P, worker_id, job_id)
-  if worker_id == nil or worker_id == '' then return end
-  if redis.call('SREM', P .. 'worker:' .. worker_id .. ':jobs', job_id) == 1 then
-    local wk = P .. 'worker:' .. worker_id
-    if redis.call('EXISTS', wk) == 1 then redis.call('HINCRBY', wk, 'used', -1) end
+-- Runs `cmd key` followed by `args`, at most `step` of them per call (Lua's unpack is bounded),
+-- and returns the sum of the integer replies.
+local function call_chunked(cmd, key, args, step)
+  local total = 0
+  for first = 1, #args, step do
+    total = total + redis.call(cmd, key, unpack(args, first, math.min(first + step - 1, #args)))
   end
+  return total
+end
+
+-- Take jobs off a worker's books: its job set and busy-slot count (a job not in its set is left
+-- alone, so releasing twice counts once).
+local function release_slots(P, worker_id, job_ids)
+  if worker_id == nil or worker_id == '' or #job_ids == 0 then return end
+  local freed = call_chunked('SREM', P .. 'worker:' .. worker_id .. ':jobs', job_ids, 1000)
+  if freed > 0 then
+    local wk = P .. 'worker:' .. worker_id
+    if redis.call('EXISTS', wk) == 1 then redis.call('HINCRBY', wk, 'used', -freed) end
+  end
+end
+local function release_slot(P, worker_id, job_id)
+  release_slots(P, worker_id, {job_id})
 end
 
 -- Remove a worker and settle every job placed on it. `handback` is true for a worker that left on
@@ -103,34 +122,32 @@ local function publish_parts(channel, parts)
 end
 
 -- A worker acknowledges one dispatch (the start and start_many scripts; contract in start.lua).
--- Returns 1 running, 0 stale, -1 missing; and true when it changed the job (its RUNNING event is
--- to be published).
-local function start_job(job_key, acks_key, job_id, lease, worker_id, now)
+-- Returns 1 running, 0 stale, -1 missing; and true when it changed the job: its RUNNING event is
+-- to be published and the caller takes it off the acks zset.
+local function start_job(job_key, job_id, lease, worker_id, now)
   local j = redis.call('HMGET', job_key, 'state', 'lease', 'worker', 'attempt')
   if not j[1] then return -1 end
   if j[2] ~= lease or j[3] ~= worker_id then return 0 end
   if tonumber(j[1]) == RUNNING then return 1 end
   if tonumber(j[1]) ~= DISPATCHED then return 0 end
   redis.call('HSET', job_key, 'state', RUNNING, 'attempt', tonumber(j[4]) + 1, 'started', now, 'updated', now)
-  redis.call('ZREM', acks_key, job_id)
   return 1, true
 end
 
 -- A worker records one outcome (the finish and finish_many scripts; contract in finish.lua).
 -- `o` holds job_id, lease, state (a number), result, output, code, message.
--- Returns 1 recorded (its event is to be published), 2 already recorded by this placement,
--- 0 stale, -1 missing, -2 not a terminal state (nothing written); and the job's queue.
-local function record_outcome(P, job_key, worker_id, now, o)
-  local j = redis.call('HMGET', job_key, 'state', 'lease', 'worker', 'queue')
+-- Returns 1 recorded (its event is to be published and the caller releases its slot), 2 already
+-- recorded by this placement, 0 stale, -1 missing, -2 not a terminal state (nothing written); and
+-- the job's queue.
+local function record_outcome(job_key, worker_id, now, o)
+  local j = redis.call('HMGET', job_key, 'state', 'lease', 'worker', 'queue', 'recorded')
   if not j[1] then return -1 end
   if not is_terminal(o.state) then return -2 end
   if j[2] ~= o.lease or j[3] ~= worker_id then return 0 end
   -- 'recorded' names the lease whose outcome this script wrote; reap, leave and cancel never set it
-  if tonumber(j[1]) == o.state and redis.call('HGET', job_key, 'recorded') == o.lease then return 2 end
+  if tonumber(j[1]) == o.state and j[5] == o.lease then return 2 end
   if tonumber(j[1]) ~= RUNNING then return 0 end
-  redis.call('HSET', job_key, 'result', o.result, 'output', o.output, 'recorded', o.lease)
-  finish_job(job_key, o.state, o.code, o.message, now)
-  release_slot(P, worker_id, o.job_id)
+  finish_job(job_key, o.state, o.code, o.message, now, {'result', o.result, 'output', o.output, 'recorded', o.lease})
   return 1, j[4]
 end
 
@@ -152,6 +169,7 @@ end
 -- Protocol buffers encoding of the few relay messages placement publishes itself
 -- (proto/jobgate/v1/relay.proto and job.proto; the tests parse them with protobuf).
 local function pb_varint(n)  -- a non-negative integer below 2^53
+  if n < 128 then return string.char(n) end
   local out = {}
   repeat
     local b = n % 128
@@ -232,56 +250,66 @@ local function place_jobs(P, queue, now, ack_ms, most, out)
     return best
   end
 
-  -- the first waiting job of each kind that some candidate handles
+  -- the first waiting jobs of each kind that some candidate handles, as many as can be placed
+  local limit = math.min(most, free)
   local heads = {}
-  local function peek(kind)
-    local key = P .. 'pending:' .. queue .. ':' .. kind
-    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-    if first[1] then
-      heads[kind] = {id = first[1], score = tonumber(first[2]), key = key}
-    else
-      heads[kind] = nil
-      redis.call('SREM', kinds_key, kind)  -- nothing waits: forget the kind until a job of it comes
+  for _, kind in ipairs(waiting) do
+    if pick(kind) then
+      local key = P .. 'pending:' .. queue .. ':' .. kind
+      local first = redis.call('ZRANGE', key, 0, limit - 1, 'WITHSCORES')
+      if first[1] then
+        heads[kind] = {key = key, ids = first, pos = 1, score = tonumber(first[2]), taken = {}}
+      end
     end
   end
-  for _, kind in ipairs(waiting) do
-    if pick(kind) then peek(kind) end
-  end
 
-  local placed, order, by_worker = {}, {}, {}
+  local placed, order, by_worker, acks = {}, {}, {}, {}
+  local lease_key = P .. 'lease'
+  local lease = tonumber(redis.call('GET', lease_key) or '0')
   while #placed < most and free > 0 do
     local kind, head = nil, nil
     for k, h in pairs(heads) do
-      if not head or h.score < head.score then kind, head = k, h end
+      if h.score and (not head or h.score < head.score) then kind, head = k, h end
     end
     if not head then break end
     local c = pick(kind)
     if not c then
-      heads[kind] = nil  -- its workers are full now
+      heads[kind].score = nil  -- its workers are full now
     else
-      redis.call('ZREM', head.key, head.id)
-      local jk = P .. 'job:' .. head.id
+      local id = head.ids[head.pos]
+      head.taken[#head.taken + 1] = id
+      head.pos = head.pos + 2
+      head.score = tonumber(head.ids[head.pos + 1])
+      local jk = P .. 'job:' .. id
       local j = redis.call('HMGET', jk, 'state', 'attempt', 'spec', 'timeout_ms', 'ack')
       if j[1] and tonumber(j[1]) == QUEUED then
-        local lease = redis.call('INCR', P .. 'lease')
-        redis.call('HSET', jk, 'state', DISPATCHED, 'worker', c.id, 'lease', lease, 'updated', now)
-        redis.call('SADD', P .. 'worker:' .. c.id .. ':jobs', head.id)
-        redis.call('HINCRBY', P .. 'worker:' .. c.id, 'used', 1)
-        redis.call('ZADD', P .. 'acks', now + (tonumber(j[5]) or ack_ms), head.id)
+        lease = lease + 1
+        local lease_s = string.format('%.0f', lease)
+        redis.call('HSET', jk, 'state', DISPATCHED, 'worker', c.id, 'lease', lease_s, 'updated', now)
+        acks[#acks + 1] = now + (tonumber(j[5]) or ack_ms)
+        acks[#acks + 1] = id
         c.used = c.used + 1
         free = free - 1
         local attempt = tonumber(j[2]) + 1
-        placed[#placed + 1] = {id = head.id, worker = c.id, lease = lease, attempt = attempt, kind = kind}
+        placed[#placed + 1] = {id = id, worker = c.id, lease = lease, attempt = attempt, kind = kind}
         if not by_worker[c.id] then
           by_worker[c.id] = {}
           order[#order + 1] = c.id
         end
-        local d = pb_bytes(1, head.id) .. pb_int(2, lease) .. pb_int(3, attempt) .. pb_bytes(4, j[3])
+        local d = pb_bytes(1, id) .. pb_int(2, lease) .. pb_int(3, attempt) .. pb_bytes(4, j[3])
           .. pb_int(5, tonumber(j[4]))
         table.insert(by_worker[c.id], {d = d, p = placed[#placed]})
       end  -- else: expired or already moved on, so it was not waiting any more
-      peek(kind)
     end
+  end
+  for _, h in pairs(heads) do call_chunked('ZREM', h.key, h.taken, 1000) end
+  if #placed > 0 then redis.call('SET', lease_key, string.format('%.0f', lease)) end
+  call_chunked('ZADD', P .. 'acks', acks, 1000)
+  for _, w in ipairs(order) do
+    local ids = {}
+    for i, d in ipairs(by_worker[w]) do ids[i] = d.p.id end
+    call_chunked('SADD', P .. 'worker:' .. w .. ':jobs', ids, 1000)
+    redis.call('HINCRBY', P .. 'worker:' .. w, 'used', #ids)
   end
 
   -- Per worker, WorkerMessages under MESSAGE_BYTES: `dispatch` for a lone job, else `dispatches`.
@@ -319,8 +347,13 @@ local function place_jobs(P, queue, now, ack_ms, most, out)
     out[n + 5] = p.reached and 1 or 0
   end
   publish_parts(P .. 'results', events)
+  local left = false
   for _, kind in ipairs(waiting) do
-    if redis.call('EXISTS', P .. 'pending:' .. queue .. ':' .. kind) == 1 then return true end
+    if redis.call('EXISTS', P .. 'pending:' .. queue .. ':' .. kind) == 1 then
+      left = true
+    else
+      redis.call('SREM', kinds_key, kind)  -- nothing waits: forget the kind until a job of it comes
+    end
   end
-  return false
+  return left
 end

@@ -6,9 +6,12 @@
 -- returns {1, receivers} recorded, {2} this very outcome was already recorded by this script for
 --         this placement (a retried call after a lost reply), {0} stale (superseded attempt, or the
 --         job was settled by a gateway or an eviction), {-1} missing
-local code = record_outcome(ARGV[1], KEYS[1], ARGV[4], ARGV[6], {
+local code = record_outcome(KEYS[1], ARGV[4], ARGV[6], {
   job_id = ARGV[2], lease = ARGV[3], state = tonumber(ARGV[5]), result = ARGV[7], output = ARGV[8],
   code = ARGV[9], message = ARGV[10]})
 if code == -2 then return redis.error_reply('ERR finish needs a terminal state') end
-if code == 1 then return {1, redis.call('PUBLISH', KEYS[2], ARGV[11])} end
+if code == 1 then
+  release_slot(ARGV[1], ARGV[4], ARGV[2])
+  return {1, redis.call('PUBLISH', KEYS[2], ARGV[11])}
+end
 return {code}

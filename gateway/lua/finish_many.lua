@@ -16,21 +16,23 @@ for i = 1, #KEYS - 1 do
     return redis.error_reply('ERR finish needs a terminal state')
   end
 end
-local codes, events, freed, seen = {}, {}, {}, {}
+local codes, events, freed, seen, finished = {}, {}, {}, {}, {}
 for i = 1, #KEYS - 1 do
   local a = 8 * i - 2
-  local code, queue = record_outcome(ARGV[1], KEYS[1 + i], ARGV[2], ARGV[3], {
+  local code, queue = record_outcome(KEYS[1 + i], ARGV[2], ARGV[3], {
     job_id = ARGV[a], lease = ARGV[a + 1], state = tonumber(ARGV[a + 2]), result = ARGV[a + 3],
     output = ARGV[a + 4], code = ARGV[a + 5], message = ARGV[a + 6]})
   codes[i] = code
   if code == 1 then
     events[#events + 1] = ARGV[a + 7]
+    finished[#finished + 1] = ARGV[a]
     if not seen[queue] then
       seen[queue] = true
       freed[#freed + 1] = queue
     end
   end
 end
+release_slots(ARGV[1], ARGV[2], finished)
 publish_parts(KEYS[1], events)
 local placements = {}
 if tonumber(ARGV[4]) > 0 then

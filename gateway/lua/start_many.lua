@@ -4,12 +4,16 @@
 -- ARGV[1] worker id, ARGV[2] now ms, then 3 per job i: ARGV[3i] job id, ARGV[3i+1] lease,
 --   ARGV[3i+2] JobEvents bytes holding its RUNNING event
 -- returns an array with start's code (1 running, 0 stale, -1 missing) for each job, in order
-local out, events = {}, {}
+local out, events, started = {}, {}, {}
 for i = 1, #KEYS - 2 do
   local a = 3 * i
-  local code, changed = start_job(KEYS[2 + i], KEYS[1], ARGV[a], ARGV[a + 1], ARGV[1], ARGV[2])
+  local code, changed = start_job(KEYS[2 + i], ARGV[a], ARGV[a + 1], ARGV[1], ARGV[2])
   out[i] = code
-  if changed then events[#events + 1] = ARGV[a + 2] end
+  if changed then
+    events[#events + 1] = ARGV[a + 2]
+    started[#started + 1] = ARGV[a]
+  end
 end
+call_chunked('ZREM', KEYS[1], started, 1000)
 publish_parts(KEYS[2], events)
 return out

@@ -59,14 +59,23 @@ for i = 0, n - 1 do
   out[#out + 1] = stored_id
 end
 
+local seq = #fresh > 0 and redis.call('INCRBY', KEYS[2], #fresh) - #fresh or 0
+local pending, pending_keys = {}, {}  -- per pending zset: score, id pairs
 for _, i in ipairs(fresh) do
   local k, a = 3 + 4 * i, 9 + 8 * i
   local id, queue, kind, prio, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 7]
-  local seq = redis.call('INCR', KEYS[2])
+  seq = seq + 1
   redis.call('HSET', KEYS[k], 'spec', ARGV[a + 1], 'queue', queue, 'kind', kind, 'prio', prio,
     'seq', seq, 'state', QUEUED, 'attempt', 0, 'max_attempts', ARGV[a + 5], 'timeout_ms', ARGV[a + 6],
     'worker', '', 'lease', 0, 'created', now, 'updated', now, 'ttl', ttl, 'ack', ARGV[7])
-  redis.call('ZADD', KEYS[k + 1], pending_score(prio, seq), id)
+  local members = pending[KEYS[k + 1]]
+  if not members then
+    members = {}
+    pending[KEYS[k + 1]] = members
+    pending_keys[#pending_keys + 1] = KEYS[k + 1]
+  end
+  members[#members + 1] = pending_score(prio, seq)
+  members[#members + 1] = id
   if seen_queues[queue] ~= 'added' then
     redis.call('SADD', KEYS[1], queue)
     seen_queues[queue] = 'added'
@@ -77,6 +86,7 @@ for _, i in ipairs(fresh) do
   end
   if rdigest ~= '' then redis.call('SET', KEYS[k + 2], id .. ' ' .. rdigest, 'EX', idem_ttl) end
 end
+for _, key in ipairs(pending_keys) do call_chunked('ZADD', key, pending[key], 1000) end
 
 local placed_queues = {}
 if tonumber(ARGV[8]) <= 0 then fresh = {} end
