@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.results import Results
+from bench.results import MACHINE, Results
 
 KIB = 1024
 
@@ -214,11 +214,61 @@ hold 500 jobs (fewer for large payloads, under 2 MB each); the concurrent submit
   every system here runs on the same client library."""
 
 
+# Where the targets were set, a bare relay (bench/reference.py) moved about this many messages/s.
+RELAY_WHERE_SET = {"relay_unbatched": 5_000, "relay_pipelined": 38_000}
+
+
+def _machine(results: Results) -> str:
+    if not any(results.values(MACHINE, m) for m in ("relay_unbatched", "grpc_unary")):
+        return ""
+    spread = lambda m, fmt="{:,.0f}": results.spread(MACHINE, m, fmt)  # noqa: E731
+    rows = [
+        [
+            "bare pub/sub relay, unbatched",
+            f"{spread('relay_unbatched')} messages/s",
+            f"≈ {RELAY_WHERE_SET['relay_unbatched']:,} messages/s",
+        ],
+        [
+            "bare pub/sub relay, pipelined",
+            f"{spread('relay_pipelined')} messages/s",
+            f"≈ {RELAY_WHERE_SET['relay_pipelined']:,} messages/s",
+        ],
+        ["gRPC alone: unary calls from 32 asyncio tasks", f"{spread('grpc_unary')} calls/s", "–"],
+        [
+            "gRPC alone: `RunJob` round trip, p50 / p99",
+            f"{spread('grpc_p50', '{:.2f}')} / {spread('grpc_p99', '{:.2f}')} ms",
+            "–",
+        ],
+    ]
+    ratio = ""
+    relay = results.median(MACHINE, "relay_pipelined")
+    if relay:
+        ratio = (
+            f" On this run's machine the pipelined relay ran at {relay / RELAY_WHERE_SET['relay_pipelined']:.0%} of"
+            " the pace the targets assume."
+        )
+    return f"""## This machine
+
+The same machine runs at different speeds on different days (it is shared), so every round also
+measures two references (`bench/reference.py`, `python -m bench.reference`): a bare redis-py pub/sub
+relay with no persistence (one process publishes on a dispatch channel, a relay process republishes
+each message on a result channel, the first counts them there; unbatched: one PUBLISH at a time,
+pipelined: in pipelines), and Python gRPC alone (`bench/grpc_floor.py`: jobgate's service with
+handlers that do nothing, driven by the benchmark's client shapes, no Redis).{ratio}
+
+{_table(["reference", "this run, median (min–max)", "where the targets were set"], rows)}
+
+jobgate's unary throughput cannot pass the gRPC unary figure, nor its `RunJob` latency go below the gRPC
+round trip: those are what the Python gRPC library costs before jobgate does anything.
+"""
+
+
 def _failures(results: Results) -> str:
     if not any(results.failures.values()) and not results.notes:
         return ""
     out = ""
-    if failed := [f"- {s}: {msg}" for s in results.systems for msg in results.failures.get(s, [])]:
+    names = [*results.systems, MACHINE]
+    if failed := [f"- {s}: {msg}" for s in names for msg in results.failures.get(s, [])]:
         out += "\n## Failures\n\nA failed measurement leaves its cell `failed`, or out of the median:\n\n"
         out += "\n".join(failed) + "\n"
     if results.notes:
@@ -255,6 +305,7 @@ Where jobgate's time goes: [PERFORMANCE.md](PERFORMANCE.md).
 
 {_table(["target", "measured (jobgate, median)", "verdict"], target_rows)}
 
+{_machine(results)}
 {_figures(results, ctx)}
 {_systems(results, ctx)}
 

@@ -7,13 +7,16 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+MACHINE = "machine"  # the system name under which bench/reference.py's figures are kept
+
 
 @dataclass
 class Results:
     systems: list[str]
     # (system, measure) -> one value per round; measures: "batched", "unary" (jobs/s), "p50", "p99"
     # (ms), "workers:<n>", "payload:<bytes>" (jobs/s), "bytes_per_job" (bytes), "rss_idle",
-    # "rss_streams" (MB).
+    # "rss_streams" (MB); for MACHINE: "relay_unbatched", "relay_pipelined" (messages/s), "grpc_unary"
+    # (calls/s), "grpc_p50", "grpc_p99" (ms).
     samples: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
     failures: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     settings: dict[str, str] = field(default_factory=dict)

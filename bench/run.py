@@ -31,7 +31,8 @@ from types import FrameType
 
 import redis
 
-from bench.results import Results, describe
+from bench import reference
+from bench.results import MACHINE, Results, describe
 from bench.systems import SYSTEMS, load
 from bench.systems.base import ROOT, System, flush
 from gateway.devstack import RedisProcess
@@ -59,6 +60,9 @@ class Plan:
     queued: int = 10_000
     streams: int = 1_000
     channels: int = 10
+    relay: int = 20_000  # messages through the bare relay, unbatched (pipelined: 4 times as many)
+    floor_calls: int = 8_000  # unary calls against gRPC alone
+    floor_trips: int = 1_000
 
 
 QUICK = Plan(
@@ -71,6 +75,9 @@ QUICK = Plan(
     queued=500,
     streams=100,
     channels=2,
+    relay=500,
+    floor_calls=320,
+    floor_trips=30,
 )
 
 
@@ -176,6 +183,22 @@ class Bench:
                 )
         if "jobgate" in self.systems:
             self.session("jobgate", f"round {r}, streams", _start_plain, self._streams())
+        self.machine(r)
+
+    def machine(self, r: int) -> None:
+        """The machine's own pace this round (bench/reference.py), under the name ``MACHINE``."""
+        flush(self.redis_url)
+        p = self.plan
+        for step, measure in reference.measures(self.redis_url, p.relay, p.floor_calls, p.floor_trips).items():
+            try:
+                with limit(LIMIT_S):
+                    value = measure()
+            except Exception as exc:  # noqa: BLE001 - reported as failed; the run goes on
+                self.results.fail(MACHINE, f"round {r}, {step}", exc)
+                print(f"  round {r}, machine       {step:<15} FAILED: {describe(exc, 2000)}", flush=True)
+                return
+            self.results.add(MACHINE, step, value)
+            print(f"  round {r}, machine       {step:<15} {value:>12,.2f}", flush=True)
 
     def queued(self) -> None:
         """Redis bytes per queued job, once per system (it hardly varies between rounds)."""
@@ -314,6 +337,9 @@ def summary(results: Results, plan: Plan) -> str:
             m = results.median(system, measure)
             cells.append(f"{'-' if m is None else f'{m:.2f}':>14}")
         lines.append(f"{system:<9} " + " ".join(cells))
+    machine = [f"{m} {v:,.2f}" for m in reference.NAMES if (v := results.median(MACHINE, m)) is not None]
+    if machine:
+        lines.append("machine:  " + ", ".join(machine))
     return "\n".join(lines)
 
 

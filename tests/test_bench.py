@@ -41,3 +41,9 @@ def test_quick_benchmark_run_completes_with_plausible_figures_and_leaves_docs_al
     assert figures["bytes/job"] > 0, output
     assert 0 < figures["rss_idle_MB"] and 0 < figures["rss_streams_MB"], output
     assert (REPORT.read_bytes() if REPORT.exists() else None) == report_before
+
+    machine = next(line for line in result.stdout.splitlines() if line.startswith("machine:"))
+    pace = dict(item.rsplit(" ", 1) for item in machine.removeprefix("machine:").strip().split(", "))
+    assert set(pace) == {"relay_unbatched", "relay_pipelined", "grpc_unary", "grpc_p50", "grpc_p99"}, output
+    assert all(float(v.replace(",", "")) > 0 for v in pace.values()), output
+    assert float(pace["grpc_p50"]) <= float(pace["grpc_p99"].replace(",", "")), output

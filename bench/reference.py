@@ -1,0 +1,166 @@
+"""The machine's own pace, measured in every round beside the systems, so that figures from runs on
+different machines (or one machine on a busy day) can be compared.
+
+- A bare redis-py pub/sub relay with no persistence: this process publishes messages on a dispatch
+  channel, a relay process subscribed to it publishes each one on a result channel, and this process
+  counts them there. Unbatched: one PUBLISH at a time on each side; pipelined: PUBLISHes sent in
+  pipelines (the relay sends whatever it has received at once). Messages per second, first publish
+  to last message received.
+- Python gRPC alone (``bench.grpc_floor``): unary calls per second from 32 asyncio tasks and
+  ``RunJob`` round trips against handlers that do nothing.
+
+``python -m bench.reference`` prints them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import sys
+import time
+from collections.abc import Callable
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from bench import grpc_floor
+from gateway.devstack import RedisProcess, free_port
+
+DISPATCH = "bench:relay:dispatch"
+RESULT = "bench:relay:result"
+STOP = b"stop"
+PIPELINE = 1000  # publishes per pipeline, pipelined run
+WAIT_S = 60.0
+MESSAGE = b"x" * 100
+NAMES = ("relay_unbatched", "relay_pipelined", "grpc_unary", "grpc_p50", "grpc_p99")  # what measures() returns
+
+
+async def _next(pubsub: PubSub, timeout_s: float) -> bytes | None:
+    """The next message's data, or None when none came within ``timeout_s`` (subscription replies
+    are skipped)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        msg = await pubsub.get_message(timeout=left)
+        if msg is not None:
+            data: bytes = msg["data"]
+            return data
+    return None
+
+
+async def _relay(url: str, pipelined: bool) -> None:
+    redis = Redis.from_url(url)
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(DISPATCH)
+    await redis.publish(RESULT, b"ready")
+    try:
+        while True:
+            data = await _next(pubsub, WAIT_S)
+            if data is None:
+                return  # nobody is publishing any more
+            batch = [data]
+            if pipelined:
+                while (more := await pubsub.get_message(timeout=0)) is not None:
+                    batch.append(more["data"])
+            if STOP in batch:
+                return
+            if len(batch) == 1:
+                await redis.publish(RESULT, batch[0])
+            else:
+                async with redis.pipeline(transaction=False) as pipe:
+                    for data in batch:
+                        pipe.publish(RESULT, data)
+                    await pipe.execute()
+    finally:
+        await pubsub.aclose()
+        await redis.aclose()
+
+
+def _run_relay(url: str, pipelined: bool) -> None:
+    asyncio.run(_relay(url, pipelined))
+
+
+async def _drive(url: str, n: int, pipelined: bool) -> float:
+    redis = Redis.from_url(url)
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(RESULT)
+    relay = multiprocessing.get_context("spawn").Process(target=_run_relay, args=(url, pipelined), daemon=True)
+    relay.start()
+    try:
+        async with asyncio.timeout(WAIT_S):
+            if await _next(pubsub, WAIT_S) is None:  # the relay's "ready": it is subscribed
+                raise TimeoutError("the relay process did not subscribe")
+
+            async def count() -> float:
+                for _ in range(n):
+                    if await _next(pubsub, WAIT_S) is None:
+                        raise TimeoutError("the relay stopped passing messages on")
+                return time.perf_counter()
+
+            counter = asyncio.create_task(count())
+            began = time.perf_counter()
+            if pipelined:
+                for first in range(0, n, PIPELINE):
+                    async with redis.pipeline(transaction=False) as pipe:
+                        for _ in range(first, min(first + PIPELINE, n)):
+                            pipe.publish(DISPATCH, MESSAGE)
+                        await pipe.execute()
+            else:
+                for _ in range(n):
+                    await redis.publish(DISPATCH, MESSAGE)
+            ended = await counter
+            return n / (ended - began)
+    finally:
+        await redis.publish(DISPATCH, STOP)
+        relay.join(timeout=10)
+        if relay.is_alive():
+            relay.kill()
+        await pubsub.aclose()
+        await redis.aclose()
+
+
+def relay_rate(url: str, n: int, pipelined: bool) -> float:
+    """Messages per second through a bare pub/sub relay on the Redis at ``url``."""
+    return asyncio.run(_drive(url, n, pipelined))
+
+
+def grpc_alone(calls: int, trips: int) -> tuple[float, float, float]:
+    """Unary calls/s (32 asyncio tasks) and ``RunJob`` p50 and p99 (ms) against handlers that do nothing."""
+    address = f"127.0.0.1:{free_port()}"
+    server = multiprocessing.get_context("spawn").Process(target=grpc_floor.run_server, args=(address,), daemon=True)
+    server.start()
+    try:
+        return asyncio.run(grpc_floor.measure(address, calls, 32, trips, ready_s=30))
+    finally:
+        server.terminate()
+        server.join(timeout=10)
+
+
+def measures(redis_url: str, relay_n: int, calls: int, trips: int) -> dict[str, Callable[[], float]]:
+    """Named measurements, in order; the gRPC figures come from one run of ``grpc_alone``."""
+    floor: list[float] = []
+
+    def unary() -> float:
+        floor[:] = grpc_alone(calls, trips)
+        return floor[0]
+
+    return {
+        "relay_unbatched": lambda: relay_rate(redis_url, relay_n, False),
+        "relay_pipelined": lambda: relay_rate(redis_url, relay_n * 4, True),
+        "grpc_unary": unary,
+        "grpc_p50": lambda: floor[1],
+        "grpc_p99": lambda: floor[2],
+    }
+
+
+def main() -> int:
+    server = RedisProcess().start()
+    try:
+        for name, measure in measures(server.url, 20_000, 8_000, 1_000).items():
+            print(f"{name:<16} {measure():>12,.2f}", flush=True)
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
