@@ -120,6 +120,7 @@ class Hub:
         self.on_worker_change = on_worker_change
         self.by_job: dict[str, set[Watcher]] = {}
         self.broad: set[Watcher] = set()
+        self.broad_progress = 0  # broad watchers that also take non-terminal events
         self.connected = False  # whether the subscription is up, for the log
 
     # --- registration ---------------------------------------------------------------------
@@ -127,11 +128,14 @@ class Hub:
         if w.job_ids:
             for job_id in w.job_ids:
                 self.by_job.setdefault(job_id, set()).add(w)
-        else:
+        elif w not in self.broad:
             self.broad.add(w)
+            self.broad_progress += not w.terminal_only
 
     def remove(self, w: Watcher) -> None:
-        self.broad.discard(w)
+        if w in self.broad:
+            self.broad.remove(w)
+            self.broad_progress -= not w.terminal_only
         for job_id in w.job_ids:
             group = self.by_job.get(job_id)
             if group is not None:
@@ -215,19 +219,25 @@ class Hub:
             if dropped:
                 self.metrics.dropped.inc(dropped)
             for event in events:
-                if event.state in TERMINAL:
-                    if QUEUE_RE.fullmatch(event.queue):
-                        self.on_slot_freed(event.queue)
-                    if self.by_job.get(event.job_id) or self.broad:
-                        to_verify[event.job_id] = event
-                        if len(to_verify) >= MAX_BATCH:  # bounded bursts: watchers drain in between
-                            await self._forward_verified(list(to_verify))
-                            to_verify.clear()
-                else:
-                    for w in self._interested(event):
-                        w.push(event)
+                if self._route(event, to_verify) and len(to_verify) >= MAX_BATCH:
+                    await self._forward_verified(list(to_verify))  # bounded bursts: watchers drain in between
+                    to_verify.clear()
         if to_verify:
             await self._forward_verified(list(to_verify))
+
+    def _route(self, event: job_pb2.JobEvent, to_verify: dict[str, job_pb2.JobEvent]) -> bool:
+        """Hands a progress event to its watchers; a terminal one frees its queue's slot and, when
+        someone may want it, goes to ``to_verify`` (returns True then) to be checked first."""
+        if event.state in TERMINAL:
+            if QUEUE_RE.fullmatch(event.queue):
+                self.on_slot_freed(event.queue)
+            if self.by_job.get(event.job_id) or self.broad:
+                to_verify[event.job_id] = event
+                return True
+        elif self.broad_progress or event.job_id in self.by_job:  # most have no watcher
+            for w in self._interested(event):
+                w.push(event)
+        return False
 
     async def _forward_verified(self, job_ids: list[str]) -> None:
         for job_id, fields in zip(job_ids, await self.store.get_fields(job_ids), strict=True):

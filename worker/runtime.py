@@ -527,10 +527,9 @@ class _Runtime:
             events_message([event]),
         ]
         code = await self._retrying("outcome", d.job_id, lambda: self.finishes.call(item))
-        state = job_pb2.JobState.Name(outcome.state)
         if code in (1, 2):  # 2: recorded by an earlier try whose reply was lost
-            log.info("job_id=%s finished %s", d.job_id, state)
-            self._metric(self.metrics.jobs, d.spec.kind, state.removeprefix("JOB_STATE_")).inc()
+            log.info("job_id=%s finished %s", d.job_id, _STATE_NAMES[outcome.state])
+            self._metric(self.metrics.jobs, d.spec.kind, _STATE_NAMES[outcome.state].removeprefix("JOB_STATE_")).inc()
         else:
             self.metrics.superseded.inc()
             log.warning("job_id=%s outcome discarded: this attempt was superseded", d.job_id)
@@ -571,6 +570,9 @@ class _Runtime:
         )
         event.time.FromMilliseconds(now_ms())
         return event
+
+
+_STATE_NAMES = {number: name for name, number in job_pb2.JobState.items()}
 
 
 def _outcome_bytes(item: list[Any]) -> int:
