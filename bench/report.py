@@ -244,8 +244,8 @@ def _machine(results: Results) -> str:
     relay = results.median(MACHINE, "relay_pipelined")
     if relay:
         ratio = (
-            f" On this run's machine the pipelined relay ran at {relay / RELAY_WHERE_SET['relay_pipelined']:.0%} of"
-            " the pace the targets assume."
+            f"\n\nOn this run's machine the pipelined relay ran at {relay / RELAY_WHERE_SET['relay_pipelined']:.0%}"
+            " of the pace the targets assume."
         )
     return f"""## This machine
 
