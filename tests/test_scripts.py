@@ -421,3 +421,49 @@ async def test_a_running_jobs_worker_is_told_to_cancel_again_until_the_job_ends(
         assert await store.resend_cancels(older_than_ms=0) == 0  # ended: forgotten, nobody told
         assert await ps.get_message(ignore_subscribe_messages=True, timeout=0.2) is None
     assert await redis.zcard(keys.cancels()) == 0
+
+
+async def test_calls_that_place_start_and_finish_over_a_thousand_jobs_book_every_one(
+    store: JobStore, redis: Redis
+) -> None:
+    """The scripts write many jobs with one command each, in chunks: past the chunk size (1,000
+    arguments) every job is still queued, placed, acknowledged, booked and released exactly once."""
+    k, n, slots = store.keys, 1_300, 1_200
+    many = Limits(max_payload_bytes=1 << 20, default_timeout_ms=60_000, max_batch=n, max_watch_ids=100)
+    await beat(store, "w1", slots=slots)
+    jobs, _ = await store.submit(prepare_batch([request("echo") for _ in range(n)], many))
+    assert await redis.zcard(k.pending("default", "echo")) == n
+    assert [int(await field(redis, k, k.job(j.id), "seq")) for j in jobs] == list(range(1, n + 1))
+
+    placed = (await store.schedule("default", ack_timeout_ms=5_000, most=n)).placements
+    assert len(placed) == slots and all(p.reached for p in placed)
+    assert [p.job_id for p in placed] == [j.id for j in jobs[:slots]]  # submission order
+    assert sorted(p.lease for p in placed) == list(range(1, slots + 1))  # each lease given once
+    assert await redis.get(k.lease_seq()) == str(slots).encode()
+    assert await redis.zcard(k.pending("default", "echo")) == n - slots
+    assert await redis.zcard(k.acks()) == slots
+    assert await redis.scard(k.worker_jobs("w1")) == slots
+    assert await field(redis, k, k.worker("w1"), "used") == str(slots)
+
+    codes = await store.scripts.start_many(
+        keys=[k.acks(), k.results_channel(), *(k.job(p.job_id) for p in placed)],
+        args=["w1", now_ms(), *(x for p in placed for x in (p.job_id, p.lease, one_event(p.job_id, 3)))],
+    )
+    assert codes == [1] * slots
+    assert await redis.zcard(k.acks()) == 0
+
+    outcomes = [x for p in placed for x in (p.job_id, p.lease, 4, b"", b"", "", "", one_event(p.job_id, 4))]
+    codes, flat = await store.scripts.finish_many(
+        keys=[k.results_channel(), *(k.job(p.job_id) for p in placed)],
+        args=[k.prefix, "w1", now_ms(), n, 5000, *outcomes],
+    )
+    assert codes == [1] * slots
+    refills = placements(flat)  # the freed slots take the 100 jobs still waiting
+    assert [p.job_id for p in refills] == [j.id for j in jobs[slots:]]
+    assert sorted(p.lease for p in refills) == list(range(slots + 1, n + 1))
+    assert await redis.scard(k.worker_jobs("w1")) == n - slots
+    assert await field(redis, k, k.worker("w1"), "used") == str(n - slots)
+    assert await redis.zcard(k.pending("default", "echo")) == 0
+    assert not await redis.sismember(k.queue_kinds("default"), "echo")  # nothing of the kind waits
+    states = {await field(redis, k, k.job(p.job_id), "state") for p in placed}
+    assert states == {str(S.JOB_STATE_SUCCEEDED)}

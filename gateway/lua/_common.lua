@@ -30,15 +30,17 @@ end
 
 -- Record a terminal state and start the job's retention clock (its 'ttl' field, set at submit
 -- from the gateway's retention setting, so every writer keeps a finished job equally long).
--- `more`, when given, holds further field/value pairs written with the state.
-local function finish_job(job_key, state, code, message, now, more)
+-- `more`, when given, holds further field/value pairs written with the state, and `known` the
+-- job's 'ttl' and 'cancel' fields when the caller has read them already ({ttl, cancel}).
+local function finish_job(job_key, state, code, message, now, more, known)
   local fields = {'state', state, 'err_code', code, 'err_msg', message, 'finished', now, 'updated', now}
   if more then
     for _, v in ipairs(more) do fields[#fields + 1] = v end
   end
   redis.call('HSET', job_key, unpack(fields))
-  redis.call('HDEL', job_key, 'cancel')
-  local ttl = tonumber(redis.call('HGET', job_key, 'ttl') or '0')
+  known = known or redis.call('HMGET', job_key, 'ttl', 'cancel')
+  if known[2] then redis.call('HDEL', job_key, 'cancel') end
+  local ttl = tonumber(known[1] or '0')
   if ttl and ttl > 0 then redis.call('EXPIRE', job_key, ttl) end
 end
 
@@ -140,14 +142,15 @@ end
 -- recorded by this placement, 0 stale, -1 missing, -2 not a terminal state (nothing written); and
 -- the job's queue.
 local function record_outcome(job_key, worker_id, now, o)
-  local j = redis.call('HMGET', job_key, 'state', 'lease', 'worker', 'queue', 'recorded')
+  local j = redis.call('HMGET', job_key, 'state', 'lease', 'worker', 'queue', 'recorded', 'ttl', 'cancel')
   if not j[1] then return -1 end
   if not is_terminal(o.state) then return -2 end
   if j[2] ~= o.lease or j[3] ~= worker_id then return 0 end
   -- 'recorded' names the lease whose outcome this script wrote; reap, leave and cancel never set it
   if tonumber(j[1]) == o.state and j[5] == o.lease then return 2 end
   if tonumber(j[1]) ~= RUNNING then return 0 end
-  finish_job(job_key, o.state, o.code, o.message, now, {'result', o.result, 'output', o.output, 'recorded', o.lease})
+  finish_job(job_key, o.state, o.code, o.message, now, {'result', o.result, 'output', o.output, 'recorded', o.lease},
+    {j[6], j[7]})
   return 1, j[4]
 end
 
