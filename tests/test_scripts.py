@@ -467,3 +467,24 @@ async def test_calls_that_place_start_and_finish_over_a_thousand_jobs_book_every
     assert not await redis.sismember(k.queue_kinds("default"), "echo")  # nothing of the kind waits
     states = {await field(redis, k, k.job(p.job_id), "state") for p in placed}
     assert states == {str(S.JOB_STATE_SUCCEEDED)}
+
+
+async def test_a_finishing_worker_refills_only_its_own_slots_and_a_pass_fills_the_others(
+    store: JobStore, redis: Redis
+) -> None:
+    k = store.keys
+    await beat(store, "w1", slots=1)
+    await submit(store)
+    [a] = await place(store)
+    await beat(store, "w2", slots=2)  # joins with free slots while w1 is busy
+    waiting = [await submit(store) for _ in range(3)]  # this store places nothing at submit
+    assert await start(store, a) == 1
+    codes, flat = await store.scripts.finish_many(
+        keys=[k.results_channel(), k.job(a.job_id)],
+        args=[k.prefix, "w1", now_ms(), 10, 5000, a.job_id, a.lease, S.JOB_STATE_SUCCEEDED, b"", b"", "", "",
+              one_event(a.job_id, S.JOB_STATE_SUCCEEDED)],
+    )  # fmt: skip
+    assert codes == [1]
+    assert [(p.job_id, p.worker_id) for p in placements(flat)] == [(waiting[0], "w1")]
+    assert await field(redis, k, k.worker("w2"), "used") == "0"
+    assert sorted((p.job_id, p.worker_id) for p in await place(store)) == sorted((w, "w2") for w in waiting[1:])

@@ -204,10 +204,12 @@ end
 -- queues set (submit adds it back), so the gateways' periodic pass only visits queues that hold jobs.
 -- Each placement must be acknowledged (started) within the job's 'ack' field (ms, stored at
 -- submit), or `ack_ms` for a job stored without one.
+-- With `only` (a worker id), only that worker is a candidate: a worker refilling the slots it has
+-- just freed costs the same however many workers serve the queue.
 -- Appends 5 entries per placement to `out`: job id, worker id, lease, attempt (of the coming
 -- start), 1 dispatched or 0 taken back (its worker had no subscriber). Returns true when jobs are
 -- still waiting in the queue afterwards.
-local function place_jobs(P, queue, now, ack_ms, most, out)
+local function place_jobs(P, queue, now, ack_ms, most, out, only)
   local kinds_key = P .. 'kinds:' .. queue
   local waiting = {}  -- kinds with jobs waiting
   for _, kind in ipairs(redis.call('SMEMBERS', kinds_key)) do
@@ -225,7 +227,13 @@ local function place_jobs(P, queue, now, ack_ms, most, out)
   local cands = {}
   local free = 0
   local qworkers = P .. 'qworkers:' .. queue
-  for _, w in ipairs(redis.call('SMEMBERS', qworkers)) do
+  local workers
+  if only then
+    workers = redis.call('SISMEMBER', qworkers, only) == 1 and {only} or {}
+  else
+    workers = redis.call('SMEMBERS', qworkers)
+  end
+  for _, w in ipairs(workers) do
     local h = redis.call('HMGET', P .. 'worker:' .. w, 'slots', 'used', 'expires', 'kinds', 'off')
     if not h[1] then
       redis.call('SREM', qworkers, w)

@@ -1,7 +1,8 @@
 -- finish_many: finish for several jobs of one worker in one call (each exactly as finish); the
--- events of the outcomes it recorded go out as one JobEvents message (several when they pass 1 MB). Then, for each queue in
--- which it freed a slot, it places waiting jobs as schedule does (place_jobs in the prelude), so a
--- busy queue refills without waiting for a gateway.
+-- events of the outcomes it recorded go out as one JobEvents message (several when they pass 1 MB).
+-- Then, for each queue in which it freed a slot, it places waiting jobs on this worker's free slots
+-- as schedule does (place_jobs in the prelude), so a busy worker refills without waiting for a
+-- gateway; other workers' free slots are the gateways' (and their own finishes') to fill.
 -- KEYS[1] results channel, then KEYS[1+i] job hash of job i (i from 1)
 -- ARGV[1] key prefix, ARGV[2] worker id, ARGV[3] now ms, ARGV[4] most placements per queue
 --   (0: place none), ARGV[5] ack timeout ms for a job stored without one, then 8 per job i, from
@@ -37,7 +38,7 @@ publish_parts(KEYS[1], events)
 local placements = {}
 if tonumber(ARGV[4]) > 0 then
   for _, queue in ipairs(freed) do
-    place_jobs(ARGV[1], queue, tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[4]), placements)
+    place_jobs(ARGV[1], queue, tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[4]), placements, ARGV[2])
   end
 end
 return {codes, placements}
