@@ -45,6 +45,8 @@ class Watcher:
         buffer: int = 1024,
     ) -> None:
         self.job_ids = frozenset(job_ids)
+        if not terminal_only and not self.job_ids:
+            raise ValueError("only a watcher of job ids takes progress events")
         self.remaining = set(self.job_ids)  # named jobs not yet delivered as terminal
         self.queue = queue
         self.kinds = frozenset(kinds)
@@ -120,7 +122,6 @@ class Hub:
         self.on_worker_change = on_worker_change
         self.by_job: dict[str, set[Watcher]] = {}
         self.broad: set[Watcher] = set()
-        self.broad_progress = 0  # broad watchers that also take non-terminal events
         self.connected = False  # whether the subscription is up, for the log
 
     # --- registration ---------------------------------------------------------------------
@@ -128,14 +129,11 @@ class Hub:
         if w.job_ids:
             for job_id in w.job_ids:
                 self.by_job.setdefault(job_id, set()).add(w)
-        elif w not in self.broad:
+        else:
             self.broad.add(w)
-            self.broad_progress += not w.terminal_only
 
     def remove(self, w: Watcher) -> None:
-        if w in self.broad:
-            self.broad.remove(w)
-            self.broad_progress -= not w.terminal_only
+        self.broad.discard(w)
         for job_id in w.job_ids:
             group = self.by_job.get(job_id)
             if group is not None:
@@ -234,7 +232,7 @@ class Hub:
             if self.by_job.get(event.job_id) or self.broad:
                 to_verify[event.job_id] = event
                 return True
-        elif self.broad_progress or event.job_id in self.by_job:  # most have no watcher
+        elif event.job_id in self.by_job:  # only watchers of job ids take progress; most jobs have none
             for w in self._interested(event):
                 w.push(event)
         return False
