@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from bench import grpc_floor
-from gateway.devstack import RedisProcess, free_port
+from gateway.devstack import RedisProcess
 
 DISPATCH = "bench:relay:dispatch"
 RESULT = "bench:relay:result"
@@ -123,32 +123,21 @@ def relay_rate(url: str, n: int, pipelined: bool) -> float:
     return asyncio.run(_drive(url, n, pipelined))
 
 
-def grpc_alone(calls: int, trips: int) -> tuple[float, float, float]:
-    """Unary calls/s (32 asyncio tasks) and ``RunJob`` p50 and p99 (ms) against handlers that do nothing."""
-    address = f"127.0.0.1:{free_port()}"
-    server = multiprocessing.get_context("spawn").Process(target=grpc_floor.run_server, args=(address,), daemon=True)
-    server.start()
-    try:
-        return asyncio.run(grpc_floor.measure(address, calls, 32, trips, ready_s=30))
-    finally:
-        server.terminate()
-        server.join(timeout=10)
-
-
 def measures(redis_url: str, relay_n: int, calls: int, trips: int) -> dict[str, Callable[[], float]]:
-    """Named measurements, in order; the gRPC figures come from one run of ``grpc_alone``."""
-    floor: list[float] = []
+    """Named measurements, in order; the gRPC figures come from one run of ``grpc_floor.floor``."""
+    figures: list[float] = []
 
     def unary() -> float:
-        floor[:] = grpc_alone(calls, trips)
-        return floor[0]
+        [(rate, p50, p99)] = grpc_floor.floor(calls, trips)
+        figures[:] = [rate, p50, p99]
+        return rate
 
     return {
         "relay_unbatched": lambda: relay_rate(redis_url, relay_n, False),
         "relay_pipelined": lambda: relay_rate(redis_url, relay_n * 4, True),
         "grpc_unary": unary,
-        "grpc_p50": lambda: floor[1],
-        "grpc_p99": lambda: floor[2],
+        "grpc_p50": lambda: figures[1],
+        "grpc_p99": lambda: figures[2],
     }
 
 
