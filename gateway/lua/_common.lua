@@ -126,7 +126,7 @@ end
 -- A worker acknowledges one dispatch (the start and start_many scripts; contract in start.lua).
 -- Returns 1 running, 0 stale, -1 missing; and true when it changed the job: its RUNNING event is
 -- to be published and the caller takes it off the acks zset.
-local function start_job(job_key, job_id, lease, worker_id, now)
+local function start_job(job_key, lease, worker_id, now)
   local j = redis.call('HMGET', job_key, 'state', 'lease', 'worker', 'attempt')
   if not j[1] then return -1 end
   if j[2] ~= lease or j[3] ~= worker_id then return 0 end
@@ -137,7 +137,7 @@ local function start_job(job_key, job_id, lease, worker_id, now)
 end
 
 -- A worker records one outcome (the finish and finish_many scripts; contract in finish.lua).
--- `o` holds job_id, lease, state (a number), result, output, code, message.
+-- `o` holds lease, state (a number), result, output, code, message.
 -- Returns 1 recorded (its event is to be published and the caller releases its slot), 2 already
 -- recorded by this placement, 0 stale, -1 missing, -2 not a terminal state (nothing written); and
 -- the job's queue.

@@ -7,7 +7,7 @@
 --         this placement (a retried call after a lost reply), {0} stale (superseded attempt, or the
 --         job was settled by a gateway or an eviction), {-1} missing
 local code = record_outcome(KEYS[1], ARGV[4], ARGV[6], {
-  job_id = ARGV[2], lease = ARGV[3], state = tonumber(ARGV[5]), result = ARGV[7], output = ARGV[8],
+  lease = ARGV[3], state = tonumber(ARGV[5]), result = ARGV[7], output = ARGV[8],
   code = ARGV[9], message = ARGV[10]})
 if code == -2 then return redis.error_reply('ERR finish needs a terminal state') end
 if code == 1 then

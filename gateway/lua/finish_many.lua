@@ -21,7 +21,7 @@ local codes, events, freed, seen, finished = {}, {}, {}, {}, {}
 for i = 1, #KEYS - 1 do
   local a = 8 * i - 2
   local code, queue = record_outcome(KEYS[1 + i], ARGV[2], ARGV[3], {
-    job_id = ARGV[a], lease = ARGV[a + 1], state = tonumber(ARGV[a + 2]), result = ARGV[a + 3],
+    lease = ARGV[a + 1], state = tonumber(ARGV[a + 2]), result = ARGV[a + 3],
     output = ARGV[a + 4], code = ARGV[a + 5], message = ARGV[a + 6]})
   codes[i] = code
   if code == 1 then

@@ -4,7 +4,7 @@
 --   holding the RUNNING event
 -- returns 1 running (also when this placement was already started: a retried call after a lost
 -- reply), 0 stale (lease superseded, cancelled, or not this worker's), -1 missing
-local code, changed = start_job(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+local code, changed = start_job(KEYS[1], ARGV[2], ARGV[3], ARGV[4])
 if changed then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('PUBLISH', KEYS[3], ARGV[5])

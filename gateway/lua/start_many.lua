@@ -7,7 +7,7 @@
 local out, events, started = {}, {}, {}
 for i = 1, #KEYS - 2 do
   local a = 3 * i
-  local code, changed = start_job(KEYS[2 + i], ARGV[a], ARGV[a + 1], ARGV[1], ARGV[2])
+  local code, changed = start_job(KEYS[2 + i], ARGV[a + 1], ARGV[1], ARGV[2])
   out[i] = code
   if changed then
     events[#events + 1] = ARGV[a + 2]
