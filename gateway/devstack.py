@@ -93,6 +93,10 @@ class RedisProcess:
             "",
             "--appendonly",
             "yes" if self.appendonly else "no",
+            # With an append-only file, every write reaches it before Redis replies, so a job that was
+            # acknowledged survives a crash (everysec may lose the last second or two of writes).
+            "--appendfsync",
+            "always",
             "--daemonize",
             "no",
             "--logfile",

@@ -44,7 +44,8 @@ class PausableRedis(RedisProcess):
 
     def start(self, timeout_s: float = 10) -> PausableRedis:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--save", ""]
-        args += ["--appendonly", "yes" if self.appendonly else "no", "--enable-debug-command", "local"]
+        args += ["--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"]
+        args += ["--enable-debug-command", "local"]
         args += ["--logfile", str(Path(self.dir) / "redis.log")]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.ping, timeout_s, f"redis-server on port {self.port}")

@@ -110,7 +110,7 @@ def test_redis_keeps_an_append_only_file_on_a_named_volume(services: dict[str, d
     redis = services["redis"]
     command = redis["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
-    assert command[command.index("--appendfsync") + 1] == "everysec"
+    assert command[command.index("--appendfsync") + 1] == "always"
     assert "redis-cli" in redis["healthcheck"]["test"]
     volume = next(v.split(":")[0] for v in redis["volumes"] if v.split(":")[1] == "/data")
     assert volume in yaml.safe_load(COMPOSE.read_text())["volumes"]
