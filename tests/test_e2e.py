@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from gateway.devstack import Stack
 from gateway.keys import Keys
-from jobgate.v1 import job_pb2, scheduler_pb2
+from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
 
 from .conftest import Client, eventually, request, value
 
@@ -156,6 +156,39 @@ async def test_waiting_jobs_run_by_priority_then_submission_order(
     # The worker's log, not started_at: one after the other, jobs can start within the same millisecond.
     started = re.findall(r"job_id=([0-9a-f]{32}) kind=echo attempt=1 started", worker.log())
     assert [ids[j] for j in started] == ["high", "mid", "low-1", "low-2", "low-3"]
+
+
+async def test_a_busy_worker_refills_its_slots_without_a_dispatch_or_a_start_call_per_job(
+    stack: Stack, client_for: Callable[[str], Client], redis: Redis, keys: Keys
+) -> None:
+    """Each finish of a busy worker starts the next waiting job on it in the same script call: of 12
+    jobs waiting for a one-slot worker, only the first comes as a dispatch message; every job runs
+    once, in order, with its RUNNING event published."""
+    _, address = stack.start_gateway()
+    client = client_for(address)
+    ids = [(await client.submit("echo", {"n": n})).job.id for n in range(12)]
+    async with redis.pubsub() as ps:
+        await ps.subscribe(keys.dispatch_channel("solo"), keys.results_channel())
+        for _ in range(2):  # the confirmations
+            assert (await ps.get_message(timeout=5) or {}).get("type") == "subscribe"
+        worker = stack.start_worker("--concurrency", "1", worker_id="solo")
+        events = await client.wait_results(ids)
+        received = []
+        while (msg := await ps.get_message(ignore_subscribe_messages=True, timeout=0.5)) is not None:
+            received.append(msg)
+    assert {e.state for e in events.values()} == {S.JOB_STATE_SUCCEEDED}
+    assert {e.attempt for e in events.values()} == {1}
+    dispatches = [m for m in received if m["channel"].decode() == keys.dispatch_channel("solo")]
+    assert len(dispatches) == 1
+    running = [
+        e.job_id
+        for m in received
+        if m["channel"].decode() == keys.results_channel()
+        for e in relay_pb2.JobEvents.FromString(m["data"]).events
+        if e.state == S.JOB_STATE_RUNNING
+    ]
+    assert running == ids
+    assert re.findall(r"job_id=([0-9a-f]{32}) kind=echo attempt=1 started", worker.log()) == ids
 
 
 async def test_jobs_go_only_to_workers_serving_their_queue(stack: Stack, client_for: Callable[[str], Client]) -> None:

@@ -218,7 +218,7 @@ async def test_batched_start_and_finish_handle_each_job_as_alone_and_publish_the
         with pytest.raises(Exception, match="terminal state"):
             await store.scripts.finish_many(
                 keys=[k.results_channel(), k.job(a.job_id), k.job(b.job_id)],
-                args=[k.prefix, "w1", now_ms(), 0, 5000, *outcome(a, S.JOB_STATE_SUCCEEDED),
+                args=[k.prefix, "w1", now_ms(), 0, 5000, 0, *outcome(a, S.JOB_STATE_SUCCEEDED),
                       *outcome(b, S.JOB_STATE_RUNNING)],
             )  # fmt: skip
         assert await redis.hgetall(k.job(a.job_id)) == bad  # nothing of the batch was written
@@ -227,9 +227,9 @@ async def test_batched_start_and_finish_handle_each_job_as_alone_and_publish_the
         d, waiting = await submit(store), await submit(store)
         assert [p.job_id for p in await place(store)] == [d]  # a's slot; w1 is full again: one waits
         await ps.get_message(ignore_subscribe_messages=True, timeout=1)  # d's DISPATCHED
-        codes, flat = await store.scripts.finish_many(
+        codes, flat, _ = await store.scripts.finish_many(
             keys=[k.results_channel(), k.job(a.job_id), k.job(b.job_id), k.job(c.job_id)],
-            args=[k.prefix, "w1", now_ms(), 10, 5000, *outcome(a, S.JOB_STATE_SUCCEEDED),
+            args=[k.prefix, "w1", now_ms(), 10, 5000, 0, *outcome(a, S.JOB_STATE_SUCCEEDED),
                   *outcome(b, S.JOB_STATE_FAILED), *outcome(stale, S.JOB_STATE_SUCCEEDED)],
         )  # fmt: skip
         assert codes == [2, 1, 0]
@@ -453,9 +453,9 @@ async def test_calls_that_place_start_and_finish_over_a_thousand_jobs_book_every
     assert await redis.zcard(k.acks()) == 0
 
     outcomes = [x for p in placed for x in (p.job_id, p.lease, 4, b"", b"", "", "", one_event(p.job_id, 4))]
-    codes, flat = await store.scripts.finish_many(
+    codes, flat, _ = await store.scripts.finish_many(
         keys=[k.results_channel(), *(k.job(p.job_id) for p in placed)],
-        args=[k.prefix, "w1", now_ms(), n, 5000, *outcomes],
+        args=[k.prefix, "w1", now_ms(), n, 5000, 0, *outcomes],
     )
     assert codes == [1] * slots
     refills = placements(flat)  # the freed slots take the 100 jobs still waiting
@@ -479,12 +479,74 @@ async def test_a_finishing_worker_refills_only_its_own_slots_and_a_pass_fills_th
     await beat(store, "w2", slots=2)  # joins with free slots while w1 is busy
     waiting = [await submit(store) for _ in range(3)]  # this store places nothing at submit
     assert await start(store, a) == 1
-    codes, flat = await store.scripts.finish_many(
+    codes, flat, _ = await store.scripts.finish_many(
         keys=[k.results_channel(), k.job(a.job_id)],
-        args=[k.prefix, "w1", now_ms(), 10, 5000, a.job_id, a.lease, S.JOB_STATE_SUCCEEDED, b"", b"", "", "",
+        args=[k.prefix, "w1", now_ms(), 10, 5000, 0, a.job_id, a.lease, S.JOB_STATE_SUCCEEDED, b"", b"", "", "",
               one_event(a.job_id, S.JOB_STATE_SUCCEEDED)],
     )  # fmt: skip
     assert codes == [1]
     assert [(p.job_id, p.worker_id) for p in placements(flat)] == [(waiting[0], "w1")]
     assert await field(redis, k, k.worker("w2"), "used") == "0"
     assert sorted((p.job_id, p.worker_id) for p in await place(store)) == sorted((w, "w2") for w in waiting[1:])
+
+
+async def test_a_finishing_worker_takes_waiting_jobs_started_within_its_budget_and_is_dispatched_the_rest(
+    store: JobStore, redis: Redis
+) -> None:
+    """With a take budget, finish_many starts the refills on the worker's behalf and returns them
+    (no dispatch, no acknowledgement deadline, DISPATCHED and RUNNING published); free slots past
+    the budget are dispatched as without one."""
+    k = store.keys
+    await beat(store, "w1", slots=3)
+    await submit(store)
+    [a] = await place(store)
+    await start(store, a)
+    waiting = [await submit(store, args={"n": i}) for i in range(4)]
+    async with redis.pubsub() as ps:
+        await ps.subscribe(k.results_channel(), k.dispatch_channel("w1"))
+        await ps.get_message(timeout=1)
+        await ps.get_message(timeout=1)
+        call = {
+            "keys": [k.results_channel(), k.job(a.job_id)],
+            "args": [k.prefix, "w1", now_ms(), 10, 5000, 1, a.job_id, a.lease, S.JOB_STATE_SUCCEEDED, b"", b"", "",
+                     "", one_event(a.job_id, S.JOB_STATE_SUCCEEDED)],
+        }  # fmt: skip
+        codes, flat, taken = await store.scripts.finish_many(**call)
+        assert codes == [1]
+        [took] = relay_pb2.DispatchJobs.FromString(taken).jobs
+        refills = placements(flat)
+        assert [p.job_id for p in refills] == waiting[:3]  # one taken, then the two other free slots
+        assert (took.job_id, took.lease, took.attempt) == (waiting[0], refills[0].lease, 1)
+        assert took.spec.args.struct_value.fields["n"].number_value == 0
+        got = []
+        while (msg := await ps.get_message(ignore_subscribe_messages=True, timeout=1)) is not None:
+            got.append(msg)
+    results = [m["data"] for m in got if m["channel"].decode() == k.results_channel()]
+    [to_worker] = [m["data"] for m in got if m["channel"].decode() == k.dispatch_channel("w1")]
+    events = [(e.job_id, e.state) for m in results for e in relay_pb2.JobEvents.FromString(m).events]
+    assert events == [
+        (a.job_id, S.JOB_STATE_SUCCEEDED),
+        (waiting[0], S.JOB_STATE_DISPATCHED),
+        (waiting[0], S.JOB_STATE_RUNNING),
+        (waiting[1], S.JOB_STATE_DISPATCHED),
+        (waiting[2], S.JOB_STATE_DISPATCHED),
+    ]
+    dispatched = relay_pb2.WorkerMessage.FromString(to_worker)
+    assert [d.job_id for d in dispatched.dispatches.jobs] == waiting[1:3]
+    job = k.job(waiting[0])
+    assert await field(redis, k, job, "state") == str(S.JOB_STATE_RUNNING)
+    assert await field(redis, k, job, "attempt") == "1"
+    assert await field(redis, k, job, "lease") == str(took.lease)
+    assert await field(redis, k, job, "started") != ""
+    assert await redis.zscore(k.acks(), waiting[0]) is None  # running: nothing to acknowledge
+    assert await redis.zscore(k.acks(), waiting[1]) is not None
+    assert await redis.smembers(k.worker_jobs("w1")) == {w.encode() for w in waiting[:3]}
+    assert await field(redis, k, k.worker("w1"), "used") == "3"
+    # The same call again (its reply was lost): nothing changes, and the job it took comes back.
+    before = {key: await redis.dump(key) for key in await redis.keys(f"{k.prefix}*")}
+    assert await store.scripts.finish_many(**call) == [[2], [], taken]
+    assert {key: await redis.dump(key) for key in await redis.keys(f"{k.prefix}*")} == before
+    # The taken job finishes like any started one; then a repeat returns it no more.
+    done = Placement(waiting[0], "w1", took.lease, 1, True)
+    assert (await finish(store, done))[0] == 1
+    assert await store.scripts.finish_many(**call) == [[2], [], b""]

@@ -352,6 +352,14 @@ class _Runtime:
         self.jobs[d.job_id, d.lease] = running
         running.task = asyncio.create_task(self._execute(running), name=f"job-{d.job_id}")
 
+    def _on_taken(self, d: relay_pb2.DispatchJob) -> None:
+        """A job finish_many started here in a slot this worker was freeing."""
+        if self.draining or (d.job_id, d.lease) in self.jobs:
+            return  # draining: it is on this worker's books, and the leave script hands it back
+        running = Running(d)
+        self.jobs[d.job_id, d.lease] = running
+        running.task = asyncio.create_task(self._execute(running, taken=True), name=f"job-{d.job_id}")
+
     def _on_cancel(self, c: relay_pb2.CancelJob) -> None:
         running = self.jobs.get((c.job_id, c.lease))
         if running is None:
@@ -363,22 +371,29 @@ class _Runtime:
             running.handler_task.cancel()
 
     # --- running a job --------------------------------------------------------------------
-    async def _execute(self, running: Running) -> None:
+    async def _execute(self, running: Running, taken: bool = False) -> None:
+        """Runs one placement: acknowledges it with a start call, or, when ``taken`` (started by
+        the finish_many call that freed its slot), runs it at once."""
         d = running.dispatch
         acquired = False
         try:
             # Normally immediate: the gateway places no more jobs than the slots this worker offers.
-            # A dispatch that still finds none free in time is left unacknowledged (placed again).
+            # A dispatch that still finds none free in time is left unacknowledged (placed again);
+            # a taken job is running here already, so it runs even then.
             try:
                 if self.slots.locked():
                     await asyncio.wait_for(self.slots.acquire(), timeout=self.settings.heartbeat_ttl_ms / 1000)
                 else:
                     await self.slots.acquire()  # free: no need for a timer
+                acquired = True
             except TimeoutError:
-                log.warning("job_id=%s no free slot in time; leaving the dispatch unacknowledged", d.job_id)
-                return
-            acquired = True
-            if self.draining or not await self._start(d):
+                if not taken:
+                    log.warning("job_id=%s no free slot in time; leaving the dispatch unacknowledged", d.job_id)
+                    return
+                log.warning("job_id=%s no free slot in time; running it beyond the concurrency", d.job_id)
+            if taken:
+                log.info("job_id=%s kind=%s attempt=%d started", d.job_id, d.spec.kind, d.attempt)
+            elif self.draining or not await self._start(d):
                 return
             running.started = True
             self.metrics.running.inc()
@@ -536,20 +551,32 @@ class _Runtime:
 
     async def _finish_many(self, items: Sequence[list[Any]]) -> list[int]:
         """One finish_many call for outcomes recorded together; finish's code for each. The script
-        also places waiting jobs of the queues whose slots it freed (on this worker or another)."""
+        also refills the slots it frees with waiting jobs of their queues: up to as many as these
+        finishes free locally it starts at once and returns (they run here without a start call),
+        more it dispatches as a placement pass would."""
         k = self.keys
         keys = [k.results_channel()]
-        args: list[Any] = [k.prefix, self.id, now_ms(), PLACE_MOST, DEFAULT_ACK_MS]
+        take = 0 if self.draining else sum(1 for item in items if self._frees_slot(item[0], item[1]))
+        args: list[Any] = [k.prefix, self.id, now_ms(), PLACE_MOST, DEFAULT_ACK_MS, take]
         for item in items:
             keys.append(k.job(item[0]))
             args += item
-        codes, flat = await self.scripts.finish_many(keys=keys, args=args)
+        codes, flat, taken = await self.scripts.finish_many(keys=keys, args=args)
+        if taken:
+            for d in relay_pb2.DispatchJobs.FromString(taken).jobs:
+                self._on_taken(d)
         placed = placements(flat)
         self.metrics.placed.inc(sum(p.reached for p in placed))
         for p in placed:
             if not p.reached:
                 log.warning("job_id=%s dispatch to worker %s reached nobody; it waits again", p.job_id, p.worker_id)
         return [int(c) for c in codes]
+
+    def _frees_slot(self, job_id: str, lease: int) -> bool:
+        """Whether the job's slot comes free when its finish returns (not held by a handler thread
+        that is still running)."""
+        running = self.jobs.get((job_id, lease))
+        return running is not None and (running.thread is None or running.thread.done())
 
     def _metric(self, family: Any, *labels: str) -> Any:
         """The child of a labelled metric, looked up once per label set (labels() is not cheap)."""

@@ -140,14 +140,15 @@ end
 -- `o` holds lease, state (a number), result, output, code, message.
 -- Returns 1 recorded (its event is to be published and the caller releases its slot), 2 already
 -- recorded by this placement, 0 stale, -1 missing, -2 not a terminal state (nothing written); and
--- the job's queue.
+-- the job's queue; and, with 2, the id of the job finish_many started in its slot (its 'refill'
+-- field), if any.
 local function record_outcome(job_key, worker_id, now, o)
-  local j = redis.call('HMGET', job_key, 'state', 'lease', 'worker', 'queue', 'recorded', 'ttl', 'cancel')
+  local j = redis.call('HMGET', job_key, 'state', 'lease', 'worker', 'queue', 'recorded', 'ttl', 'cancel', 'refill')
   if not j[1] then return -1 end
   if not is_terminal(o.state) then return -2 end
   if j[2] ~= o.lease or j[3] ~= worker_id then return 0 end
   -- 'recorded' names the lease whose outcome this script wrote; reap, leave and cancel never set it
-  if tonumber(j[1]) == o.state and j[5] == o.lease then return 2 end
+  if tonumber(j[1]) == o.state and j[5] == o.lease then return 2, j[4], j[8] end
   if tonumber(j[1]) ~= RUNNING then return 0 end
   finish_job(job_key, o.state, o.code, o.message, now, {'result', o.result, 'output', o.output, 'recorded', o.lease},
     {j[6], j[7]})
@@ -206,10 +207,14 @@ end
 -- submit), or `ack_ms` for a job stored without one.
 -- With `only` (a worker id), only that worker is a candidate: a worker refilling the slots it has
 -- just freed costs the same however many workers serve the queue.
+-- With `taken` as well (a table; `only` is then the calling worker), the placed jobs are started
+-- at once, as start would on that worker's behalf: RUNNING, no acknowledgement deadline, nothing
+-- on the dispatch channel; {id, d} pairs (d: the job's DispatchJobs entry, field 1) are appended
+-- to `taken`, for the caller to return, and their DISPATCHED and RUNNING events are published.
 -- Appends 5 entries per placement to `out`: job id, worker id, lease, attempt (of the coming
 -- start), 1 dispatched or 0 taken back (its worker had no subscriber). Returns true when jobs are
 -- still waiting in the queue afterwards.
-local function place_jobs(P, queue, now, ack_ms, most, out, only)
+local function place_jobs(P, queue, now, ack_ms, most, out, only, taken)
   local kinds_key = P .. 'kinds:' .. queue
   local waiting = {}  -- kinds with jobs waiting
   for _, kind in ipairs(redis.call('SMEMBERS', kinds_key)) do
@@ -296,9 +301,14 @@ local function place_jobs(P, queue, now, ack_ms, most, out, only)
       if j[1] and tonumber(j[1]) == QUEUED then
         lease = lease + 1
         local lease_s = string.format('%.0f', lease)
-        redis.call('HSET', jk, 'state', DISPATCHED, 'worker', c.id, 'lease', lease_s, 'updated', now)
-        acks[#acks + 1] = now + (tonumber(j[5]) or ack_ms)
-        acks[#acks + 1] = id
+        if taken then
+          redis.call('HSET', jk, 'state', RUNNING, 'worker', c.id, 'lease', lease_s, 'attempt', tonumber(j[2]) + 1,
+            'started', now, 'updated', now)
+        else
+          redis.call('HSET', jk, 'state', DISPATCHED, 'worker', c.id, 'lease', lease_s, 'updated', now)
+          acks[#acks + 1] = now + (tonumber(j[5]) or ack_ms)
+          acks[#acks + 1] = id
+        end
         c.used = c.used + 1
         free = free - 1
         local attempt = tonumber(j[2]) + 1
@@ -323,6 +333,15 @@ local function place_jobs(P, queue, now, ack_ms, most, out, only)
     redis.call('HINCRBY', P .. 'worker:' .. w, 'used', #ids)
   end
 
+  if taken then
+    for _, w in ipairs(order) do
+      for _, d in ipairs(by_worker[w]) do
+        taken[#taken + 1] = {id = d.p.id, d = pb_bytes(1, d.d)}
+        d.p.reached = true
+      end
+    end
+    order = {}  -- nothing to publish on the dispatch channel
+  end
   -- Per worker, WorkerMessages under MESSAGE_BYTES: `dispatch` for a lone job, else `dispatches`.
   for _, w in ipairs(order) do
     local ds, first = by_worker[w], 1
@@ -348,8 +367,10 @@ local function place_jobs(P, queue, now, ack_ms, most, out, only)
   local events, ts = {}, pb_timestamp(now)
   for _, p in ipairs(placed) do
     if p.reached then
-      events[#events + 1] = pb_bytes(1, pb_bytes(1, p.id) .. pb_bytes(2, queue) .. pb_bytes(3, p.kind)
-        .. pb_int(4, DISPATCHED) .. pb_int(5, p.attempt) .. pb_bytes(6, p.worker) .. pb_bytes(10, ts))
+      local about = pb_bytes(1, p.id) .. pb_bytes(2, queue) .. pb_bytes(3, p.kind)
+      local rest = pb_int(5, p.attempt) .. pb_bytes(6, p.worker) .. pb_bytes(10, ts)
+      events[#events + 1] = pb_bytes(1, about .. pb_int(4, DISPATCHED) .. rest)
+      if taken then events[#events + 1] = pb_bytes(1, about .. pb_int(4, RUNNING) .. rest) end
     else
       unassign_job(P, p.id, string.format('%.0f', p.lease), p.worker, now)
     end
