@@ -195,6 +195,9 @@ local function pb_timestamp(ms)  -- google.protobuf.Timestamp
   local nanos = (ms % 1000) * 1000000
   return pb_int(1, (ms - ms % 1000) / 1000) .. pb_int(2, nanos)
 end
+local function pb_dispatch(id, lease, attempt, spec, timeout_ms)  -- DispatchJob
+  return pb_bytes(1, id) .. pb_int(2, lease) .. pb_int(3, attempt) .. pb_bytes(4, spec) .. pb_int(5, timeout_ms)
+end
 
 -- Place waiting jobs of one queue on live workers with free slots, least loaded first, and
 -- publish them: per worker one WorkerMessage (dispatch, or dispatches for several) on its dispatch
@@ -301,8 +304,9 @@ local function place_jobs(P, queue, now, ack_ms, most, out, only, taken)
       if j[1] and tonumber(j[1]) == QUEUED then
         lease = lease + 1
         local lease_s = string.format('%.0f', lease)
+        local attempt = tonumber(j[2]) + 1
         if taken then
-          redis.call('HSET', jk, 'state', RUNNING, 'worker', c.id, 'lease', lease_s, 'attempt', tonumber(j[2]) + 1,
+          redis.call('HSET', jk, 'state', RUNNING, 'worker', c.id, 'lease', lease_s, 'attempt', attempt,
             'started', now, 'updated', now)
         else
           redis.call('HSET', jk, 'state', DISPATCHED, 'worker', c.id, 'lease', lease_s, 'updated', now)
@@ -311,14 +315,12 @@ local function place_jobs(P, queue, now, ack_ms, most, out, only, taken)
         end
         c.used = c.used + 1
         free = free - 1
-        local attempt = tonumber(j[2]) + 1
         placed[#placed + 1] = {id = id, worker = c.id, lease = lease, attempt = attempt, kind = kind}
         if not by_worker[c.id] then
           by_worker[c.id] = {}
           order[#order + 1] = c.id
         end
-        local d = pb_bytes(1, id) .. pb_int(2, lease) .. pb_int(3, attempt) .. pb_bytes(4, j[3])
-          .. pb_int(5, tonumber(j[4]))
+        local d = pb_dispatch(id, lease, attempt, j[3], tonumber(j[4]))
         table.insert(by_worker[c.id], {d = d, p = placed[#placed]})
       end  -- else: expired or already moved on, so it was not waiting any more
     end

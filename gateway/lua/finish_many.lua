@@ -68,8 +68,7 @@ end
 for _, id in ipairs(again) do
   local j = redis.call('HMGET', ARGV[1] .. 'job:' .. id, 'state', 'worker', 'lease', 'attempt', 'spec', 'timeout_ms')
   if tonumber(j[1]) == RUNNING and j[2] == ARGV[2] then
-    out[#out + 1] = pb_bytes(1, pb_bytes(1, id) .. pb_int(2, tonumber(j[3])) .. pb_int(3, tonumber(j[4]))
-      .. pb_bytes(4, j[5]) .. pb_int(5, tonumber(j[6])))
+    out[#out + 1] = pb_bytes(1, pb_dispatch(id, tonumber(j[3]), tonumber(j[4]), j[5], tonumber(j[6])))
   end
 end
 return {codes, placements, table.concat(out)}
