@@ -340,25 +340,19 @@ class _Runtime:
         else:
             log.warning("dropped a dispatch message with no body")
 
-    def _on_dispatch(self, d: relay_pb2.DispatchJob) -> None:
+    def _on_dispatch(self, d: relay_pb2.DispatchJob, taken: bool = False) -> None:
+        """A placement on this worker: dispatched, or ``taken`` (started here by the finish_many call
+        that freed its slot)."""
         if not JOB_ID_RE.fullmatch(d.job_id):
             log.warning("dropped a dispatch with a malformed job id")
             return
         if (d.job_id, d.lease) in self.jobs:
-            return  # duplicate delivery
+            return  # duplicate delivery, or a taken job a repeated finish_many call returned again
         if self.draining:
-            return  # not acknowledged: handed back by the leave script
+            return  # not acknowledged (or, taken, on this worker's books): handed back by the leave script
         running = Running(d)
         self.jobs[d.job_id, d.lease] = running
-        running.task = asyncio.create_task(self._execute(running), name=f"job-{d.job_id}")
-
-    def _on_taken(self, d: relay_pb2.DispatchJob) -> None:
-        """A job finish_many started here in a slot this worker was freeing."""
-        if self.draining or (d.job_id, d.lease) in self.jobs:
-            return  # draining: it is on this worker's books, and the leave script hands it back
-        running = Running(d)
-        self.jobs[d.job_id, d.lease] = running
-        running.task = asyncio.create_task(self._execute(running, taken=True), name=f"job-{d.job_id}")
+        running.task = asyncio.create_task(self._execute(running, taken), name=f"job-{d.job_id}")
 
     def _on_cancel(self, c: relay_pb2.CancelJob) -> None:
         running = self.jobs.get((c.job_id, c.lease))
@@ -391,10 +385,9 @@ class _Runtime:
                     log.warning("job_id=%s no free slot in time; leaving the dispatch unacknowledged", d.job_id)
                     return
                 log.warning("job_id=%s no free slot in time; running it beyond the concurrency", d.job_id)
-            if taken:
-                log.info("job_id=%s kind=%s attempt=%d started", d.job_id, d.spec.kind, d.attempt)
-            elif self.draining or not await self._start(d):
+            if not taken and (self.draining or not await self._start(d)):
                 return
+            log.info("job_id=%s kind=%s attempt=%d started", d.job_id, d.spec.kind, d.attempt)
             running.started = True
             self.metrics.running.inc()
             outcome = await self._run_handler(running)
@@ -457,7 +450,6 @@ class _Runtime:
         if code != 1:
             log.warning("job_id=%s dispatch refused (%s)", d.job_id, "missing" if code == -1 else "stale")
             return False
-        log.info("job_id=%s kind=%s attempt=%d started", d.job_id, d.spec.kind, d.attempt)
         return True
 
     async def _start_many(self, items: Sequence[tuple[relay_pb2.DispatchJob, bytes]]) -> list[int]:
@@ -564,7 +556,7 @@ class _Runtime:
         codes, flat, taken = await self.scripts.finish_many(keys=keys, args=args)
         if taken:
             for d in relay_pb2.DispatchJobs.FromString(taken).jobs:
-                self._on_taken(d)
+                self._on_dispatch(d, taken=True)
         placed = placements(flat)
         self.metrics.placed.inc(sum(p.reached for p in placed))
         for p in placed:
