@@ -10,6 +10,8 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY generated/ generated/
+COPY protocol/ protocol/
+COPY common/ common/
 COPY gateway/ gateway/
 COPY worker/ worker/
 RUN pip install . && rm -rf /src

@@ -44,7 +44,7 @@ proto: $(STAMP)
 	touch generated/jobgate/__init__.py generated/jobgate/v1/__init__.py
 
 run: $(STAMP)
-	$(PY) -m gateway.demo
+	$(PY) -m devtools.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -53,7 +53,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gateway worker tests bench
+	$(VENV)/bin/ruff check protocol common gateway worker devtools tests bench
 	$(VENV)/bin/buf lint proto
 
 typecheck: $(STAMP)

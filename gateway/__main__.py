@@ -8,8 +8,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from common.logs import configure_logging
+
 from .config import GatewaySettings
-from .logs import configure_logging
 from .server import start
 
 log = logging.getLogger("gateway")

@@ -16,7 +16,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .keys import Keys
+from protocol.keys import Keys
 
 COMMANDS = (
     # connection set-up and health checks: authentication, protocol, database

@@ -26,9 +26,10 @@ from typing import Any
 
 import grpc
 
-from .errors import PermissionDenied
+from protocol.errors import PermissionDenied
+from protocol.keys import QUEUE_RE
+
 from .handlers import HandlerCache, rebuild
-from .keys import QUEUE_RE
 
 log = logging.getLogger(__name__)
 

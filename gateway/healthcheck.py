@@ -12,10 +12,11 @@ import sys
 from collections.abc import Sequence
 
 import grpc
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .config import GatewaySettings, read_file
-from .devstack import health_status
+from common.settings import read_file
+
+from .config import GatewaySettings
 
 # A server bound to every interface is reached through loopback from inside its own container.
 _WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "[::]": "[::1]"}
@@ -39,6 +40,26 @@ def credentials(ca_file: str, cert_file: str, key_file: str) -> grpc.ChannelCred
         private_key=read_file("key", key_file) or None,
         certificate_chain=read_file("cert", cert_file) or None,
     )
+
+
+def health_status(
+    address: str,
+    timeout_s: float = 1.0,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, str]] = (),
+) -> int:
+    """The gateway's overall health status (``HealthCheckResponse.ServingStatus``); over TLS when
+    ``credentials`` are given."""
+    channel = (
+        grpc.secure_channel(address, credentials, options=options)
+        if credentials
+        else grpc.insecure_channel(address, options=options)
+    )
+    with channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        status: int = reply.status
+        return status
 
 
 def check(

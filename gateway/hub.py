@@ -18,12 +18,13 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from jobgate.v1 import job_pb2, relay_pb2
+from protocol.codec import TERMINAL, event_from_hash
+from protocol.connection import subscription
+from protocol.errors import CONNECTION_ERRORS, Unavailable
+from protocol.gateway_calls import GatewayCalls
+from protocol.keys import JOB_ID_RE, QUEUE_RE, Keys
 
-from .codec import TERMINAL, event_from_hash
-from .errors import Unavailable
-from .keys import JOB_ID_RE, QUEUE_RE, Keys
 from .metrics import GatewayMetrics
-from .store import CONNECTION_ERRORS, JobStore, subscription
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class Hub:
         self,
         redis: Redis,
         keys: Keys,
-        store: JobStore,
+        store: GatewayCalls,
         *,
         on_slot_freed: Callable[[str], None],
         on_worker_change: Callable[[], None],

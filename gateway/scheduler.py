@@ -16,11 +16,12 @@ import logging
 from redis.asyncio import Redis
 
 from jobgate.v1 import job_pb2
+from protocol.errors import Unavailable
+from protocol.gateway_calls import GatewayCalls
+from protocol.keys import QUEUE_RE, Keys
+from protocol.replies import Placed
 
-from .errors import Unavailable
-from .keys import QUEUE_RE, Keys
 from .metrics import GatewayMetrics
-from .store import JobStore, Placed
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class Scheduler:
         self,
         redis: Redis,
         keys: Keys,
-        store: JobStore,
+        store: GatewayCalls,
         *,
         tick_s: float,
         ack_timeout_ms: int,

@@ -14,18 +14,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 
+from common.metrics import serve
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
+from protocol.connection import bounded, redis_client
+from protocol.gateway_calls import GatewayCalls
+from protocol.keys import Keys
 
 from .auth import Authenticator, AuthInterceptor, load_tokens
 from .config import GatewaySettings
 from .handlers import MalformedRequestInterceptor
 from .hub import Hub
-from .keys import Keys
-from .metrics import GatewayMetrics, serve
+from .metrics import GatewayMetrics
 from .reflection import CommentedPool
 from .scheduler import Scheduler
 from .service import SchedulerService
-from .store import JobStore, bounded, redis_client
 from .tls import CertificateFiles
 from .validation import Limits
 
@@ -97,7 +99,7 @@ async def start(settings: GatewaySettings) -> Gateway:
     """Starts the gateway and returns it; the server is listening when this returns."""
     keys = Keys(settings.namespace)
     redis = redis_client(settings.redis_url, settings.redis_timeout_s)
-    store = JobStore(
+    store = GatewayCalls(
         redis,
         keys,
         retention_s=settings.retention_s,

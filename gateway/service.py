@@ -14,17 +14,18 @@ from typing import Any, TypeVar
 import grpc
 
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
+from protocol.coalesce import Coalescer
+from protocol.codec import CANCELLED, QUEUED, TERMINAL, event_from_hash
+from protocol.errors import InvalidArgument, JobgateError, NotFound, ResourceExhausted, Unavailable
+from protocol.gateway_calls import GatewayCalls, PreparedJob
+from protocol.keys import Keys
+from protocol.replies import Settled
 
 from . import auth
-from .coalesce import Coalescer
-from .codec import CANCELLED, QUEUED, TERMINAL, event_from_hash
-from .errors import InvalidArgument, JobgateError, NotFound, ResourceExhausted, Unavailable
 from .hub import Hub, Watcher
-from .keys import Keys
 from .metrics import GatewayMetrics
 from .scheduler import Scheduler
-from .store import JobStore, Settled
-from .validation import Limits, PreparedJob, job_id, kind_name, prepare, prepare_batch, queue_name
+from .validation import Limits, job_id, kind_name, prepare, prepare_batch, queue_name
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
 
     def __init__(
         self,
-        store: JobStore,
+        store: GatewayCalls,
         scheduler: Scheduler,
         hub: Hub,
         keys: Keys,

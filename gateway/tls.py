@@ -12,7 +12,9 @@ import threading
 
 import grpc
 
-from .config import GatewaySettings, read_file
+from common.settings import read_file
+
+from .config import GatewaySettings
 
 log = logging.getLogger(__name__)
 

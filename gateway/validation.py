@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from google.protobuf import struct_pb2
 
 from jobgate.v1 import job_pb2, scheduler_pb2
-
-from .errors import InvalidArgument, ResourceExhausted
-from .keys import JOB_ID_RE, KIND_RE, QUEUE_RE
+from protocol.errors import InvalidArgument, ResourceExhausted
+from protocol.gateway_calls import PreparedJob
+from protocol.keys import JOB_ID_RE, KIND_RE, QUEUE_RE
 
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_ATTEMPTS = 3
@@ -29,19 +29,6 @@ class Limits:
     default_timeout_ms: int
     max_batch: int
     max_watch_ids: int
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedJob:
-    """A validated job: its new id, the normalised spec and what the submit script needs."""
-
-    id: str
-    spec: job_pb2.JobSpec
-    spec_bytes: bytes
-    timeout_ms: int
-    idempotency_digest: str  # SHA-256 of the queue, a NUL and the idempotency key; '' without a key
-    request_digest: str  # SHA-256 of the normalised spec, '' without an idempotency key
-    field: str = ""  # where the job sits in its request, for error messages: '', 'job.', 'jobs[3].'
 
 
 def new_job_id() -> str:

@@ -1,6 +1,6 @@
 """A checker for load under faults: it follows every acknowledged job to its one outcome.
 
-:class:`Cluster` starts gateways and workers of a :class:`~gateway.devstack.Stack`, each serving its
+:class:`Cluster` starts gateways and workers of a :class:`~devtools.devstack.Stack`, each serving its
 Prometheus metrics. :class:`Checker` submits jobs (each tagged in its args, so a job found later
 can be traced to the request that made it), follows them with ``WatchResults`` streams (one
 unfiltered stream per gateway, and ``job_ids`` streams for every acknowledged batch) and ``RunJob``
@@ -27,9 +27,9 @@ from google.protobuf import json_format
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from gateway.devstack import Service, Stack, free_port
-from gateway.keys import Keys
+from devtools.devstack import Service, Stack, free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
+from protocol.keys import Keys
 
 TERMINAL = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
 MAX_IDS = 1000  # the gateway's default max_watch_ids

@@ -14,9 +14,9 @@ import pytest
 from google.protobuf import json_format
 from redis.asyncio import Redis
 
-from gateway.devstack import RedisProcess, Stack
-from gateway.keys import Keys
+from devtools.devstack import RedisProcess, Stack
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
+from protocol.keys import Keys
 
 # Short heartbeats and ticks so fault tests settle in seconds, not minutes.
 FAST = {

@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
-from gateway.devstack import Service, Stack, health_status
+from devtools.devstack import Service, Stack, health_status
 from jobgate.v1 import job_pb2, scheduler_pb2
 
 from .conftest import Client, eventually, request

@@ -11,9 +11,9 @@ from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 from redis.asyncio import Redis
 
-from gateway.devstack import Stack
-from gateway.keys import Keys
+from devtools.devstack import Stack
 from jobgate.v1 import scheduler_pb2
+from protocol.keys import Keys
 
 from .conftest import Client, request
 

@@ -17,7 +17,7 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
-from gateway.devstack import RedisProcess, Stack, wait_for
+from devtools.devstack import RedisProcess, Stack, wait_for
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .chaos import Checker, Cluster, Node, Stream

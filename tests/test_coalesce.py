@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from gateway.coalesce import Coalescer
+from protocol.coalesce import Coalescer
 
 
 class Recorder:

@@ -11,8 +11,8 @@ from google.protobuf.struct_pb2 import Value
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.codec import events_message, python_to_value, value_to_python
 from jobgate.v1 import job_pb2, relay_pb2
+from protocol.codec import events_message, python_to_value, value_to_python
 
 json_like = st.recursive(
     st.none()

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
+from devtools.devstack import free_port
 from gateway.config import GatewaySettings
-from gateway.devstack import free_port
 from worker.config import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent

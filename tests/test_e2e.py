@@ -11,9 +11,9 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from redis.asyncio import Redis
 
-from gateway.devstack import Stack
-from gateway.keys import Keys
+from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
+from protocol.keys import Keys
 
 from .conftest import Client, eventually, request, value
 

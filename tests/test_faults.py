@@ -13,11 +13,11 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
-from gateway.devstack import RedisProcess, Stack, free_port
-from gateway.keys import Keys
-from gateway.scripts import Scripts
-from gateway.store import now_ms
+from devtools.devstack import RedisProcess, Stack, free_port
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
+from protocol.connection import now_ms
+from protocol.keys import Keys
+from protocol.scripts import Scripts
 
 from .conftest import FAST, Client, eventually, request, value
 

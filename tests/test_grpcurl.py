@@ -13,7 +13,7 @@ import grpc
 import pytest
 import trustme
 
-from gateway.devstack import Stack
+from devtools.devstack import Stack
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
 SERVICE = "jobgate.v1.SchedulerService"

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from gateway.devstack import Stack, free_port
-from gateway.keys import Keys
+from devtools.devstack import Stack, free_port
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2, scheduler_pb2_grpc
+from protocol.keys import Keys
 
 from .conftest import FAST, Client, eventually, request, value
 from .test_metrics import scrape

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
-from gateway.devstack import Stack, free_port
+from devtools.devstack import Stack, free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .conftest import Client, eventually, request

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.devstack import Stack, free_port
+from devtools.devstack import Stack, free_port
 
 from .conftest import Client, eventually
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from gateway.devstack import Stack
+from devtools.devstack import Stack
 
 NODE_DIR = Path(__file__).parent / "node"
 CLIENT = NODE_DIR / "client.mjs"

@@ -1,6 +1,6 @@
 """A Node.js worker written from docs/PROTOCOL.md alone runs jobs end to end as the only worker.
 
-The worker is tests/node/worker.mjs (node-redis + protobufjs, the Lua scripts of gateway/lua/ and
+The worker is tests/node/worker.mjs (node-redis + protobufjs, the Lua scripts of protocol/lua/ and
 the envelopes of proto/). node, npm and the npm install come from tests/test_node_client.py.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.devstack import Stack
+from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2
 
 from .conftest import FAST, Client, eventually, value

@@ -17,8 +17,8 @@ import redis
 import trustme
 
 import gateway
+from devtools.devstack import Stack, find_redis_server, free_port, wait_for
 from gateway.acl import COMMANDS, setuser
-from gateway.devstack import Stack, find_redis_server, free_port, wait_for
 from jobgate.v1 import job_pb2, scheduler_pb2
 
 from .conftest import FAST, Client, eventually, request

@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from gateway.errors import ResourceExhausted
-from gateway.keys import Keys
-from gateway.store import JobStore, Placed, Placement, now_ms, placements
 from gateway.validation import Limits, prepare, prepare_batch
 from jobgate.v1 import job_pb2, relay_pb2
+from protocol.connection import now_ms
+from protocol.errors import ResourceExhausted
+from protocol.gateway_calls import GatewayCalls
+from protocol.keys import Keys
+from protocol.replies import Placed, Placement, placements
 
 from .conftest import request
 
@@ -30,13 +32,13 @@ async def listening(redis: Redis, keys: Keys) -> AsyncIterator[None]:
 
 
 @pytest.fixture
-def store(redis: Redis, keys: Keys) -> JobStore:
+def store(redis: Redis, keys: Keys) -> GatewayCalls:
     # Placement at submit is off here, so each test places with the schedule script when it wants.
-    return JobStore(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=0)
+    return GatewayCalls(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=0)
 
 
 async def beat(
-    store: JobStore,
+    store: GatewayCalls,
     worker: str,
     *,
     slots: int = 2,
@@ -53,16 +55,16 @@ async def beat(
     return reply
 
 
-async def submit(store: JobStore, kind: str = "echo", **fields: object) -> str:
+async def submit(store: GatewayCalls, kind: str = "echo", **fields: object) -> str:
     [job], _ = await store.submit([prepare(request(kind, **fields), LIMITS)])
     return job.id
 
 
-async def place(store: JobStore) -> list[Placement]:
+async def place(store: GatewayCalls) -> list[Placement]:
     return (await store.schedule("default", ack_timeout_ms=5_000, most=100)).placements
 
 
-async def start(store: JobStore, p: Placement, worker: str | None = None) -> int:
+async def start(store: GatewayCalls, p: Placement, worker: str | None = None) -> int:
     k = store.keys
     code: int = await store.scripts.start(
         keys=[k.job(p.job_id), k.acks(), k.results_channel()],
@@ -71,7 +73,7 @@ async def start(store: JobStore, p: Placement, worker: str | None = None) -> int
     return code
 
 
-async def finish(store: JobStore, p: Placement, state: int = S.JOB_STATE_SUCCEEDED) -> list[int]:
+async def finish(store: GatewayCalls, p: Placement, state: int = S.JOB_STATE_SUCCEEDED) -> list[int]:
     k = store.keys
     reply: list[int] = await store.scripts.finish(
         keys=[k.job(p.job_id), k.results_channel()],
@@ -84,7 +86,7 @@ async def field(redis: Redis, keys: Keys, key: str, name: str) -> str:
     return (await redis.hget(key, name) or b"").decode()
 
 
-async def test_start_is_idempotent_for_its_placement_and_refuses_any_other(store: JobStore, redis: Redis) -> None:
+async def test_start_is_idempotent_for_its_placement_and_refuses_any_other(store: GatewayCalls, redis: Redis) -> None:
     await beat(store, "w1")
     job_id = await submit(store)
     [p] = await place(store)
@@ -96,7 +98,7 @@ async def test_start_is_idempotent_for_its_placement_and_refuses_any_other(store
     assert await field(redis, store.keys, store.keys.job(job_id), "attempt") == "1"
 
 
-async def test_finish_records_once_frees_the_slot_once_and_starts_retention(store: JobStore, redis: Redis) -> None:
+async def test_finish_records_once_frees_the_slot_once_and_starts_retention(store: GatewayCalls, redis: Redis) -> None:
     k = store.keys
     await beat(store, "w1", slots=1)
     job_id = await submit(store)
@@ -116,7 +118,7 @@ async def test_submit_places_at_once_and_publishes_what_protobuf_reads_as_the_st
 ) -> None:
     """The placement scripts write the relay messages themselves: they must parse with protobuf and
     agree with the stored job; a dispatch that reaches nobody is taken back in the same call."""
-    store = JobStore(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=100)
+    store = GatewayCalls(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=100)
     await beat(store, "w1", slots=3)
     await beat(store, "gone", slots=1, kinds="other")  # nobody subscribes to its channel
     spec_args = {"n": 2**40, "s": "é" * 200}
@@ -165,7 +167,7 @@ async def test_submit_places_at_once_and_publishes_what_protobuf_reads_as_the_st
 
 async def test_placements_too_big_for_one_message_go_out_in_several(redis: Redis, keys: Keys) -> None:
     """Redis cuts off a subscriber whose buffer passes 32 MB: no message may grow with the batch."""
-    store = JobStore(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=100)
+    store = GatewayCalls(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=100)
     await beat(store, "w1", slots=4)
     async with redis.pubsub() as ps:
         await ps.subscribe(keys.dispatch_channel("w1"), keys.results_channel())
@@ -190,7 +192,7 @@ def one_event(job_id: str, state: int) -> bytes:
 
 
 async def test_batched_start_and_finish_handle_each_job_as_alone_and_publish_the_changes_as_one_message(
-    store: JobStore, redis: Redis
+    store: GatewayCalls, redis: Redis
 ) -> None:
     k = store.keys
     await beat(store, "w1", slots=3)
@@ -250,7 +252,7 @@ async def test_batched_start_and_finish_handle_each_job_as_alone_and_publish_the
     assert 0 < (await redis.zscore(k.acks(), waiting) or 0) - now_ms() <= 600_000  # the stored ack timeout
 
 
-async def test_placement_prefers_the_least_loaded_worker_that_handles_the_kind(store: JobStore) -> None:
+async def test_placement_prefers_the_least_loaded_worker_that_handles_the_kind(store: GatewayCalls) -> None:
     await beat(store, "busy", slots=4)
     await beat(store, "idle", slots=4)
     await beat(store, "wrong-kind", slots=4, kinds="other")
@@ -266,7 +268,9 @@ async def test_placement_prefers_the_least_loaded_worker_that_handles_the_kind(s
     assert sorted(p.worker_id for p in later) == ["busy"] * 3 + ["idle"] * 3  # 4 slots each, then full
 
 
-async def test_a_lost_worker_costs_an_attempt_and_fails_the_job_after_the_last(store: JobStore, redis: Redis) -> None:
+async def test_a_lost_worker_costs_an_attempt_and_fails_the_job_after_the_last(
+    store: GatewayCalls, redis: Redis
+) -> None:
     k = store.keys
     job_id = await submit(store, max_attempts=2)
     for attempt in (1, 2):
@@ -282,7 +286,7 @@ async def test_a_lost_worker_costs_an_attempt_and_fails_the_job_after_the_last(s
 
 
 async def test_an_unacknowledged_dispatch_goes_back_to_its_queue_without_using_an_attempt(
-    store: JobStore, redis: Redis
+    store: GatewayCalls, redis: Redis
 ) -> None:
     k = store.keys
     await beat(store, "w1", slots=1)
@@ -298,7 +302,9 @@ async def test_an_unacknowledged_dispatch_goes_back_to_its_queue_without_using_a
     assert await start(store, p) == 0  # the swallowed placement can no longer start
 
 
-async def test_a_new_process_under_a_registered_id_evicts_the_old_registration(store: JobStore, redis: Redis) -> None:
+async def test_a_new_process_under_a_registered_id_evicts_the_old_registration(
+    store: GatewayCalls, redis: Redis
+) -> None:
     k = store.keys
     await beat(store, "w1", instance="old")
     job_id = await submit(store)
@@ -311,7 +317,7 @@ async def test_a_new_process_under_a_registered_id_evicts_the_old_registration(s
     assert (await beat(store, "w1", instance="new")) == [0]
 
 
-async def test_cancel_ends_a_queued_job_and_flags_a_running_one(store: JobStore, redis: Redis) -> None:
+async def test_cancel_ends_a_queued_job_and_flags_a_running_one(store: GatewayCalls, redis: Redis) -> None:
     k = store.keys
     queued = await submit(store)
     assert (await store.cancel(queued)).queue == "default"
@@ -329,7 +335,7 @@ async def test_cancel_ends_a_queued_job_and_flags_a_running_one(store: JobStore,
     assert (await finish(store, p, S.JOB_STATE_CANCELLED))[0] == 0
 
 
-async def test_jobs_of_kinds_no_free_worker_handles_do_not_hold_up_the_others(store: JobStore) -> None:
+async def test_jobs_of_kinds_no_free_worker_handles_do_not_hold_up_the_others(store: GatewayCalls) -> None:
     for _ in range(5):
         await submit(store, "unserved", priority=9)
     wanted = [await submit(store, "echo") for _ in range(2)]
@@ -337,7 +343,7 @@ async def test_jobs_of_kinds_no_free_worker_handles_do_not_hold_up_the_others(st
     assert [p.job_id for p in await place(store)] == wanted
 
 
-async def test_placement_across_kinds_follows_priority_then_submission_order(store: JobStore) -> None:
+async def test_placement_across_kinds_follows_priority_then_submission_order(store: GatewayCalls) -> None:
     low = await submit(store, "x", priority=0)
     high_y = await submit(store, "y", priority=5)
     high_x = await submit(store, "x", priority=5)
@@ -345,7 +351,9 @@ async def test_placement_across_kinds_follows_priority_then_submission_order(sto
     assert [p.job_id for p in await place(store)] == [high_y, high_x, low]
 
 
-async def test_an_emptied_queue_leaves_the_queues_set_until_a_job_comes_again(store: JobStore, redis: Redis) -> None:
+async def test_an_emptied_queue_leaves_the_queues_set_until_a_job_comes_again(
+    store: GatewayCalls, redis: Redis
+) -> None:
     k = store.keys
     job_id = await submit(store)
     assert await store.queue_names() == ["default"]
@@ -357,7 +365,7 @@ async def test_an_emptied_queue_leaves_the_queues_set_until_a_job_comes_again(st
     assert await store.queue_names() == ["default"]
 
 
-async def test_a_resent_submit_leaves_the_job_as_it_is(store: JobStore, redis: Redis, keys: Keys) -> None:
+async def test_a_resent_submit_leaves_the_job_as_it_is(store: GatewayCalls, redis: Redis, keys: Keys) -> None:
     """A client library that resends a submit after a lost reply must not queue the job again."""
     await beat(store, "w1")
     prepared = prepare(request("echo"), LIMITS)
@@ -376,7 +384,7 @@ async def test_a_resent_submit_leaves_the_job_as_it_is(store: JobStore, redis: R
 async def test_queues_and_kinds_over_their_limits_are_refused_and_nothing_of_the_batch_is_stored(
     redis: Redis, keys: Keys
 ) -> None:
-    store = JobStore(redis, keys, retention_s=600, idempotency_ttl_s=600, max_queues=2, max_kinds=2, place_most=0)
+    store = GatewayCalls(redis, keys, retention_s=600, idempotency_ttl_s=600, max_queues=2, max_kinds=2, place_most=0)
     first = await submit(store, queue="q1", idempotency_key="k1")
     q2_job = await submit(store, queue="q2")
     await submit(store, "echo", queue="q1")
@@ -399,7 +407,7 @@ async def test_queues_and_kinds_over_their_limits_are_refused_and_nothing_of_the
 
 
 async def test_a_running_jobs_worker_is_told_to_cancel_again_until_the_job_ends(
-    store: JobStore, redis: Redis, keys: Keys
+    store: GatewayCalls, redis: Redis, keys: Keys
 ) -> None:
     """A CancelJob message can be lost like any pub/sub message: gateways repeat it."""
     await beat(store, "w1")
@@ -424,7 +432,7 @@ async def test_a_running_jobs_worker_is_told_to_cancel_again_until_the_job_ends(
 
 
 async def test_calls_that_place_start_and_finish_over_a_thousand_jobs_book_every_one(
-    store: JobStore, redis: Redis
+    store: GatewayCalls, redis: Redis
 ) -> None:
     """The scripts write many jobs with one command each, in chunks: past the chunk size (1,000
     arguments) every job is still queued, placed, acknowledged, booked and released exactly once."""
@@ -470,7 +478,7 @@ async def test_calls_that_place_start_and_finish_over_a_thousand_jobs_book_every
 
 
 async def test_a_finishing_worker_refills_only_its_own_slots_and_a_pass_fills_the_others(
-    store: JobStore, redis: Redis
+    store: GatewayCalls, redis: Redis
 ) -> None:
     k = store.keys
     await beat(store, "w1", slots=1)
@@ -491,7 +499,7 @@ async def test_a_finishing_worker_refills_only_its_own_slots_and_a_pass_fills_th
 
 
 async def test_a_finishing_worker_takes_waiting_jobs_started_within_its_budget_and_is_dispatched_the_rest(
-    store: JobStore, redis: Redis
+    store: GatewayCalls, redis: Redis
 ) -> None:
     """With a take budget, finish_many starts the refills on the worker's behalf and returns them
     (no dispatch, no acknowledgement deadline, DISPATCHED and RUNNING published); free slots past

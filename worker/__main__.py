@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from gateway.logs import configure_logging
+from common.logs import configure_logging
 
 from .config import WorkerSettings
 from .runtime import Worker

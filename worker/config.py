@@ -9,8 +9,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gateway.config import _from_env, _with_args, check_listen, settings_repr
-from gateway.keys import QUEUE_RE, WORKER_ID_RE
+from common.settings import check_listen, from_env_vars, settings_repr, with_flags
+from protocol.keys import QUEUE_RE, WORKER_ID_RE
 
 
 def default_worker_id() -> str:
@@ -43,12 +43,12 @@ class WorkerSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
         """Defaults overridden by ``JOBGATE_*`` variables. Raises ValueError naming a bad variable."""
-        settings: WorkerSettings = _from_env(cls, os.environ if env is None else env)
+        settings: WorkerSettings = from_env_vars(cls, os.environ if env is None else env)
         return settings
 
     def with_args(self, argv: Sequence[str] | None) -> WorkerSettings:
         """These settings overridden by flags (``--app``, ``--concurrency``, ``--queues``, ...)."""
-        settings: WorkerSettings = _with_args(self, argv, "python -m worker", "Run a jobgate worker.")
+        settings: WorkerSettings = with_flags(self, argv, "python -m worker", "Run a jobgate worker.")
         return settings
 
     @property

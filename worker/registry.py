@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from gateway.keys import KIND_RE
+from protocol.keys import KIND_RE
 
 
 @dataclass(frozen=True, slots=True)

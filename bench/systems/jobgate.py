@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import grpc
 
 from bench.systems.base import BATCH_BYTES, WAIT_S, System, chunks, rate, wait_until
-from gateway.devstack import Stack
+from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 SLOTS = 64  # per worker: jobs one worker runs at once

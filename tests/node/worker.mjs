@@ -1,5 +1,5 @@
 // A minimal jobgate worker in Node.js, written from docs/PROTOCOL.md alone: the Lua scripts of
-// gateway/lua/ and the envelopes of proto/jobgate/v1/, nothing from the Python worker.
+// protocol/lua/ and the envelopes of proto/jobgate/v1/, nothing from the Python worker.
 //
 // Usage: node tests/node/worker.mjs REDIS_URL NAMESPACE WORKER_ID
 // Env: JOBGATE_HEARTBEAT_MS (default 200), JOBGATE_HEARTBEAT_TTL_MS (default 1000).
@@ -97,10 +97,10 @@ const sub = redis.duplicate().on('error', (e) => {
 const BINARY = { typeMapping: { [RESP_TYPES.BLOB_STRING]: Buffer } };
 
 // Every script is the prelude, a newline and the script's text; EVALSHA, loading it on NOSCRIPT.
-const prelude = readFileSync(path.join(ROOT, 'gateway/lua/_common.lua'), 'utf8');
+const prelude = readFileSync(path.join(ROOT, 'protocol/lua/_common.lua'), 'utf8');
 const scripts = {};
 for (const name of ['heartbeat', 'start', 'finish', 'leave']) {
-  const text = prelude + '\n' + readFileSync(path.join(ROOT, `gateway/lua/${name}.lua`), 'utf8');
+  const text = prelude + '\n' + readFileSync(path.join(ROOT, `protocol/lua/${name}.lua`), 'utf8');
   scripts[name] = { text, sha: createHash('sha1').update(text).digest('hex') };
 }
 async function script(name, keys, args) {

@@ -1,6 +1,6 @@
 """Runs a jobgate stack as local processes: Redis, gateways and workers.
 
-Used by ``make run`` (``python -m gateway.demo``), the end-to-end tests and the benchmarks, so
+Used by ``make run`` (``python -m devtools.demo``), the end-to-end tests and the benchmarks, so
 they all start the stack exactly as an operator would: ``python -m gateway`` and
 ``python -m worker`` with ``JOBGATE_*`` settings.
 """
@@ -20,7 +20,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
+
+from gateway.healthcheck import health_status
 
 
 def free_port() -> int:
@@ -179,26 +181,6 @@ class Service:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-
-def health_status(
-    address: str,
-    timeout_s: float = 1.0,
-    credentials: grpc.ChannelCredentials | None = None,
-    options: Sequence[tuple[str, str]] = (),
-) -> int:
-    """The gateway's overall health status (``HealthCheckResponse.ServingStatus``); over TLS when
-    ``credentials`` are given."""
-    channel = (
-        grpc.secure_channel(address, credentials, options=options)
-        if credentials
-        else grpc.insecure_channel(address, options=options)
-    )
-    with channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
-        status: int = reply.status
-        return status
 
 
 class Stack:

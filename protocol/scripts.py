@@ -1,4 +1,4 @@
-"""Loads the Lua state transitions in ``gateway/lua`` and registers them on a Redis client.
+"""Loads the Lua state transitions in ``protocol/lua`` and registers them on a Redis client.
 
 Each script is sent with the shared prelude ``_common.lua`` in front of it. ``register_script``
 runs them by EVALSHA and falls back to loading them on NOSCRIPT (for example after Redis restarts).
@@ -32,7 +32,7 @@ NAMES = (
 @cache
 def source(name: str) -> str:
     """Full text of one script, prelude included."""
-    lua = resources.files("gateway") / "lua"
+    lua = resources.files("protocol") / "lua"
     return (lua / "_common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
 
 

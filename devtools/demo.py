@@ -97,7 +97,7 @@ def _catch_ctrl_c() -> Callable[[], None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--once", action="store_true", help="exit after the jobs complete")
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--workers", type=int, default=3)

@@ -1,4 +1,4 @@
--- Shared prelude, prepended to every script by gateway/scripts.py.
+-- Shared prelude, prepended to every script by protocol/scripts.py.
 -- States (jobgate.v1.JobState): 1 QUEUED, 2 DISPATCHED, 3 RUNNING, 4 SUCCEEDED, 5 FAILED, 6 CANCELLED.
 -- Key rules for names built from a prefix P (ARGV, e.g. "{jobgate}:"): P.."job:"..id (hash),
 -- P.."pending:"..queue..":"..kind (zset), P.."kinds:"..queue (set), P.."worker:"..id (hash),

@@ -1,0 +1,99 @@
+"""Settings plumbing shared by the gateway and the worker: ``JOBGATE_*`` variables, command-line
+flags, and reprs that never show a secret."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, for logs and reprs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+
+
+def read_file(name: str, path: str) -> bytes:
+    """The bytes of the file a setting names (b'' when it is empty). Raises ValueError naming the setting."""
+    if not path:
+        return b""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{name}: cannot read {path}: {exc.strerror}") from None
+
+
+def settings_repr(settings: DataclassInstance) -> str:
+    """Every field, with secrets masked (the password in ``redis_url``, tokens): settings are logged
+    at start-up."""
+    shown = []
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if f.name == "redis_url":
+            value = redact(value)
+        elif f.name in SECRETS and value:
+            value = "***"
+        shown.append(f"{f.name}={value!r}")
+    return f"{type(settings).__name__}({', '.join(shown)})"
+
+
+SECRETS = frozenset({"auth_tokens"})
+
+
+def check_listen(name: str, value: str, *, optional: bool = False) -> None:
+    """Raises ValueError unless ``value`` is ``host:port`` (or empty, when ``optional``)."""
+    if optional and not value:
+        return
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{name} must be host:port, got {value!r}")
+
+
+def from_env_vars(cls: type[T], env: Mapping[str, str]) -> T:
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        var = "JOBGATE_" + f.name.upper()
+        if var in env:
+            try:
+                values[f.name] = _convert(f.default, env[var])
+            except ValueError:
+                raise ValueError(f"{var}: cannot read {env[var]!r} as {type(f.default).__name__}") from None
+    return cls(**values)
+
+
+def _convert(default: Any, raw: str) -> Any:
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(raw)
+    return type(default)(raw)
+
+
+def with_flags(settings: T, argv: Sequence[str] | None, prog: str, description: str) -> T:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for f in fields(settings):
+        if f.name in SECRETS:
+            continue  # environment only: a command line shows in `ps` and /proc/<pid>/cmdline
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=f"env JOBGATE_{f.name.upper()}")
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return dataclasses.replace(settings, **given)

@@ -1,0 +1,101 @@
+"""Domain errors, each carrying the name of the gRPC status code the service layer returns for it,
+and the classification of Redis errors (unreachable, or refusing writes only for now)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import (
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+class JobgateError(Exception):
+    """Base class; ``code`` is a ``grpc.StatusCode`` name."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(JobgateError):
+    """A request field is malformed; the message names the field."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(JobgateError):
+    """A job id that is well formed but not stored (never existed, or past its retention)."""
+
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(JobgateError):
+    """An idempotency key was reused with a different request."""
+
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(JobgateError):
+    """The job's state does not allow the request (for example cancelling a finished job)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(JobgateError):
+    """A size or count limit was exceeded, or a stream fell too far behind."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(JobgateError):
+    """Redis cannot be reached; nothing was stored."""
+
+    code = "UNAVAILABLE"
+
+
+class PermissionDenied(JobgateError):
+    """The caller's token does not cover the queue the request touches."""
+
+    code = "PERMISSION_DENIED"
+
+
+# Redis cannot be reached (refused, dropped or timed out): the errors every caller retries or maps to
+# UNAVAILABLE.
+CONNECTION_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+# Error replies of a Redis that cannot take writes for now (out of memory, a replica after a
+# failover, loading or busy with a script): to a client these mean "unavailable, retry". redis-py
+# turns most into classes; the rest keep their code at the start of the message.
+UNAVAILABLE_REPLIES = (OutOfMemoryError, ReadOnlyError, TryAgainError, MasterDownError)
+UNAVAILABLE_CODES = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN")
+
+
+def cannot_write_now(exc: BaseException) -> bool:
+    """Whether an error reply means Redis refuses writes only for now (see UNAVAILABLE_REPLIES)."""
+    return isinstance(exc, UNAVAILABLE_REPLIES) or (
+        isinstance(exc, ResponseError) and str(exc).startswith(UNAVAILABLE_CODES)
+    )
+
+
+@asynccontextmanager
+async def redis_errors() -> AsyncIterator[None]:
+    """Turns Redis connection and timeout errors, and "cannot write now" replies, into :class:`Unavailable`."""
+    try:
+        yield
+    except CONNECTION_ERRORS as exc:
+        raise Unavailable(f"Redis is unavailable: {type(exc).__name__}") from exc
+    except ResponseError as exc:
+        if not cannot_write_now(exc):
+            raise
+        raise Unavailable(f"Redis cannot take the request now: {type(exc).__name__}") from exc

@@ -1,0 +1,146 @@
+"""A worker's registration: heartbeats, status messages, eviction and leaving.
+
+The heartbeat script registers the worker (slots, queues, kinds, an instance token of this
+process) and keeps it alive. A beat that finds the worker had been evicted means every job held
+before it was placed elsewhere: those are abandoned. A beat is also what takes the worker off
+placement while it is not subscribed or is draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from jobgate.v1 import relay_pb2
+from protocol.replies import Settled
+from protocol.worker_calls import Registration, WorkerCalls
+
+from .config import WorkerSettings
+from .execution import REDIS_ERRORS, Executor
+from .metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+STEP_ERRORS: tuple[type[Exception], ...] = (*REDIS_ERRORS, TimeoutError)  # a bounded shutdown step
+
+
+class Membership:
+    """Registers one worker process and keeps it registered until it leaves."""
+
+    def __init__(
+        self,
+        calls: WorkerCalls,
+        settings: WorkerSettings,
+        worker_id: str,
+        kinds: Sequence[str],
+        metrics: WorkerMetrics,
+        executor: Executor,
+    ) -> None:
+        self.calls = calls
+        self.settings = settings
+        self.id = worker_id
+        self.kinds = list(kinds)
+        self.metrics = metrics
+        self.executor = executor
+        self.instance = uuid.uuid4().hex  # tells this process's registration from an earlier one's
+        self.subscribed = False  # set by the dispatch listener while its subscription stands
+        self.registered = False  # set by the first successful heartbeat
+        self.redis_ok = True
+        self.evictions: list[float] = []  # when this process found itself evicted (monotonic s)
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def beat(self) -> None:
+        """One heartbeat. When it finds this worker had been evicted (and registered it again), every
+        job still held here was placed elsewhere: they are abandoned."""
+        s = self.settings
+        held = self.executor.held()  # what an eviction found by this beat can have taken away
+        reply = await self.calls.heartbeat(
+            Registration(
+                worker_id=self.id,
+                instance=self.instance,
+                ttl_ms=s.heartbeat_ttl_ms,
+                slots=max(0, s.concurrency - self.executor.stuck_threads),
+                queues=s.queue_list,
+                kinds=self.kinds,
+                off=self.executor.draining or not self.subscribed,
+            )
+        )
+        again = reply.again and self.registered
+        self.registered = True
+        if again:
+            self._abandon(held)
+        if reply.inherited:
+            log.warning(
+                "an earlier process with id %s held %d jobs; they were placed again", self.id, len(reply.inherited)
+            )
+            await self.calls.publish_settled(reply.inherited)
+        if s.health_file:
+            Path(s.health_file).touch()  # noqa: ASYNC240 - a tiny local file, once a second
+        if again and self.subscribed and not self.executor.draining:
+            await self.status(relay_pb2.WorkerStatus.CHANGE_JOINED)
+
+    async def heartbeat_loop(self) -> None:
+        interval = self.settings.heartbeat_ms / 1000
+        while True:
+            try:
+                await self.beat()
+                if not self.redis_ok:
+                    log.info("Redis reachable again")
+                self.redis_ok = True
+            except Exception as exc:  # noqa: BLE001 - heartbeats must outlive any failure
+                self.metrics.redis_errors.inc()
+                if self.redis_ok:
+                    log.warning("heartbeat failed (%s: %s); retrying", type(exc).__name__, exc)
+                self.redis_ok = False
+            await asyncio.sleep(interval)
+
+    def beat_soon(self) -> None:
+        """A heartbeat now, in the background (to report a slot lost to a stuck thread)."""
+        task = asyncio.create_task(self.quietly(self.beat()))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @property
+    def background(self) -> list[asyncio.Task[None]]:
+        return list(self._background)
+
+    def _abandon(self, held: list[asyncio.Task[None] | None]) -> None:
+        """After an eviction the jobs held before it were placed again elsewhere: stop running them.
+        (A job placed here after the beat re-registered this worker is valid and keeps running.)"""
+        now = time.monotonic()
+        self.evictions = [t for t in self.evictions if now - t < 60] + [now]
+        log.warning("registered again after being evicted; abandoning %d superseded jobs", len(held))
+        if len(self.evictions) > 1:  # a crashed predecessor is evicted once; a live twin again and again
+            log.error(
+                "evicted %d times in a minute: another live process seems to use worker id %s (ids must be unique)",
+                len(self.evictions),
+                self.id,
+            )
+        for task in held:
+            if task is not None:
+                task.cancel()
+
+    async def status(self, change: relay_pb2.WorkerStatus.Change) -> None:
+        await self.calls.status(self.id, change)
+
+    async def leave(self) -> None:
+        """Deregisters; the jobs not finished here go back to their queues."""
+        handed: list[Settled] = await self.calls.leave(self.id)
+        for s in handed:
+            log.info("job_id=%s handed back to queue %s", s.job_id, s.queue)
+        await self.calls.publish_settled(handed)
+        await self.status(relay_pb2.WorkerStatus.CHANGE_LEFT)
+
+    async def quietly(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Runs one Redis step of a best-effort sequence (shutdown, an early heartbeat); a failure is
+        logged, and the gateways' reaping covers for it."""
+        try:
+            await asyncio.wait_for(coro, timeout=self.settings.redis_timeout_s + 1)
+        except STEP_ERRORS as exc:
+            self.metrics.redis_errors.inc()
+            log.warning("Redis step failed (%s); heartbeat expiry and reaping cover for it", exc)
