@@ -124,7 +124,7 @@ class GatewayCalls(Calls):
 
     async def _submit_call(self, jobs: Sequence[PreparedJob]) -> tuple[list[job_pb2.Job], Placed]:
         k, now = self.keys, now_ms()
-        keys = [k.queues(), k.seq()]
+        keys = k.namespace_keys()
         args: list[Any] = [now, self.idempotency_ttl_s, self.retention_s, self.max_queues, self.max_kinds]
         args += [k.prefix, self.ack_timeout_ms, self.place_most]
         for job in jobs:
@@ -246,7 +246,9 @@ class GatewayCalls(Calls):
         """Cancels a job. Raises NotFound, FailedPrecondition (already terminal), Unavailable."""
         k = self.keys
         async with redis_errors():
-            reply = await self.scripts.cancel(keys=[k.job(job_id), k.acks()], args=[k.prefix, job_id, now_ms()])
+            reply = await self.scripts.cancel(
+                keys=[*k.namespace_keys(), k.job(job_id)], args=[k.prefix, job_id, now_ms()]
+            )
         code = reply[0]
         if code == -1:
             raise NotFound(f"id: no job {job_id}")
@@ -262,7 +264,7 @@ class GatewayCalls(Calls):
         k, now = self.keys, now_ms()
         async with redis_errors():
             flat = await self.scripts.schedule(
-                keys=[k.queue_kinds(queue), k.queue_workers(queue), k.acks(), k.lease_seq(), k.queues()],
+                keys=[*k.namespace_keys(), k.queue_kinds(queue), k.queue_workers(queue)],
                 args=[k.prefix, now, ack_timeout_ms, queue, most],
             )
         return Placed(placements(flat[1:]), {queue} if flat[0] == 1 else set(), {queue})
@@ -304,7 +306,7 @@ class GatewayCalls(Calls):
         """Settles jobs of expired workers and unacknowledged dispatches."""
         k = self.keys
         async with redis_errors():
-            flat = await self.scripts.reap(keys=[k.workers(), k.acks()], args=[k.prefix, now_ms(), limit])
+            flat = await self.scripts.reap(keys=k.namespace_keys(), args=[k.prefix, now_ms(), limit])
         return settled(flat)
 
 

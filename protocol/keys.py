@@ -1,9 +1,11 @@
 """The one owner of jobgate's Redis key and channel names.
 
 Every key shares the hash tag ``{<namespace>}`` so that the multi-key Lua scripts stay in one slot
-and the design survives Redis Cluster. Scripts that must reach keys named after ids they read
-(jobs of a worker, workers of a queue) receive :attr:`Keys.prefix` and build those names with the
-same rules as this module; ``docs/PROTOCOL.md`` writes the rules down.
+and the design survives Redis Cluster. Scripts receive the keys a call names in KEYS (the
+namespace's own keys first, :meth:`Keys.namespace_keys`); keys named after ids a script reads from
+Redis (jobs of a worker, workers of a queue) are built in Lua from :attr:`Keys.prefix` by the key
+functions of ``lua/_common.lua``, which follow the same rules as this module (a test holds the two
+together); ``docs/PROTOCOL.md`` writes the rules down.
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ class Keys:
     def prefix(self) -> str:
         """Common prefix of every key, including the hash tag: ``{jobgate}:``."""
         return "{" + self.namespace + "}:"
+
+    def namespace_keys(self) -> list[str]:
+        """The keys every state-changing script receives first, as KEYS[1..7], in this order."""
+        return [
+            self.queues(),
+            self.seq(),
+            self.lease_seq(),
+            self.acks(),
+            self.cancels(),
+            self.workers(),
+            self.results_channel(),
+        ]
 
     # --- jobs -----------------------------------------------------------------------------
     def job(self, job_id: str) -> str:  # hash

@@ -72,7 +72,7 @@ class WorkerCalls(Calls):
         """Registers or refreshes the worker; settles what an earlier process under its id held."""
         k, now = self.keys, now_ms()
         reply = await self.scripts.heartbeat(
-            keys=[k.workers(), k.worker(r.worker_id), k.worker_jobs(r.worker_id), k.acks()],
+            keys=[*k.namespace_keys(), k.worker(r.worker_id), k.worker_jobs(r.worker_id)],
             args=[
                 k.prefix,
                 r.worker_id,
@@ -92,25 +92,27 @@ class WorkerCalls(Calls):
     async def leave(self, worker_id: str) -> list[Settled]:
         """Deregisters the worker and hands the jobs it did not finish back to their queues."""
         k = self.keys
-        return settled(await self.scripts.leave(keys=[k.workers(), k.acks()], args=[k.prefix, worker_id, now_ms()]))
+        return settled(await self.scripts.leave(keys=k.namespace_keys(), args=[k.prefix, worker_id, now_ms()]))
 
-    async def start_many(self, worker_id: str, starts: Sequence[Start]) -> list[int]:
-        """Acknowledges dispatches: per start, 1 started, 0 stale, -1 missing."""
+    async def start_many(self, worker_id: str, instance: str, starts: Sequence[Start]) -> list[int]:
+        """Acknowledges dispatches: per start, 1 started, 0 stale, -1 missing. ``instance`` is the
+        token the worker's heartbeat registered: a placement on another registration is stale."""
         k = self.keys
-        keys = [k.acks(), k.results_channel()]
-        args: list[Any] = [worker_id, now_ms()]
+        keys = k.namespace_keys()
+        args: list[Any] = [k.prefix, worker_id, instance, now_ms()]
         for s in starts:
             keys.append(k.job(s.job_id))
             args += (s.job_id, s.lease, s.event)
         return [int(c) for c in await self.scripts.start_many(keys=keys, args=args)]
 
-    async def finish_many(self, worker_id: str, outcomes: Sequence[Outcome], *, take: int) -> Finished:
+    async def finish_many(self, worker_id: str, instance: str, outcomes: Sequence[Outcome], *, take: int) -> Finished:
         """Records outcomes (per outcome 1 recorded, 2 recorded before, 0 stale, -1 missing), and
-        refills the slots they free: up to ``take`` waiting jobs are started on this worker at once,
-        more are dispatched as a placement pass would."""
+        refills the slots they free: up to ``take`` waiting jobs are started on this worker at once
+        (only while ``instance`` is the token of its registration), more are dispatched as a
+        placement pass would."""
         k = self.keys
-        keys = [k.results_channel()]
-        args: list[Any] = [k.prefix, worker_id, now_ms(), PLACE_MOST, DEFAULT_ACK_MS, take]
+        keys = k.namespace_keys()
+        args: list[Any] = [k.prefix, worker_id, instance, now_ms(), PLACE_MOST, DEFAULT_ACK_MS, take]
         for o in outcomes:
             keys.append(k.job(o.job_id))
             args += (o.job_id, o.lease, o.state, o.result, o.output, o.error_code, o.error_message, o.event)

@@ -1,8 +1,10 @@
 """A worker's dispatch channel: the subscription, and each message routed to the executor.
 
-The heartbeat that takes the worker onto placement comes only once the subscription stands, so
-nothing is dispatched to a worker that cannot hear it; redis-py resubscribes a dropped connection
-by itself, and the gateways hear of it (dispatches in the gap were taken back by them).
+The first heartbeat registers the worker (taking nothing) before it subscribes, so every dispatch
+it hears was placed on its own registration; the heartbeat that takes it onto placement comes only
+once the subscription stands, so nothing is dispatched to a worker that cannot hear it. redis-py
+resubscribes a dropped connection by itself, and the gateways hear of it (dispatches in the gap
+were taken back by them).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class DispatchListener:
         channel = self.calls.keys.dispatch_channel(m.id)
         while True:
             try:
+                if not m.registered:  # registered (taking nothing) before any dispatch can arrive
+                    await m.beat()
                 async with subscription(self.calls.redis, (channel,), self._resubscribed) as ps:
                     m.subscribed = True
                     await m.beat()

@@ -73,12 +73,14 @@ class Executor:
         calls: WorkerCalls,
         settings: WorkerSettings,
         worker_id: str,
+        instance: str,
         registry: Registry,
         metrics: WorkerMetrics,
     ) -> None:
         self.calls = calls
         self.settings = settings
         self.id = worker_id
+        self.instance = instance  # the token this process registers with (see Membership)
         self.registry = registry
         self.metrics = metrics
         self.pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="jobgate-handler")
@@ -226,7 +228,7 @@ class Executor:
 
     async def _start_many(self, starts: Sequence[Start]) -> list[int]:
         """One start_many call for dispatches that arrived together; start's code for each."""
-        return await self.calls.start_many(self.id, starts)
+        return await self.calls.start_many(self.id, self.instance, starts)
 
     async def _run_handler(self, running: Running) -> Result:
         d = running.dispatch
@@ -310,7 +312,7 @@ class Executor:
         finishes free locally it starts at once and returns (they run here without a start call),
         more it dispatches as a placement pass would."""
         take = 0 if self.draining else sum(1 for o in outcomes if self._frees_slot(o.job_id, o.lease))
-        finished = await self.calls.finish_many(self.id, outcomes, take=take)
+        finished = await self.calls.finish_many(self.id, self.instance, outcomes, take=take)
         for d in finished.taken:
             self.on_dispatch(d, taken=True)
         self.metrics.placed.inc(sum(p.reached for p in finished.placements))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ class Membership:
         kinds: Sequence[str],
         metrics: WorkerMetrics,
         executor: Executor,
+        instance: str,
     ) -> None:
         self.calls = calls
         self.settings = settings
@@ -47,7 +47,7 @@ class Membership:
         self.kinds = list(kinds)
         self.metrics = metrics
         self.executor = executor
-        self.instance = uuid.uuid4().hex  # tells this process's registration from an earlier one's
+        self.instance = instance  # tells this process's registration from an earlier one's
         self.subscribed = False  # set by the dispatch listener while its subscription stands
         self.registered = False  # set by the first successful heartbeat
         self.redis_ok = True

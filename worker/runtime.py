@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -79,8 +80,9 @@ class _Runtime:
         self.redis = redis_client(settings.redis_url, settings.redis_timeout_s)
         self.metrics = WorkerMetrics()
         calls = WorkerCalls(self.redis, Keys(settings.namespace))
-        self.executor = Executor(calls, settings, worker_id, registry, self.metrics)
-        self.membership = Membership(calls, settings, worker_id, registry.kinds, self.metrics, self.executor)
+        instance = uuid.uuid4().hex  # tells this process's registration from an earlier one's
+        self.executor = Executor(calls, settings, worker_id, instance, registry, self.metrics)
+        self.membership = Membership(calls, settings, worker_id, registry.kinds, self.metrics, self.executor, instance)
         self.executor.on_slot_lost = self.membership.beat_soon
         self.listener = DispatchListener(calls, self.membership, self.executor)
 

@@ -1,25 +1,25 @@
 -- cancel: cancel a job. A queued or not yet acknowledged job ends CANCELLED at once; a running one
--- is flagged, its worker is told to stop it, and it is listed in P..'cancels' so that gateways
+-- is flagged, its worker is told to stop it, and it is listed in the cancels zset so that gateways
 -- tell the worker again until the job ends.
--- KEYS[1] job hash, KEYS[2] acks zset
+-- KEYS[1..7] the namespace's keys (see the prelude), KEYS[8] job hash
 -- ARGV[1] key prefix, ARGV[2] job id, ARGV[3] now ms
 -- returns {1, queue} cancelled now, {2, worker id, lease} running: worker must be told,
 --         {-1} missing, {-2} already terminal
-local P = ARGV[1]
-local j = redis.call('HMGET', KEYS[1], 'state', 'queue', 'worker', 'lease', 'kind')
+local ns, jk = namespace(ARGV[1]), KEYS[NS_KEYS + 1]
+local j = redis.call('HMGET', jk, 'state', 'queue', 'worker', 'lease', 'kind')
 if not j[1] then return {-1} end
 local state = tonumber(j[1])
 if is_terminal(state) then return {-2} end
 if state == RUNNING then
-  redis.call('HSET', KEYS[1], 'cancel', '1', 'updated', ARGV[3])
+  redis.call('HSET', jk, 'cancel', '1', 'updated', ARGV[3])
   -- gateways tell the worker again until the job ends, in case this message is lost
-  redis.call('ZADD', P .. 'cancels', ARGV[3], ARGV[2])
+  redis.call('ZADD', ns.cancels, ARGV[3], ARGV[2])
   return {2, j[3], j[4]}
 end
-redis.call('ZREM', P .. 'pending:' .. j[2] .. ':' .. j[5], ARGV[2])
+redis.call('ZREM', pending_key(ns.P, j[2], j[5]), ARGV[2])
 if state == DISPATCHED then
-  redis.call('ZREM', KEYS[2], ARGV[2])
-  release_slot(P, j[3], ARGV[2])
+  redis.call('ZREM', ns.acks, ARGV[2])
+  release_slot(ns, j[3], ARGV[2])
 end
-finish_job(KEYS[1], CANCELLED, 'CANCELLED', 'cancelled by request', ARGV[3])
+finish_job(jk, CANCELLED, 'CANCELLED', 'cancelled by request', ARGV[3])
 return {1, j[2]}

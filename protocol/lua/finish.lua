@@ -1,17 +1,18 @@
 -- finish: a worker records the outcome of a running job and publishes it.
--- KEYS[1] job hash, KEYS[2] results channel
+-- KEYS[1..7] the namespace's keys (see the prelude), KEYS[8] job hash
 -- ARGV[1] key prefix, ARGV[2] job id, ARGV[3] lease, ARGV[4] worker id, ARGV[5] terminal state,
 -- ARGV[6] now ms, ARGV[7] result (google.protobuf.Value bytes), ARGV[8] output bytes,
 -- ARGV[9] error code, ARGV[10] error message, ARGV[11] JobEvents bytes holding the terminal event
 -- returns {1, receivers} recorded, {2} this very outcome was already recorded by this script for
 --         this placement (a retried call after a lost reply), {0} stale (superseded attempt, or the
 --         job was settled by a gateway or an eviction), {-1} missing
-local code = record_outcome(KEYS[1], ARGV[4], ARGV[6], {
+local ns = namespace(ARGV[1])
+local code = record_outcome(KEYS[NS_KEYS + 1], ARGV[4], ARGV[6], {
   lease = ARGV[3], state = tonumber(ARGV[5]), result = ARGV[7], output = ARGV[8],
   code = ARGV[9], message = ARGV[10]})
 if code == -2 then return redis.error_reply('ERR finish needs a terminal state') end
 if code == 1 then
-  release_slot(ARGV[1], ARGV[4], ARGV[2])
-  return {1, redis.call('PUBLISH', KEYS[2], ARGV[11])}
+  release_slot(ns, ARGV[4], ARGV[2])
+  return {1, redis.call('PUBLISH', ns.results, ARGV[11])}
 end
 return {code}

@@ -1,32 +1,61 @@
 -- finish_many: finish for several jobs of one worker in one call (each exactly as finish); the
 -- events of the outcomes it recorded go out as one JobEvents message (several when they pass 1 MB).
--- Then, for each queue in which it freed a slot, it places waiting jobs on this worker's free slots
--- as schedule does (place_jobs in the prelude), so a busy worker refills without waiting for a
--- gateway; other workers' free slots are the gateways' (and their own finishes') to fill. With a
--- take budget (ARGV[6] > 0), up to that many of those jobs (and no more than the outcomes it
--- recorded) are started at once on the worker's behalf and returned instead of dispatched (the
--- worker runs them without a start call); slots beyond the budget are filled by dispatch.
--- KEYS[1] results channel, then KEYS[1+i] job hash of job i (i from 1)
--- ARGV[1] key prefix, ARGV[2] worker id, ARGV[3] now ms, ARGV[4] most placements per queue
---   (0: place none), ARGV[5] ack timeout ms for a job stored without one, ARGV[6] most jobs to
---   start and return (0: dispatch them instead), then 8 per job i, from a = 8i - 1: job id, lease,
---   terminal state, result (Value bytes), output bytes, error code, error message, JobEvents bytes
---   holding its terminal event
+-- Then, for each queue in which it freed a slot, it refills this worker's free slots with waiting
+-- jobs, so a busy worker refills without waiting for a gateway; other workers' free slots are the
+-- gateways' (and their own finishes') to fill. Up to the take budget (ARGV[7]; no more than the
+-- outcomes it recorded, and only for the worker's current registration) those jobs are started at
+-- once on the worker's behalf and returned instead of dispatched (the worker runs them without a
+-- start call); slots beyond the budget are filled by dispatch (place_jobs in the prelude).
+-- KEYS[1..7] the namespace's keys (see the prelude), then KEYS[7+i] job hash of job i (i from 1)
+-- ARGV[1] key prefix, ARGV[2] worker id, ARGV[3] instance token of the worker's registration,
+--   ARGV[4] now ms, ARGV[5] most placements per queue (0: place none), ARGV[6] ack timeout ms for a
+--   job stored without one, ARGV[7] most jobs to start and return (0: dispatch them instead),
+--   then 8 per job i, from a = 8i: job id, lease, terminal state, result (Value bytes), output
+--   bytes, error code, error message, JobEvents bytes holding its terminal event
 -- returns {codes, placements, taken}: codes an array with finish's code (1 recorded, 2 already
 --   recorded, 0 stale, -1 missing) for each job, in order; placements a flat array as schedule
---   returns them after its first entry (5 per placement); taken the DispatchJobs encoding of the
---   jobs it started (empty when none), and of the jobs an earlier call with these outcomes started
---   that still run on this worker. An error reply, with nothing written, when any state is
---   not terminal.
-for i = 1, #KEYS - 1 do
-  if not is_terminal(tonumber(ARGV[8 * i + 1])) then
+--   returns them after its first entry (5 per placement, taken jobs included); taken the
+--   DispatchJobs encoding of the jobs it started (empty when none), and of the jobs an earlier call
+--   with these outcomes started that still run on this worker. An error reply, with nothing
+--   written, when any state is not terminal.
+local ns = namespace(ARGV[1])
+local worker, now = ARGV[2], tonumber(ARGV[4])
+local jobs = #KEYS - NS_KEYS
+
+-- Starts up to `most` waiting jobs of `queue` on `worker` at once, as start would on its behalf:
+-- RUNNING, no acknowledgement deadline, nothing on the dispatch channel; their DISPATCHED and
+-- RUNNING events are published. Appends their DispatchJob encodings to `taken` and 5 entries per
+-- job to `out` (report_placements). Returns true when jobs are still waiting in the queue.
+local function take_jobs(queue, most, out, taken)
+  local waiting = waiting_kinds(ns, queue)
+  if #waiting == 0 then return false end
+  local cands, free = candidates(ns, queue, now, worker)
+  if free == 0 then return true end
+  local placed = assign(ns, queue, waiting, cands, free, most)
+  local events, ts = {}, pb_timestamp(now)
+  for _, p in ipairs(placed) do
+    redis.call('HSET', job_key(ns.P, p.id), 'state', RUNNING, 'worker', p.worker,
+      'lease', string.format('%.0f', p.lease), 'attempt', p.attempt, 'started', now, 'updated', now)
+    taken[#taken + 1] = {id = p.id, d = pb_bytes(PB.DispatchJobs.jobs,
+      pb_dispatch(p.id, p.lease, p.attempt, p.spec, p.timeout_ms))}
+    p.reached = true
+    events[#events + 1] = pb_bytes(PB.JobEvents.events, pb_event(p.id, queue, p.kind, DISPATCHED, p.attempt, p.worker, ts))
+    events[#events + 1] = pb_bytes(PB.JobEvents.events, pb_event(p.id, queue, p.kind, RUNNING, p.attempt, p.worker, ts))
+  end
+  report_placements(placed, out)
+  publish_parts(ns.results, events)
+  return still_waiting(ns, queue, waiting)
+end
+
+for i = 1, jobs do
+  if not is_terminal(tonumber(ARGV[8 * i + 2])) then
     return redis.error_reply('ERR finish needs a terminal state')
   end
 end
 local codes, events, freed, seen, finished, again = {}, {}, {}, {}, {}, {}
-for i = 1, #KEYS - 1 do
-  local a = 8 * i - 1
-  local code, queue, refill = record_outcome(KEYS[1 + i], ARGV[2], ARGV[3], {
+for i = 1, jobs do
+  local a = 8 * i
+  local code, queue, refill = record_outcome(KEYS[NS_KEYS + i], worker, ARGV[4], {
     lease = ARGV[a + 1], state = tonumber(ARGV[a + 2]), result = ARGV[a + 3],
     output = ARGV[a + 4], code = ARGV[a + 5], message = ARGV[a + 6]})
   codes[i] = code
@@ -40,21 +69,21 @@ for i = 1, #KEYS - 1 do
     end
   end
 end
-release_slots(ARGV[1], ARGV[2], finished)
-publish_parts(KEYS[1], events)
-local placements, most, take = {}, tonumber(ARGV[4]), math.min(tonumber(ARGV[6]), #finished)
+release_slots(ns, worker, finished)
+publish_parts(ns.results, events)
+local placements, most, take = {}, tonumber(ARGV[5]), math.min(tonumber(ARGV[7]), #finished)
+if take > 0 and not registered_instance(ns, worker, ARGV[3]) then take = 0 end
 local taken = {}
 if most > 0 then
   for _, queue in ipairs(freed) do
     local left, waiting = most, true
     if #taken < take then
       local before = #taken
-      waiting = place_jobs(ARGV[1], queue, tonumber(ARGV[3]), tonumber(ARGV[5]), math.min(most, take - #taken),
-        placements, ARGV[2], taken)
+      waiting = take_jobs(queue, math.min(most, take - #taken), placements, taken)
       left = most - (#taken - before)
     end
     if waiting and left > 0 then  -- free slots beyond the budget: dispatched as usual
-      place_jobs(ARGV[1], queue, tonumber(ARGV[3]), tonumber(ARGV[5]), left, placements, ARGV[2])
+      place_jobs(ns, queue, now, tonumber(ARGV[6]), left, placements, worker)
     end
   end
 end
@@ -62,13 +91,13 @@ end
 -- (its outcomes answered 2) returns the taken jobs again while they still run here unseen.
 local out = {}
 for i, t in ipairs(taken) do
-  redis.call('HSET', ARGV[1] .. 'job:' .. finished[i], 'refill', t.id)
+  redis.call('HSET', job_key(ns.P, finished[i]), 'refill', t.id)
   out[i] = t.d
 end
 for _, id in ipairs(again) do
-  local j = redis.call('HMGET', ARGV[1] .. 'job:' .. id, 'state', 'worker', 'lease', 'attempt', 'spec', 'timeout_ms')
-  if tonumber(j[1]) == RUNNING and j[2] == ARGV[2] then
-    out[#out + 1] = pb_bytes(1, pb_dispatch(id, tonumber(j[3]), tonumber(j[4]), j[5], tonumber(j[6])))
+  local j = redis.call('HMGET', job_key(ns.P, id), 'state', 'worker', 'lease', 'attempt', 'spec', 'timeout_ms')
+  if tonumber(j[1]) == RUNNING and j[2] == worker then
+    out[#out + 1] = pb_bytes(PB.DispatchJobs.jobs, pb_dispatch(id, tonumber(j[3]), tonumber(j[4]), j[5], tonumber(j[6])))
   end
 end
 return {codes, placements, table.concat(out)}

@@ -1,12 +1,15 @@
 -- start: a worker acknowledges a dispatch and starts running it (also publishes RUNNING).
--- KEYS[1] job hash, KEYS[2] acks zset, KEYS[3] results channel
--- ARGV[1] job id, ARGV[2] lease, ARGV[3] worker id, ARGV[4] now ms, ARGV[5] JobEvents bytes
+-- KEYS[1..7] the namespace's keys (see the prelude), KEYS[8] job hash
+-- ARGV[1] key prefix, ARGV[2] job id, ARGV[3] lease, ARGV[4] worker id, ARGV[5] instance token of
+--   the worker's registration (as its heartbeat sent it), ARGV[6] now ms, ARGV[7] JobEvents bytes
 --   holding the RUNNING event
 -- returns 1 running (also when this placement was already started: a retried call after a lost
--- reply), 0 stale (lease superseded, cancelled, or not this worker's), -1 missing
-local code, changed = start_job(KEYS[1], ARGV[2], ARGV[3], ARGV[4])
+-- reply), 0 stale (lease superseded, cancelled, not this worker's, or placed on an earlier
+-- registration of its id than the caller's), -1 missing
+local ns = namespace(ARGV[1])
+local code, changed = start_job(ns, KEYS[NS_KEYS + 1], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 if changed then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  redis.call('PUBLISH', KEYS[3], ARGV[5])
+  redis.call('ZREM', ns.acks, ARGV[2])
+  redis.call('PUBLISH', ns.results, ARGV[7])
 end
 return code

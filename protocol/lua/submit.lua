@@ -1,8 +1,8 @@
 -- submit: store a batch of new jobs and queue them, all or none; then place what can run now on
 -- free worker slots (place_jobs in the prelude) for each queue it added jobs to.
--- KEYS[1] queues set, KEYS[2] seq counter, then 4 per job i (from 0): KEYS[3+4i] job hash,
---   KEYS[4+4i] pending zset of its queue and kind, KEYS[5+4i] idempotency string (any key when the
---   job has no idempotency key), KEYS[6+4i] kinds set of its queue
+-- KEYS[1..7] the namespace's keys (see the prelude), then 4 per job i (from 0): KEYS[8+4i] job
+--   hash, KEYS[9+4i] pending zset of its queue and kind, KEYS[10+4i] idempotency string (any key
+--   when the job has no idempotency key), KEYS[11+4i] kinds set of its queue
 -- ARGV[1] now ms, ARGV[2] idempotency ttl s, ARGV[3] retention s (how long a job is kept once
 --   finished), ARGV[4] most queues with waiting jobs, ARGV[5] most kinds with waiting jobs per queue,
 --   ARGV[6] key prefix, ARGV[7] ack timeout ms (stored as the job's 'ack': how long a worker has to
@@ -17,7 +17,8 @@
 --   (the original id); or, with nothing stored: {-2, i, id} job i's idempotency key was used for a
 --   different request (by job id), {-3, i} job i would add a queue over the limit, {-4, i} job i
 --   would add a kind to its queue over the limit (i from 0).
-local n = (#KEYS - 2) / 4
+local ns = namespace(ARGV[6])
+local n = (#KEYS - NS_KEYS) / 4
 local now, idem_ttl, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local max_queues, max_kinds = tonumber(ARGV[4]), tonumber(ARGV[5])
 local out = {0, {}, {}}
@@ -26,7 +27,7 @@ local seen_queues, queue_count = {}, nil  -- queues and kinds checked once per c
 local seen_kinds, kind_counts = {}, {}
 
 for i = 0, n - 1 do
-  local k, a = 3 + 4 * i, 9 + 8 * i
+  local k, a = NS_KEYS + 1 + 4 * i, 9 + 8 * i
   local id, queue, kind, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], ARGV[a + 7]
   local code, stored_id = 1, id
   -- Every request gets fresh job ids, so an existing hash means this call is a resend.
@@ -39,8 +40,8 @@ for i = 0, n - 1 do
     else
       fresh[#fresh + 1] = i
       if not seen_queues[queue] then
-        if redis.call('SISMEMBER', KEYS[1], queue) == 0 then
-          queue_count = (queue_count or redis.call('SCARD', KEYS[1])) + 1
+        if redis.call('SISMEMBER', ns.queues, queue) == 0 then
+          queue_count = (queue_count or redis.call('SCARD', ns.queues)) + 1
           if queue_count > max_queues then return {-3, i} end
         end
         seen_queues[queue] = true
@@ -59,10 +60,10 @@ for i = 0, n - 1 do
   out[#out + 1] = stored_id
 end
 
-local seq = #fresh > 0 and redis.call('INCRBY', KEYS[2], #fresh) - #fresh or 0
+local seq = #fresh > 0 and redis.call('INCRBY', ns.seq, #fresh) - #fresh or 0
 local pending, pending_keys = {}, {}  -- per pending zset: score, id pairs
 for _, i in ipairs(fresh) do
-  local k, a = 3 + 4 * i, 9 + 8 * i
+  local k, a = NS_KEYS + 1 + 4 * i, 9 + 8 * i
   local id, queue, kind, prio, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 7]
   seq = seq + 1
   redis.call('HSET', KEYS[k], 'spec', ARGV[a + 1], 'queue', queue, 'kind', kind, 'prio', prio,
@@ -77,7 +78,7 @@ for _, i in ipairs(fresh) do
   members[#members + 1] = pending_score(prio, seq)
   members[#members + 1] = id
   if seen_queues[queue] ~= 'added' then
-    redis.call('SADD', KEYS[1], queue)
+    redis.call('SADD', ns.queues, queue)
     seen_queues[queue] = 'added'
   end
   if seen_kinds[queue .. ':' .. kind] ~= 'added' then
@@ -94,7 +95,7 @@ for _, i in ipairs(fresh) do
   local queue = ARGV[9 + 8 * i + 2]
   if not placed_queues[queue] then
     placed_queues[queue] = true
-    local left = place_jobs(ARGV[6], queue, tonumber(now), tonumber(ARGV[7]), tonumber(ARGV[8]), out[2])
+    local left = place_jobs(ns, queue, tonumber(now), tonumber(ARGV[7]), tonumber(ARGV[8]), out[2])
     table.insert(out[3], queue)
     table.insert(out[3], left and 1 or 0)
   end

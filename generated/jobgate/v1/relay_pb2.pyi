@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from jobgate.v1 import job_pb2 as _job_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -9,18 +12,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DispatchJob(_message.Message):
-    __slots__ = ("job_id", "lease", "attempt", "spec", "timeout_ms")
+    __slots__ = ("job_id", "lease", "attempt", "spec", "timeout_ms", "ack_deadline")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    ACK_DEADLINE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     lease: int
     attempt: int
     spec: _job_pb2.JobSpec
     timeout_ms: int
-    def __init__(self, job_id: _Optional[str] = ..., lease: _Optional[int] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    ack_deadline: _timestamp_pb2.Timestamp
+    def __init__(self, job_id: _Optional[str] = ..., lease: _Optional[int] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., ack_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class DispatchJobs(_message.Message):
     __slots__ = ("jobs",)
