@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
 from redis.asyncio import Redis
@@ -25,81 +25,12 @@ from protocol.gateway_calls import GatewayCalls
 from protocol.keys import JOB_ID_RE, QUEUE_RE, Keys
 
 from .metrics import GatewayMetrics
+from .streams import Watcher
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 512  # messages handled per wake-up; terminal events checked per read
 _KNOWN_STATES = frozenset(v for v in job_pb2.JobState.values() if v != job_pb2.JOB_STATE_UNSPECIFIED)
-
-
-class Watcher:
-    """One stream handler's view of the event flow: filters and a bounded buffer."""
-
-    def __init__(
-        self,
-        *,
-        job_ids: Iterable[str] = (),
-        queue: str = "",
-        kinds: Iterable[str] = (),
-        queues: frozenset[str] | None = None,
-        terminal_only: bool = True,
-        buffer: int = 1024,
-    ) -> None:
-        self.job_ids = frozenset(job_ids)
-        if not terminal_only and not self.job_ids:
-            raise ValueError("only a watcher of job ids takes progress events")
-        self.remaining = set(self.job_ids)  # named jobs not yet delivered as terminal
-        self.queue = queue
-        self.kinds = frozenset(kinds)
-        self.queues = queues  # the queues the caller may see (None: all)
-        self.terminal_only = terminal_only
-        self.events: asyncio.Queue[job_pb2.JobEvent | None] = asyncio.Queue(maxsize=buffer)
-        self.overflowed = False
-        self.stale = False  # set when events may have been missed: re-read stored state
-        self.missed = False  # set when events may have been missed and cannot be re-read (no job ids)
-
-    def matches(self, event: job_pb2.JobEvent) -> bool:
-        if self.terminal_only and event.state not in TERMINAL:
-            return False
-        if self.job_ids and event.job_id not in self.remaining:
-            return False
-        if self.queue and event.queue != self.queue:
-            return False
-        if self.queues is not None and event.queue not in self.queues:
-            return False
-        return not self.kinds or event.kind in self.kinds
-
-    def push(self, event: job_pb2.JobEvent | None) -> None:
-        """Queues an event (None = wake up and reconcile). Marks the watcher overflowed when full."""
-        try:
-            self.events.put_nowait(event)
-        except asyncio.QueueFull:
-            self.overflowed = True
-
-    def mark_missed(self) -> None:
-        """Events may have been missed: a watcher of job ids re-reads their stored state; one without
-        (queue and kind filters only) has nothing to re-read, so its stream must say so."""
-        if self.job_ids:
-            self.stale = True
-        else:
-            self.missed = True
-        self.wake()
-
-    def wake(self) -> None:
-        if not self.events.full():
-            self.events.put_nowait(None)
-
-    def delivered(self, event: job_pb2.JobEvent) -> bool:
-        """Records delivery; returns False when the event must be skipped (duplicate terminal)."""
-        if event.state in TERMINAL and self.job_ids:
-            if event.job_id not in self.remaining:
-                return False
-            self.remaining.discard(event.job_id)
-        return True
-
-    @property
-    def finished(self) -> bool:
-        return bool(self.job_ids) and not self.remaining
 
 
 class Hub:

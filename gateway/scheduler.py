@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from redis.asyncio import Redis
-
 from jobgate.v1 import job_pb2
 from protocol.errors import Unavailable
 from protocol.gateway_calls import GatewayCalls
-from protocol.keys import QUEUE_RE, Keys
+from protocol.keys import QUEUE_RE
 from protocol.replies import Placed
 
 from .metrics import GatewayMetrics
@@ -31,8 +29,6 @@ class Scheduler:
 
     def __init__(
         self,
-        redis: Redis,
-        keys: Keys,
         store: GatewayCalls,
         *,
         tick_s: float,
@@ -40,8 +36,6 @@ class Scheduler:
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
-        self.redis = redis
-        self.keys = keys
         self.store = store
         self.tick_s = tick_s
         self.ack_timeout_ms = ack_timeout_ms

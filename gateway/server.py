@@ -81,7 +81,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         began = loop.time()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.service.streams_closed.wait(), timeout=grace / 2)
+            await asyncio.wait_for(self.service.admission.closed.wait(), timeout=grace / 2)
             await asyncio.sleep(min(0.25, grace / 4))  # their final statuses leave the process
         await self.server.stop(max(0.0, grace - (loop.time() - began)))
         self.stop_event.set()
@@ -110,7 +110,7 @@ async def start(settings: GatewaySettings) -> Gateway:
     )
     metrics = GatewayMetrics()
     scheduler = Scheduler(
-        redis, keys, store, tick_s=settings.tick_ms / 1000, ack_timeout_ms=settings.ack_timeout_ms, metrics=metrics
+        store, tick_s=settings.tick_ms / 1000, ack_timeout_ms=settings.ack_timeout_ms, metrics=metrics
     )
     hub = Hub(
         redis, keys, store, on_slot_freed=scheduler.slot_freed, on_worker_change=scheduler.kick_all, metrics=metrics
@@ -125,7 +125,6 @@ async def start(settings: GatewaySettings) -> Gateway:
         store,
         scheduler,
         hub,
-        keys,
         limits,
         stream_buffer=settings.stream_buffer,
         reconcile_s=settings.reconcile_ms / 1000,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -16,15 +16,15 @@ import grpc
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 from protocol.coalesce import Coalescer
 from protocol.codec import CANCELLED, QUEUED, TERMINAL, event_from_hash
-from protocol.errors import InvalidArgument, JobgateError, NotFound, ResourceExhausted, Unavailable
+from protocol.errors import InvalidArgument, JobgateError, NotFound
 from protocol.gateway_calls import GatewayCalls, PreparedJob
-from protocol.keys import Keys
 from protocol.replies import Settled
 
 from . import auth
-from .hub import Hub, Watcher
+from .hub import Hub
 from .metrics import GatewayMetrics
 from .scheduler import Scheduler
+from .streams import Admission, Follower, Watcher, chunks
 from .validation import Limits, job_id, kind_name, prepare, prepare_batch, queue_name
 
 log = logging.getLogger(__name__)
@@ -78,17 +78,6 @@ def streaming(
 
     @functools.wraps(fn)
     async def wrapper(self: SchedulerService, request: Req, context: grpc.aio.ServicerContext) -> AsyncIterator[Resp]:
-        if self.closing:  # before anything is stored: a RunJob refused now must not leave a job
-            self.metrics.rpcs.labels(fn.__name__, "UNAVAILABLE").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down; use another gateway")
-        if self.open_streams >= self.max_streams:
-            self.metrics.rpcs.labels(fn.__name__, "RESOURCE_EXHAUSTED").inc()
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this gateway already serves {self.max_streams} streams (max_streams); retry later or elsewhere",
-            )
-        self.open_streams += 1
-        self.metrics.streams.inc()
         try:
             async for item in fn(self, request, context):
                 yield item
@@ -101,11 +90,6 @@ def streaming(
             await context.abort(code, message)
         else:
             self.metrics.rpcs.labels(fn.__name__, "OK").inc()
-        finally:
-            self.open_streams -= 1
-            if self.closing and not self.open_streams:
-                self.streams_closed.set()
-            self.metrics.streams.dec()
 
     return wrapper
 
@@ -118,7 +102,6 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         store: GatewayCalls,
         scheduler: Scheduler,
         hub: Hub,
-        keys: Keys,
         limits: Limits,
         *,
         stream_buffer: int,
@@ -133,23 +116,17 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.store = store
         self.scheduler = scheduler
         self.hub = hub
-        self.keys = keys
         self.limits = limits
         self.stream_buffer = stream_buffer
-        self.reconcile_s = reconcile_s
-        self.max_streams = max_streams
-        self.open_streams = 0
-        self.closing = False
-        self.streams_closed = asyncio.Event()  # set once closing and no stream is left
+        self.admission = Admission(max_streams, self.metrics)
+        self.follower = Follower(store, self.admission, stream_buffer=stream_buffer, reconcile_s=reconcile_s)
         # Single submits (SubmitJob, RunJob) that arrive together share one script call.
         self._singles: Coalescer[PreparedJob, job_pb2.Job | JobgateError] = Coalescer(self._submit_singles)
 
     def close_streams(self) -> None:
         """Ends every open stream with UNAVAILABLE (the gateway is going away): clients resume on
         another gateway, RunJob callers with WatchResults for their job."""
-        self.closing = True
-        if not self.open_streams:
-            self.streams_closed.set()
+        self.admission.close()
         self.hub.wake_all()
 
     # --- unary ----------------------------------------------------------------------------
@@ -232,6 +209,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def RunJob(
         self, request: scheduler_pb2.RunJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.RunJobResponse]:
+        with self.admission.stream():
+            async for response in self._run_job(request):
+                yield response
+
+    async def _run_job(self, request: scheduler_pb2.RunJobRequest) -> AsyncIterator[scheduler_pb2.RunJobResponse]:
         prepared = prepare(request.job, self.limits, "job.")
         auth.current().check(prepared.spec.queue, "job.queue")
         watcher = Watcher(job_ids=[prepared.id], terminal_only=False, buffer=self.stream_buffer)
@@ -257,7 +239,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
                     created_at=job.created_at,
                 )
                 yield scheduler_pb2.RunJobResponse(event=first)
-            async for events in self._follow(watcher):
+            async for events in self.follower.follow(watcher):
                 for event in events:
                     yield scheduler_pb2.RunJobResponse(event=event)
         finally:
@@ -266,6 +248,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
     @streaming
     async def WatchResults(
         self, request: scheduler_pb2.WatchResultsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.WatchResultsResponse]:
+        with self.admission.stream():
+            async for response in self._watch_results(request):
+                yield response
+
+    async def _watch_results(
+        self, request: scheduler_pb2.WatchResultsRequest
     ) -> AsyncIterator[scheduler_pb2.WatchResultsResponse]:
         if len(request.job_ids) > self.limits.max_watch_ids:
             raise InvalidArgument(f"job_ids: at most {self.limits.max_watch_ids} ids, got {len(request.job_ids)}")
@@ -282,12 +271,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.hub.add(watcher)  # subscribe before reading stored state
         try:
             if ids:
-                for events in _chunks(
-                    await self._stored_terminal(watcher, missing_is_error=True), most, self.batch_bytes
-                ):
+                stored = await self.follower.stored_terminal(watcher, missing_is_error=True)
+                for events in chunks(stored, most, self.batch_bytes):
                     yield _watch_response(events, request.max_batch)
-            async for arrived in self._follow(watcher, most):
-                for events in _chunks(arrived, most, self.batch_bytes):
+            async for arrived in self.follower.follow(watcher, most):
+                for events in chunks(arrived, most, self.batch_bytes):
                     yield _watch_response(events, request.max_batch)
         finally:
             self.hub.remove(watcher)
@@ -302,86 +290,6 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         if not fields:
             raise NotFound(f"{field}: no job {jid}")
         principal.check_job(fields.get(b"queue", b"").decode(), jid, field)
-
-    async def _follow(self, watcher: Watcher, most: int = 1) -> AsyncIterator[list[job_pb2.JobEvent]]:
-        """Events for a watcher until it is finished, in lists of what arrived together (up to about
-        ``most``, more when stored state is re-read); re-reads stored state when events may be lost."""
-        while not watcher.finished:
-            self._check_open(watcher)
-            if not watcher.events.empty():  # no timer when an event is already there
-                event = watcher.events.get_nowait()
-            else:
-                try:
-                    async with asyncio.timeout(self.reconcile_s):
-                        event = await watcher.events.get()
-                except TimeoutError:
-                    event = None
-                    watcher.stale = bool(watcher.job_ids)
-            self._check_open(watcher)
-            arrived: list[job_pb2.JobEvent] = []
-            while True:
-                if event is None:
-                    if watcher.stale and watcher.job_ids:
-                        watcher.stale = False
-                        arrived.extend(await self._stored_terminal(watcher, missing_is_error=False))
-                elif watcher.delivered(event):
-                    arrived.append(event)
-                if len(arrived) >= most or watcher.events.empty():
-                    break
-                event = watcher.events.get_nowait()
-            if arrived:
-                yield arrived
-
-    def _check_open(self, watcher: Watcher) -> None:
-        """Raises the status that ends a stream: the gateway is stopping, events may have been
-        missed with nothing to re-read, or the client fell too far behind."""
-        if self.closing:
-            raise Unavailable("the gateway is shutting down; resume on another gateway")
-        if watcher.missed:
-            raise Unavailable(
-                "this gateway's subscription to results was interrupted and events may have been missed;"
-                " reconnect (a stream of job_ids re-reads their stored state)"
-            )
-        if watcher.overflowed:
-            raise ResourceExhausted(f"stream fell more than {self.stream_buffer} events behind; reconnect and resume")
-
-    async def _stored_terminal(self, watcher: Watcher, *, missing_is_error: bool) -> list[job_pb2.JobEvent]:
-        """Terminal events of the watcher's outstanding jobs, read from Redis (and marked delivered).
-        Raises PermissionDenied for a job outside the caller's queues: the first read comes before
-        anything is streamed."""
-        ids = sorted(watcher.remaining)
-        principal = auth.current()
-        out = []
-        for jid, fields in zip(ids, await self.store.get_fields(ids), strict=True):
-            if not fields:
-                if missing_is_error:
-                    raise NotFound(f"job_ids: no job {jid}")
-                continue
-            principal.check_job(fields.get(b"queue", b"").decode(), jid, "job_ids")
-            event = event_from_hash(jid, fields)
-            if event.state not in TERMINAL:
-                continue
-            if watcher.matches(event) and watcher.delivered(event):
-                out.append(event)
-            else:  # finished, but outside the queue/kind filter: nothing to wait for
-                watcher.remaining.discard(jid)
-        return out
-
-
-def _chunks(events: list[job_pb2.JobEvent], most: int, most_bytes: int) -> Iterator[list[job_pb2.JobEvent]]:
-    """``events`` in runs of at most ``most``, and of at most ``most_bytes`` encoded (an event
-    bigger than that goes alone)."""
-    chunk: list[job_pb2.JobEvent] = []
-    size = 0
-    for event in events:
-        n = event.ByteSize() + 8  # the event and its field header
-        if chunk and (len(chunk) == most or size + n > most_bytes):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(event)
-        size += n
-    if chunk:
-        yield chunk
 
 
 def _watch_response(events: list[job_pb2.JobEvent], max_batch: int) -> scheduler_pb2.WatchResultsResponse:

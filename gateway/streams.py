@@ -1,0 +1,217 @@
+"""Following one stream's events: what a stream watches (:class:`Watcher`), which streams a gateway
+takes (:class:`Admission`), and how the events that arrive, or are re-read from Redis when some may
+have been missed, become a stream's batches until the stream is finished or must end
+(:class:`Follower`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Iterator
+
+from jobgate.v1 import job_pb2
+from protocol.codec import TERMINAL, event_from_hash
+from protocol.errors import NotFound, ResourceExhausted, Unavailable
+from protocol.gateway_calls import GatewayCalls
+
+from . import auth
+from .metrics import GatewayMetrics
+
+
+class Watcher:
+    """One stream handler's view of the event flow: filters and a bounded buffer."""
+
+    def __init__(
+        self,
+        *,
+        job_ids: Iterable[str] = (),
+        queue: str = "",
+        kinds: Iterable[str] = (),
+        queues: frozenset[str] | None = None,
+        terminal_only: bool = True,
+        buffer: int = 1024,
+    ) -> None:
+        self.job_ids = frozenset(job_ids)
+        if not terminal_only and not self.job_ids:
+            raise ValueError("only a watcher of job ids takes progress events")
+        self.remaining = set(self.job_ids)  # named jobs not yet delivered as terminal
+        self.queue = queue
+        self.kinds = frozenset(kinds)
+        self.queues = queues  # the queues the caller may see (None: all)
+        self.terminal_only = terminal_only
+        self.events: asyncio.Queue[job_pb2.JobEvent | None] = asyncio.Queue(maxsize=buffer)
+        self.overflowed = False
+        self.stale = False  # set when events may have been missed: re-read stored state
+        self.missed = False  # set when events may have been missed and cannot be re-read (no job ids)
+
+    def matches(self, event: job_pb2.JobEvent) -> bool:
+        if self.terminal_only and event.state not in TERMINAL:
+            return False
+        if self.job_ids and event.job_id not in self.remaining:
+            return False
+        if self.queue and event.queue != self.queue:
+            return False
+        if self.queues is not None and event.queue not in self.queues:
+            return False
+        return not self.kinds or event.kind in self.kinds
+
+    def push(self, event: job_pb2.JobEvent | None) -> None:
+        """Queues an event (None = wake up and reconcile). Marks the watcher overflowed when full."""
+        try:
+            self.events.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+    def mark_missed(self) -> None:
+        """Events may have been missed: a watcher of job ids re-reads their stored state; one without
+        (queue and kind filters only) has nothing to re-read, so its stream must say so."""
+        if self.job_ids:
+            self.stale = True
+        else:
+            self.missed = True
+        self.wake()
+
+    def wake(self) -> None:
+        if not self.events.full():
+            self.events.put_nowait(None)
+
+    def delivered(self, event: job_pb2.JobEvent) -> bool:
+        """Records delivery; returns False when the event must be skipped (duplicate terminal)."""
+        if event.state in TERMINAL and self.job_ids:
+            if event.job_id not in self.remaining:
+                return False
+            self.remaining.discard(event.job_id)
+        return True
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.job_ids) and not self.remaining
+
+
+class Admission:
+    """Which streams this gateway takes: none once it is closing, and at most ``max_streams`` at once."""
+
+    def __init__(self, max_streams: int, metrics: GatewayMetrics) -> None:
+        self.max_streams = max_streams
+        self.metrics = metrics
+        self.open = 0
+        self.closing = False
+        self.closed = asyncio.Event()  # set once closing and no stream is left
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[None]:
+        """Holds a place for one stream while the block runs. Raises Unavailable when the gateway is
+        shutting down (checked before anything is stored, so a refused RunJob leaves no job),
+        ResourceExhausted when ``max_streams`` are open."""
+        if self.closing:
+            raise Unavailable("the gateway is shutting down; use another gateway")
+        if self.open >= self.max_streams:
+            raise ResourceExhausted(
+                f"this gateway already serves {self.max_streams} streams (max_streams); retry later or elsewhere"
+            )
+        self.open += 1
+        self.metrics.streams.inc()
+        try:
+            yield
+        finally:
+            self.open -= 1
+            if self.closing and not self.open:
+                self.closed.set()
+            self.metrics.streams.dec()
+
+    def close(self) -> None:
+        """Takes no more streams; open ones notice :attr:`closing` and end."""
+        self.closing = True
+        if not self.open:
+            self.closed.set()
+
+
+class Follower:
+    """Turns a watcher's events into a stream's batches (RunJob, WatchResults)."""
+
+    def __init__(self, store: GatewayCalls, admission: Admission, *, stream_buffer: int, reconcile_s: float) -> None:
+        self.store = store
+        self.admission = admission
+        self.stream_buffer = stream_buffer
+        self.reconcile_s = reconcile_s
+
+    async def follow(self, watcher: Watcher, most: int = 1) -> AsyncIterator[list[job_pb2.JobEvent]]:
+        """Events for a watcher until it is finished, in lists of what arrived together (up to about
+        ``most``, more when stored state is re-read); re-reads stored state when events may be lost."""
+        while not watcher.finished:
+            self.check_open(watcher)
+            if not watcher.events.empty():  # no timer when an event is already there
+                event = watcher.events.get_nowait()
+            else:
+                try:
+                    async with asyncio.timeout(self.reconcile_s):
+                        event = await watcher.events.get()
+                except TimeoutError:
+                    event = None
+                    watcher.stale = bool(watcher.job_ids)
+            self.check_open(watcher)
+            arrived: list[job_pb2.JobEvent] = []
+            while True:
+                if event is None:
+                    if watcher.stale and watcher.job_ids:
+                        watcher.stale = False
+                        arrived.extend(await self.stored_terminal(watcher, missing_is_error=False))
+                elif watcher.delivered(event):
+                    arrived.append(event)
+                if len(arrived) >= most or watcher.events.empty():
+                    break
+                event = watcher.events.get_nowait()
+            if arrived:
+                yield arrived
+
+    def check_open(self, watcher: Watcher) -> None:
+        """Raises the status that ends a stream: the gateway is stopping, events may have been
+        missed with nothing to re-read, or the client fell too far behind."""
+        if self.admission.closing:
+            raise Unavailable("the gateway is shutting down; resume on another gateway")
+        if watcher.missed:
+            raise Unavailable(
+                "this gateway's subscription to results was interrupted and events may have been missed;"
+                " reconnect (a stream of job_ids re-reads their stored state)"
+            )
+        if watcher.overflowed:
+            raise ResourceExhausted(f"stream fell more than {self.stream_buffer} events behind; reconnect and resume")
+
+    async def stored_terminal(self, watcher: Watcher, *, missing_is_error: bool) -> list[job_pb2.JobEvent]:
+        """Terminal events of the watcher's outstanding jobs, read from Redis (and marked delivered).
+        Raises PermissionDenied for a job outside the caller's queues: the first read comes before
+        anything is streamed."""
+        ids = sorted(watcher.remaining)
+        principal = auth.current()
+        out = []
+        for jid, fields in zip(ids, await self.store.get_fields(ids), strict=True):
+            if not fields:
+                if missing_is_error:
+                    raise NotFound(f"job_ids: no job {jid}")
+                continue
+            principal.check_job(fields.get(b"queue", b"").decode(), jid, "job_ids")
+            event = event_from_hash(jid, fields)
+            if event.state not in TERMINAL:
+                continue
+            if watcher.matches(event) and watcher.delivered(event):
+                out.append(event)
+            else:  # finished, but outside the queue/kind filter: nothing to wait for
+                watcher.remaining.discard(jid)
+        return out
+
+
+def chunks(events: list[job_pb2.JobEvent], most: int, most_bytes: int) -> Iterator[list[job_pb2.JobEvent]]:
+    """``events`` in runs of at most ``most``, and of at most ``most_bytes`` encoded (an event
+    bigger than that goes alone)."""
+    chunk: list[job_pb2.JobEvent] = []
+    size = 0
+    for event in events:
+        n = event.ByteSize() + 8  # the event and its field header
+        if chunk and (len(chunk) == most or size + n > most_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(event)
+        size += n
+    if chunk:
+        yield chunk
