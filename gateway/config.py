@@ -53,7 +53,7 @@ class GatewaySettings:
     max_ping_strikes: int = setting(
         2,
         "pings faster than min_ping_interval_ms tolerated before the connection is closed"
-        " (GOAWAY 'too many pings'); 0 = no limit",
+        ' (GOAWAY "too many pings"); 0 = no limit',
     )
     default_timeout_ms: int = setting(300_000, "per-attempt time limit of jobs that set none")
     ack_timeout_ms: int = setting(5_000, "time a worker has to acknowledge a dispatch before the job is placed again")
@@ -64,11 +64,12 @@ class GatewaySettings:
     retention_s: int = setting(
         86_400,
         "how long a job is kept once it is finished, seconds (positive); stored with each job when it is"
-        " submitted, so it applies whoever finishes the job, worker or gateway",
+        " submitted (the submitting gateway's value), so it applies whoever finishes the job, worker or gateway",
     )
     idempotency_ttl_s: int = setting(
         86_400,
-        "how long an idempotency key is remembered, seconds; must not exceed retention_s (a key would outlive its job)",
+        "how long an idempotency key is remembered, seconds; the gateway refuses to start when it exceeds"
+        " retention_s (a key would outlive its job)",
     )
     redis_timeout_s: float = setting(5.0, "Redis connect and read timeout, seconds")
     grace_s: float = setting(
