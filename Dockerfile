@@ -1,5 +1,5 @@
 # One image for the gateway and the workers: `python -m gateway` (the default) or `python -m worker`.
-# Settings come from JOBGATE_* variables; see compose.yaml and the README's settings table.
+# Settings come from JOBGATE_* variables; see compose.yaml and docs/OPERATIONS.md.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \

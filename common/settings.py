@@ -14,6 +14,18 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 T = TypeVar("T", bound="DataclassInstance")
+V = TypeVar("V")
+
+
+def setting(default: V, meaning: str, *, repr: bool = True) -> V:
+    """A settings field: its default and the one line that ``--help`` and the docs give as its meaning."""
+    made: V = dataclasses.field(default=default, repr=repr, metadata={"help": meaning})
+    return made
+
+
+def meaning_of(f: dataclasses.Field[Any]) -> str:
+    """The meaning a settings field was declared with (see ``setting``)."""
+    return str(f.metadata.get("help", ""))
 
 
 def redact(url: str) -> str:
@@ -85,15 +97,39 @@ def _convert(default: Any, raw: str) -> Any:
 
 
 def with_flags(settings: T, argv: Sequence[str] | None, prog: str, description: str) -> T:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    """These settings overridden by command-line flags, one per field but the secrets. ``--help``
+    gives each flag's meaning, default and environment variable."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"{description} Each setting is its default, overridden by its environment variable,"
+        " overridden by its flag.",
+        epilog=_secrets_epilog(settings),
+    )
     for f in fields(settings):
         if f.name in SECRETS:
             continue  # environment only: a command line shows in `ps` and /proc/<pid>/cmdline
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default)
+        text = _escape(f"{meaning_of(f)} (default: {_shown(f.default)}; env JOBGATE_{f.name.upper()})")
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=f"env JOBGATE_{f.name.upper()}")
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return dataclasses.replace(settings, **given)
+
+
+def _shown(default: object) -> str:
+    return "empty" if default == "" else str(default)
+
+
+def _escape(text: str) -> str:
+    return text.replace("%", "%%")  # argparse formats help text with %
+
+
+def _secrets_epilog(settings: DataclassInstance) -> str | None:
+    secret = [f for f in fields(settings) if f.name in SECRETS]
+    if not secret:
+        return None
+    lines = [f"JOBGATE_{f.name.upper()}: {meaning_of(f)}" for f in secret]
+    return _escape("Environment only (a flag would show in ps): " + "; ".join(lines))

@@ -4,46 +4,95 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from common.settings import check_listen, from_env_vars, read_file, settings_repr, with_flags
+from common.settings import check_listen, from_env_vars, read_file, setting, settings_repr, with_flags
 
 
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
-    """Every gateway setting, with its default. Environment: ``JOBGATE_<FIELD NAME IN CAPITALS>``."""
+    """Every gateway setting, with its default and meaning (``--help`` shows both).
+    Environment: ``JOBGATE_<FIELD NAME IN CAPITALS>``."""
 
-    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
-    listen: str = "127.0.0.1:50051"
-    namespace: str = "jobgate"
-    max_payload_bytes: int = 1024 * 1024
-    max_message_bytes: int = 4 * 1024 * 1024
-    max_batch: int = 1000
-    max_watch_ids: int = 1000
-    stream_buffer: int = 10_000
-    max_streams: int = 10_000
-    max_queues: int = 1000
-    max_kinds: int = 1000
-    keepalive_time_ms: int = 60_000
-    keepalive_timeout_ms: int = 20_000
-    min_ping_interval_ms: int = 10_000
-    max_ping_strikes: int = 2
-    default_timeout_ms: int = 300_000
-    ack_timeout_ms: int = 5_000
-    tick_ms: int = 500
-    reconcile_ms: int = 5_000
-    retention_s: int = 86_400
-    idempotency_ttl_s: int = 86_400
-    redis_timeout_s: float = 5.0
-    grace_s: float = 10.0
-    metrics_listen: str = ""
-    log_level: str = "INFO"
-    log_format: str = "text"
-    auth_tokens: str = field(default="", repr=False)
-    auth_tokens_file: str = ""
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    tls_client_ca_file: str = ""
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis to use (a password in it is never logged)", repr=False)
+    listen: str = setting("127.0.0.1:50051", "gRPC listen address, host:port (the Docker image sets 0.0.0.0:50051)")
+    namespace: str = setting(
+        "jobgate", "key prefix, 1-32 characters from [A-Za-z0-9_.-]; gateways and workers must share it"
+    )
+    max_payload_bytes: int = setting(1024 * 1024, "most bytes of args + payload per job")
+    max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message received or sent")
+    max_batch: int = setting(1000, "most jobs per SubmitJobs")
+    max_watch_ids: int = setting(1000, "most job_ids per WatchResults")
+    stream_buffer: int = setting(
+        10_000,
+        "events buffered per stream before it is cut off (completions arrive in bursts: a worker records"
+        " the outcomes that end together in one call)",
+    )
+    max_streams: int = setting(
+        10_000, "open RunJob and WatchResults streams this gateway serves at once; more get RESOURCE_EXHAUSTED"
+    )
+    max_queues: int = setting(
+        1000,
+        "most queues holding waiting jobs in the namespace; a job for another queue gets RESOURCE_EXHAUSTED"
+        " (placement visits each such queue on every pass)",
+    )
+    max_kinds: int = setting(
+        1000, "most kinds with waiting jobs in one queue; a job of another kind gets RESOURCE_EXHAUSTED"
+    )
+    keepalive_time_ms: int = setting(
+        60_000,
+        "the gateway pings a connection idle this long, so idle streams stay open through proxies and dead"
+        " clients are noticed",
+    )
+    keepalive_timeout_ms: int = setting(20_000, "a connection whose ping is not answered within this is closed")
+    min_ping_interval_ms: int = setting(
+        10_000,
+        "shortest interval at which a client may ping while no data flows; clients should set their"
+        " keepalive time to at least this",
+    )
+    max_ping_strikes: int = setting(
+        2,
+        "pings faster than min_ping_interval_ms tolerated before the connection is closed"
+        ' (GOAWAY "too many pings"); 0 = no limit',
+    )
+    default_timeout_ms: int = setting(300_000, "per-attempt time limit of jobs that set none")
+    ack_timeout_ms: int = setting(5_000, "time a worker has to acknowledge a dispatch before the job is placed again")
+    tick_ms: int = setting(500, "interval of the placement pass over every queue and of reaping lost workers")
+    reconcile_ms: int = setting(
+        5_000, "a stream following job_ids re-reads their stored state after this long without an event"
+    )
+    retention_s: int = setting(
+        86_400,
+        "how long a job is kept once it is finished, seconds (positive); stored with each job when it is"
+        " submitted (the submitting gateway's value), so it applies whoever finishes the job, worker or gateway",
+    )
+    idempotency_ttl_s: int = setting(
+        86_400,
+        "how long an idempotency key is remembered, seconds; the gateway refuses to start when it exceeds"
+        " retention_s (a key would outlive its job)",
+    )
+    redis_timeout_s: float = setting(5.0, "Redis connect and read timeout, seconds")
+    grace_s: float = setting(
+        10.0, "time unary calls in progress get on shutdown, seconds (streams end at once with UNAVAILABLE)"
+    )
+    metrics_listen: str = setting("", "host:port serving Prometheus metrics at /metrics; empty turns them off")
+    log_level: str = setting("INFO", "log level")
+    log_format: str = setting("text", "text or json (one object per line)")
+    auth_tokens: str = setting(
+        "",
+        "bearer tokens, entries 'name token [queues]' separated by ';'; never logged",
+        repr=False,
+    )
+    auth_tokens_file: str = setting(
+        "",
+        "file of token entries, one per line, # comments; with either token setting, every call needs a token",
+    )
+    tls_cert_file: str = setting("", "PEM certificate chain (leaf first); with tls_key_file, the port serves TLS only")
+    tls_key_file: str = setting("", "PEM private key of that certificate")
+    tls_client_ca_file: str = setting(
+        "",
+        "PEM CA certificates; when set, clients must present a certificate they signed (mutual TLS)",
+    )
 
     def __repr__(self) -> str:
         return settings_repr(self)

@@ -7,9 +7,9 @@ import re
 import socket
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from common.settings import check_listen, from_env_vars, settings_repr, with_flags
+from common.settings import check_listen, from_env_vars, setting, settings_repr, with_flags
 from protocol.keys import QUEUE_RE, WORKER_ID_RE
 
 
@@ -20,22 +20,30 @@ def default_worker_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
-    """Every worker setting, with its default. Environment: ``JOBGATE_<FIELD NAME IN CAPITALS>``."""
+    """Every worker setting, with its default and meaning (``--help`` shows both).
+    Environment: ``JOBGATE_<FIELD NAME IN CAPITALS>``."""
 
-    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
-    namespace: str = "jobgate"
-    app: str = ""
-    worker_id: str = ""
-    queues: str = "default"
-    concurrency: int = 8
-    heartbeat_ms: int = 1_000
-    heartbeat_ttl_ms: int = 5_000
-    grace_s: float = 30.0
-    redis_timeout_s: float = 5.0
-    health_file: str = ""
-    metrics_listen: str = ""
-    log_level: str = "INFO"
-    log_format: str = "text"
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis to use (a password in it is never logged)", repr=False)
+    namespace: str = setting("jobgate", "key prefix; must match the gateway's")
+    app: str = setting("", "module:attr naming the worker.Worker instance to run; empty runs the built-in handlers")
+    worker_id: str = setting("", "1-128 characters from [A-Za-z0-9_.-]; empty means <host>-<pid>-<6 hex digits>")
+    queues: str = setting("default", "comma-separated queues to take jobs from")
+    concurrency: int = setting(
+        8,
+        "slots: jobs run at once (and threads for plain-function handlers); a slot whose plain-function"
+        " handler outlived its job stays taken until the thread returns",
+    )
+    heartbeat_ms: int = setting(1_000, "heartbeat interval (at least 50)")
+    heartbeat_ttl_ms: int = setting(
+        5_000,
+        "registration lifetime without a heartbeat (at least 2 x heartbeat_ms); then the worker counts as lost",
+    )
+    grace_s: float = setting(30.0, "time running jobs get to finish on shutdown before they are handed back, seconds")
+    redis_timeout_s: float = setting(5.0, "Redis connect and read timeout, seconds")
+    health_file: str = setting("", "file touched after every successful heartbeat, for python -m worker.healthcheck")
+    metrics_listen: str = setting("", "host:port serving Prometheus metrics at /metrics; empty turns them off")
+    log_level: str = setting("INFO", "log level")
+    log_format: str = setting("text", "text or json")
 
     def __repr__(self) -> str:
         return settings_repr(self)
