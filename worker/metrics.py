@@ -29,6 +29,6 @@ class WorkerMetrics:
         )
         self.placed = Counter(
             "jobgate_worker_jobs_placed",
-            "Waiting jobs placed (on any worker) by this worker's finish calls, in the slots they freed",
+            "Waiting jobs placed on this worker by its own finish calls, in the slots they freed",
             registry=r,
         )
