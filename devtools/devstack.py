@@ -82,7 +82,8 @@ class RedisProcess:
     def pid(self) -> int:
         return self.proc.pid if self.proc else 0
 
-    def start(self, timeout_s: float = 10) -> RedisProcess:
+    def start(self, timeout_s: float = 10, *, wait: bool = True) -> RedisProcess:
+        """Starts redis-server; with ``wait``, returns once it answers (TimeoutError after ``timeout_s``)."""
         args = [
             self.binary,
             "--port",
@@ -104,9 +105,16 @@ class RedisProcess:
             "--logfile",
             str(Path(self.dir) / "redis.log"),
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self.ping, timeout_s, f"redis-server on port {self.port}")
+        # A session of its own, like the gateways and workers: Ctrl-C in a terminal reaches only the
+        # process that started it, which stops Redis last, after those that still need it.
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        if wait:
+            self.wait_ready(timeout_s)
         return self
+
+    def wait_ready(self, timeout_s: float = 10) -> None:
+        """Returns once redis-server answers PING; TimeoutError after ``timeout_s``."""
+        wait_for(self.ping, timeout_s, f"redis-server on port {self.port}")
 
     def ping(self) -> bool:
         with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
