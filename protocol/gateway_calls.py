@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
 
-from .calls import Calls
+from .calls import NO_WAIT, Calls, Durability
 from .codec import Fields, job_from_hash
 from .connection import now_ms
 from .errors import (
@@ -66,8 +66,9 @@ class GatewayCalls(Calls):
         max_kinds: int = 1000,
         ack_timeout_ms: int = 5000,
         place_most: int = 500,
+        durability: Durability = NO_WAIT,
     ) -> None:
-        super().__init__(redis, keys)
+        super().__init__(redis, keys, durability)
         self.retention_s = retention_s
         self.idempotency_ttl_s = idempotency_ttl_s
         self.max_queues = max_queues
@@ -146,7 +147,7 @@ class GatewayCalls(Calls):
                 job.request_digest,
             ]
         async with redis_errors():
-            reply = await self.scripts.submit(keys=keys, args=args)
+            reply = await self.durably(self.scripts.submit, keys, args)
         status = int(reply[0])
         if status < 0:
             index = int(reply[1])
@@ -246,8 +247,8 @@ class GatewayCalls(Calls):
         """Cancels a job. Raises NotFound, FailedPrecondition (already terminal), Unavailable."""
         k = self.keys
         async with redis_errors():
-            reply = await self.scripts.cancel(
-                keys=[*k.namespace_keys(), k.job(job_id)], args=[k.prefix, job_id, now_ms()]
+            reply = await self.durably(
+                self.scripts.cancel, [*k.namespace_keys(), k.job(job_id)], [k.prefix, job_id, now_ms()]
             )
         code = reply[0]
         if code == -1:

@@ -116,7 +116,7 @@ class WorkerCalls(Calls):
         for o in outcomes:
             keys.append(k.job(o.job_id))
             args += (o.job_id, o.lease, o.state, o.result, o.output, o.error_code, o.error_message, o.event)
-        codes, flat, taken = await self.scripts.finish_many(keys=keys, args=args)
+        codes, flat, taken = await self.durably(self.scripts.finish_many, keys, args)
         return Finished(
             [int(c) for c in codes],
             placements(flat),

@@ -23,7 +23,13 @@ class WorkerSettings:
     """Every worker setting, with its default and meaning (``--help`` shows both).
     Environment: ``JOBGATE_<FIELD NAME IN CAPITALS>``."""
 
-    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis to use (a password in it is never logged)", repr=False)
+    redis_url: str = setting(
+        "redis://127.0.0.1:6379/0",
+        "Redis to use: redis://, rediss:// (TLS), unix://, or a primary found through Sentinel,"
+        " redis+sentinel://host:port[,host:port...]/<service>[/<db>] (rediss+sentinel:// with TLS);"
+        " a password in it is never logged",
+        repr=False,
+    )
     namespace: str = setting("jobgate", "key prefix; must match the gateway's")
     app: str = setting("", "module:attr naming the worker.Worker instance to run; empty runs the built-in handlers")
     worker_id: str = setting("", "1-128 characters from [A-Za-z0-9_.-]; empty means <host>-<pid>-<6 hex digits>")
@@ -40,6 +46,14 @@ class WorkerSettings:
     )
     grace_s: float = setting(30.0, "time running jobs get to finish on shutdown before they are handed back, seconds")
     redis_timeout_s: float = setting(5.0, "Redis connect and read timeout, seconds")
+    redis_wait_replicas: int = setting(
+        0,
+        "replicas that must confirm an outcome (Redis WAIT) before the worker takes it as recorded; 0 = the"
+        " primary alone (a failover can then lose the last recorded outcomes)",
+    )
+    redis_wait_timeout_ms: int = setting(
+        1000, "how long to wait for those replicas; an outcome they do not confirm in time is recorded again"
+    )
     health_file: str = setting("", "file touched after every successful heartbeat, for python -m worker.healthcheck")
     metrics_listen: str = setting("", "host:port serving Prometheus metrics at /metrics; empty turns them off")
     log_level: str = setting("INFO", "log level")
@@ -69,6 +83,8 @@ class WorkerSettings:
             raise ValueError("queues must be a comma-separated list of names from [A-Za-z0-9_.-]")
         if self.worker_id and not WORKER_ID_RE.fullmatch(self.worker_id):
             raise ValueError("worker_id must be 1-128 characters from [A-Za-z0-9_.-]")
+        if self.redis_wait_replicas < 0 or self.redis_wait_timeout_ms <= 0:
+            raise ValueError("redis_wait_replicas must not be negative and redis_wait_timeout_ms must be positive")
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if self.heartbeat_ms < 50 or self.heartbeat_ttl_ms < 2 * self.heartbeat_ms:

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 from common.metrics import serve
 from jobgate.v1 import relay_pb2
+from protocol.calls import Durability
 from protocol.connection import bounded, redis_client
 from protocol.keys import Keys
 from protocol.worker_calls import WorkerCalls
@@ -79,7 +80,8 @@ class _Runtime:
         self.id = worker_id
         self.redis = redis_client(settings.redis_url, settings.redis_timeout_s)
         self.metrics = WorkerMetrics()
-        calls = WorkerCalls(self.redis, Keys(settings.namespace))
+        durability = Durability(settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
+        calls = WorkerCalls(self.redis, Keys(settings.namespace), durability)
         instance = uuid.uuid4().hex  # tells this process's registration from an earlier one's
         self.executor = Executor(calls, settings, worker_id, instance, registry, self.metrics)
         self.membership = Membership(calls, settings, worker_id, registry.kinds, self.metrics, self.executor, instance)

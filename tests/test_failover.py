@@ -1,0 +1,233 @@
+"""A primary lost and its replica promoted: what ``redis_wait_replicas`` keeps, against real
+redis-server processes (a primary, a replica, and a Sentinel that promotes it)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+from redis.asyncio.sentinel import MasterNotFoundError
+
+from devtools.devstack import RedisProcess, SentinelProcess, Stack, free_port, wait_for
+from gateway.acl import setuser
+from gateway.validation import Limits, prepare
+from jobgate.v1 import job_pb2
+from protocol.calls import Durability
+from protocol.connection import redis_client
+from protocol.errors import NotReplicated
+from protocol.gateway_calls import GatewayCalls
+from protocol.keys import Keys
+from protocol.worker_calls import Outcome, Registration, Start, WorkerCalls
+
+from .chaos import Checker, Cluster
+from .conftest import FAST, eventually, request
+from .test_chaos import ROOMY, Calls, accepted_again, acked_at_least, finish_load, load, sleep_job, submit_loop, warm_up
+
+pytestmark = pytest.mark.slow
+
+S = job_pb2
+LIMITS = Limits(max_payload_bytes=1 << 20, default_timeout_ms=60_000, max_batch=100, max_watch_ids=100)
+KEYS = Keys("failover")
+
+
+class Pair:
+    """A primary and its replica, both real redis-server processes."""
+
+    def __init__(self) -> None:
+        self.primary = RedisProcess().start()
+        self.replica = RedisProcess(args=("--replicaof", "127.0.0.1", str(self.primary.port))).start()
+
+    async def attached(self) -> None:
+        """Waits until the replica follows the primary, in sync."""
+        async with Redis(port=self.replica.port) as r:
+            await r.execute_command("REPLICAOF", "127.0.0.1", self.primary.port)
+        wait_for(lambda: self._link_up(), 10, "replication link")
+
+    def _link_up(self) -> bool:
+        return _link_up(self.replica.port)
+
+    async def detach(self) -> None:
+        """The replica stops following the primary (it follows a port nothing listens on): what a
+        replica lagging behind, or cut off, looks like to the writes the primary takes now."""
+        async with Redis(port=self.replica.port) as r:
+            await r.execute_command("REPLICAOF", "127.0.0.1", free_port())
+
+    async def fail_over(self) -> Redis:
+        """The primary dies; its replica is promoted (as Sentinel would) and returned as a client."""
+        self.primary.kill()
+        promoted = Redis(port=self.replica.port)
+        await promoted.execute_command("REPLICAOF", "NO", "ONE")
+        return promoted
+
+    def stop(self) -> None:
+        self.replica.stop()
+        self.primary.stop()
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    p = Pair()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+async def primary(pair: Pair) -> AsyncIterator[Redis]:
+    client = redis_client(pair.primary.url, 5)
+    yield client
+    await client.aclose()
+
+
+def gateway_calls(redis: Redis, durability: Durability) -> GatewayCalls:
+    return GatewayCalls(redis, KEYS, retention_s=600, idempotency_ttl_s=600, place_most=0, durability=durability)
+
+
+async def test_without_waiting_an_acknowledged_submit_can_die_with_its_primary(pair: Pair, primary: Redis) -> None:
+    await pair.attached()
+    await pair.detach()
+    [job], _ = await gateway_calls(primary, Durability()).submit([prepare(request("echo"), LIMITS)])
+    promoted = await pair.fail_over()
+    async with promoted:
+        assert await promoted.exists(KEYS.job(job.id)) == 0  # acknowledged, then lost with the primary
+
+
+async def test_waiting_for_a_replica_acknowledges_only_submits_the_promoted_replica_holds(
+    pair: Pair, primary: Redis
+) -> None:
+    await pair.attached()
+    calls = gateway_calls(primary, Durability(replicas=1, timeout_ms=300))
+    await pair.detach()
+    with pytest.raises(NotReplicated, match="1 replica"):
+        await calls.submit([prepare(request("echo", args={"n": 1}), LIMITS)])  # stored, not acknowledged
+    await pair.attached()
+    [job], _ = await calls.submit([prepare(request("echo", args={"n": 2}), LIMITS)])
+    promoted = await pair.fail_over()
+    async with promoted:
+        stored = await gateway_calls(promoted, Durability()).get(job.id)
+    assert stored.state == S.JOB_STATE_QUEUED and stored.spec.args.struct_value.fields["n"].number_value == 2
+
+
+async def test_waiting_for_a_replica_records_an_outcome_only_once_the_replica_holds_it(
+    pair: Pair, primary: Redis
+) -> None:
+    await pair.attached()
+    gateway = gateway_calls(primary, Durability())
+    worker = WorkerCalls(primary, KEYS, Durability(replicas=1, timeout_ms=300))
+    async with primary.pubsub() as ps:  # someone hears the dispatch, so the placement stands
+        await ps.subscribe(KEYS.dispatch_channel("w1"))
+        await worker.heartbeat(Registration("w1", "i1", 60_000, 1, ["default"], [], off=False))
+        [job], _ = await gateway.submit([prepare(request("echo"), LIMITS)])
+        [p] = (await gateway.schedule("default", ack_timeout_ms=60_000, most=1)).placements
+    assert await worker.start_many("w1", "i1", [Start(job.id, p.lease, b"")]) == [1]
+    outcome = Outcome(job.id, p.lease, S.JOB_STATE_SUCCEEDED, b"", b"done", "", "", b"")
+    await pair.detach()
+    with pytest.raises(NotReplicated):
+        await worker.finish_many("w1", "i1", [outcome], take=0)
+    await pair.attached()
+    finished = await worker.finish_many("w1", "i1", [outcome], take=0)  # the worker's retry
+    assert finished.codes == [2]  # recorded by the first call; now the replica has it too
+    promoted = await pair.fail_over()
+    async with promoted:
+        stored = await gateway_calls(promoted, Durability()).get(job.id)
+    assert (stored.state, stored.output) == (S.JOB_STATE_SUCCEEDED, b"done")
+
+
+@pytest.fixture
+async def sentinel_checker(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[tuple[Checker, Sentineled]]:
+    """A primary with two replicas and a Sentinel, and a stack that finds the primary through it,
+    with every submit and outcome confirmed by a replica."""
+    servers = Sentineled()
+    env = {**FAST, "JOBGATE_REDIS_WAIT_REPLICAS": "1", "JOBGATE_REDIS_WAIT_TIMEOUT_MS": "1000"}
+    stack = Stack(servers.sentinel.url(), namespace, env=env)
+    admin = redis_client(servers.sentinel.url(), 15)  # follows the primary through the Sentinel
+    c = Checker(Cluster(stack), admin)
+    try:
+        yield c, servers
+    finally:
+        await c.close()
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(stack.logs())
+        stack.stop()
+        await admin.aclose()
+        servers.stop()
+
+
+class Sentineled:
+    """A primary, two replicas following it, and a Sentinel watching them."""
+
+    def __init__(self) -> None:
+        self.primary = RedisProcess().start()
+        follow = ("--replicaof", "127.0.0.1", str(self.primary.port))
+        self.replicas = [RedisProcess(args=follow).start() for _ in range(2)]
+        for replica in self.replicas:
+            wait_for(lambda r=replica: _link_up(r.port), 10, "replication link")
+        self.sentinel = SentinelProcess(self.primary.port, down_after_ms=1000).start()
+
+    def stop(self) -> None:
+        self.sentinel.stop()
+        for server in (*self.replicas, self.primary):
+            server.stop()
+
+
+def _link_up(port: int) -> bool:
+    with SyncRedis(port=port) as r:
+        return bool(r.info("replication").get("master_link_status") == "up")
+
+
+async def test_a_sentinel_failover_under_load_loses_nothing_acknowledged_and_records_one_outcome_per_job(
+    sentinel_checker: tuple[Checker, Sentineled],
+) -> None:
+    """The primary is SIGKILLed under load; the Sentinel promotes a replica. Gateways and workers
+    find the new primary by themselves; submits answer UNAVAILABLE meanwhile; every acknowledged
+    job runs to its one outcome."""
+    checker, servers = sentinel_checker
+    cluster = checker.cluster
+    gw = cluster.gateway(env=ROOMY)
+    for _ in range(2):
+        cluster.worker("--concurrency", "40")
+    await warm_up(checker, gw)
+    checker.watch_all(gw, complete=False)  # pub/sub loses what is published while the primary is away
+    stop, calls = asyncio.Event(), Calls()
+    loops = [asyncio.create_task(submit_loop(checker, gw, stop, calls)) for _ in range(4)]
+    await load(checker, [gw], 6, sleep_job(checker, 0.5))
+    await eventually(lambda: acked_at_least(checker, 400), what="hundreds of jobs acknowledged")
+    old = servers.primary.port
+    servers.primary.kill()
+    await eventually(lambda: promoted(servers, old), timeout=30, what="a replica promoted by the Sentinel")
+    await accepted_again(checker, 100)
+    await finish_load(checker, gw, stop, loops)
+    await checker.verify_succeeded(gw)
+    assert all(n.alive() for n in cluster.live()) and len(cluster.live()) == 3  # nothing restarted
+
+
+async def promoted(servers: Sentineled, old_port: int) -> bool:
+    primary = await asyncio.to_thread(servers.sentinel.primary)
+    return primary is not None and primary[1] != old_port
+
+
+async def test_the_sentinel_user_gateway_acl_prints_is_enough_to_find_the_primary(pair: Pair, namespace: str) -> None:
+    sentinel = SentinelProcess(pair.primary.port).start()
+    try:
+        async with Redis(port=sentinel.port) as admin:
+            command = setuser(namespace, "jg", "s3cret-sentinel", sentinel=True).split()
+            await admin.execute_command(*command)
+        url = f"redis+sentinel://127.0.0.1:{sentinel.port}/{sentinel.service}/0?sentinel_username=jg&sentinel_password=s3cret-sentinel"
+        client = redis_client(url, 5)
+        try:
+            await client.set(KEYS.seq(), 1)  # reached the primary the sentinel named
+        finally:
+            await client.aclose()
+        async with Redis(port=pair.primary.port) as direct:
+            assert await direct.get(KEYS.seq()) == b"1"
+        wrong = redis_client(url.replace("s3cret-sentinel", "wrong"), 5)
+        try:
+            with pytest.raises(MasterNotFoundError):
+                await wrong.ping()
+        finally:
+            await wrong.aclose()
+    finally:
+        sentinel.stop()
