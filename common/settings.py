@@ -69,6 +69,12 @@ def settings_repr(settings: DataclassInstance) -> str:
 SECRETS = frozenset({"auth_tokens"})
 
 
+def check_redis_wait(replicas: int, timeout_ms: int) -> None:
+    """Raises ValueError unless ``redis_wait_replicas`` is not negative and ``redis_wait_timeout_ms`` positive."""
+    if replicas < 0 or timeout_ms <= 0:
+        raise ValueError("redis_wait_replicas must not be negative and redis_wait_timeout_ms must be positive")
+
+
 def check_listen(name: str, value: str, *, optional: bool = False) -> None:
     """Raises ValueError unless ``value`` is ``host:port`` (or empty, when ``optional``)."""
     if optional and not value:

@@ -61,6 +61,17 @@ def wait_for(check: object, timeout_s: float, what: str, interval_s: float = 0.0
         time.sleep(interval_s)
 
 
+def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM a process and wait for it (SIGKILL after 10 s)."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 class RedisProcess:
     """A private ``redis-server`` on a free port, which can be killed and restarted on that port."""
 
@@ -138,13 +149,7 @@ class RedisProcess:
 
     def stop(self) -> None:
         """SIGTERM and wait; then remove the data directory."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        _terminate(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -249,13 +254,7 @@ class SentinelProcess:
         return reply[0], int(reply[1])
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        _terminate(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

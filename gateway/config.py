@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from common.settings import check_listen, from_env_vars, read_file, setting, settings_repr, with_flags
+from common.settings import check_listen, check_redis_wait, from_env_vars, read_file, setting, settings_repr, with_flags
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +153,7 @@ class GatewaySettings:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        if self.redis_wait_replicas < 0 or self.redis_wait_timeout_ms <= 0:
-            raise ValueError("redis_wait_replicas must not be negative and redis_wait_timeout_ms must be positive")
+        check_redis_wait(self.redis_wait_replicas, self.redis_wait_timeout_ms)
         if self.max_ping_strikes < 0:
             raise ValueError("max_ping_strikes must not be negative (0 = no limit)")
         if self.log_format not in ("text", "json"):

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from common.settings import check_listen, from_env_vars, setting, settings_repr, with_flags
+from common.settings import check_listen, check_redis_wait, from_env_vars, setting, settings_repr, with_flags
 from protocol.keys import QUEUE_RE, WORKER_ID_RE
 
 
@@ -83,8 +83,7 @@ class WorkerSettings:
             raise ValueError("queues must be a comma-separated list of names from [A-Za-z0-9_.-]")
         if self.worker_id and not WORKER_ID_RE.fullmatch(self.worker_id):
             raise ValueError("worker_id must be 1-128 characters from [A-Za-z0-9_.-]")
-        if self.redis_wait_replicas < 0 or self.redis_wait_timeout_ms <= 0:
-            raise ValueError("redis_wait_replicas must not be negative and redis_wait_timeout_ms must be positive")
+        check_redis_wait(self.redis_wait_replicas, self.redis_wait_timeout_ms)
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if self.heartbeat_ms < 50 or self.heartbeat_ttl_ms < 2 * self.heartbeat_ms:
