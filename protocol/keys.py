@@ -47,6 +47,10 @@ class Keys:
             self.results_channel(),
         ]
 
+    def own_keys(self, worker_id: str) -> list[str]:
+        """The keys the scripts a worker calls receive after :meth:`namespace_keys`, as KEYS[8..9]."""
+        return [self.worker(worker_id), self.worker_jobs(worker_id)]
+
     # --- jobs -----------------------------------------------------------------------------
     def job(self, job_id: str) -> str:  # hash
         return f"{self.prefix}job:{job_id}"

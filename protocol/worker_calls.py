@@ -72,7 +72,7 @@ class WorkerCalls(Calls):
         """Registers or refreshes the worker; settles what an earlier process under its id held."""
         k, now = self.keys, now_ms()
         reply = await self.scripts.heartbeat(
-            keys=[*k.namespace_keys(), k.worker(r.worker_id), k.worker_jobs(r.worker_id)],
+            keys=[*k.namespace_keys(), *k.own_keys(r.worker_id)],
             args=[
                 k.prefix,
                 r.worker_id,
@@ -92,13 +92,14 @@ class WorkerCalls(Calls):
     async def leave(self, worker_id: str) -> list[Settled]:
         """Deregisters the worker and hands the jobs it did not finish back to their queues."""
         k = self.keys
-        return settled(await self.scripts.leave(keys=k.namespace_keys(), args=[k.prefix, worker_id, now_ms()]))
+        keys = [*k.namespace_keys(), *k.own_keys(worker_id)]
+        return settled(await self.scripts.leave(keys=keys, args=[k.prefix, worker_id, now_ms()]))
 
     async def start_many(self, worker_id: str, instance: str, starts: Sequence[Start]) -> list[int]:
         """Acknowledges dispatches: per start, 1 started, 0 stale, -1 missing. ``instance`` is the
         token the worker's heartbeat registered: a placement on another registration is stale."""
         k = self.keys
-        keys = k.namespace_keys()
+        keys = [*k.namespace_keys(), *k.own_keys(worker_id)]
         args: list[Any] = [k.prefix, worker_id, instance, now_ms()]
         for s in starts:
             keys.append(k.job(s.job_id))
@@ -111,7 +112,7 @@ class WorkerCalls(Calls):
         (only while ``instance`` is the token of its registration), more are dispatched as a
         placement pass would."""
         k = self.keys
-        keys = k.namespace_keys()
+        keys = [*k.namespace_keys(), *k.own_keys(worker_id)]
         args: list[Any] = [k.prefix, worker_id, instance, now_ms(), PLACE_MOST, DEFAULT_ACK_MS, take]
         for o in outcomes:
             keys.append(k.job(o.job_id))

@@ -77,7 +77,7 @@ async def test_a_dispatch_that_is_never_acknowledged_is_placed_again(
     async def beat(off: str) -> None:
         now = now_ms()
         await scripts.heartbeat(
-            keys=[*keys.namespace_keys(), keys.worker("sink"), keys.worker_jobs("sink")],
+            keys=[*keys.namespace_keys(), *keys.own_keys("sink")],
             args=[keys.prefix, "sink", now, now + 60_000, 1, "default", "echo", "test", 1, off, "sink-instance"],
         )
 
@@ -97,7 +97,7 @@ async def test_a_dispatch_that_is_never_acknowledged_is_placed_again(
         event = (await client.wait_results([job_id]))[job_id]
         assert (event.state, event.worker_id, event.attempt) == (S.JOB_STATE_SUCCEEDED, "real", 1)
         late = await scripts.start(
-            keys=[*keys.namespace_keys(), keys.job(job_id)],
+            keys=[*keys.namespace_keys(), *keys.own_keys("sink"), keys.job(job_id)],
             args=[keys.prefix, job_id, lost.lease, "sink", "sink-instance", now_ms(), b""],
         )
         assert late == 0  # the swallowed placement's lease is stale
@@ -391,7 +391,7 @@ async def test_a_dispatch_that_reaches_no_subscriber_is_taken_back_and_placed_el
     scripts = Scripts.register(redis)
     now = now_ms()
     await scripts.heartbeat(
-        keys=[*keys.namespace_keys(), keys.worker("ghost"), keys.worker_jobs("ghost")],
+        keys=[*keys.namespace_keys(), *keys.own_keys("ghost")],
         args=[keys.prefix, "ghost", now, now + 60_000, 4, "default", "", "test", 1, "0", "ghost-instance"],
     )
     gateway, address = stack.start_gateway()

@@ -49,7 +49,7 @@ async def beat(
 ) -> list[object]:
     k, now = store.keys, now_ms()
     reply: list[object] = await store.scripts.heartbeat(
-        keys=[*k.namespace_keys(), k.worker(worker), k.worker_jobs(worker)],
+        keys=[*k.namespace_keys(), *k.own_keys(worker)],
         args=[k.prefix, worker, now, now + ttl_ms, slots, "default", kinds, "host", 1, off, instance],
     )
     return reply
@@ -67,7 +67,7 @@ async def place(store: GatewayCalls) -> list[Placement]:
 async def start(store: GatewayCalls, p: Placement, worker: str | None = None, instance: str = "i1") -> int:
     k = store.keys
     code: int = await store.scripts.start(
-        keys=[*k.namespace_keys(), k.job(p.job_id)],
+        keys=[*k.namespace_keys(), *k.own_keys(worker or p.worker_id), k.job(p.job_id)],
         args=[k.prefix, p.job_id, p.lease, worker or p.worker_id, instance, now_ms(), b""],
     )
     return code
@@ -76,7 +76,7 @@ async def start(store: GatewayCalls, p: Placement, worker: str | None = None, in
 async def finish(store: GatewayCalls, p: Placement, state: int = S.JOB_STATE_SUCCEEDED) -> list[int]:
     k = store.keys
     reply: list[int] = await store.scripts.finish(
-        keys=[*k.namespace_keys(), k.job(p.job_id)],
+        keys=[*k.namespace_keys(), *k.own_keys(p.worker_id), k.job(p.job_id)],
         args=[k.prefix, p.job_id, p.lease, p.worker_id, state, now_ms(), b"", b"", "", "", b""],
     )
     return reply
@@ -206,7 +206,7 @@ async def test_batched_start_and_finish_handle_each_job_as_alone_and_publish_the
         await ps.get_message(timeout=1)  # the subscribe confirmation
         jobs = [(a.job_id, a.lease), (b.job_id, b.lease), (c.job_id, stale.lease), ("f" * 32, 1)]
         codes = await store.scripts.start_many(
-            keys=[*k.namespace_keys(), *(k.job(j) for j, _ in jobs)],
+            keys=[*k.namespace_keys(), *k.own_keys("w1"), *(k.job(j) for j, _ in jobs)],
             args=[
                 k.prefix,
                 "w1",
@@ -225,7 +225,7 @@ async def test_batched_start_and_finish_handle_each_job_as_alone_and_publish_the
         bad = await redis.hgetall(k.job(a.job_id))
         with pytest.raises(Exception, match="terminal state"):
             await store.scripts.finish_many(
-                keys=[*k.namespace_keys(), k.job(a.job_id), k.job(b.job_id)],
+                keys=[*k.namespace_keys(), *k.own_keys("w1"), k.job(a.job_id), k.job(b.job_id)],
                 args=[k.prefix, "w1", "i1", now_ms(), 0, 5000, 0, *outcome(a, S.JOB_STATE_SUCCEEDED),
                       *outcome(b, S.JOB_STATE_RUNNING)],
             )  # fmt: skip
@@ -236,7 +236,7 @@ async def test_batched_start_and_finish_handle_each_job_as_alone_and_publish_the
         assert [p.job_id for p in await place(store)] == [d]  # a's slot; w1 is full again: one waits
         await ps.get_message(ignore_subscribe_messages=True, timeout=1)  # d's DISPATCHED
         codes, flat, _ = await store.scripts.finish_many(
-            keys=[*k.namespace_keys(), k.job(a.job_id), k.job(b.job_id), k.job(c.job_id)],
+            keys=[*k.namespace_keys(), *k.own_keys("w1"), k.job(a.job_id), k.job(b.job_id), k.job(c.job_id)],
             args=[k.prefix, "w1", "i1", now_ms(), 10, 5000, 0, *outcome(a, S.JOB_STATE_SUCCEEDED),
                   *outcome(b, S.JOB_STATE_FAILED), *outcome(stale, S.JOB_STATE_SUCCEEDED)],
         )  # fmt: skip
@@ -460,7 +460,7 @@ async def test_calls_that_place_start_and_finish_over_a_thousand_jobs_book_every
     assert await field(redis, k, k.worker("w1"), "used") == str(slots)
 
     codes = await store.scripts.start_many(
-        keys=[*k.namespace_keys(), *(k.job(p.job_id) for p in placed)],
+        keys=[*k.namespace_keys(), *k.own_keys("w1"), *(k.job(p.job_id) for p in placed)],
         args=[
             k.prefix,
             "w1",
@@ -474,7 +474,7 @@ async def test_calls_that_place_start_and_finish_over_a_thousand_jobs_book_every
 
     outcomes = [x for p in placed for x in (p.job_id, p.lease, 4, b"", b"", "", "", one_event(p.job_id, 4))]
     codes, flat, _ = await store.scripts.finish_many(
-        keys=[*k.namespace_keys(), *(k.job(p.job_id) for p in placed)],
+        keys=[*k.namespace_keys(), *k.own_keys("w1"), *(k.job(p.job_id) for p in placed)],
         args=[k.prefix, "w1", "i1", now_ms(), n, 5000, 0, *outcomes],
     )
     assert codes == [1] * slots
@@ -500,7 +500,7 @@ async def test_a_finishing_worker_refills_only_its_own_slots_and_a_pass_fills_th
     waiting = [await submit(store) for _ in range(3)]  # this store places nothing at submit
     assert await start(store, a) == 1
     codes, flat, _ = await store.scripts.finish_many(
-        keys=[*k.namespace_keys(), k.job(a.job_id)],
+        keys=[*k.namespace_keys(), *k.own_keys("w1"), k.job(a.job_id)],
         args=[k.prefix, "w1", "i1", now_ms(), 10, 5000, 0, a.job_id, a.lease, S.JOB_STATE_SUCCEEDED, b"", b"", "", "",
               one_event(a.job_id, S.JOB_STATE_SUCCEEDED)],
     )  # fmt: skip
@@ -527,7 +527,7 @@ async def test_a_finishing_worker_takes_waiting_jobs_started_within_its_budget_a
         await ps.get_message(timeout=1)
         await ps.get_message(timeout=1)
         call = {
-            "keys": [*k.namespace_keys(), k.job(a.job_id)],
+            "keys": [*k.namespace_keys(), *k.own_keys("w1"), k.job(a.job_id)],
             "args": [k.prefix, "w1", "i1", now_ms(), 10, 5000, 1, a.job_id, a.lease, S.JOB_STATE_SUCCEEDED, b"", b"",
                      "", "", one_event(a.job_id, S.JOB_STATE_SUCCEEDED)],
         }  # fmt: skip

@@ -9,6 +9,9 @@ local QUEUED, DISPATCHED, RUNNING, SUCCEEDED, FAILED, CANCELLED = 1, 2, 3, 4, 5,
 -- job) are built by the functions below from the key prefix P (ARGV, e.g. "{jobgate}:"), with the
 -- same rules as protocol/keys.py (tests/test_protocol_contract.py holds the two together).
 local NS_KEYS = 7
+-- The scripts a worker calls (heartbeat, start, finish, their batched forms, leave) receive its own
+-- keys next, as KEYS[8..9]: its hash and its jobs set; the job hashes of the call follow.
+local OWN_KEYS = NS_KEYS + 2
 local function namespace(P)
   return {P = P, queues = KEYS[1], seq = KEYS[2], lease = KEYS[3], acks = KEYS[4], cancels = KEYS[5],
     workers = KEYS[6], results = KEYS[7]}

@@ -1,5 +1,6 @@
 -- finish: a worker records the outcome of a running job and publishes it.
--- KEYS[1..7] the namespace's keys (see the prelude), KEYS[8] job hash
+-- KEYS[1..7] the namespace's keys (see the prelude), KEYS[8] worker hash, KEYS[9] worker jobs set,
+--   KEYS[10] job hash
 -- ARGV[1] key prefix, ARGV[2] job id, ARGV[3] lease, ARGV[4] worker id, ARGV[5] terminal state,
 -- ARGV[6] now ms, ARGV[7] result (google.protobuf.Value bytes), ARGV[8] output bytes,
 -- ARGV[9] error code, ARGV[10] error message, ARGV[11] JobEvents bytes holding the terminal event
@@ -7,7 +8,7 @@
 --         this placement (a retried call after a lost reply), {0} stale (superseded attempt, or the
 --         job was settled by a gateway or an eviction), {-1} missing
 local ns = namespace(ARGV[1])
-local code = record_outcome(KEYS[NS_KEYS + 1], ARGV[4], ARGV[6], {
+local code = record_outcome(KEYS[OWN_KEYS + 1], ARGV[4], ARGV[6], {
   lease = ARGV[3], state = tonumber(ARGV[5]), result = ARGV[7], output = ARGV[8],
   code = ARGV[9], message = ARGV[10]})
 if code == -2 then return redis.error_reply('ERR finish needs a terminal state') end

@@ -6,7 +6,8 @@
 -- outcomes it recorded, and only for the worker's current registration) those jobs are started at
 -- once on the worker's behalf and returned instead of dispatched (the worker runs them without a
 -- start call); slots beyond the budget are filled by dispatch (place_jobs in the prelude).
--- KEYS[1..7] the namespace's keys (see the prelude), then KEYS[7+i] job hash of job i (i from 1)
+-- KEYS[1..7] the namespace's keys (see the prelude), KEYS[8] worker hash, KEYS[9] worker jobs set,
+--   then KEYS[9+i] job hash of job i (i from 1)
 -- ARGV[1] key prefix, ARGV[2] worker id, ARGV[3] instance token of the worker's registration,
 --   ARGV[4] now ms, ARGV[5] most placements per queue (0: place none), ARGV[6] ack timeout ms for a
 --   job stored without one, ARGV[7] most jobs to start and return (0: dispatch them instead),
@@ -20,7 +21,7 @@
 --   written, when any state is not terminal.
 local ns = namespace(ARGV[1])
 local worker, now = ARGV[2], tonumber(ARGV[4])
-local jobs = #KEYS - NS_KEYS
+local jobs = #KEYS - OWN_KEYS
 
 -- Starts up to `most` waiting jobs of `queue` on `worker` at once, as start would on its behalf:
 -- RUNNING, no acknowledgement deadline, nothing on the dispatch channel; their DISPATCHED and
@@ -55,7 +56,7 @@ end
 local codes, events, freed, seen, finished, again = {}, {}, {}, {}, {}, {}
 for i = 1, jobs do
   local a = 8 * i
-  local code, queue, refill = record_outcome(KEYS[NS_KEYS + i], worker, ARGV[4], {
+  local code, queue, refill = record_outcome(KEYS[OWN_KEYS + i], worker, ARGV[4], {
     lease = ARGV[a + 1], state = tonumber(ARGV[a + 2]), result = ARGV[a + 3],
     output = ARGV[a + 4], code = ARGV[a + 5], message = ARGV[a + 6]})
   codes[i] = code

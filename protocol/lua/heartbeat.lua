@@ -10,7 +10,7 @@
 -- registration is evicted first, as if its heartbeat had expired; the jobs it held follow as
 -- {job id, queue, new state} triples.
 local ns, w = namespace(ARGV[1]), ARGV[2]
-local wk, jobs_key = KEYS[NS_KEYS + 1], KEYS[NS_KEYS + 2]
+local wk, jobs_key = KEYS[NS_KEYS + 1], KEYS[OWN_KEYS]
 local out = {0}
 local instance = redis.call('HGET', wk, 'instance')
 if instance and instance ~= ARGV[11] then

@@ -1,5 +1,6 @@
 -- start: a worker acknowledges a dispatch and starts running it (also publishes RUNNING).
--- KEYS[1..7] the namespace's keys (see the prelude), KEYS[8] job hash
+-- KEYS[1..7] the namespace's keys (see the prelude), KEYS[8] worker hash, KEYS[9] worker jobs set,
+--   KEYS[10] job hash
 -- ARGV[1] key prefix, ARGV[2] job id, ARGV[3] lease, ARGV[4] worker id, ARGV[5] instance token of
 --   the worker's registration (as its heartbeat sent it), ARGV[6] now ms, ARGV[7] JobEvents bytes
 --   holding the RUNNING event
@@ -7,7 +8,7 @@
 -- reply), 0 stale (lease superseded, cancelled, not this worker's, or placed on an earlier
 -- registration of its id than the caller's), -1 missing
 local ns = namespace(ARGV[1])
-local code, changed = start_job(ns, KEYS[NS_KEYS + 1], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+local code, changed = start_job(ns, KEYS[OWN_KEYS + 1], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 if changed then
   redis.call('ZREM', ns.acks, ARGV[2])
   redis.call('PUBLISH', ns.results, ARGV[7])

@@ -51,8 +51,8 @@ const K = {
   job: (id) => `${P}job:${id}`,
   // The namespace's keys, KEYS[1..7] of every script but read_events, in this order.
   namespace: ['queues', 'seq', 'lease', 'acks', 'cancels', 'workers', 'results'].map((n) => `${P}${n}`),
-  worker: `${P}worker:${workerId}`,
-  workerJobs: `${P}worker:${workerId}:jobs`,
+  // This worker's own keys, KEYS[8..9] of the scripts a worker calls: its hash and its jobs set.
+  own: [`${P}worker:${workerId}`, `${P}worker:${workerId}:jobs`],
   dispatch: `${P}dispatch:${workerId}`,
   results: `${P}results`,
   status: `${P}worker-status`,
@@ -169,7 +169,7 @@ async function beat() {
   const now = Date.now();
   const held = [...jobs.values()]; // what an eviction found by this beat can have taken away
   const off = subscribed && !draining ? '0' : '1';
-  const reply = await script('heartbeat', [...K.namespace, K.worker, K.workerJobs],
+  const reply = await script('heartbeat', [...K.namespace, ...K.own],
     [P, workerId, now, now + HEARTBEAT_TTL_MS, SLOTS, QUEUES, KINDS, os.hostname(), process.pid, off, INSTANCE]);
   const again = reply[0] === 1 && registered;
   registered = true;
@@ -230,7 +230,7 @@ async function execute(d, job) {
   const lease = job.lease.toString(); // the plain decimal, compared as a string by the scripts
   const running = encode(T.JobEvents, { events: [jobEvent(d, RUNNING)] });
   const started = await retrying('start', d.job_id, () =>
-    script('start', [...K.namespace, K.job(d.job_id)], [P, d.job_id, lease, workerId, INSTANCE, Date.now(), running]));
+    script('start', [...K.namespace, ...K.own, K.job(d.job_id)], [P, d.job_id, lease, workerId, INSTANCE, Date.now(), running]));
   if (started !== 1) return log(`job_id=${d.job_id} dispatch refused (${started === -1 ? 'missing' : 'stale'})`);
   log(`job_id=${d.job_id} kind=${d.spec.kind} attempt=${d.attempt} started`);
   const out = await run(d, job);
@@ -240,7 +240,7 @@ async function execute(d, job) {
   const event = encode(T.JobEvents, { events: [jobEvent(d, out.state, { result: value, error })] });
   const args = [P, d.job_id, lease, workerId, out.state, Date.now(), value ? encode(Value, value) : '', '',
     out.code ?? '', out.message ?? '', event];
-  const reply = await retrying('finish', d.job_id, () => script('finish', [...K.namespace, K.job(d.job_id)], args));
+  const reply = await retrying('finish', d.job_id, () => script('finish', [...K.namespace, ...K.own, K.job(d.job_id)], args));
   const recorded = reply[0] === 1 || reply[0] === 2; // 2: an earlier try whose reply was lost recorded it
   log(`job_id=${d.job_id} ${recorded ? `finished in state ${out.state}` : 'outcome discarded: superseded'}`);
 }
@@ -298,7 +298,7 @@ async function shutdown() {
   await quietly('last heartbeat', lastBeat);
   await quietly('unsubscribe', sub.unsubscribe(K.dispatch));
   const leave = async () => {
-    await publishSettled(await script('leave', K.namespace, [P, workerId, Date.now()]));
+    await publishSettled(await script('leave', [...K.namespace, ...K.own], [P, workerId, Date.now()]));
     await status(LEFT);
   };
   await quietly('leave', leave());
