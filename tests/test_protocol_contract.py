@@ -53,9 +53,14 @@ async def test_the_namespace_keys_reach_the_scripts_in_the_order_the_prelude_nam
     keys = Keys("order")
     body = """
     local ns = namespace(ARGV[1])
-    return {ns.queues, ns.seq, ns.lease, ns.acks, ns.cancels, ns.workers, ns.results, NS_KEYS}
+    return {ns.queues, ns.seq, ns.lease, ns.acks, ns.cancels, ns.workers, ns.results, NS_KEYS, OWN_KEYS,
+      KEYS[NS_KEYS + 1] == worker_key(ARGV[1], 'w1'), KEYS[OWN_KEYS] == worker_jobs_key(ARGV[1], 'w1')}
     """
-    got = await run_lua(redis, body, keys.namespace_keys(), [keys.prefix])
+    got = await run_lua(redis, body, [*keys.namespace_keys(), *keys.own_keys("w1")], [keys.prefix])
+    assert got[-2:] == [1, 1]  # Lua's true; the worker's own keys come where the scripts read them
+    got = got[:-2]
+    assert got[-1] == len(keys.namespace_keys()) + len(keys.own_keys("w1"))
+    got = got[:-1]
     assert [g.decode() for g in got[:-1]] == [
         keys.queues(),
         keys.seq(),
