@@ -32,13 +32,11 @@ class Scheduler:
         store: GatewayCalls,
         *,
         tick_s: float,
-        ack_timeout_ms: int,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
         self.store = store
         self.tick_s = tick_s
-        self.ack_timeout_ms = ack_timeout_ms
         self._dirty: set[str] = set()
         self._reported: set[str] = set()  # queues with a waiting-jobs gauge
         # Queues known to hold waiting jobs (from placements and the census): only a slot freed in
@@ -124,7 +122,7 @@ class Scheduler:
         """Places up to ``place_most`` waiting jobs of ``queue`` on free slots; returns how many. When
         more may be placed (the limit was reached, or dispatches went back), :meth:`record` asks for
         another pass."""
-        placed = await self.store.schedule(queue, ack_timeout_ms=self.ack_timeout_ms, most=self.store.place_most)
+        placed = await self.store.schedule(queue)
         self.record(placed)
         return len(placed.placements)
 

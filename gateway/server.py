@@ -111,9 +111,7 @@ async def start(settings: GatewaySettings) -> Gateway:
         durability=Durability(settings.redis_wait_replicas, settings.redis_wait_timeout_ms),
     )
     metrics = GatewayMetrics()
-    scheduler = Scheduler(
-        store, tick_s=settings.tick_ms / 1000, ack_timeout_ms=settings.ack_timeout_ms, metrics=metrics
-    )
+    scheduler = Scheduler(store, tick_s=settings.tick_ms / 1000, metrics=metrics)
     hub = Hub(
         redis, keys, store, on_slot_freed=scheduler.slot_freed, on_worker_change=scheduler.kick_all, metrics=metrics
     )

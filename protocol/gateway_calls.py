@@ -259,9 +259,13 @@ class GatewayCalls(Calls):
             return CancelOutcome(worker_id=reply[1].decode(), lease=int(reply[2]))
         return CancelOutcome(queue=reply[1].decode())
 
-    async def schedule(self, queue: str, *, ack_timeout_ms: int, most: int) -> Placed:
-        """Places and publishes waiting jobs of ``queue`` on free worker slots (atomic; safe across
-        gateways). Raises Unavailable."""
+    async def schedule(self, queue: str, *, ack_timeout_ms: int | None = None, most: int | None = None) -> Placed:
+        """Places and publishes up to ``most`` (default ``place_most``) waiting jobs of ``queue`` on
+        free worker slots (atomic; safe across gateways), each to be started within the job's stored
+        ack timeout (``ack_timeout_ms``, default this gateway's, for a job stored without one).
+        Raises Unavailable."""
+        ack_timeout_ms = self.ack_timeout_ms if ack_timeout_ms is None else ack_timeout_ms
+        most = self.place_most if most is None else most
         k, now = self.keys, now_ms()
         async with redis_errors():
             flat = await self.scripts.schedule(
