@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from devtools.devstack import Service, Stack, health_status
 from jobgate.v1 import job_pb2, scheduler_pb2
 
-from .conftest import Client, eventually, request
+from .helpers import Client, eventually, request
 
 ADMIN = "adm1n-7c0f2b9e4d51a8e3"
 BILLING = "b1ll-93e7a1c4f8d20b6a5"

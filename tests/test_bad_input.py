@@ -15,7 +15,7 @@ from devtools.devstack import Stack
 from jobgate.v1 import scheduler_pb2
 from protocol.keys import Keys
 
-from .conftest import Client, request
+from .helpers import Client, request
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 GOOD_ID = "0" * 32

@@ -21,7 +21,7 @@ from devtools.devstack import RedisProcess, Stack, wait_for
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .chaos import Checker, Cluster, Node, Stream
-from .conftest import FAST, eventually
+from .helpers import FAST, eventually
 
 pytestmark = pytest.mark.slow
 S = job_pb2

@@ -15,7 +15,7 @@ from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
 from protocol.keys import Keys
 
-from .conftest import Client, eventually, request, value
+from .helpers import Client, eventually, request, value
 
 S = job_pb2
 

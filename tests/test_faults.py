@@ -19,7 +19,7 @@ from protocol.connection import now_ms
 from protocol.keys import Keys
 from protocol.scripts import Scripts
 
-from .conftest import FAST, Client, eventually, request, value
+from .helpers import FAST, Client, eventually, request, value
 
 pytestmark = pytest.mark.slow
 S = job_pb2

@@ -23,7 +23,7 @@ from devtools.devstack import Stack, free_port
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2, scheduler_pb2_grpc
 from protocol.keys import Keys
 
-from .conftest import FAST, Client, eventually, request, value
+from .helpers import FAST, Client, eventually, request, value
 from .test_metrics import scrape
 
 OK = grpc.StatusCode.OK

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from devtools.devstack import Stack, free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-from .conftest import Client, eventually, request
+from .helpers import Client, eventually, request
 from .test_metrics import scrape
 
 

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.devstack import Stack, free_port
 
-from .conftest import Client, eventually
+from .helpers import Client, eventually
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

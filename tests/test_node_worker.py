@@ -1,7 +1,7 @@
 """A Node.js worker written from docs/PROTOCOL.md alone runs jobs end to end as the only worker.
 
 The worker is tests/node/worker.mjs (node-redis + protobufjs, the Lua scripts of protocol/lua/ and
-the envelopes of proto/). node, npm and the npm install come from tests/test_node_client.py.
+the envelopes of proto/). node, npm and the npm install come from the `node` fixture (conftest.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import pytest
 from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2
 
-from .conftest import FAST, Client, eventually, value
-from .test_node_client import NODE_DIR, NPM_TIMEOUT_S, node  # noqa: F401 - `node` is a fixture
+from .helpers import FAST, NODE_DIR, NPM_TIMEOUT_S, Client, eventually, value
 
 WORKER = NODE_DIR / "worker.mjs"
 EXIT_TIMEOUT_S = 10
@@ -64,7 +63,7 @@ class NodeWorker:
 @pytest.fixture
 def start_node_worker(
     request: pytest.FixtureRequest,
-    node: str,  # noqa: F811 - the fixture imported above
+    node: str,
     redis_url: str,
     namespace: str,
 ) -> Iterator[Callable[[str], NodeWorker]]:

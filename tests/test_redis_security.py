@@ -21,8 +21,7 @@ from devtools.devstack import Stack, find_redis_server, free_port, wait_for
 from gateway.acl import COMMANDS, setuser
 from jobgate.v1 import job_pb2, scheduler_pb2
 
-from .conftest import FAST, Client, eventually, request
-from .test_node_client import NPM_TIMEOUT_S, node  # noqa: F401 - `node` is a fixture
+from .helpers import FAST, NPM_TIMEOUT_S, Client, eventually, request
 from .test_node_worker import NodeWorker
 
 pytestmark = pytest.mark.slow
@@ -193,7 +192,7 @@ async def test_the_node_worker_runs_jobs_over_tls_as_the_minimal_acl_user(
     secure_redis: SecureRedis,
     secure_stack: Stack,
     client_for: Callable[[str], Client],
-    node: str,  # noqa: F811 - the fixture imported above
+    node: str,
     tmp_path: Path,
 ) -> None:
     """A worker written from docs/PROTOCOL.md needs no more than the ACL grants."""

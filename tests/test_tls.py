@@ -16,7 +16,7 @@ import trustme
 from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-from .conftest import FAST, request
+from .helpers import FAST, request
 
 
 @dataclass

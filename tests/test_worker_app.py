@@ -10,7 +10,7 @@ from google.protobuf.duration_pb2 import Duration
 from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2
 
-from .conftest import Client, eventually, value
+from .helpers import Client, eventually, value
 
 S = job_pb2
 

