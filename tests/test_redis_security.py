@@ -16,7 +16,7 @@ import pytest
 import redis
 import trustme
 
-import gateway
+import protocol
 from devtools.devstack import Stack, find_redis_server, free_port, wait_for
 from gateway.acl import COMMANDS, setuser
 from jobgate.v1 import job_pb2, scheduler_pb2
@@ -182,7 +182,7 @@ def test_acl_cli_prints_rules_for_a_namespace() -> None:
 def test_the_acl_grants_every_command_the_lua_scripts_run() -> None:
     """Redis checks commands run inside scripts against the user's rules: a command a script
     starts using must be granted, or every call of that script fails for the ACL user."""
-    lua = "".join(p.read_text() for p in (Path(gateway.__file__).parent / "lua").glob("*.lua"))
+    lua = "".join(p.read_text() for p in (Path(protocol.__file__).parent / "lua").glob("*.lua"))
     used = {name.lower() for name in re.findall(r"redis\.p?call\('([A-Za-z]+)'", lua)}
     assert used and used <= set(COMMANDS), sorted(used - set(COMMANDS))
 
