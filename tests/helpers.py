@@ -18,6 +18,8 @@ from google.protobuf import json_format
 
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 
+from .processes import Process
+
 NODE_DIR = Path(__file__).parent / "node"  # the Node.js client and worker, with their packages
 NPM_TIMEOUT_S = 300
 
@@ -112,3 +114,21 @@ def node_packages_installed() -> bool:
         if not manifest.exists() or json.loads(manifest.read_text())["version"] != version:
             return False
     return True
+
+
+class NodeWorker(Process):
+    """tests/node/worker.mjs as a subprocess, its output in ``<log_dir>/<worker_id>.log``."""
+
+    def __init__(
+        self,
+        node_bin: str,
+        redis_url: str,
+        namespace: str,
+        worker_id: str,
+        log_dir: Path,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        env = {k: FAST[k] for k in ("JOBGATE_HEARTBEAT_MS", "JOBGATE_HEARTBEAT_TTL_MS")}
+        argv = [node_bin, str(NODE_DIR / "worker.mjs"), redis_url, namespace, worker_id]
+        super().__init__(worker_id, argv, {**env, **(extra_env or {})}, log_dir)
+        self.worker_id = worker_id

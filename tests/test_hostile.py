@@ -24,7 +24,7 @@ from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2, scheduler_pb2_grpc
 from protocol.keys import Keys
 
 from .helpers import FAST, Client, eventually, request, value
-from .test_metrics import scrape
+from .processes import metrics_env, scrape
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -290,7 +290,7 @@ class Gateway:
 def gateway(redis_url: str) -> Iterator[Gateway]:
     ns = "h" + uuid.uuid4().hex[:12]
     metrics_port = free_port()
-    stack = Stack(redis_url, ns, env={**FAST, **LIMITS, "JOBGATE_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"})
+    stack = Stack(redis_url, ns, env={**FAST, **LIMITS, **metrics_env(metrics_port)})
     client = redis_sync.Redis.from_url(redis_url, socket_timeout=10)
     neighbour = Keys(ns + "-other")
     # Another namespace's keys, which nothing sent to this gateway may touch.
@@ -730,7 +730,7 @@ async def test_rogue_traffic_on_the_relay_channels_changes_no_outcome(
     wrong lease, 5 MB messages and a flood of garbage: the real outcome stands and is all a watcher
     sees, only stored jobs run, and work goes on afterwards."""
     port = free_port()
-    gateway, address = stack.start_gateway(env={"JOBGATE_METRICS_LISTEN": f"127.0.0.1:{port}"})
+    gateway, address = stack.start_gateway(env=metrics_env(port))
     worker = stack.start_worker(worker_id="target")
     client = client_for(address)
     parked = (await client.submit("echo", queue="parked")).job.id  # no worker serves "parked"

@@ -14,14 +14,14 @@ from devtools.devstack import Stack, free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .helpers import Client, eventually, request
-from .test_metrics import scrape
+from .processes import metrics_env, scrape
 
 
 async def test_streams_over_max_streams_are_refused_and_freed_slots_are_reused(
     stack: Stack, client_for: Callable[[str], Client]
 ) -> None:
     port = free_port()
-    _, address = stack.start_gateway(env={"JOBGATE_MAX_STREAMS": "3", "JOBGATE_METRICS_LISTEN": f"127.0.0.1:{port}"})
+    _, address = stack.start_gateway(env={"JOBGATE_MAX_STREAMS": "3", **metrics_env(port)})
     client = client_for(address)
     open_calls = [client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(), timeout=30) for _ in range(3)]
 

@@ -20,44 +20,9 @@ import pytest
 from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2
 
-from .helpers import FAST, NODE_DIR, NPM_TIMEOUT_S, Client, eventually, value
+from .helpers import NPM_TIMEOUT_S, Client, NodeWorker, eventually, value
 
-WORKER = NODE_DIR / "worker.mjs"
 EXIT_TIMEOUT_S = 10
-
-
-class NodeWorker:
-    """tests/node/worker.mjs as a subprocess, its output in a file."""
-
-    def __init__(
-        self,
-        node_bin: str,
-        redis_url: str,
-        namespace: str,
-        worker_id: str,
-        log_path: Path,
-        extra_env: dict[str, str] | None = None,
-    ) -> None:
-        self.worker_id = worker_id
-        self.log_path = log_path
-        env = {**os.environ, **{k: FAST[k] for k in ("JOBGATE_HEARTBEAT_MS", "JOBGATE_HEARTBEAT_TTL_MS")}}
-        env.update(extra_env or {})
-        with log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [node_bin, str(WORKER), redis_url, namespace, worker_id],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
 
 
 @pytest.fixture
@@ -72,7 +37,7 @@ def start_node_worker(
     log_dir = Path(tempfile.mkdtemp(prefix="jobgate-node-worker-"))
 
     def start(worker_id: str) -> NodeWorker:
-        w = NodeWorker(node, redis_url, namespace, worker_id, log_dir / f"{worker_id}.log")
+        w = NodeWorker(node, redis_url, namespace, worker_id, log_dir)
         started.append(w)
         return w
 

@@ -21,8 +21,7 @@ from devtools.devstack import Stack, find_redis_server, free_port, wait_for
 from gateway.acl import COMMANDS, setuser
 from jobgate.v1 import job_pb2, scheduler_pb2
 
-from .helpers import FAST, NPM_TIMEOUT_S, Client, eventually, request
-from .test_node_worker import NodeWorker
+from .helpers import FAST, NPM_TIMEOUT_S, Client, NodeWorker, eventually, request
 
 pytestmark = pytest.mark.slow
 NAMESPACE = "secure"
@@ -202,7 +201,7 @@ async def test_the_node_worker_runs_jobs_over_tls_as_the_minimal_acl_user(
         secure_redis.url("jobgate", PASSWORD),
         NAMESPACE,
         "node-secure",
-        tmp_path / "node.log",
+        tmp_path,
         extra_env={"NODE_EXTRA_CA_CERTS": secure_redis.ca_file},
     )
     try:
