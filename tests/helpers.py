@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import inspect
 import json
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,16 +67,38 @@ def request(kind: str = "echo", args: Any = None, **fields: Any) -> scheduler_pb
     return req
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20, what: str = "condition") -> Any:
-    """Polls an async ``check`` until it returns something truthy; fails the test after ``timeout`` s."""
+async def eventually(check: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
+    """Polls ``check`` (a function, or one returning an awaitable) until it gives something truthy,
+    and returns that; fails the test after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
-        last = await check()
+        last = check()
+        if inspect.isawaitable(last):
+            last = await last
         if last:
             return last
         await asyncio.sleep(0.05)
     pytest.fail(f"{what} not reached within {timeout}s (last: {last!r})")
+
+
+async def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
+    """The status an RPC ends with and its details (OK and "" when it succeeds): a unary call is
+    awaited, a stream read to its end."""
+    try:
+        if hasattr(call, "__aiter__"):
+            async for _ in call:
+                pass
+        else:
+            await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def code_of(call: Any) -> grpc.StatusCode:
+    """The status code an RPC ends with (see :func:`status_of`)."""
+    return (await status_of(call))[0]
 
 
 def value(v: Any) -> Any:

@@ -22,6 +22,7 @@ from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .chaos import Checker, Cluster, Node, Stream
 from .helpers import FAST, eventually
+from .processes import logged
 
 pytestmark = pytest.mark.slow
 S = job_pb2
@@ -214,7 +215,7 @@ async def test_a_worker_paused_past_its_lease_has_its_late_outcomes_refused(chec
     # On waking it either tries to record its late outcomes (refused: stale lease) or first learns
     # from its heartbeat that it was evicted and abandons them; then it takes jobs again.
     await eventually(
-        lambda: logged(frozen, "outcome discarded", "abandoning"), what="late outcomes refused or abandoned"
+        lambda: logged(frozen.service, "outcome discarded", "abandoning"), what="late outcomes refused or abandoned"
     )
     await asyncio.wait_for(loader, 60)
     await checker.submit(gw, [checker.job("sleep", {"seconds": 0.1}) for _ in range(100)])
@@ -232,11 +233,6 @@ async def all_terminal(checker: Checker, job_ids: set[str]) -> bool:
     for j in job_ids:
         pipe.hget(checker.keys.job(j), "state")
     return all(int(s or 0) in (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED) for s in await pipe.execute())
-
-
-async def logged(node: Node, *needles: str) -> bool:
-    text = node.service.log()
-    return any(n in text for n in needles)
 
 
 def finished_since(node: Node, since: float) -> set[str]:

@@ -20,6 +20,7 @@ from protocol.keys import Keys
 from protocol.scripts import Scripts
 
 from .helpers import FAST, Client, eventually, request, value
+from .processes import logged
 
 pytestmark = pytest.mark.slow
 S = job_pb2
@@ -216,19 +217,11 @@ async def test_late_outcome_of_a_superseded_attempt_is_discarded(
     # On waking, the frozen worker either tries to record its late outcome (refused: stale lease)
     # or first learns from its heartbeat that it was evicted and abandons the job.
     await eventually(
-        lambda: _any_logged(frozen.log(), "outcome discarded", "abandoning 1 superseded"),
+        lambda: logged(frozen, "outcome discarded", "abandoning 1 superseded"),
         what="late outcome discarded",
     )
     job = await job_state(client, job_id)
     assert (job.state, job.worker_id, job.attempt) == (S.JOB_STATE_SUCCEEDED, "thawed", 2)
-
-
-async def _logged(text: str, needle: str) -> bool:
-    return needle in text
-
-
-async def _any_logged(text: str, *needles: str) -> bool:
-    return any(n in text for n in needles)
 
 
 @pytest.fixture
@@ -363,7 +356,7 @@ async def test_worker_exits_at_once_on_a_second_signal(stack: Stack, client_for:
     await wait_running(client, job_id)
     began = time.monotonic()
     os.kill(worker.pid, signal.SIGTERM)
-    await eventually(lambda: _logged(worker.log(), "draining"), what="worker draining")
+    await eventually(lambda: logged(worker, "draining"), what="worker draining")
     os.kill(worker.pid, signal.SIGTERM)
     assert worker.proc.wait(10) != 0
     assert time.monotonic() - began < 10
@@ -397,7 +390,7 @@ async def test_a_dispatch_that_reaches_no_subscriber_is_taken_back_and_placed_el
     gateway, address = stack.start_gateway()
     client = client_for(address)
     job_id = (await client.submit("echo", {"to": "nobody"})).job.id
-    await eventually(lambda: _logged(gateway.log(), "reached nobody"), what="PUBLISH returning 0 noticed")
+    await eventually(lambda: logged(gateway, "reached nobody"), what="PUBLISH returning 0 noticed")
 
     async def taken_back() -> bool:
         off = await redis.hget(keys.worker("ghost"), "off")  # no more placements on it
@@ -442,10 +435,9 @@ async def test_gateway_and_worker_resubscribe_after_redis_drops_their_pubsub_con
         await earlier.read()
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "interrupted" in (err.value.details() or "")
 
-    async def resubscribed() -> bool:
-        return "re-established" in gateway.log() and "re-established" in worker.log()
-
-    await eventually(resubscribed, what="both resubscribed")
+    await eventually(
+        lambda: logged(gateway, "re-established") and logged(worker, "re-established"), what="both resubscribed"
+    )
     live = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(kinds=["echo"]), timeout=20)
     await asyncio.sleep(0.3)
     second = (await client.submit("echo")).job.id
@@ -528,7 +520,7 @@ async def test_two_live_workers_with_one_id_are_reported(stack: Stack) -> None:
     processes under one id evict each other on every heartbeat, and say so."""
     twins = [stack.start_worker(worker_id="twin") for _ in range(2)]
 
-    async def reported() -> bool:
-        return any("another live process seems to use worker id twin" in w.log() for w in twins)
-
-    await eventually(reported, what="the duplicate id reported")
+    await eventually(
+        lambda: any(logged(w, "another live process seems to use worker id twin") for w in twins),
+        what="the duplicate id reported",
+    )

@@ -24,7 +24,7 @@ from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2, scheduler_pb2_grpc
 from protocol.keys import Keys
 
 from .helpers import FAST, Client, eventually, request, value
-from .processes import metrics_env, scrape
+from .processes import logged, metrics_env, scrape
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -784,7 +784,7 @@ async def test_rogue_traffic_on_the_relay_channels_changes_no_outcome(
 
     after = (await client.submit("echo", {"after": "flood"})).job.id
     assert (await client.wait_results([after]))[after].state == S.JOB_STATE_SUCCEEDED
-    await eventually(lambda: asyncio.sleep(0, result=after in {e.job_id for e in seen}), what="broad watcher")
+    await eventually(lambda: after in {e.job_id for e in seen}, what="broad watcher")
     broad.cancel()
     assert {e.job_id for e in seen} == {job_id, after}, seen
     assert all(e.state == S.JOB_STATE_SUCCEEDED and e.error.code == "" and e.worker_id == "target" for e in seen)
@@ -810,7 +810,7 @@ async def test_a_forged_dispatch_does_not_stop_a_running_job_from_being_cancelle
     job_id = (await client.submit("sleep", {"seconds": 6})).job.id
     lease = await _running_lease(client, redis, keys, job_id)
     await redis.publish(keys.dispatch_channel("target"), _dispatch(job_id, lease + 1000))
-    await eventually(lambda: asyncio.sleep(0, result="dispatch refused (stale)" in worker.log()), what="refused")
+    await eventually(lambda: logged(worker, "dispatch refused (stale)"), what="refused")
     await client.stub.CancelJob(scheduler_pb2.CancelJobRequest(id=job_id), timeout=5)
     event = (await client.wait_results([job_id]))[job_id]
     assert (event.state, event.error.code) == (S.JOB_STATE_CANCELLED, "CANCELLED")
