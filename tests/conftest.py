@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from devtools.devstack import RedisProcess, Stack
 from protocol.keys import Keys
 
-from .helpers import FAST, NODE_DIR, NPM_TIMEOUT_S, Client, node_and_npm, node_packages_installed
+from .helpers import FAST, NODE_DIR, NPM_TIMEOUT_S, Client, PausableRedis, node_and_npm, node_packages_installed
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -33,6 +33,16 @@ def redis_url() -> Iterator[str]:
     server = RedisProcess().start()
     try:
         yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisProcess]:
+    """A Redis of the test's own, with an append-only file, which it may kill, restart or pause."""
+    server = PausableRedis(appendonly=True).start()
+    try:
+        yield server
     finally:
         server.stop()
 

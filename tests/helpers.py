@@ -8,6 +8,7 @@ import importlib.util
 import inspect
 import json
 import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +18,10 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
+from devtools.devstack import RedisProcess
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 
-from .processes import Process
+from .processes import Process, wait_until
 
 NODE_DIR = Path(__file__).parent / "node"  # the Node.js client and worker, with their packages
 NPM_TIMEOUT_S = 300
@@ -155,3 +157,16 @@ class NodeWorker(Process):
         argv = [node_bin, str(NODE_DIR / "worker.mjs"), redis_url, namespace, worker_id]
         super().__init__(worker_id, argv, {**env, **(extra_env or {})}, log_dir)
         self.worker_id = worker_id
+
+
+class PausableRedis(RedisProcess):
+    """A private Redis that also takes DEBUG (SLEEP) from local connections."""
+
+    def start(self, timeout_s: float = 10) -> PausableRedis:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--save", ""]
+        args += ["--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"]
+        args += ["--enable-debug-command", "local"]
+        args += ["--logfile", str(Path(self.dir) / "redis.log")]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self.ping, timeout_s, f"redis-server on port {self.port}", ignore=(OSError,))
+        return self

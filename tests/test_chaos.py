@@ -7,17 +7,15 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
 from redis.asyncio import Redis
 
-from devtools.devstack import RedisProcess, Stack, wait_for
+from devtools.devstack import RedisProcess, Stack
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .chaos import Checker, Cluster, Node, Stream
@@ -38,29 +36,6 @@ async def checker(stack: Stack, redis: Redis) -> AsyncIterator[Checker]:
         yield c
     finally:
         await c.close()
-
-
-class PausableRedis(RedisProcess):
-    """A private Redis that also takes DEBUG (SLEEP) from local connections."""
-
-    def start(self, timeout_s: float = 10) -> PausableRedis:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--save", ""]
-        args += ["--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"]
-        args += ["--enable-debug-command", "local"]
-        args += ["--logfile", str(Path(self.dir) / "redis.log")]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self.ping, timeout_s, f"redis-server on port {self.port}")
-        return self
-
-
-@pytest.fixture
-def private_redis() -> Iterator[RedisProcess]:
-    """A Redis of the test's own, with an append-only file, which it may restart or pause."""
-    server = PausableRedis(appendonly=True).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

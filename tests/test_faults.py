@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -224,29 +224,20 @@ async def test_late_outcome_of_a_superseded_attempt_is_discarded(
     assert (job.state, job.worker_id, job.attempt) == (S.JOB_STATE_SUCCEEDED, "thawed", 2)
 
 
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    server = RedisProcess(appendonly=True).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 async def test_redis_restart_answers_unavailable_then_everything_accepted_completes(
-    own_redis: RedisProcess, client_for: Callable[[str], Client]
+    private_redis: RedisProcess, client_for: Callable[[str], Client]
 ) -> None:
-    stack = Stack(own_redis.url, "restart", env=FAST)
+    stack = Stack(private_redis.url, "restart", env=FAST)
     try:
         _, address = stack.start_gateway()
         stack.start_worker("--concurrency", "2")
         client = client_for(address)
         accepted = [(await client.submit("sleep", {"seconds": 0.2})).job.id for _ in range(10)]
-        own_redis.kill()
+        private_redis.kill()
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.submit("echo", {"during": "outage"})
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        own_redis.start()
+        private_redis.start()
         after = await eventually(lambda: _try_submit(client), timeout=30, what="submit after restart")
         events = await client.wait_results([*accepted, after], timeout=60)
         assert all(e.state == S.JOB_STATE_SUCCEEDED for e in events.values())
@@ -470,10 +461,10 @@ async def test_gateway_restarted_mid_stream_on_its_address_serves_the_rest_of_th
 
 
 async def test_redis_refusing_writes_gives_unavailable_and_stores_nothing_then_work_resumes(
-    own_redis: RedisProcess, client_for: Callable[[str], Client]
+    private_redis: RedisProcess, client_for: Callable[[str], Client]
 ) -> None:
-    stack = Stack(own_redis.url, "oom", env=FAST)
-    admin = Redis.from_url(own_redis.url, socket_timeout=5)
+    stack = Stack(private_redis.url, "oom", env=FAST)
+    admin = Redis.from_url(private_redis.url, socket_timeout=5)
     try:
         gateway, address = stack.start_gateway()
         worker = stack.start_worker()
