@@ -10,7 +10,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from google.protobuf import json_format
 
 from devtools.devstack import RedisProcess
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
+from protocol.worker_calls import Registration
 
 from .processes import Process, wait_until
 
@@ -101,6 +102,20 @@ async def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
 async def code_of(call: Any) -> grpc.StatusCode:
     """The status code an RPC ends with (see :func:`status_of`)."""
     return (await status_of(call))[0]
+
+
+def registration(
+    worker_id: str,
+    *,
+    slots: int = 2,
+    queues: Sequence[str] = ("default",),
+    kinds: Sequence[str] = (),
+    off: bool = False,
+    instance: str = "i1",
+    ttl_ms: int = 60_000,
+) -> Registration:
+    """A worker's registration for a heartbeat sent by a test itself (no kinds: it takes any kind)."""
+    return Registration(worker_id, instance, ttl_ms, slots, queues, kinds, off)
 
 
 def value(v: Any) -> Any:

@@ -15,11 +15,10 @@ from redis.asyncio import Redis
 
 from devtools.devstack import RedisProcess, Stack, free_port
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
-from protocol.connection import now_ms
 from protocol.keys import Keys
-from protocol.scripts import Scripts
+from protocol.worker_calls import Start, WorkerCalls
 
-from .helpers import FAST, Client, eventually, request, value
+from .helpers import FAST, Client, eventually, registration, request, value
 from .processes import logged
 
 pytestmark = pytest.mark.slow
@@ -73,18 +72,14 @@ async def test_a_dispatch_that_is_never_acknowledged_is_placed_again(
     stack: Stack, client_for: Callable[[str], Client], redis: Redis, keys: Keys
 ) -> None:
     """A subscriber that swallows its dispatch (as if the message were lost) must not keep the job."""
-    scripts = Scripts.register(redis)
+    calls = WorkerCalls(redis, keys)
 
-    async def beat(off: str) -> None:
-        now = now_ms()
-        await scripts.heartbeat(
-            keys=[keys.workers(), keys.worker("sink"), keys.worker_jobs("sink"), keys.acks()],
-            args=[keys.prefix, "sink", now, now + 60_000, 1, "default", "echo", "test", 1, off, "sink-instance"],
-        )
+    async def beat(off: bool) -> None:
+        await calls.heartbeat(registration("sink", slots=1, kinds=["echo"], off=off, instance="sink-instance"))
 
     async with redis.pubsub() as sink:
         await sink.subscribe(keys.dispatch_channel("sink"))
-        await beat("0")
+        await beat(False)
         _, address = stack.start_gateway()
         client = client_for(address)
         job_id = (await client.submit("echo", {"lost": "once"})).job.id
@@ -93,15 +88,12 @@ async def test_a_dispatch_that_is_never_acknowledged_is_placed_again(
         )
         lost = relay_pb2.WorkerMessage.FromString(msg["data"]).dispatch
         assert lost.job_id == job_id
-        await beat("1")  # alive but taking no new jobs: only the acknowledgement deadline can free the job
+        await beat(True)  # alive but taking no new jobs: only the acknowledgement deadline can free the job
         stack.start_worker(worker_id="real")
         event = (await client.wait_results([job_id]))[job_id]
         assert (event.state, event.worker_id, event.attempt) == (S.JOB_STATE_SUCCEEDED, "real", 1)
-        late = await scripts.start(
-            keys=[keys.job(job_id), keys.acks(), keys.results_channel()],
-            args=[job_id, lost.lease, "sink", now_ms(), b""],
-        )
-        assert late == 0  # the swallowed placement's lease is stale
+        late = await calls.start_many("sink", [Start(job_id, lost.lease, b"")])
+        assert late == [0]  # the swallowed placement's lease is stale
 
 
 async def test_outcome_recorded_while_no_gateway_listens_reaches_the_next_gateway(
@@ -372,12 +364,7 @@ async def test_a_dispatch_that_reaches_no_subscriber_is_taken_back_and_placed_el
     stack: Stack, client_for: Callable[[str], Client], redis: Redis, keys: Keys
 ) -> None:
     """A registered worker whose subscription is gone: PUBLISH returns 0 and the gateway acts on it."""
-    scripts = Scripts.register(redis)
-    now = now_ms()
-    await scripts.heartbeat(
-        keys=[keys.workers(), keys.worker("ghost"), keys.worker_jobs("ghost"), keys.acks()],
-        args=[keys.prefix, "ghost", now, now + 60_000, 4, "default", "", "test", 1, "0", "ghost-instance"],
-    )
+    await WorkerCalls(redis, keys).heartbeat(registration("ghost", slots=4, instance="ghost-instance"))
     gateway, address = stack.start_gateway()
     client = client_for(address)
     job_id = (await client.submit("echo", {"to": "nobody"})).job.id
