@@ -14,7 +14,22 @@ from redis.asyncio import Redis
 from devtools.devstack import RedisProcess, Stack
 from protocol.keys import Keys
 
-from .helpers import FAST, NODE_DIR, NPM_TIMEOUT_S, Client, PausableRedis, node_and_npm, node_packages_installed
+from .helpers import (
+    FAST,
+    NODE_DIR,
+    NPM_TIMEOUT_S,
+    Client,
+    PausableRedis,
+    node_and_npm,
+    node_packages_installed,
+    start_gateway,
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "gateway(env=None, worker=()): settings of the `client` fixture's gateway, arguments of its worker"
+    )
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -81,18 +96,31 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-async def client_for() -> AsyncIterator[Callable[[str], Client]]:
+async def client_for() -> AsyncIterator[Callable[..., Client]]:
     """Opens clients for gateway addresses and closes them after the test."""
     opened: list[Client] = []
 
-    def open_client(address: str) -> Client:
-        c = Client(address)
+    def open_client(address: str, metrics_port: int = 0) -> Client:
+        c = Client(address, metrics_port)
         opened.append(c)
         return c
 
     yield open_client
     for c in opened:
         await c.close()
+
+
+@pytest.fixture
+def client(request: pytest.FixtureRequest, stack: Stack, client_for: Callable[..., Client]) -> Client:
+    """One gateway (serving metrics) and one worker, and a client of the gateway. A module or test
+    marked ``@pytest.mark.gateway(env={...}, worker=(...))`` gives the gateway more settings and the
+    worker its arguments (``worker=None``: no worker)."""
+    mark = request.node.get_closest_marker("gateway")
+    options = mark.kwargs if mark else {}
+    _, address, port = start_gateway(stack, env=options.get("env"))
+    if (worker := options.get("worker", ())) is not None:
+        stack.start_worker(*worker)
+    return client_for(address, port)
 
 
 @pytest.fixture(scope="session")

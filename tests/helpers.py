@@ -10,7 +10,7 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,13 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
-from devtools.devstack import RedisProcess
+from devtools.devstack import RedisProcess, Service, Stack, free_port
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from protocol.worker_calls import Registration
 
-from .processes import Process, wait_until
+from .processes import Process, metrics_env, scrape, wait_until
 
+STREAMS_OPEN = ("jobgate_gateway_streams_open", ())  # the gauge's sample
 NODE_DIR = Path(__file__).parent / "node"  # the Node.js client and worker, with their packages
 NPM_TIMEOUT_S = 300
 
@@ -42,8 +43,9 @@ FAST = {
 class Client:
     """A gRPC client for one gateway address, with a few conveniences for tests."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, metrics_port: int = 0) -> None:
         self.address = address
+        self.metrics_port = metrics_port  # where the gateway serves /metrics, if it does
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
 
@@ -58,6 +60,11 @@ class Client:
             assert resp.event.job_id not in events, "a job was reported terminal twice"
             events[resp.event.job_id] = resp.event
         return events
+
+    async def wait_streams_open(self, n: int, timeout: float = 20) -> None:
+        """Waits until the gateway has ``n`` streams open (see :func:`wait_streams_open`)."""
+        assert self.metrics_port, "the gateway serves no metrics"
+        await wait_streams_open(self.metrics_port, n, timeout)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -116,6 +123,29 @@ def registration(
 ) -> Registration:
     """A worker's registration for a heartbeat sent by a test itself (no kinds: it takes any kind)."""
     return Registration(worker_id, instance, ttl_ms, slots, queues, kinds, off)
+
+
+def start_gateway(
+    stack: Stack, *args: str, env: Mapping[str, str] | None = None, **kw: Any
+) -> tuple[Service, str, int]:
+    """Starts a gateway that serves /metrics; returns it, its address and its metrics port."""
+    port = free_port()
+    gateway, address = stack.start_gateway(*args, env={**metrics_env(port), **(env or {})}, **kw)
+    return gateway, address, port
+
+
+def streams_open(port: int) -> float:
+    """The streams a gateway has open, from its gauge (on its metrics ``port``)."""
+    return scrape(port).get(STREAMS_OPEN, 0)
+
+
+async def wait_streams_open(port: int, n: int, timeout: float = 20) -> None:
+    """Waits until the gateway serving metrics on ``port`` has ``n`` streams open. A stream counts
+    there once its handler runs, and it registers with the gateway's hub before it awaits anything:
+    no event published from then on passes it by."""
+    await eventually(
+        lambda: asyncio.to_thread(lambda: streams_open(port) == n), timeout, what=f"{n} streams open on the gateway"
+    )
 
 
 def value(v: Any) -> Any:

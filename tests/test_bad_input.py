@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -11,7 +10,6 @@ from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 from redis.asyncio import Redis
 
-from devtools.devstack import Stack
 from jobgate.v1 import scheduler_pb2
 from protocol.keys import Keys
 
@@ -21,18 +19,16 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 GOOD_ID = "0" * 32
 
 
-@pytest.fixture
-def client(stack: Stack, client_for: Callable[[str], Client]) -> Client:
-    """A gateway with small limits and no workers (so nothing but the gateway writes keys)."""
-    _, address = stack.start_gateway(
-        env={
-            "JOBGATE_MAX_PAYLOAD_BYTES": "1000",
-            "JOBGATE_MAX_MESSAGE_BYTES": "65536",
-            "JOBGATE_MAX_BATCH": "50",
-            "JOBGATE_MAX_WATCH_IDS": "10",
-        }
-    )
-    return client_for(address)
+# The `client` fixture's gateway: small limits, and no worker (so nothing but the gateway writes keys).
+pytestmark = pytest.mark.gateway(
+    env={
+        "JOBGATE_MAX_PAYLOAD_BYTES": "1000",
+        "JOBGATE_MAX_MESSAGE_BYTES": "65536",
+        "JOBGATE_MAX_BATCH": "50",
+        "JOBGATE_MAX_WATCH_IDS": "10",
+    },
+    worker=None,
+)
 
 
 SUBMIT_CASES = [

@@ -18,7 +18,7 @@ from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
 from protocol.keys import Keys
 from protocol.worker_calls import Start, WorkerCalls
 
-from .helpers import FAST, Client, eventually, registration, request, value
+from .helpers import FAST, Client, eventually, registration, request, start_gateway, value, wait_streams_open
 from .processes import logged
 
 pytestmark = pytest.mark.slow
@@ -292,7 +292,7 @@ async def test_slow_watcher_is_cut_off_while_fast_watchers_keep_up(
 ) -> None:
     # The buffer must hold a burst for fast watchers: completions come in batches (a worker records
     # the outcomes that end together in one call), and a stream writes one message per event.
-    _, address = stack.start_gateway(env={"JOBGATE_STREAM_BUFFER": "3000"})
+    _, address, metrics_port = start_gateway(stack, env={"JOBGATE_STREAM_BUFFER": "3000"})
     stack.start_worker("--concurrency", "8")
     # No BDP probing: the HTTP/2 window stays small, so an unread stream backs up into the gateway.
     slow_channel = grpc.aio.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)])
@@ -302,7 +302,7 @@ async def test_slow_watcher_is_cut_off_while_fast_watchers_keep_up(
         slow = scheduler_pb2_grpc.SchedulerServiceStub(slow_channel).WatchResults(
             scheduler_pb2.WatchResultsRequest(), timeout=60
         )
-        await asyncio.sleep(0.3)
+        await wait_streams_open(metrics_port, 1)
         client = client_for(address)
         big = {"pad": "x" * 2000}
         ids = []
@@ -400,7 +400,7 @@ async def test_gateway_sigterm_turns_health_not_serving_before_it_stops(stack: S
 async def test_gateway_and_worker_resubscribe_after_redis_drops_their_pubsub_connections(
     stack: Stack, client_for: Callable[[str], Client], redis: Redis, keys: Keys
 ) -> None:
-    gateway, address = stack.start_gateway()
+    gateway, address, metrics_port = start_gateway(stack)
     worker = stack.start_worker()
     client = client_for(address)
     earlier = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(), timeout=30)
@@ -417,7 +417,7 @@ async def test_gateway_and_worker_resubscribe_after_redis_drops_their_pubsub_con
         lambda: logged(gateway, "re-established") and logged(worker, "re-established"), what="both resubscribed"
     )
     live = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(kinds=["echo"]), timeout=20)
-    await asyncio.sleep(0.3)
+    await wait_streams_open(metrics_port, 1)
     second = (await client.submit("echo")).job.id
     got = await anext(aiter(live))  # an unfiltered stream is served only by the live subscription
     live.cancel()

@@ -23,7 +23,7 @@ from devtools.devstack import Stack, free_port
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2, scheduler_pb2_grpc
 from protocol.keys import Keys
 
-from .helpers import FAST, Client, eventually, request, value
+from .helpers import FAST, Client, eventually, request, start_gateway, value, wait_streams_open
 from .processes import logged, metrics_env, scrape
 
 OK = grpc.StatusCode.OK
@@ -729,8 +729,7 @@ async def test_rogue_traffic_on_the_relay_channels_changes_no_outcome(
     """Forged outcomes for a running job, forged dispatches for jobs that do not exist or with a
     wrong lease, 5 MB messages and a flood of garbage: the real outcome stands and is all a watcher
     sees, only stored jobs run, and work goes on afterwards."""
-    port = free_port()
-    gateway, address = stack.start_gateway(env=metrics_env(port))
+    gateway, address, port = start_gateway(stack)
     worker = stack.start_worker(worker_id="target")
     client = client_for(address)
     parked = (await client.submit("echo", queue="parked")).job.id  # no worker serves "parked"
@@ -740,10 +739,7 @@ async def test_rogue_traffic_on_the_relay_channels_changes_no_outcome(
     seen: list[job_pb2.JobEvent] = []
     broad = asyncio.create_task(_collect(client.stub.WatchResults(scheduler_pb2.WatchResultsRequest()), seen))
 
-    def gauge() -> float:
-        return scrape(port)[("jobgate_gateway_streams_open", ())]
-
-    await eventually(lambda: asyncio.to_thread(lambda: gauge() == 2), what="both watchers open")
+    await wait_streams_open(port, 2)  # both watchers open
     forged = [*_forged_outcomes(job_id), *_forged_outcomes(parked), *_forged_outcomes("e" * 32)]
     dispatches = [
         _dispatch("d" * 32, 1),  # no such job
