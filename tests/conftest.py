@@ -20,6 +20,7 @@ from .helpers import (
     NPM_TIMEOUT_S,
     Client,
     PausableRedis,
+    call_failed,
     node_and_npm,
     node_packages_installed,
     start_gateway,
@@ -80,8 +81,7 @@ def stack(request: pytest.FixtureRequest, redis_url: str, namespace: str) -> Ite
     try:
         yield s
     finally:
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
+        if call_failed(request):
             print(s.logs())
         s.stop()
 

@@ -111,6 +111,12 @@ async def code_of(call: Any) -> grpc.StatusCode:
     return (await status_of(call))[0]
 
 
+def call_failed(request: pytest.FixtureRequest) -> bool:
+    """Whether the test that requested a fixture failed (for its teardown to print logs)."""
+    report = getattr(request.node, "rep_call", None)  # set by conftest's pytest_runtest_makereport
+    return report is not None and bool(report.failed)
+
+
 def registration(
     worker_id: str,
     *,

@@ -19,7 +19,7 @@ from devtools.devstack import RedisProcess, Stack
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .chaos import Checker, Cluster, Node, Stream
-from .helpers import FAST, eventually
+from .helpers import FAST, call_failed, eventually
 from .processes import logged
 
 pytestmark = pytest.mark.slow
@@ -49,8 +49,7 @@ async def private_checker(
         yield c
     finally:
         await c.close()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
+        if call_failed(request):
             print(stack.logs())
         stack.stop()
         await admin.aclose()

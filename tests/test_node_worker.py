@@ -20,7 +20,7 @@ import pytest
 from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2
 
-from .helpers import NPM_TIMEOUT_S, Client, NodeWorker, eventually, value
+from .helpers import NPM_TIMEOUT_S, Client, NodeWorker, call_failed, eventually, value
 
 EXIT_TIMEOUT_S = 10
 
@@ -42,10 +42,10 @@ def start_node_worker(
         return w
 
     yield start
-    report = getattr(request.node, "rep_call", None)
+    failed = call_failed(request)
     for w in started:
         w.kill()
-        if report is not None and report.failed:
+        if failed:
             print(f"===== node worker {w.worker_id}\n{w.log()[-4000:]}")
     shutil.rmtree(log_dir, ignore_errors=True)
 
