@@ -14,26 +14,19 @@ import asyncio
 import platform
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.devstack import RedisProcess, Stack, free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
+from tests.processes import metrics_env, scrape, totals
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "docs" / "SOAK.md"
 MB = 1024 * 1024
 TERMINAL = (job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED)
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
 
 
 @dataclass
@@ -46,7 +39,7 @@ class Series:
     samples: list[tuple[float, int, float, float]] = field(default_factory=list)
 
     def sample(self, t: float, done: int) -> None:
-        m = scrape(self.port)
+        m = totals(scrape(self.port))
         self.samples.append((t, done, m["process_resident_memory_bytes"], m[f"{self.prefix}_asyncio_tasks"]))
 
     def slope_mb_per_10k(self) -> float:
@@ -181,13 +174,11 @@ def main() -> None:
     stack = Stack(redis.url, "soak", env={"JOBGATE_LOG_LEVEL": "WARNING", "JOBGATE_STREAM_BUFFER": "20000"})
     try:
         port = free_port()
-        _, address = stack.start_gateway(env={"JOBGATE_METRICS_LISTEN": f"127.0.0.1:{port}"})
+        _, address = stack.start_gateway(env=metrics_env(port))
         series = [Series("gateway", port, "jobgate_gateway")]
         for i in range(args.workers):
             port = free_port()
-            stack.start_worker(
-                "--concurrency", str(args.concurrency), env={"JOBGATE_METRICS_LISTEN": f"127.0.0.1:{port}"}
-            )
+            stack.start_worker("--concurrency", str(args.concurrency), env=metrics_env(port))
             series.append(Series(f"worker {i + 1}", port, "jobgate_worker"))
         elapsed = asyncio.run(soak(args, address, series))
     finally:

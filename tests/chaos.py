@@ -16,7 +16,6 @@ import asyncio
 import itertools
 import re
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,29 +23,19 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from devtools.devstack import Service, Stack, free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 from protocol.keys import Keys
 
+from .processes import metrics_env, scrape, totals
+
 TERMINAL = frozenset({job_pb2.JOB_STATE_SUCCEEDED, job_pb2.JOB_STATE_FAILED, job_pb2.JOB_STATE_CANCELLED})
 MAX_IDS = 1000  # the gateway's default max_watch_ids
 STARTED = re.compile(r"job_id=([0-9a-f]{32}) kind=\S+ attempt=(\d+) started")
 FINISHED = re.compile(r"job_id=([0-9a-f]{32}) finished (JOB_STATE_[A-Z]+)")
 MB = 1024 * 1024
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The unlabelled samples of a ``/metrics`` endpoint (labelled ones summed by name)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = defaultdict(float)
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[s.name] += s.value
-    return dict(out)
 
 
 @dataclass
@@ -69,7 +58,7 @@ class Node:
         return self.service.alive()
 
     async def metrics(self) -> dict[str, float]:
-        return await asyncio.to_thread(scrape, self.metrics_port)
+        return totals(await asyncio.to_thread(scrape, self.metrics_port))
 
 
 class Cluster:
@@ -82,16 +71,14 @@ class Cluster:
 
     def gateway(self, *, env: Mapping[str, str] | None = None) -> Node:
         port = free_port()
-        svc, address = self.stack.start_gateway(env={"JOBGATE_METRICS_LISTEN": f"127.0.0.1:{port}", **(env or {})})
+        svc, address = self.stack.start_gateway(env={**metrics_env(port), **(env or {})})
         node = Node(svc, port, address)
         self.gateways.append(node)
         return node
 
     def worker(self, *args: str, worker_id: str | None = None, env: Mapping[str, str] | None = None) -> Node:
         port = free_port()
-        svc = self.stack.start_worker(
-            *args, worker_id=worker_id, env={"JOBGATE_METRICS_LISTEN": f"127.0.0.1:{port}", **(env or {})}
-        )
+        svc = self.stack.start_worker(*args, worker_id=worker_id, env={**metrics_env(port), **(env or {})})
         node = Node(svc, port)
         self.workers.append(node)
         return node

@@ -2,32 +2,35 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
+import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import grpc
 import pytest
-from google.protobuf import json_format
 from redis.asyncio import Redis
 
 from devtools.devstack import RedisProcess, Stack
-from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from protocol.keys import Keys
 
-# Short heartbeats and ticks so fault tests settle in seconds, not minutes.
-FAST = {
-    "JOBGATE_HEARTBEAT_MS": "200",
-    "JOBGATE_HEARTBEAT_TTL_MS": "1000",
-    "JOBGATE_TICK_MS": "200",
-    "JOBGATE_ACK_TIMEOUT_MS": "1000",
-    "JOBGATE_RECONCILE_MS": "1000",
-    "JOBGATE_GRACE_S": "5",
-    "JOBGATE_LOG_LEVEL": "INFO",
-}
+from .helpers import (
+    FAST,
+    NODE_DIR,
+    NPM_TIMEOUT_S,
+    Client,
+    PausableRedis,
+    call_failed,
+    node_and_npm,
+    node_packages_installed,
+    start_gateway,
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "gateway(env=None, worker=()): settings of the `client` fixture's gateway, arguments of its worker"
+    )
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -51,6 +54,16 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def private_redis() -> Iterator[RedisProcess]:
+    """A Redis of the test's own, with an append-only file, which it may kill, restart or pause."""
+    server = PausableRedis(appendonly=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def namespace() -> str:
     """A namespace of its own for each test, so tests never see each other's keys."""
     return "t" + uuid.uuid4().hex[:12]
@@ -68,8 +81,7 @@ def stack(request: pytest.FixtureRequest, redis_url: str, namespace: str) -> Ite
     try:
         yield s
     finally:
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
+        if call_failed(request):
             print(s.logs())
         s.stop()
 
@@ -83,44 +95,13 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
         await client.aclose()
 
 
-class Client:
-    """A gRPC client for one gateway address, with a few conveniences for tests."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.channel = grpc.aio.insecure_channel(address)
-        self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
-
-    async def submit(self, kind: str = "echo", args: Any = None, **fields: Any) -> scheduler_pb2.SubmitJobResponse:
-        return await self.stub.SubmitJob(request(kind, args, **fields), timeout=10)
-
-    async def wait_results(self, job_ids: list[str], timeout: float = 30) -> dict[str, Any]:
-        """Streams WatchResults for ``job_ids`` until it ends; returns events by job id."""
-        events = {}
-        call = self.stub.WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=job_ids), timeout=timeout)
-        async for resp in call:
-            assert resp.event.job_id not in events, "a job was reported terminal twice"
-            events[resp.event.job_id] = resp.event
-        return events
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-
-def request(kind: str = "echo", args: Any = None, **fields: Any) -> scheduler_pb2.SubmitJobRequest:
-    req = scheduler_pb2.SubmitJobRequest(kind=kind, **fields)
-    if args is not None:
-        json_format.ParseDict(args, req.args)
-    return req
-
-
 @pytest.fixture
-async def client_for() -> AsyncIterator[Callable[[str], Client]]:
+async def client_for() -> AsyncIterator[Callable[..., Client]]:
     """Opens clients for gateway addresses and closes them after the test."""
     opened: list[Client] = []
 
-    def open_client(address: str) -> Client:
-        c = Client(address)
+    def open_client(address: str, metrics_port: int = 0) -> Client:
+        c = Client(address, metrics_port)
         opened.append(c)
         return c
 
@@ -129,18 +110,35 @@ async def client_for() -> AsyncIterator[Callable[[str], Client]]:
         await c.close()
 
 
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 20, what: str = "condition") -> Any:
-    """Polls an async ``check`` until it returns something truthy; fails the test after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    pytest.fail(f"{what} not reached within {timeout}s (last: {last!r})")
+@pytest.fixture
+def client(request: pytest.FixtureRequest, stack: Stack, client_for: Callable[..., Client]) -> Client:
+    """One gateway (serving metrics) and one worker, and a client of the gateway. A module or test
+    marked ``@pytest.mark.gateway(env={...}, worker=(...))`` gives the gateway more settings and the
+    worker its arguments (``worker=None``: no worker)."""
+    mark = request.node.get_closest_marker("gateway")
+    options = mark.kwargs if mark else {}
+    _, address, port = start_gateway(stack, env=options.get("env"))
+    if (worker := options.get("worker", ())) is not None:
+        stack.start_worker(*worker)
+    return client_for(address, port)
 
 
-def value(v: Any) -> Any:
-    """A google.protobuf.Value as plain Python."""
-    return json_format.MessageToDict(v)
+@pytest.fixture(scope="session")
+def node() -> str:
+    """The node binary, with tests/node's packages installed; installs them once if needed."""
+    if os.environ.get("JOBGATE_SKIP_NODE") == "1":
+        pytest.skip("JOBGATE_SKIP_NODE=1")
+    node, npm = node_and_npm()
+    if not node_packages_installed():
+        has_lock = (NODE_DIR / "package-lock.json").exists()
+        # --ignore-scripts: the only install script (protobufjs's) merely prints version advice.
+        args = [*npm, "ci" if has_lock else "install", "--ignore-scripts", "--no-audit", "--no-fund"]
+        try:
+            done = subprocess.run(args, cwd=NODE_DIR, capture_output=True, text=True, timeout=NPM_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`npm {args[len(npm)]}` in {NODE_DIR} took over {NPM_TIMEOUT_S}s")
+        if done.returncode != 0:
+            pytest.fail(
+                f"`npm {args[len(npm)]}` in {NODE_DIR} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+            )
+    return node

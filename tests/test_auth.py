@@ -15,10 +15,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
-from devtools.devstack import Service, Stack, health_status
+from devtools.devstack import Stack, health_status
 from jobgate.v1 import job_pb2, scheduler_pb2
 
-from .conftest import Client, eventually, request
+from .helpers import Client, code_of, eventually, request
+from .processes import logged
 
 ADMIN = "adm1n-7c0f2b9e4d51a8e3"
 BILLING = "b1ll-93e7a1c4f8d20b6a5"
@@ -31,19 +32,6 @@ def bearer(token: str) -> list[tuple[str, str]]:
 
 async def stored_keys(redis: Redis, namespace: str) -> list[bytes]:
     return sorted([k async for k in redis.scan_iter(match=f"{{{namespace}}}:*")])
-
-
-async def code_of(call: object) -> grpc.StatusCode:
-    """The status an RPC ends with (unary awaitable or stream)."""
-    try:
-        if hasattr(call, "__aiter__"):
-            async for _ in call:  # type: ignore[attr-defined]
-                pass
-        else:
-            await call  # type: ignore[misc]
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 async def test_calls_without_a_valid_token_are_refused_and_store_nothing(
@@ -248,10 +236,6 @@ async def test_sighup_reloads_the_token_file_and_a_bad_file_changes_nothing(
     assert await status(old) == grpc.StatusCode.UNAUTHENTICATED
     token_file.write_text("app short\n")  # a bad entry: the tokens in force stay
     gateway.signal(signal.SIGHUP)
-    await eventually(lambda: _logged(gateway, "tokens not reloaded"), what="the bad file refused")
+    await eventually(lambda: logged(gateway, "tokens not reloaded"), what="the bad file refused")
     assert await status(new) == grpc.StatusCode.OK
     assert gateway.alive() and new not in gateway.log() and old not in gateway.log()
-
-
-async def _logged(service: Service, text: str) -> bool:
-    return text in service.log()

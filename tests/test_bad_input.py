@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -11,35 +10,25 @@ from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 from redis.asyncio import Redis
 
-from devtools.devstack import Stack
 from jobgate.v1 import scheduler_pb2
 from protocol.keys import Keys
 
-from .conftest import Client, request
+from .helpers import Client, request, status_of
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 GOOD_ID = "0" * 32
 
 
-@pytest.fixture
-def client(stack: Stack, client_for: Callable[[str], Client]) -> Client:
-    """A gateway with small limits and no workers (so nothing but the gateway writes keys)."""
-    _, address = stack.start_gateway(
-        env={
-            "JOBGATE_MAX_PAYLOAD_BYTES": "1000",
-            "JOBGATE_MAX_MESSAGE_BYTES": "65536",
-            "JOBGATE_MAX_BATCH": "50",
-            "JOBGATE_MAX_WATCH_IDS": "10",
-        }
-    )
-    return client_for(address)
-
-
-async def _status(call: Any) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        result = await call if not hasattr(call, "__aiter__") else [r async for r in call]
-        pytest.fail(f"expected an error, got {result!r}")
-    return err.value.code(), err.value.details() or ""
+# The `client` fixture's gateway: small limits, and no worker (so nothing but the gateway writes keys).
+pytestmark = pytest.mark.gateway(
+    env={
+        "JOBGATE_MAX_PAYLOAD_BYTES": "1000",
+        "JOBGATE_MAX_MESSAGE_BYTES": "65536",
+        "JOBGATE_MAX_BATCH": "50",
+        "JOBGATE_MAX_WATCH_IDS": "10",
+    },
+    worker=None,
+)
 
 
 SUBMIT_CASES = [
@@ -70,9 +59,9 @@ SUBMIT_CASES = [
 async def test_submit_rejects_bad_fields_naming_them_and_stores_nothing(
     client: Client, redis: Redis, keys: Keys, fields: dict[str, Any], code: grpc.StatusCode, field: str
 ) -> None:
-    got, details = await _status(client.stub.SubmitJob(scheduler_pb2.SubmitJobRequest(**fields)))
+    got, details = await status_of(client.stub.SubmitJob(scheduler_pb2.SubmitJobRequest(**fields)))
     assert (got, field in details) == (code, True), details
-    got, details = await _status(
+    got, details = await status_of(
         client.stub.RunJob(scheduler_pb2.RunJobRequest(job=scheduler_pb2.SubmitJobRequest(**fields)))
     )
     assert (got, f"job.{field}" in details) == (code, True), details
@@ -84,12 +73,12 @@ async def test_batch_error_names_the_job_index_and_stores_none_of_the_batch(
 ) -> None:
     jobs = [request("echo") for _ in range(5)]
     jobs[3] = request("")
-    code, details = await _status(client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=jobs)))
+    code, details = await status_of(client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=jobs)))
     assert code == INVALID and "jobs[3].kind" in details
-    code, details = await _status(client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest()))
+    code, details = await status_of(client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest()))
     assert code == INVALID and "jobs" in details
     too_many = [request("echo") for _ in range(51)]
-    code, details = await _status(client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=too_many)))
+    code, details = await status_of(client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=too_many)))
     assert code == INVALID and "at most 50" in details
     assert await redis.keys(keys.prefix + "*") == []
 
@@ -97,7 +86,7 @@ async def test_batch_error_names_the_job_index_and_stores_none_of_the_batch(
 async def test_a_message_over_the_grpc_size_limit_is_refused_before_any_handler(
     client: Client, redis: Redis, keys: Keys
 ) -> None:
-    code, _ = await _status(client.stub.SubmitJob(request("echo", payload=b"x" * 70_000)))
+    code, _ = await status_of(client.stub.SubmitJob(request("echo", payload=b"x" * 70_000)))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert await redis.keys(keys.prefix + "*") == []
 
@@ -118,7 +107,7 @@ async def test_get_and_cancel_name_bad_or_unknown_ids(
         client.stub.GetJob(scheduler_pb2.GetJobRequest(id=job_id)),
         client.stub.CancelJob(scheduler_pb2.CancelJobRequest(id=job_id)),
     ):
-        got, details = await _status(call)
+        got, details = await status_of(call)
         assert got == code and field in details, details
 
 
@@ -135,5 +124,5 @@ async def test_get_and_cancel_name_bad_or_unknown_ids(
 async def test_watch_rejects_bad_filters_naming_them(
     client: Client, req: scheduler_pb2.WatchResultsRequest, code: grpc.StatusCode, field: str
 ) -> None:
-    got, details = await _status(client.stub.WatchResults(req, timeout=5))
+    got, details = await status_of(client.stub.WatchResults(req, timeout=5))
     assert got == code and field in details, details

@@ -7,21 +7,20 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
 from redis.asyncio import Redis
 
-from devtools.devstack import RedisProcess, Stack, wait_for
+from devtools.devstack import RedisProcess, Stack
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .chaos import Checker, Cluster, Node, Stream
-from .conftest import FAST, eventually
+from .helpers import FAST, call_failed, eventually
+from .processes import logged
 
 pytestmark = pytest.mark.slow
 S = job_pb2
@@ -39,29 +38,6 @@ async def checker(stack: Stack, redis: Redis) -> AsyncIterator[Checker]:
         await c.close()
 
 
-class PausableRedis(RedisProcess):
-    """A private Redis that also takes DEBUG (SLEEP) from local connections."""
-
-    def start(self, timeout_s: float = 10) -> PausableRedis:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--save", ""]
-        args += ["--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always"]
-        args += ["--enable-debug-command", "local"]
-        args += ["--logfile", str(Path(self.dir) / "redis.log")]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self.ping, timeout_s, f"redis-server on port {self.port}")
-        return self
-
-
-@pytest.fixture
-def private_redis() -> Iterator[RedisProcess]:
-    """A Redis of the test's own, with an append-only file, which it may restart or pause."""
-    server = PausableRedis(appendonly=True).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 async def private_checker(
     request: pytest.FixtureRequest, private_redis: RedisProcess, namespace: str
@@ -73,8 +49,7 @@ async def private_checker(
         yield c
     finally:
         await c.close()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
+        if call_failed(request):
             print(stack.logs())
         stack.stop()
         await admin.aclose()
@@ -214,7 +189,7 @@ async def test_a_worker_paused_past_its_lease_has_its_late_outcomes_refused(chec
     # On waking it either tries to record its late outcomes (refused: stale lease) or first learns
     # from its heartbeat that it was evicted and abandons them; then it takes jobs again.
     await eventually(
-        lambda: logged(frozen, "outcome discarded", "abandoning"), what="late outcomes refused or abandoned"
+        lambda: logged(frozen.service, "outcome discarded", "abandoning"), what="late outcomes refused or abandoned"
     )
     await asyncio.wait_for(loader, 60)
     await checker.submit(gw, [checker.job("sleep", {"seconds": 0.1}) for _ in range(100)])
@@ -232,11 +207,6 @@ async def all_terminal(checker: Checker, job_ids: set[str]) -> bool:
     for j in job_ids:
         pipe.hget(checker.keys.job(j), "state")
     return all(int(s or 0) in (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED) for s in await pipe.execute())
-
-
-async def logged(node: Node, *needles: str) -> bool:
-    text = node.service.log()
-    return any(n in text for n in needles)
 
 
 def finished_since(node: Node, since: float) -> set[str]:

@@ -15,22 +15,10 @@ from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
 from protocol.keys import Keys
 
-from .conftest import Client, eventually, request, value
+from .helpers import Client, eventually, request, start_gateway, value, wait_streams_open
 
 S = job_pb2
-
-
-@pytest.fixture
-def gateway(stack: Stack) -> str:
-    """One gateway and one worker (4 slots); returns the gateway address."""
-    _, address = stack.start_gateway()
-    stack.start_worker("--concurrency", "4")
-    return address
-
-
-@pytest.fixture
-def client(gateway: str, client_for: Callable[[str], Client]) -> Client:
-    return client_for(gateway)
+pytestmark = pytest.mark.gateway(worker=("--concurrency", "4"))  # the `client` fixture's worker
 
 
 async def test_submitted_job_runs_and_its_result_streams_back(client: Client) -> None:
@@ -70,7 +58,7 @@ async def test_watch_with_max_batch_delivers_every_completion_once_in_bounded_re
     done = [(await client.submit("echo", {"n": n})).job.id for n in range(5)]
     await client.wait_results(done)
     broad = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(kinds=["echo"], max_batch=50), timeout=30)
-    await asyncio.sleep(0.3)  # let the unfiltered stream register before the jobs finish
+    await client.wait_streams_open(1)  # the unfiltered stream registered before the jobs finish
     reqs = [request("echo", {"i": i}) for i in range(120)]
     ids = [j.id for j in (await client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=reqs), timeout=10)).jobs]
     call = client.stub.WatchResults(
@@ -117,11 +105,11 @@ async def test_watch_replays_results_that_finished_before_it_subscribed(client: 
 async def test_watch_without_ids_streams_completions_matching_queue_and_kind(
     stack: Stack, client_for: Callable[[str], Client]
 ) -> None:
-    _, address = stack.start_gateway()
+    _, address, metrics_port = start_gateway(stack)
     stack.start_worker("--queues", "default,other")
     client = client_for(address)
     call = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(queue="other", kinds=["echo"]), timeout=20)
-    await asyncio.sleep(0.3)  # let the stream register before the jobs finish
+    await wait_streams_open(metrics_port, 1)  # the stream registered before the jobs finish
     await client.submit("echo", {"skip": "wrong queue"})
     await client.submit("fail", queue="other")
     wanted = (await client.submit("echo", {"keep": True}, queue="other")).job.id

@@ -7,7 +7,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -15,11 +15,11 @@ from redis.asyncio import Redis
 
 from devtools.devstack import RedisProcess, Stack, free_port
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
-from protocol.connection import now_ms
 from protocol.keys import Keys
-from protocol.scripts import Scripts
+from protocol.worker_calls import Start, WorkerCalls
 
-from .conftest import FAST, Client, eventually, request, value
+from .helpers import FAST, Client, eventually, registration, request, start_gateway, value, wait_streams_open
+from .processes import logged
 
 pytestmark = pytest.mark.slow
 S = job_pb2
@@ -72,18 +72,14 @@ async def test_a_dispatch_that_is_never_acknowledged_is_placed_again(
     stack: Stack, client_for: Callable[[str], Client], redis: Redis, keys: Keys
 ) -> None:
     """A subscriber that swallows its dispatch (as if the message were lost) must not keep the job."""
-    scripts = Scripts.register(redis)
+    calls = WorkerCalls(redis, keys)
 
-    async def beat(off: str) -> None:
-        now = now_ms()
-        await scripts.heartbeat(
-            keys=[*keys.namespace_keys(), *keys.own_keys("sink")],
-            args=[keys.prefix, "sink", now, now + 60_000, 1, "default", "echo", "test", 1, off, "sink-instance"],
-        )
+    async def beat(off: bool) -> None:
+        await calls.heartbeat(registration("sink", slots=1, kinds=["echo"], off=off, instance="sink-instance"))
 
     async with redis.pubsub() as sink:
         await sink.subscribe(keys.dispatch_channel("sink"))
-        await beat("0")
+        await beat(False)
         _, address = stack.start_gateway()
         client = client_for(address)
         job_id = (await client.submit("echo", {"lost": "once"})).job.id
@@ -92,15 +88,12 @@ async def test_a_dispatch_that_is_never_acknowledged_is_placed_again(
         )
         lost = relay_pb2.WorkerMessage.FromString(msg["data"]).dispatch
         assert lost.job_id == job_id
-        await beat("1")  # alive but taking no new jobs: only the acknowledgement deadline can free the job
+        await beat(True)  # alive but taking no new jobs: only the acknowledgement deadline can free the job
         stack.start_worker(worker_id="real")
         event = (await client.wait_results([job_id]))[job_id]
         assert (event.state, event.worker_id, event.attempt) == (S.JOB_STATE_SUCCEEDED, "real", 1)
-        late = await scripts.start(
-            keys=[*keys.namespace_keys(), *keys.own_keys("sink"), keys.job(job_id)],
-            args=[keys.prefix, job_id, lost.lease, "sink", "sink-instance", now_ms(), b""],
-        )
-        assert late == 0  # the swallowed placement's lease is stale
+        late = await calls.start_many("sink", "sink-instance", [Start(job_id, lost.lease, b"")])
+        assert late == [0]  # the swallowed placement's lease is stale
 
 
 async def test_outcome_recorded_while_no_gateway_listens_reaches_the_next_gateway(
@@ -216,44 +209,27 @@ async def test_late_outcome_of_a_superseded_attempt_is_discarded(
     # On waking, the frozen worker either tries to record its late outcome (refused: stale lease)
     # or first learns from its heartbeat that it was evicted and abandons the job.
     await eventually(
-        lambda: _any_logged(frozen.log(), "outcome discarded", "abandoning 1 superseded"),
+        lambda: logged(frozen, "outcome discarded", "abandoning 1 superseded"),
         what="late outcome discarded",
     )
     job = await job_state(client, job_id)
     assert (job.state, job.worker_id, job.attempt) == (S.JOB_STATE_SUCCEEDED, "thawed", 2)
 
 
-async def _logged(text: str, needle: str) -> bool:
-    return needle in text
-
-
-async def _any_logged(text: str, *needles: str) -> bool:
-    return any(n in text for n in needles)
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    server = RedisProcess(appendonly=True).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 async def test_redis_restart_answers_unavailable_then_everything_accepted_completes(
-    own_redis: RedisProcess, client_for: Callable[[str], Client]
+    private_redis: RedisProcess, client_for: Callable[[str], Client]
 ) -> None:
-    stack = Stack(own_redis.url, "restart", env=FAST)
+    stack = Stack(private_redis.url, "restart", env=FAST)
     try:
         _, address = stack.start_gateway()
         stack.start_worker("--concurrency", "2")
         client = client_for(address)
         accepted = [(await client.submit("sleep", {"seconds": 0.2})).job.id for _ in range(10)]
-        own_redis.kill()
+        private_redis.kill()
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.submit("echo", {"during": "outage"})
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        own_redis.start()
+        private_redis.start()
         after = await eventually(lambda: _try_submit(client), timeout=30, what="submit after restart")
         events = await client.wait_results([*accepted, after], timeout=60)
         assert all(e.state == S.JOB_STATE_SUCCEEDED for e in events.values())
@@ -316,7 +292,7 @@ async def test_slow_watcher_is_cut_off_while_fast_watchers_keep_up(
 ) -> None:
     # The buffer must hold a burst for fast watchers: completions come in batches (a worker records
     # the outcomes that end together in one call), and a stream writes one message per event.
-    _, address = stack.start_gateway(env={"JOBGATE_STREAM_BUFFER": "3000"})
+    _, address, metrics_port = start_gateway(stack, env={"JOBGATE_STREAM_BUFFER": "3000"})
     stack.start_worker("--concurrency", "8")
     # No BDP probing: the HTTP/2 window stays small, so an unread stream backs up into the gateway.
     slow_channel = grpc.aio.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)])
@@ -326,7 +302,7 @@ async def test_slow_watcher_is_cut_off_while_fast_watchers_keep_up(
         slow = scheduler_pb2_grpc.SchedulerServiceStub(slow_channel).WatchResults(
             scheduler_pb2.WatchResultsRequest(), timeout=60
         )
-        await asyncio.sleep(0.3)
+        await wait_streams_open(metrics_port, 1)
         client = client_for(address)
         big = {"pad": "x" * 2000}
         ids = []
@@ -363,7 +339,7 @@ async def test_worker_exits_at_once_on_a_second_signal(stack: Stack, client_for:
     await wait_running(client, job_id)
     began = time.monotonic()
     os.kill(worker.pid, signal.SIGTERM)
-    await eventually(lambda: _logged(worker.log(), "draining"), what="worker draining")
+    await eventually(lambda: logged(worker, "draining"), what="worker draining")
     os.kill(worker.pid, signal.SIGTERM)
     assert worker.proc.wait(10) != 0
     assert time.monotonic() - began < 10
@@ -388,16 +364,11 @@ async def test_a_dispatch_that_reaches_no_subscriber_is_taken_back_and_placed_el
     stack: Stack, client_for: Callable[[str], Client], redis: Redis, keys: Keys
 ) -> None:
     """A registered worker whose subscription is gone: PUBLISH returns 0 and the gateway acts on it."""
-    scripts = Scripts.register(redis)
-    now = now_ms()
-    await scripts.heartbeat(
-        keys=[*keys.namespace_keys(), *keys.own_keys("ghost")],
-        args=[keys.prefix, "ghost", now, now + 60_000, 4, "default", "", "test", 1, "0", "ghost-instance"],
-    )
+    await WorkerCalls(redis, keys).heartbeat(registration("ghost", slots=4, instance="ghost-instance"))
     gateway, address = stack.start_gateway()
     client = client_for(address)
     job_id = (await client.submit("echo", {"to": "nobody"})).job.id
-    await eventually(lambda: _logged(gateway.log(), "reached nobody"), what="PUBLISH returning 0 noticed")
+    await eventually(lambda: logged(gateway, "reached nobody"), what="PUBLISH returning 0 noticed")
 
     async def taken_back() -> bool:
         off = await redis.hget(keys.worker("ghost"), "off")  # no more placements on it
@@ -429,7 +400,7 @@ async def test_gateway_sigterm_turns_health_not_serving_before_it_stops(stack: S
 async def test_gateway_and_worker_resubscribe_after_redis_drops_their_pubsub_connections(
     stack: Stack, client_for: Callable[[str], Client], redis: Redis, keys: Keys
 ) -> None:
-    gateway, address = stack.start_gateway()
+    gateway, address, metrics_port = start_gateway(stack)
     worker = stack.start_worker()
     client = client_for(address)
     earlier = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(), timeout=30)
@@ -442,12 +413,11 @@ async def test_gateway_and_worker_resubscribe_after_redis_drops_their_pubsub_con
         await earlier.read()
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "interrupted" in (err.value.details() or "")
 
-    async def resubscribed() -> bool:
-        return "re-established" in gateway.log() and "re-established" in worker.log()
-
-    await eventually(resubscribed, what="both resubscribed")
+    await eventually(
+        lambda: logged(gateway, "re-established") and logged(worker, "re-established"), what="both resubscribed"
+    )
     live = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(kinds=["echo"]), timeout=20)
-    await asyncio.sleep(0.3)
+    await wait_streams_open(metrics_port, 1)
     second = (await client.submit("echo")).job.id
     got = await anext(aiter(live))  # an unfiltered stream is served only by the live subscription
     live.cancel()
@@ -478,10 +448,10 @@ async def test_gateway_restarted_mid_stream_on_its_address_serves_the_rest_of_th
 
 
 async def test_redis_refusing_writes_gives_unavailable_and_stores_nothing_then_work_resumes(
-    own_redis: RedisProcess, client_for: Callable[[str], Client]
+    private_redis: RedisProcess, client_for: Callable[[str], Client]
 ) -> None:
-    stack = Stack(own_redis.url, "oom", env=FAST)
-    admin = Redis.from_url(own_redis.url, socket_timeout=5)
+    stack = Stack(private_redis.url, "oom", env=FAST)
+    admin = Redis.from_url(private_redis.url, socket_timeout=5)
     try:
         gateway, address = stack.start_gateway()
         worker = stack.start_worker()
@@ -528,7 +498,7 @@ async def test_two_live_workers_with_one_id_are_reported(stack: Stack) -> None:
     processes under one id evict each other on every heartbeat, and say so."""
     twins = [stack.start_worker(worker_id="twin") for _ in range(2)]
 
-    async def reported() -> bool:
-        return any("another live process seems to use worker id twin" in w.log() for w in twins)
-
-    await eventually(reported, what="the duplicate id reported")
+    await eventually(
+        lambda: any(logged(w, "another live process seems to use worker id twin") for w in twins),
+        what="the duplicate id reported",
+    )

@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-import pytest
 import trustme
 
 from devtools.devstack import Stack
+
+from .helpers import Client
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
 SERVICE = "jobgate.v1.SchedulerService"
@@ -41,14 +42,8 @@ def json_stream(text: str) -> list[dict[str, object]]:
     return out
 
 
-@pytest.fixture
-def address(stack: Stack) -> str:
-    _, address = stack.start_gateway()
-    stack.start_worker()
-    return address
-
-
-def test_grpcurl_lists_services_through_reflection(address: str) -> None:
+def test_grpcurl_lists_services_through_reflection(client: Client) -> None:
+    address = client.address  # a gateway with a worker
     listed = grpcurl(address, "list")
     assert listed.returncode == 0, listed.stderr
     assert set(listed.stdout.split()) >= {SERVICE, "grpc.health.v1.Health"}
@@ -58,7 +53,8 @@ def test_grpcurl_lists_services_through_reflection(address: str) -> None:
     assert "rpc SubmitJob ( .jobgate.v1.SubmitJobRequest )" in described.stdout
 
 
-def test_grpcurl_submits_json_args_and_watches_the_completion(address: str) -> None:
+def test_grpcurl_submits_json_args_and_watches_the_completion(client: Client) -> None:
+    address = client.address  # a gateway with a worker
     submitted = grpcurl(address, f"{SERVICE}/SubmitJob", data={"kind": "echo", "args": {"x": 1, "s": "hi"}})
     assert submitted.returncode == 0, submitted.stderr
     job_id = json.loads(submitted.stdout)["job"]["id"]
@@ -70,13 +66,15 @@ def test_grpcurl_submits_json_args_and_watches_the_completion(address: str) -> N
     assert event["state"] == "JOB_STATE_SUCCEEDED" and event["result"] == {"x": 1, "s": "hi"}
 
 
-def test_grpcurl_sees_invalid_argument_for_an_empty_kind(address: str) -> None:
+def test_grpcurl_sees_invalid_argument_for_an_empty_kind(client: Client) -> None:
+    address = client.address  # a gateway with a worker
     result = grpcurl(address, f"{SERVICE}/SubmitJob", data={"kind": ""})
     assert result.returncode != 0
     assert "InvalidArgument" in result.stderr and "kind" in result.stderr
 
 
-def test_grpcurl_health_check_reports_serving(address: str) -> None:
+def test_grpcurl_health_check_reports_serving(client: Client) -> None:
+    address = client.address  # a gateway with a worker
     result = grpcurl(address, "grpc.health.v1.Health/Check", data={"service": SERVICE})
     assert result.returncode == 0 and json.loads(result.stdout) == {"status": "SERVING"}
 

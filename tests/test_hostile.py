@@ -23,8 +23,8 @@ from devtools.devstack import Stack, free_port
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2, scheduler_pb2_grpc
 from protocol.keys import Keys
 
-from .conftest import FAST, Client, eventually, request, value
-from .test_metrics import scrape
+from .helpers import FAST, Client, eventually, request, start_gateway, value, wait_streams_open
+from .processes import logged, metrics_env, scrape
 
 OK = grpc.StatusCode.OK
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -290,7 +290,7 @@ class Gateway:
 def gateway(redis_url: str) -> Iterator[Gateway]:
     ns = "h" + uuid.uuid4().hex[:12]
     metrics_port = free_port()
-    stack = Stack(redis_url, ns, env={**FAST, **LIMITS, "JOBGATE_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"})
+    stack = Stack(redis_url, ns, env={**FAST, **LIMITS, **metrics_env(metrics_port)})
     client = redis_sync.Redis.from_url(redis_url, socket_timeout=10)
     neighbour = Keys(ns + "-other")
     # Another namespace's keys, which nothing sent to this gateway may touch.
@@ -729,8 +729,7 @@ async def test_rogue_traffic_on_the_relay_channels_changes_no_outcome(
     """Forged outcomes for a running job, forged dispatches for jobs that do not exist or with a
     wrong lease, 5 MB messages and a flood of garbage: the real outcome stands and is all a watcher
     sees, only stored jobs run, and work goes on afterwards."""
-    port = free_port()
-    gateway, address = stack.start_gateway(env={"JOBGATE_METRICS_LISTEN": f"127.0.0.1:{port}"})
+    gateway, address, port = start_gateway(stack)
     worker = stack.start_worker(worker_id="target")
     client = client_for(address)
     parked = (await client.submit("echo", queue="parked")).job.id  # no worker serves "parked"
@@ -740,10 +739,7 @@ async def test_rogue_traffic_on_the_relay_channels_changes_no_outcome(
     seen: list[job_pb2.JobEvent] = []
     broad = asyncio.create_task(_collect(client.stub.WatchResults(scheduler_pb2.WatchResultsRequest()), seen))
 
-    def gauge() -> float:
-        return scrape(port)[("jobgate_gateway_streams_open", ())]
-
-    await eventually(lambda: asyncio.to_thread(lambda: gauge() == 2), what="both watchers open")
+    await wait_streams_open(port, 2)  # both watchers open
     forged = [*_forged_outcomes(job_id), *_forged_outcomes(parked), *_forged_outcomes("e" * 32)]
     dispatches = [
         _dispatch("d" * 32, 1),  # no such job
@@ -784,7 +780,7 @@ async def test_rogue_traffic_on_the_relay_channels_changes_no_outcome(
 
     after = (await client.submit("echo", {"after": "flood"})).job.id
     assert (await client.wait_results([after]))[after].state == S.JOB_STATE_SUCCEEDED
-    await eventually(lambda: asyncio.sleep(0, result=after in {e.job_id for e in seen}), what="broad watcher")
+    await eventually(lambda: after in {e.job_id for e in seen}, what="broad watcher")
     broad.cancel()
     assert {e.job_id for e in seen} == {job_id, after}, seen
     assert all(e.state == S.JOB_STATE_SUCCEEDED and e.error.code == "" and e.worker_id == "target" for e in seen)
@@ -810,7 +806,7 @@ async def test_a_forged_dispatch_does_not_stop_a_running_job_from_being_cancelle
     job_id = (await client.submit("sleep", {"seconds": 6})).job.id
     lease = await _running_lease(client, redis, keys, job_id)
     await redis.publish(keys.dispatch_channel("target"), _dispatch(job_id, lease + 1000))
-    await eventually(lambda: asyncio.sleep(0, result="dispatch refused (stale)" in worker.log()), what="refused")
+    await eventually(lambda: logged(worker, "dispatch refused (stale)"), what="refused")
     await client.stub.CancelJob(scheduler_pb2.CancelJobRequest(id=job_id), timeout=5)
     event = (await client.wait_results([job_id]))[job_id]
     assert (event.state, event.error.code) == (S.JOB_STATE_CANCELLED, "CANCELLED")

@@ -10,25 +10,19 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
-from devtools.devstack import Stack, free_port
+from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-from .conftest import Client, eventually, request
-from .test_metrics import scrape
+from .helpers import Client, eventually, request, start_gateway, wait_streams_open
 
 
 async def test_streams_over_max_streams_are_refused_and_freed_slots_are_reused(
     stack: Stack, client_for: Callable[[str], Client]
 ) -> None:
-    port = free_port()
-    _, address = stack.start_gateway(env={"JOBGATE_MAX_STREAMS": "3", "JOBGATE_METRICS_LISTEN": f"127.0.0.1:{port}"})
+    _, address, metrics_port = start_gateway(stack, env={"JOBGATE_MAX_STREAMS": "3"})
     client = client_for(address)
     open_calls = [client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(), timeout=30) for _ in range(3)]
-
-    async def streams_open() -> bool:
-        return scrape(port)[("jobgate_gateway_streams_open", ())] == 3
-
-    await eventually(streams_open, what="three streams open")
+    await wait_streams_open(metrics_port, 3)
     refused = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(), timeout=10)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await refused.read()

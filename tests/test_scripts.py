@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -14,9 +15,10 @@ from protocol.connection import now_ms
 from protocol.errors import ResourceExhausted
 from protocol.gateway_calls import GatewayCalls
 from protocol.keys import Keys
-from protocol.replies import Placed, Placement, placements
+from protocol.replies import Finished, Heartbeat, Placed, Placement
+from protocol.worker_calls import Outcome, Start, WorkerCalls
 
-from .conftest import request
+from .helpers import registration, request
 
 S = job_pb2
 LIMITS = Limits(max_payload_bytes=1 << 20, default_timeout_ms=60_000, max_batch=100, max_watch_ids=100)
@@ -37,22 +39,13 @@ def store(redis: Redis, keys: Keys) -> GatewayCalls:
     return GatewayCalls(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=0)
 
 
-async def beat(
-    store: GatewayCalls,
-    worker: str,
-    *,
-    slots: int = 2,
-    kinds: str = "",
-    off: str = "0",
-    instance: str = "i1",
-    ttl_ms: int = 60_000,
-) -> list[object]:
-    k, now = store.keys, now_ms()
-    reply: list[object] = await store.scripts.heartbeat(
-        keys=[*k.namespace_keys(), *k.own_keys(worker)],
-        args=[k.prefix, worker, now, now + ttl_ms, slots, "default", kinds, "host", 1, off, instance],
-    )
-    return reply
+async def beat(store: GatewayCalls, worker: str, **fields: Any) -> Heartbeat:
+    """A heartbeat of ``worker`` (see :func:`tests.helpers.registration` for the fields)."""
+    return await WorkerCalls(store.redis, store.keys).heartbeat(registration(worker, **fields))
+
+
+def worker_calls(store: GatewayCalls) -> WorkerCalls:
+    return WorkerCalls(store.redis, store.keys)
 
 
 async def submit(store: GatewayCalls, kind: str = "echo", **fields: object) -> str:
@@ -64,6 +57,8 @@ async def place(store: GatewayCalls) -> list[Placement]:
     return (await store.schedule("default", ack_timeout_ms=5_000, most=100)).placements
 
 
+# start and finish are the single-job scripts a worker written from docs/PROTOCOL.md calls
+# (tests/node/worker.mjs); WorkerCalls batches them as start_many and finish_many.
 async def start(store: GatewayCalls, p: Placement, worker: str | None = None, instance: str = "i1") -> int:
     k = store.keys
     code: int = await store.scripts.start(
@@ -120,7 +115,7 @@ async def test_submit_places_at_once_and_publishes_what_protobuf_reads_as_the_st
     agree with the stored job; a dispatch that reaches nobody is taken back in the same call."""
     store = GatewayCalls(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=100)
     await beat(store, "w1", slots=3)
-    await beat(store, "gone", slots=1, kinds="other")  # nobody subscribes to its channel
+    await beat(store, "gone", slots=1, kinds=["other"])  # nobody subscribes to its channel
     spec_args = {"n": 2**40, "s": "é" * 200}
     async with redis.pubsub() as ps:
         await ps.subscribe(keys.dispatch_channel("w1"), keys.results_channel())
@@ -191,10 +186,15 @@ def one_event(job_id: str, state: int) -> bytes:
     return relay_pb2.JobEvents(events=[job_pb2.JobEvent(job_id=job_id, state=state)]).SerializeToString()  # type: ignore[arg-type]
 
 
+def outcome(p: Placement, state: int) -> Outcome:
+    """The outcome of a placement with nothing but its state, for finish_many."""
+    return Outcome(p.job_id, p.lease, state, b"", b"", "", "", one_event(p.job_id, state))
+
+
 async def test_batched_start_and_finish_handle_each_job_as_alone_and_publish_the_changes_as_one_message(
     store: GatewayCalls, redis: Redis
 ) -> None:
-    k = store.keys
+    k, calls = store.keys, worker_calls(store)
     await beat(store, "w1", slots=3)
     ids = [await submit(store) for _ in range(3)]
     placed = {p.job_id: p for p in await place(store)}
@@ -205,48 +205,37 @@ async def test_batched_start_and_finish_handle_each_job_as_alone_and_publish_the
         await ps.subscribe(k.results_channel())
         await ps.get_message(timeout=1)  # the subscribe confirmation
         jobs = [(a.job_id, a.lease), (b.job_id, b.lease), (c.job_id, stale.lease), ("f" * 32, 1)]
-        codes = await store.scripts.start_many(
-            keys=[*k.namespace_keys(), *k.own_keys("w1"), *(k.job(j) for j, _ in jobs)],
-            args=[
-                k.prefix,
-                "w1",
-                "i1",
-                now_ms(),
-                *(x for j, lease in jobs for x in (j, lease, one_event(j, S.JOB_STATE_RUNNING))),
-            ],
+        codes = await calls.start_many(
+            "w1", "i1", [Start(j, lease, one_event(j, S.JOB_STATE_RUNNING)) for j, lease in jobs]
         )
         assert codes == [1, 1, 0, -1]
         msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1)
         assert [e.job_id for e in relay_pb2.JobEvents.FromString(msg["data"]).events] == [b.job_id]
 
-        def outcome(p: Placement, state: int) -> list[object]:
-            return [p.job_id, p.lease, state, b"", b"", "", "", one_event(p.job_id, state)]
-
         bad = await redis.hgetall(k.job(a.job_id))
         with pytest.raises(Exception, match="terminal state"):
-            await store.scripts.finish_many(
-                keys=[*k.namespace_keys(), *k.own_keys("w1"), k.job(a.job_id), k.job(b.job_id)],
-                args=[k.prefix, "w1", "i1", now_ms(), 0, 5000, 0, *outcome(a, S.JOB_STATE_SUCCEEDED),
-                      *outcome(b, S.JOB_STATE_RUNNING)],
-            )  # fmt: skip
+            await calls.finish_many(
+                "w1", "i1", [outcome(a, S.JOB_STATE_SUCCEEDED), outcome(b, S.JOB_STATE_RUNNING)], take=0
+            )
         assert await redis.hgetall(k.job(a.job_id)) == bad  # nothing of the batch was written
         assert (await finish(store, a))[0] == 1
         await ps.get_message(ignore_subscribe_messages=True, timeout=1)
         d, waiting = await submit(store), await submit(store)
         assert [p.job_id for p in await place(store)] == [d]  # a's slot; w1 is full again: one waits
         await ps.get_message(ignore_subscribe_messages=True, timeout=1)  # d's DISPATCHED
-        codes, flat, _ = await store.scripts.finish_many(
-            keys=[*k.namespace_keys(), *k.own_keys("w1"), k.job(a.job_id), k.job(b.job_id), k.job(c.job_id)],
-            args=[k.prefix, "w1", "i1", now_ms(), 10, 5000, 0, *outcome(a, S.JOB_STATE_SUCCEEDED),
-                  *outcome(b, S.JOB_STATE_FAILED), *outcome(stale, S.JOB_STATE_SUCCEEDED)],
-        )  # fmt: skip
-        assert codes == [2, 1, 0]
+        done = await calls.finish_many(
+            "w1",
+            "i1",
+            [outcome(a, S.JOB_STATE_SUCCEEDED), outcome(b, S.JOB_STATE_FAILED), outcome(stale, S.JOB_STATE_SUCCEEDED)],
+            take=0,
+        )
+        assert done.codes == [2, 1, 0]
         msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1)
         assert [(e.job_id, e.state) for e in relay_pb2.JobEvents.FromString(msg["data"]).events] == [
             (b.job_id, S.JOB_STATE_FAILED)
         ]
         # b's slot went straight to the job that was waiting, with no gateway involved.
-        [refill] = placements(flat)
+        [refill] = done.placements
         assert (refill.job_id, refill.worker_id, refill.reached) == (waiting, "w1", True)
         msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1)
         assert [(e.job_id, e.state) for e in relay_pb2.JobEvents.FromString(msg["data"]).events] == [
@@ -261,8 +250,8 @@ async def test_batched_start_and_finish_handle_each_job_as_alone_and_publish_the
 async def test_placement_prefers_the_least_loaded_worker_that_handles_the_kind(store: GatewayCalls) -> None:
     await beat(store, "busy", slots=4)
     await beat(store, "idle", slots=4)
-    await beat(store, "wrong-kind", slots=4, kinds="other")
-    await beat(store, "draining", slots=4, off="1")
+    await beat(store, "wrong-kind", slots=4, kinds=["other"])
+    await beat(store, "draining", slots=4, off=True)
     await beat(store, "dead", slots=4, ttl_ms=-1)
     for _ in range(2):
         await submit(store)
@@ -317,10 +306,10 @@ async def test_a_new_process_under_a_registered_id_evicts_the_old_registration(
     [p] = await place(store)
     await start(store, p)
     reply = await beat(store, "w1", instance="new")
-    assert reply[0] == 1 and reply[1].decode() == job_id  # type: ignore[attr-defined]
+    assert reply.again and reply.inherited[0].job_id == job_id
     assert await field(redis, k, k.job(job_id), "state") == str(S.JOB_STATE_QUEUED)
     assert await field(redis, k, k.worker("w1"), "used") == "0"
-    assert (await beat(store, "w1", instance="new")) == [0]
+    assert (await beat(store, "w1", instance="new")) == Heartbeat(False, [])
 
 
 async def test_cancel_ends_a_queued_job_and_flags_a_running_one(store: GatewayCalls, redis: Redis) -> None:
@@ -345,7 +334,7 @@ async def test_jobs_of_kinds_no_free_worker_handles_do_not_hold_up_the_others(st
     for _ in range(5):
         await submit(store, "unserved", priority=9)
     wanted = [await submit(store, "echo") for _ in range(2)]
-    await beat(store, "w1", slots=10, kinds="echo")
+    await beat(store, "w1", slots=10, kinds=["echo"])
     assert [p.job_id for p in await place(store)] == wanted
 
 
@@ -459,26 +448,14 @@ async def test_calls_that_place_start_and_finish_over_a_thousand_jobs_book_every
     assert await redis.scard(k.worker_jobs("w1")) == slots
     assert await field(redis, k, k.worker("w1"), "used") == str(slots)
 
-    codes = await store.scripts.start_many(
-        keys=[*k.namespace_keys(), *k.own_keys("w1"), *(k.job(p.job_id) for p in placed)],
-        args=[
-            k.prefix,
-            "w1",
-            "i1",
-            now_ms(),
-            *(x for p in placed for x in (p.job_id, p.lease, one_event(p.job_id, 3))),
-        ],
-    )
+    calls = worker_calls(store)
+    codes = await calls.start_many("w1", "i1", [Start(p.job_id, p.lease, one_event(p.job_id, 3)) for p in placed])
     assert codes == [1] * slots
     assert await redis.zcard(k.acks()) == 0
 
-    outcomes = [x for p in placed for x in (p.job_id, p.lease, 4, b"", b"", "", "", one_event(p.job_id, 4))]
-    codes, flat, _ = await store.scripts.finish_many(
-        keys=[*k.namespace_keys(), *k.own_keys("w1"), *(k.job(p.job_id) for p in placed)],
-        args=[k.prefix, "w1", "i1", now_ms(), n, 5000, 0, *outcomes],
-    )
-    assert codes == [1] * slots
-    refills = placements(flat)  # the freed slots take the 100 jobs still waiting
+    done = await calls.finish_many("w1", "i1", [outcome(p, S.JOB_STATE_SUCCEEDED) for p in placed], take=0)
+    assert done.codes == [1] * slots
+    refills = done.placements  # the freed slots take the 100 jobs still waiting
     assert [p.job_id for p in refills] == [j.id for j in jobs[slots:]]
     assert sorted(p.lease for p in refills) == list(range(slots + 1, n + 1))
     assert await redis.scard(k.worker_jobs("w1")) == n - slots
@@ -499,13 +476,9 @@ async def test_a_finishing_worker_refills_only_its_own_slots_and_a_pass_fills_th
     await beat(store, "w2", slots=2)  # joins with free slots while w1 is busy
     waiting = [await submit(store) for _ in range(3)]  # this store places nothing at submit
     assert await start(store, a) == 1
-    codes, flat, _ = await store.scripts.finish_many(
-        keys=[*k.namespace_keys(), *k.own_keys("w1"), k.job(a.job_id)],
-        args=[k.prefix, "w1", "i1", now_ms(), 10, 5000, 0, a.job_id, a.lease, S.JOB_STATE_SUCCEEDED, b"", b"", "", "",
-              one_event(a.job_id, S.JOB_STATE_SUCCEEDED)],
-    )  # fmt: skip
-    assert codes == [1]
-    assert [(p.job_id, p.worker_id) for p in placements(flat)] == [(waiting[0], "w1")]
+    done = await worker_calls(store).finish_many("w1", "i1", [outcome(a, S.JOB_STATE_SUCCEEDED)], take=0)
+    assert done.codes == [1]
+    assert [(p.job_id, p.worker_id) for p in done.placements] == [(waiting[0], "w1")]
     assert await field(redis, k, k.worker("w2"), "used") == "0"
     assert sorted((p.job_id, p.worker_id) for p in await place(store)) == sorted((w, "w2") for w in waiting[1:])
 
@@ -526,15 +499,14 @@ async def test_a_finishing_worker_takes_waiting_jobs_started_within_its_budget_a
         await ps.subscribe(k.results_channel(), k.dispatch_channel("w1"))
         await ps.get_message(timeout=1)
         await ps.get_message(timeout=1)
-        call = {
-            "keys": [*k.namespace_keys(), *k.own_keys("w1"), k.job(a.job_id)],
-            "args": [k.prefix, "w1", "i1", now_ms(), 10, 5000, 1, a.job_id, a.lease, S.JOB_STATE_SUCCEEDED, b"", b"",
-                     "", "", one_event(a.job_id, S.JOB_STATE_SUCCEEDED)],
-        }  # fmt: skip
-        codes, flat, taken = await store.scripts.finish_many(**call)
-        assert codes == [1]
-        [took] = relay_pb2.DispatchJobs.FromString(taken).jobs
-        refills = placements(flat)
+
+        async def finish_taking_one() -> Finished:
+            return await worker_calls(store).finish_many("w1", "i1", [outcome(a, S.JOB_STATE_SUCCEEDED)], take=1)
+
+        done = await finish_taking_one()
+        assert done.codes == [1]
+        [took] = done.taken
+        refills = done.placements
         assert [p.job_id for p in refills] == waiting[:3]  # one taken, then the two other free slots
         assert (took.job_id, took.lease, took.attempt) == (waiting[0], refills[0].lease, 1)
         assert took.spec.args.struct_value.fields["n"].number_value == 0
@@ -564,9 +536,9 @@ async def test_a_finishing_worker_takes_waiting_jobs_started_within_its_budget_a
     assert await field(redis, k, k.worker("w1"), "used") == "3"
     # The same call again (its reply was lost): nothing changes, and the job it took comes back.
     before = {key: await redis.dump(key) for key in await redis.keys(f"{k.prefix}*")}
-    assert await store.scripts.finish_many(**call) == [[2], [], taken]
+    assert await finish_taking_one() == Finished([2], [], [took])
     assert {key: await redis.dump(key) for key in await redis.keys(f"{k.prefix}*")} == before
     # The taken job finishes like any started one; then a repeat returns it no more.
     done = Placement(waiting[0], "w1", took.lease, 1, True)
     assert (await finish(store, done))[0] == 1
-    assert await store.scripts.finish_many(**call) == [[2], [], b""]
+    assert await finish_taking_one() == Finished([2], [], [])

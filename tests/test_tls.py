@@ -16,7 +16,7 @@ import trustme
 from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-from .conftest import FAST, request
+from .helpers import FAST, code_of, request
 
 
 @dataclass
@@ -72,10 +72,9 @@ async def outcome(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ..
 
 
 async def refused(channel: grpc.aio.Channel) -> grpc.StatusCode:
+    """How a ListWorkers call on ``channel`` ends."""
     stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5)
-    return err.value.code()
+    return await code_of(stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5))
 
 
 async def test_tls_serves_clients_that_trust_its_ca_and_no_one_else(tls_stack: Stack, pki: Pki) -> None:

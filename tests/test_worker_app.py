@@ -10,16 +10,13 @@ from google.protobuf.duration_pb2 import Duration
 from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2
 
-from .conftest import Client, eventually, value
+from .helpers import Client, eventually, value
 
 S = job_pb2
 
 
-@pytest.fixture
-def client(stack: Stack, client_for: Callable[[str], Client]) -> Client:
-    _, address = stack.start_gateway()
-    stack.start_worker("--app", "tests.apps:app", "--concurrency", "2")
-    return client_for(address)
+# The `client` fixture's worker runs the application of tests/apps.py.
+pytestmark = pytest.mark.gateway(worker=("--app", "tests.apps:app", "--concurrency", "2"))
 
 
 async def test_user_handlers_run_plain_functions_in_threads_and_coroutines_on_the_loop(client: Client) -> None:

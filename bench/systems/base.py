@@ -8,10 +8,8 @@ benchmark process and measures from its first submit to the last outcome it has 
 from __future__ import annotations
 
 import abc
-import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +19,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import redis
+
+from tests.processes import Process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -94,67 +94,6 @@ def sequential_trips(n: int, run: Callable[[int], Any]) -> list[float]:
     return out
 
 
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:
-    """Polls ``check()`` until it is true. Raises TimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not done after {timeout_s:.0f}s")
-        time.sleep(interval_s)
-
-
-class Proc:
-    """A worker process started for a measurement, in a session of its own so that stopping it
-    also stops the children it forks (Celery's pool, Dramatiq's worker processes)."""
-
-    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log_dir: str) -> None:
-        self.name = name
-        self.log_path = Path(log_dir) / f"{name}.log"
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            list(argv),
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def terminate(self) -> None:
-        """SIGTERM to the process group."""
-        self._signal(signal.SIGTERM)
-
-    def stop(self, timeout_s: float = 10) -> None:
-        """SIGTERM to the process group; SIGKILL to whatever of it is left after ``timeout_s``
-        (the leader, or children it did not wait for)."""
-        self._signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
-        self._signal(signal.SIGKILL)
-        try:
-            self.proc.wait(10)
-        finally:
-            self._log.close()
-
-    def _signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass  # the whole group has exited
-
-
 class System(abc.ABC):
     """One job system under test. ``start`` and ``stop`` bracket every measurement."""
 
@@ -166,7 +105,7 @@ class System(abc.ABC):
 
     def __init__(self, redis_url: str) -> None:
         self.redis_url = redis_url
-        self.procs: list[Proc] = []
+        self.procs: list[Process] = []
         self.spawned = 0  # names each process's log file, never reused within a run
         self.log_dir = tempfile.mkdtemp(prefix=f"bench-{self.name}-")
 
@@ -184,7 +123,7 @@ class System(abc.ABC):
         """Stops every process started by ``start`` (also after a failure): SIGTERM to all, then
         each gets 10 s to exit before SIGKILL."""
         for p in self.procs:
-            p.terminate()
+            p.signal(signal.SIGTERM)
         for p in self.procs:
             p.stop()
         self.procs = []
@@ -222,9 +161,12 @@ class System(abc.ABC):
         return "\n".join(f"===== {p.name}\n{p.log()[-3000:]}" for p in self.procs)
 
     # --- helpers for the adapters -------------------------------------------------------------
-    def spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Proc:
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Process:
+        """Starts a worker process for a measurement, in a session of its own so that stopping it
+        also stops the children it forks (Celery's pool, Dramatiq's worker processes)."""
         self.spawned += 1
-        proc = Proc(f"{self.name}-{self.spawned}", argv, env or {}, self.log_dir)
+        name = f"{self.name}-{self.spawned}"
+        proc = Process(name, argv, {"PYTHONPATH": str(ROOT), **(env or {})}, self.log_dir, cwd=ROOT)
         self.procs.append(proc)
         return proc
 

@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 
 import grpc
 
-from bench.systems.base import BATCH_BYTES, WAIT_S, System, chunks, rate, wait_until
+from bench.systems.base import BATCH_BYTES, WAIT_S, System, chunks, rate
 from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
+from tests.processes import wait_until
 
 SLOTS = 64  # per worker: jobs one worker runs at once
 # The measuring stream takes every completion of a burst while the same process is submitting:

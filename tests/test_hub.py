@@ -1,0 +1,114 @@
+"""The Watcher on its own: which events a stream handler takes, and what it notes when events
+may have been lost (gateway/streams.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.streams import Watcher
+from jobgate.v1 import job_pb2
+
+S = job_pb2
+A, B, C = "a" * 32, "b" * 32, "c" * 32
+
+
+def event(
+    job_id: str = A, state: int = S.JOB_STATE_SUCCEEDED, queue: str = "default", kind: str = "echo"
+) -> job_pb2.JobEvent:
+    return job_pb2.JobEvent(job_id=job_id, state=state, queue=queue, kind=kind)  # type: ignore[arg-type]
+
+
+def queued(w: Watcher) -> list[job_pb2.JobEvent | None]:
+    """What the watcher's buffer holds, emptied."""
+    out = []
+    while not w.events.empty():
+        out.append(w.events.get_nowait())
+    return out
+
+
+def test_a_watcher_of_job_ids_takes_the_terminal_events_of_its_jobs_only() -> None:
+    w = Watcher(job_ids=[A, B])
+    for state in (S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED):
+        assert w.matches(event(A, state))
+    assert not w.matches(event(C))
+    assert not w.matches(event(A, S.JOB_STATE_RUNNING))
+    assert not w.matches(event(A, S.JOB_STATE_QUEUED))
+
+
+def test_a_watcher_of_job_ids_may_take_progress_but_one_without_ids_cannot() -> None:
+    w = Watcher(job_ids=[A], terminal_only=False)
+    assert [w.matches(event(A, s)) for s in (S.JOB_STATE_QUEUED, S.JOB_STATE_RUNNING, S.JOB_STATE_SUCCEEDED)] == [
+        True,
+        True,
+        True,
+    ]
+    assert not w.matches(event(B, S.JOB_STATE_RUNNING))
+    with pytest.raises(ValueError, match="job ids"):
+        Watcher(queue="default", terminal_only=False)
+
+
+def test_queue_and_kind_filters_must_both_hold() -> None:
+    w = Watcher(queue="billing", kinds=["invoice", "refund"])
+    assert w.matches(event(A, queue="billing", kind="invoice"))
+    assert w.matches(event(B, queue="billing", kind="refund"))
+    assert not w.matches(event(C, queue="billing", kind="echo"))
+    assert not w.matches(event(C, queue="default", kind="invoice"))
+    assert not w.matches(event(C, S.JOB_STATE_RUNNING, queue="billing", kind="invoice"))
+    anything = Watcher()
+    assert anything.matches(event(A, queue="any", kind="thing"))
+
+
+def test_a_caller_limited_to_queues_sees_only_their_events_whatever_it_asked() -> None:
+    w = Watcher(queues=frozenset({"invoices", "refunds"}))
+    assert w.matches(event(A, queue="invoices")) and w.matches(event(B, queue="refunds"))
+    assert not w.matches(event(C, queue="payroll"))
+    by_id = Watcher(job_ids=[A], queues=frozenset({"invoices"}))
+    assert not by_id.matches(event(A, queue="payroll"))  # naming the job is not enough
+    nothing = Watcher(queues=frozenset())
+    assert not nothing.matches(event(A))
+
+
+def test_a_terminal_event_is_delivered_once_per_job_and_the_watcher_then_finishes() -> None:
+    w = Watcher(job_ids=[A, B])
+    assert w.delivered(event(A))
+    assert not w.delivered(event(A, S.JOB_STATE_FAILED))  # a duplicate (a replay, or the pub/sub copy)
+    assert not w.matches(event(A))  # nor is it taken any more
+    assert not w.finished
+    assert w.delivered(event(B, S.JOB_STATE_CANCELLED))
+    assert w.finished
+    progress = Watcher(job_ids=[C], terminal_only=False)
+    assert progress.delivered(event(C, S.JOB_STATE_RUNNING)) and progress.delivered(event(C, S.JOB_STATE_RUNNING))
+    assert not progress.finished  # progress never finishes a job
+    broad = Watcher()
+    assert broad.delivered(event(A)) and broad.delivered(event(A))  # no ids: nothing to finish
+    assert not broad.finished
+
+
+def test_a_full_buffer_marks_the_watcher_overflowed_and_keeps_what_it_held() -> None:
+    w = Watcher(buffer=2)
+    first, second = event(A), event(B)
+    w.push(first)
+    w.push(second)
+    assert not w.overflowed
+    w.push(event(C))
+    assert w.overflowed
+    assert queued(w) == [first, second]
+
+
+def test_missed_events_make_a_watcher_of_ids_reread_and_one_without_ids_say_so() -> None:
+    by_id = Watcher(job_ids=[A])
+    by_id.mark_missed()
+    assert (by_id.stale, by_id.missed) == (True, False)
+    assert queued(by_id) == [None]  # woken to re-read the stored state
+    broad = Watcher(queue="default")
+    broad.mark_missed()
+    assert (broad.stale, broad.missed) == (False, True)
+    assert queued(broad) == [None]
+
+
+def test_waking_a_full_watcher_does_not_overflow_it() -> None:
+    w = Watcher(job_ids=[A], buffer=1)
+    w.push(event(A))
+    w.mark_missed()
+    assert w.stale and not w.overflowed
+    assert queued(w) == [event(A)]
