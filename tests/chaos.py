@@ -17,7 +17,8 @@ import itertools
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,21 @@ class Cluster:
 
     def live(self) -> list[Node]:
         return [n for n in [*self.gateways, *self.workers] if n.alive()]
+
+
+@asynccontextmanager
+async def checking(stack: Stack, admin: Redis, *, failed: Callable[[], bool]) -> AsyncIterator[Checker]:
+    """A checker on ``stack``; afterwards its streams are closed, the stack's logs printed when
+    ``failed()``, the stack stopped and ``admin`` closed."""
+    c = Checker(Cluster(stack), admin)
+    try:
+        yield c
+    finally:
+        await c.close()
+        if failed():
+            print(stack.logs())
+        stack.stop()
+        await admin.aclose()
 
 
 @dataclass

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from devtools.devstack import RedisProcess, Stack
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-from .chaos import Checker, Cluster, Node, Stream
+from .chaos import Checker, Cluster, Node, Stream, checking
 from .helpers import FAST, call_failed, eventually
 from .processes import logged
 
@@ -44,15 +44,8 @@ async def private_checker(
 ) -> AsyncIterator[Checker]:
     stack = Stack(private_redis.url, namespace, env=FAST)
     admin = Redis.from_url(private_redis.url, socket_timeout=15)
-    c = Checker(Cluster(stack), admin)
-    try:
+    async with checking(stack, admin, failed=lambda: call_failed(request)) as c:
         yield c
-    finally:
-        await c.close()
-        if call_failed(request):
-            print(stack.logs())
-        stack.stop()
-        await admin.aclose()
 
 
 # --- helpers ------------------------------------------------------------------------------------

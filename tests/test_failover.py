@@ -22,8 +22,8 @@ from protocol.gateway_calls import GatewayCalls
 from protocol.keys import Keys
 from protocol.worker_calls import Outcome, Registration, Start, WorkerCalls
 
-from .chaos import Checker, Cluster
-from .conftest import FAST, eventually, request
+from .chaos import Checker, checking
+from .helpers import FAST, call_failed, eventually, request
 from .test_chaos import ROOMY, Calls, accepted_again, acked_at_least, finish_load, load, sleep_job, submit_loop, warm_up
 
 pytestmark = pytest.mark.slow
@@ -143,16 +143,10 @@ async def sentinel_checker(request: pytest.FixtureRequest, namespace: str) -> As
     env = {**FAST, "JOBGATE_REDIS_WAIT_REPLICAS": "1", "JOBGATE_REDIS_WAIT_TIMEOUT_MS": "1000"}
     stack = Stack(servers.sentinel.url(), namespace, env=env)
     admin = redis_client(servers.sentinel.url(), 15)  # follows the primary through the Sentinel
-    c = Checker(Cluster(stack), admin)
     try:
-        yield c, servers
+        async with checking(stack, admin, failed=lambda: call_failed(request)) as c:
+            yield c, servers
     finally:
-        await c.close()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(stack.logs())
-        stack.stop()
-        await admin.aclose()
         servers.stop()
 
 

@@ -17,7 +17,7 @@ from protocol.gateway_calls import GatewayCalls
 from protocol.keys import Keys
 from protocol.worker_calls import Registration, Start, WorkerCalls
 
-from .conftest import request
+from .helpers import request
 
 S = job_pb2
 LIMITS = Limits(max_payload_bytes=1 << 20, default_timeout_ms=60_000, max_batch=100, max_watch_ids=100)
