@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import AskError, MovedError, NoScriptError
 
 from .codec import Fields, event_from_hash, events_message
-from .errors import NotReplicated, redis_errors
+from .errors import NotReplicated, Unavailable, redis_errors
 from .keys import Keys
 from .replies import Settled
 from .scripts import Scripts
@@ -49,23 +50,21 @@ class Calls:
 
     async def durably(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Runs a script whose writes someone is told of (a submit, an outcome). With
-        ``durability.replicas``, the script and a WAIT go in one pipeline, so that WAIT runs on the
-        connection that made the writes, and NotReplicated is raised when fewer replicas than that
-        confirmed them in time (the writes stand on the primary). Redis errors propagate."""
+        ``durability.replicas``, the script and a WAIT go in one pipeline to the node that serves the
+        keys, so that WAIT runs on the connection that made the writes, and NotReplicated is raised
+        when fewer replicas than that confirmed them in time (the writes stand on the primary).
+        Redis errors propagate."""
         d = self.durability
         if d.replicas <= 0:
             return await script(keys=keys, args=args)
         for loaded in (False, True):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                pipe.execute_command("WAIT", d.replicas, d.timeout_ms)
-                try:
-                    reply, confirmed = await pipe.execute()
-                except NoScriptError:  # Redis restarted or failed over: load it (once) and run it again
-                    if loaded:
-                        raise
-                    script.sha = await self.redis.script_load(script.script)
-                    continue
+            try:
+                reply, confirmed = await self._with_wait(script, keys, args)
+            except NoScriptError:  # Redis restarted or failed over: load it (once) and run it again
+                if loaded:
+                    raise
+                script.sha = await self.redis.script_load(script.script)
+                continue
             if int(confirmed) < d.replicas:
                 raise NotReplicated(
                     f"Redis did not confirm the write on {d.replicas} replica(s) within {d.timeout_ms} ms"
@@ -73,6 +72,29 @@ class Calls:
                 )
             return reply
         raise AssertionError("unreachable")
+
+    async def _with_wait(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+        """The script's reply and WAIT's, from one pipeline on one connection."""
+        d = self.durability
+        if not isinstance(self.redis, RedisCluster):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", d.replicas, d.timeout_ms)
+                replies: list[Any] = await pipe.execute()
+                return replies
+        # A cluster pipeline sends a keyless WAIT anywhere unless told where, and follows a
+        # redirection of the script alone: both go to the keys' node, and a redirection is an error
+        # here (the layout is learnt again; the caller retries, as after any Redis error).
+        node = self.redis.get_node_from_key(keys[0])
+        async with self.redis.pipeline() as cluster_pipe:
+            cluster_pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
+            cluster_pipe.execute_command("WAIT", d.replicas, d.timeout_ms, target_nodes=node)
+            try:
+                replies = await cluster_pipe.execute(allow_redirections=False)
+            except (MovedError, AskError) as exc:
+                await self.redis.nodes_manager.initialize()
+                raise Unavailable(f"the cluster moved the keys' slot ({type(exc).__name__}); retry") from exc
+        return replies
 
     async def get_fields(self, job_ids: Sequence[str]) -> list[Fields]:
         """The stored fields a JobEvent is built from, for many jobs in one round trip (empty dicts

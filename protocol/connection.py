@@ -8,12 +8,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import cache
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote
 
 import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
@@ -47,16 +48,19 @@ def _packing_with_hiredis(cls: type[AbstractConnection]) -> type[AbstractConnect
 
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_PORT = 26379
 
 
 def redis_client(url: str, timeout_s: float) -> Redis:
     """An asyncio Redis client with bounded waits that reconnects by itself.
 
-    ``url`` names one server (``redis://``, ``rediss://``, ``unix://``) or a primary found through
+    ``url`` names one server (``redis://``, ``rediss://``, ``unix://``), a primary found through
     Redis Sentinel (``redis+sentinel://`` or, with TLS, ``rediss+sentinel://``; see
     :func:`sentinel_options`): that client asks the sentinels for the primary on every new
-    connection, so after a failover it reconnects to the promoted replica by itself.
+    connection, so after a failover it reconnects to the promoted replica by itself; or a Redis
+    Cluster (``redis+cluster://``, ``rediss+cluster://``; see :func:`cluster_options`), whose
+    client sends each command to the node serving its keys and follows the cluster's changes.
     A command that hits a connection dropped by a Redis restart is retried (up to 3 times, 50-500 ms
     apart) on a fresh connection, so the first request after a restart does not fail for nothing.
     Raises ValueError for a URL it cannot read.
@@ -76,7 +80,15 @@ def redis_client(url: str, timeout_s: float) -> Redis:
         ),
         "retry_on_error": list(CONNECTION_ERRORS),
     }
-    if url.partition("://")[0] in SENTINEL_SCHEMES:
+    scheme = url.partition("://")[0]
+    if scheme in CLUSTER_SCHEMES:
+        nodes, kwargs = cluster_options(url)
+        options.pop("retry_on_error")  # the cluster client retries connection errors itself, on a fresh topology
+        cluster = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options, **kwargs)
+        # Typed as Redis: the calls jobgate makes (scripts, pipelines of one slot, pub/sub, PUBLISH)
+        # have the same shape on both; Calls.durably treats WAIT apart (it must reach the key's node).
+        return cast(Redis, cluster)
+    if scheme in SENTINEL_SCHEMES:
         sentinels, service, kwargs, sentinel_kwargs = sentinel_options(url)
         sentinel_kwargs.update({k: v for k, v in options.items() if k.startswith("socket_") or k == "driver_info"})
         manager = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs, **options, **kwargs)  # type: ignore[no-untyped-call]
@@ -107,22 +119,12 @@ def sentinel_options(url: str) -> tuple[list[tuple[str, int]], str, dict[str, An
     The user and password are the primary's; ``sentinel_username`` and ``sentinel_password`` in the
     query are the sentinels' own (Sentinel's ``requirepass``). The other query options (``ssl_ca_certs``,
     ``ssl_certfile``, ...) are redis-py's and apply to both. Raises ValueError naming what is wrong."""
-    scheme, _, rest = url.partition("://")
-    netloc, _, tail = rest.partition("/")
-    path, _, query = tail.partition("?")
-    creds, at, hosts = netloc.rpartition("@")
-    sentinels = []
-    for node in hosts.split(","):
-        host, port = _host_port(node, SENTINEL_PORT)
-        sentinels.append((host, port))
-    parts = [p for p in path.split("/") if p]
+    sentinels, parts, kwargs, tls = _multi_host(url, SENTINEL_PORT)
     if not 1 <= len(parts) <= 2:
         raise ValueError("redis_url: a Sentinel URL names the primary's service after the hosts: /<service>[/<db>]")
     service = unquote(parts[0])
-    base = scheme.partition("+")[0] + "://" + creds + at + "sentinel" + ("/" + parts[1] if len(parts) == 2 else "")
-    kwargs: dict[str, Any] = dict(parse_url(base + ("?" + query if query else "")))
-    kwargs.pop("host", None)
-    tls = kwargs.pop("connection_class", None) is not None  # rediss: redis-py's SSLConnection
+    if len(parts) == 2:
+        kwargs["db"] = _db(parts[1])
     sentinel_kwargs: dict[str, Any] = {}
     for name in ("username", "password"):
         if (value := kwargs.pop("sentinel_" + name, None)) is not None:
@@ -132,6 +134,41 @@ def sentinel_options(url: str) -> tuple[list[tuple[str, int]], str, dict[str, An
         sentinel_kwargs["ssl"] = True
         sentinel_kwargs.update({k: v for k, v in kwargs.items() if k.startswith("ssl_")})
     return sentinels, service, kwargs, sentinel_kwargs
+
+
+def cluster_options(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """Reads ``redis+cluster://[[user]:password@]host[:port][,host[:port]...][/0][?options]``
+    (``rediss+cluster://`` for TLS): some of the cluster's nodes to learn its layout from (port 6379
+    unless given), and the options of connections to its nodes (redis-py's query options, as for
+    ``rediss://``). Raises ValueError naming what is wrong (a cluster has only database 0)."""
+    nodes, parts, kwargs, tls = _multi_host(url, 6379)
+    if len(parts) > 1 or (parts and _db(parts[0]) != 0):
+        raise ValueError("redis_url: a Redis Cluster has database 0 only: end the URL with /0 or nothing")
+    if tls:
+        kwargs["ssl"] = True
+    return nodes, kwargs
+
+
+def _multi_host(url: str, default_port: int) -> tuple[list[tuple[str, int]], list[str], dict[str, Any], bool]:
+    """The parts of ``scheme://[creds@]host[:port][,host[:port]...][/path][?query]``: the hosts, the
+    path's parts, redis-py's connection options from the credentials and the query, and whether the
+    scheme asks for TLS (``rediss+...``)."""
+    scheme, _, rest = url.partition("://")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    creds, at, hosts = netloc.rpartition("@")
+    nodes = [_host_port(node, default_port) for node in hosts.split(",")]
+    base = scheme.partition("+")[0] + "://" + creds + at + "placeholder"
+    kwargs: dict[str, Any] = dict(parse_url(base + ("?" + query if query else "")))
+    kwargs.pop("host", None)
+    tls = kwargs.pop("connection_class", None) is not None  # rediss: redis-py's SSLConnection
+    return nodes, [p for p in path.split("/") if p], kwargs, tls
+
+
+def _db(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"redis_url: the database must be a number, got {text!r}")
+    return int(text)
 
 
 def _host_port(node: str, default_port: int) -> tuple[str, int]:

@@ -25,9 +25,9 @@ class WorkerSettings:
 
     redis_url: str = setting(
         "redis://127.0.0.1:6379/0",
-        "Redis to use: redis://, rediss:// (TLS), unix://, or a primary found through Sentinel,"
-        " redis+sentinel://host:port[,host:port...]/<service>[/<db>] (rediss+sentinel:// with TLS);"
-        " a password in it is never logged",
+        "Redis to use: redis://, rediss:// (TLS), unix://; a primary found through Sentinel,"
+        " redis+sentinel://host:port[,host:port...]/<service>[/<db>]; or a Redis Cluster,"
+        " redis+cluster://host:port[,host:port...] (rediss+... with TLS); a password in it is never logged",
         repr=False,
     )
     namespace: str = setting("jobgate", "key prefix; must match the gateway's")
