@@ -9,9 +9,10 @@ its own again after Redis restarts; it also lets this user run Lua of its own, b
 command inside a script against the same key, channel and command rules, so such a script reaches
 nothing more than the user could directly (it can still keep Redis busy while it runs).
 
-With ``--sentinel`` it prints the user the sentinels need instead (when they require a password:
-``sentinel_username`` / ``sentinel_password`` in a ``redis+sentinel://`` URL): asking which
-primary serves a name is all jobgate does there.
+With ``--cluster`` the user may also read a Redis Cluster's layout (CLUSTER SLOTS), which the
+cluster client asks any node for. With ``--sentinel`` it prints the user the sentinels need
+instead (when they require a password: ``sentinel_username`` / ``sentinel_password`` in a
+``redis+sentinel://`` URL): asking which primary serves a name is all jobgate does there.
 """
 
 from __future__ import annotations
@@ -38,10 +39,16 @@ COMMANDS = (
 )  # fmt: skip
 
 
-def rules(namespace: str) -> list[str]:
-    """ACL rules (after the user name) for jobgate in ``namespace``, without a password."""
+# What the cluster client asks any node of a Redis Cluster, to learn which node serves which slots.
+CLUSTER_COMMANDS = ("cluster|slots",)
+
+
+def rules(namespace: str, *, cluster: bool = False) -> list[str]:
+    """ACL rules (after the user name) for jobgate in ``namespace``, without a password; with
+    ``cluster``, for a Redis Cluster."""
     prefix = Keys(namespace).prefix
-    return ["resetkeys", f"~{prefix}*", "resetchannels", f"&{prefix}*", "-@all", *(f"+{c}" for c in COMMANDS)]
+    commands = (*COMMANDS, *CLUSTER_COMMANDS) if cluster else COMMANDS
+    return ["resetkeys", f"~{prefix}*", "resetchannels", f"&{prefix}*", "-@all", *(f"+{c}" for c in commands)]
 
 
 # What redis-py asks a sentinel: the primaries it watches (SENTINEL MASTERS).
@@ -54,12 +61,19 @@ def sentinel_rules() -> list[str]:
 
 
 def setuser(
-    namespace: str, user: str, password: str = "<password>", *, aclfile: bool = False, sentinel: bool = False
+    namespace: str,
+    user: str,
+    password: str = "<password>",
+    *,
+    aclfile: bool = False,
+    sentinel: bool = False,
+    cluster: bool = False,
 ) -> str:
     """An ``ACL SETUSER`` command for ``user`` (a ``user`` line for an aclfile with ``aclfile``); with
-    ``sentinel``, the user for the sentinels rather than for Redis."""
+    ``sentinel``, the user for the sentinels rather than for Redis; with ``cluster``, for the nodes of
+    a Redis Cluster (set it on every node)."""
     head = ["user"] if aclfile else ["ACL", "SETUSER"]
-    body = sentinel_rules() if sentinel else rules(namespace)
+    body = sentinel_rules() if sentinel else rules(namespace, cluster=cluster)
     return " ".join([*head, user, "on", f">{password}", *body])
 
 
@@ -71,11 +85,14 @@ def cli(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--user", default="jobgate", help="ACL user name (default jobgate)")
     parser.add_argument("--file", action="store_true", help="print an aclfile line instead of an ACL SETUSER command")
     parser.add_argument(
+        "--cluster", action="store_true", help="for the nodes of a Redis Cluster (redis+cluster:// URLs)"
+    )
+    parser.add_argument(
         "--sentinel", action="store_true", help="print the user the sentinels need (redis+sentinel:// URLs) instead"
     )
     args = parser.parse_args(argv)
     try:
-        print(setuser(args.namespace, args.user, aclfile=args.file, sentinel=args.sentinel))
+        print(setuser(args.namespace, args.user, aclfile=args.file, sentinel=args.sentinel, cluster=args.cluster))
     except ValueError as exc:
         sys.exit(f"acl: {exc}")
 
