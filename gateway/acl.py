@@ -2,17 +2,18 @@
 
 ``python -m gateway.acl --namespace jobgate --user jobgate`` prints an ``ACL SETUSER`` command (or,
 with ``--file``, a line for an ``aclfile``): keys and channels limited to the namespace's hash tag,
-and only the commands jobgate sends, directly or from its Lua scripts. Nothing that lists other
-keys (KEYS, SCAN), changes the server (CONFIG, FLUSHALL, DEBUG, SHUTDOWN) or stops other clients
-is granted, nor EVAL. Loading scripts (SCRIPT LOAD, then EVALSHA) is granted because jobgate loads
-its own again after Redis restarts; it also lets this user run Lua of its own, but Redis checks every
+and only the commands jobgate sends, directly or from its Lua scripts. Nothing that lists other keys
+(KEYS, SCAN), changes the server (CONFIG, FLUSHALL, DEBUG, SHUTDOWN) or stops other clients is
+granted, nor EVAL. Loading scripts (SCRIPT LOAD, then EVALSHA) is granted because jobgate loads its
+own again after Redis restarts; it also lets this user run Lua of its own, but Redis checks every
 command inside a script against the same key, channel and command rules, so such a script reaches
 nothing more than the user could directly (it can still keep Redis busy while it runs).
 
-With ``--cluster`` the user may also read a Redis Cluster's layout (CLUSTER SLOTS), which the
-cluster client asks any node for. With ``--sentinel`` it prints the user the sentinels need
-instead (when they require a password: ``sentinel_username`` / ``sentinel_password`` in a
-``redis+sentinel://`` URL): asking which primary serves a name is all jobgate does there.
+With ``--cluster`` the user may also read a Redis Cluster's layout (CLUSTER SLOTS) and the commands'
+key positions (COMMAND), which the cluster client asks the nodes for. With ``--sentinel`` it prints
+the user the sentinels need instead (when they require a password: ``sentinel_username`` /
+``sentinel_password`` in a ``redis+sentinel://`` URL): asking which primary serves a name is all
+jobgate does there.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ COMMANDS = (
 )  # fmt: skip
 
 
-# What the cluster client asks any node of a Redis Cluster, to learn which node serves which slots.
-CLUSTER_COMMANDS = ("cluster|slots",)
+# What the cluster client asks nodes of a Redis Cluster: which node serves which slots, and the
+# commands' key positions (COMMAND), so that it can send each command where its keys are.
+CLUSTER_COMMANDS = ("cluster|slots", "command")
 
 
 def rules(namespace: str, *, cluster: bool = False) -> list[str]:

@@ -204,6 +204,8 @@ async def subscription(
     ``on_reconnect`` (a bound method: redis-py keeps a weak reference) hears of it, since whatever
     was published in the gap is lost. It is not called for the first connection, nor on closing.
     """
+    if isinstance(redis, RedisCluster):
+        await redis.initialize()  # a cluster's pub/sub picks its node from the layout the client learns first
     async with redis.pubsub() as ps:
         await ps.subscribe(*channels)
         connection = ps.connection

@@ -1,0 +1,139 @@
+"""jobgate on a Redis Cluster of real processes (3 primaries, 3 replicas): namespaces on every shard
+run the end-to-end contract, and a primary killed or a slot moved under load loses nothing
+acknowledged (the checker of ``tests/chaos.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+from redis import Redis as SyncRedis
+
+from devtools.devstack import ClusterProcess, Stack
+from gateway.acl import setuser
+from jobgate.v1 import job_pb2, scheduler_pb2
+from protocol.connection import redis_client
+from protocol.keys import Keys
+
+from .chaos import Checker, checking
+from .helpers import FAST, Client, call_failed, eventually, request
+from .test_chaos import ROOMY, Calls, accepted_again, acked_at_least, finish_load, load, sleep_job, submit_loop, warm_up
+
+pytestmark = pytest.mark.slow
+S = job_pb2
+PASSWORD = "cluster-secret-1"
+DURABLE = {**FAST, "JOBGATE_REDIS_WAIT_REPLICAS": "1", "JOBGATE_REDIS_WAIT_TIMEOUT_MS": "1000"}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ClusterProcess]:
+    c = ClusterProcess().start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def namespace_on(cluster: ClusterProcess, primary: int, taken: set[str]) -> str:
+    """A namespace whose keys the primary on port ``primary`` serves."""
+    for n in range(100_000):
+        name = f"c{n}"
+        if name not in taken and cluster.primary_for_slot(cluster.slot(Keys(name).queues())) == primary:
+            taken.add(name)
+            return name
+    raise AssertionError(f"no namespace lands on {primary}")
+
+
+async def test_namespaces_on_every_shard_run_jobs_end_to_end(
+    cluster: ClusterProcess, client_for: Callable[..., Client]
+) -> None:
+    taken: set[str] = set()
+    stacks = []
+    try:
+        for primary in cluster.primaries():
+            namespace = namespace_on(cluster, primary, taken)
+            # The least user `python -m gateway.acl --cluster` prints, on every node.
+            for port in cluster.ports:
+                with SyncRedis(port=port) as node:
+                    node.execute_command(*setuser(namespace, namespace, PASSWORD, cluster=True).split())
+            url = cluster.url.replace("redis+cluster://", f"redis+cluster://{namespace}:{PASSWORD}@")
+            stack = Stack(url, namespace, env=DURABLE)
+            stacks.append((primary, stack))
+            stack.start_worker()
+        for primary, stack in stacks:
+            client = client_for(stack.start_gateway()[1])
+            jobs = [request("echo", {"i": i}) for i in range(50)]
+            reply = await client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=jobs), timeout=10)
+            ids = [j.id for j in reply.jobs]
+            events = await client.wait_results(ids)
+            assert {i: e.state for i, e in events.items()} == dict.fromkeys(ids, S.JOB_STATE_SUCCEEDED)
+            run = scheduler_pb2.RunJobRequest(job=request("echo"))
+            states = [r.event.state async for r in client.stub.RunJob(run, timeout=10)]
+            assert states[0] == S.JOB_STATE_QUEUED and states[-1] == S.JOB_STATE_SUCCEEDED
+            with SyncRedis(port=primary) as node:  # the namespace's jobs live on its shard
+                assert node.exists(*(Keys(stack.namespace).job(i) for i in ids)) == len(ids)
+        for port in cluster.ports:  # nothing the scripts or the clients sent was denied
+            with SyncRedis(port=port) as node:
+                assert node.acl_log() == [], port
+    finally:
+        for _, stack in stacks:
+            stack.stop()
+
+
+@pytest.fixture
+async def cluster_checker(
+    request: pytest.FixtureRequest, cluster: ClusterProcess, namespace: str
+) -> AsyncIterator[Checker]:
+    stack = Stack(cluster.url, namespace, env=DURABLE)
+    admin = redis_client(cluster.url, 15)
+    async with checking(stack, admin, failed=lambda: call_failed(request)) as c:
+        yield c
+
+
+async def test_a_primary_killed_under_load_loses_nothing_acknowledged_and_records_one_outcome_per_job(
+    cluster: ClusterProcess, cluster_checker: Checker, namespace: str
+) -> None:
+    checker = cluster_checker
+    gw = checker.cluster.gateway(env=ROOMY)
+    for _ in range(2):
+        checker.cluster.worker("--concurrency", "40")
+    await warm_up(checker, gw)
+    checker.watch_all(gw, complete=False)  # pub/sub loses what is published while the shard is away
+    stop, calls = asyncio.Event(), Calls()
+    loops = [asyncio.create_task(submit_loop(checker, gw, stop, calls)) for _ in range(4)]
+    await load(checker, [gw], 6, sleep_job(checker, 0.5))
+    await eventually(lambda: acked_at_least(checker, 400), what="hundreds of jobs acknowledged")
+    victim = cluster.primary_for_slot(cluster.slot(Keys(namespace).queues()))
+    cluster.kill(victim)
+    await asyncio.to_thread(cluster.wait_failover, victim)
+    # The promoted replica has no replica of its own until the old primary comes back as one:
+    # meanwhile every submit waits for a replica in vain and answers UNAVAILABLE.
+    await asyncio.to_thread(cluster.restart, victim)
+    await accepted_again(checker, 100)
+    await finish_load(checker, gw, stop, loops)
+    await checker.verify_succeeded(gw)
+    assert len(checker.cluster.live()) == 3  # no gateway or worker restarted
+
+
+async def test_a_slot_moved_to_another_primary_under_load_loses_nothing_acknowledged(
+    cluster: ClusterProcess, cluster_checker: Checker, namespace: str
+) -> None:
+    checker = cluster_checker
+    gw = checker.cluster.gateway(env=ROOMY)
+    for _ in range(2):
+        checker.cluster.worker("--concurrency", "40")
+    await warm_up(checker, gw)
+    checker.watch_all(gw, complete=True)  # nothing is lost on the way: a moved slot is no outage
+    stop, calls = asyncio.Event(), Calls()
+    loops = [asyncio.create_task(submit_loop(checker, gw, stop, calls)) for _ in range(4)]
+    await load(checker, [gw], 6, sleep_job(checker, 0.2))
+    await eventually(lambda: acked_at_least(checker, 400), what="hundreds of jobs acknowledged")
+    slot = cluster.slot(Keys(namespace).queues())
+    source = cluster.primary_for_slot(slot)
+    target = next(p for p in cluster.primaries() if p != source)
+    await asyncio.to_thread(cluster.reshard, slot, target)
+    assert cluster.primary_for_slot(slot) == target
+    await accepted_again(checker, 100)
+    await finish_load(checker, gw, stop, loops)
+    await checker.verify_succeeded(gw)
