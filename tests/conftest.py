@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from devtools.devstack import RedisProcess, Stack
+from devtools.devstack import ClusterProcess, RedisProcess, Stack
 from protocol.keys import Keys
 
 from .helpers import (
@@ -142,3 +142,14 @@ def node() -> str:
                 f"`npm {args[len(npm)]}` in {NODE_DIR} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
             )
     return node
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ClusterProcess]:
+    """A local Redis Cluster (3 primaries, 3 replicas) for the module: each test leaves it healthy,
+    and asks it who serves what."""
+    c = ClusterProcess().start()
+    try:
+        yield c
+    finally:
+        c.stop()

@@ -10,6 +10,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -279,20 +280,41 @@ async def finish_load(checker: Checker, gw: Node, stop: asyncio.Event, loops: li
         await checker.resume(gw, 90)
 
 
+@dataclass
+class Load:
+    """Jobs flowing through one gateway: its submit loops, and what they did."""
+
+    gw: Node
+    stop: asyncio.Event
+    calls: Calls
+    loops: list[asyncio.Task[None]]
+
+    async def finish(self, checker: Checker) -> None:
+        await finish_load(checker, self.gw, self.stop, self.loops)
+
+
+async def under_load(checker: Checker, *, complete: bool, job_s: float = 0.5, deadline_s: float = 5) -> Load:
+    """A gateway and two workers (40 slots each), warmed up; an unfiltered stream on the gateway
+    (``complete``: it must miss nothing); four SubmitJob loops and batches of ``job_s`` sleep jobs,
+    until hundreds of jobs are acknowledged."""
+    gw = checker.cluster.gateway(env=ROOMY)
+    for _ in range(2):
+        checker.cluster.worker("--concurrency", "40")
+    await warm_up(checker, gw)
+    checker.watch_all(gw, complete=complete)
+    stop, calls = asyncio.Event(), Calls()
+    loops = [asyncio.create_task(submit_loop(checker, gw, stop, calls, deadline_s=deadline_s)) for _ in range(4)]
+    await load(checker, [gw], 6, sleep_job(checker, job_s))
+    await eventually(lambda: acked_at_least(checker, 400), what="hundreds of jobs acknowledged")
+    return Load(gw, stop, calls, loops)
+
+
 async def test_redis_restarted_under_load_answers_unavailable_and_keeps_everything_acknowledged(
     private_checker: Checker, private_redis: RedisProcess
 ) -> None:
     checker = private_checker
-    cluster = checker.cluster
-    gw = cluster.gateway(env=ROOMY)
-    for _ in range(2):
-        cluster.worker("--concurrency", "40")
-    await warm_up(checker, gw)
-    checker.watch_all(gw, complete=False)  # pub/sub loses what is published while Redis is away
-    stop, calls = asyncio.Event(), Calls()
-    loops = [asyncio.create_task(submit_loop(checker, gw, stop, calls)) for _ in range(4)]
-    await load(checker, [gw], 6, sleep_job(checker, 0.5))
-    await eventually(lambda: acked_at_least(checker, 400), what="hundreds of jobs acknowledged")
+    flow = await under_load(checker, complete=False)  # pub/sub loses what is published while Redis is away
+    gw, stop, calls, loops = flow.gw, flow.stop, flow.calls, flow.loops
     killed = time.monotonic()
     private_redis.kill()
     await eventually(lambda: failed_since(calls, killed, 20), what="submits failing during the outage")
@@ -326,16 +348,8 @@ async def test_redis_paused_under_load_gives_deadline_or_unavailable_and_keeps_e
     private_checker: Checker, private_redis: RedisProcess
 ) -> None:
     checker = private_checker
-    cluster = checker.cluster
-    gw = cluster.gateway(env=ROOMY)
-    for _ in range(2):
-        cluster.worker("--concurrency", "40")
-    await warm_up(checker, gw)
-    checker.watch_all(gw, complete=False)
-    stop, calls = asyncio.Event(), Calls()
-    loops = [asyncio.create_task(submit_loop(checker, gw, stop, calls, deadline_s=1)) for _ in range(4)]
-    await load(checker, [gw], 6, sleep_job(checker, 0.5))
-    await eventually(lambda: acked_at_least(checker, 400), what="hundreds of jobs acknowledged")
+    flow = await under_load(checker, complete=False, deadline_s=1)
+    gw, stop, calls, loops = flow.gw, flow.stop, flow.calls, flow.loops
     admin = checker.redis
     began = time.monotonic()
     await admin.execute_command("CLIENT", "PAUSE", 1500, "ALL")

@@ -5,7 +5,7 @@ acknowledged (the checker of ``tests/chaos.py``)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from redis import Redis as SyncRedis
@@ -17,22 +17,13 @@ from protocol.connection import redis_client
 from protocol.keys import Keys
 
 from .chaos import Checker, checking
-from .helpers import FAST, Client, call_failed, eventually, request
-from .test_chaos import ROOMY, Calls, accepted_again, acked_at_least, finish_load, load, sleep_job, submit_loop, warm_up
+from .helpers import FAST, Client, call_failed, request
+from .test_chaos import accepted_again, under_load
 
 pytestmark = pytest.mark.slow
 S = job_pb2
 PASSWORD = "cluster-secret-1"
 DURABLE = {**FAST, "JOBGATE_REDIS_WAIT_REPLICAS": "1", "JOBGATE_REDIS_WAIT_TIMEOUT_MS": "1000"}
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[ClusterProcess]:
-    c = ClusterProcess().start()
-    try:
-        yield c
-    finally:
-        c.stop()
 
 
 def namespace_on(cluster: ClusterProcess, primary: int, taken: set[str]) -> str:
@@ -95,15 +86,7 @@ async def test_a_primary_killed_under_load_loses_nothing_acknowledged_and_record
     cluster: ClusterProcess, cluster_checker: Checker, namespace: str
 ) -> None:
     checker = cluster_checker
-    gw = checker.cluster.gateway(env=ROOMY)
-    for _ in range(2):
-        checker.cluster.worker("--concurrency", "40")
-    await warm_up(checker, gw)
-    checker.watch_all(gw, complete=False)  # pub/sub loses what is published while the shard is away
-    stop, calls = asyncio.Event(), Calls()
-    loops = [asyncio.create_task(submit_loop(checker, gw, stop, calls)) for _ in range(4)]
-    await load(checker, [gw], 6, sleep_job(checker, 0.5))
-    await eventually(lambda: acked_at_least(checker, 400), what="hundreds of jobs acknowledged")
+    flow = await under_load(checker, complete=False)  # pub/sub loses what is published while the shard is away
     victim = cluster.primary_for_slot(cluster.slot(Keys(namespace).queues()))
     cluster.kill(victim)
     await asyncio.to_thread(cluster.wait_failover, victim)
@@ -111,8 +94,8 @@ async def test_a_primary_killed_under_load_loses_nothing_acknowledged_and_record
     # meanwhile every submit waits for a replica in vain and answers UNAVAILABLE.
     await asyncio.to_thread(cluster.restart, victim)
     await accepted_again(checker, 100)
-    await finish_load(checker, gw, stop, loops)
-    await checker.verify_succeeded(gw)
+    await flow.finish(checker)
+    await checker.verify_succeeded(flow.gw)
     assert len(checker.cluster.live()) == 3  # no gateway or worker restarted
 
 
@@ -120,20 +103,12 @@ async def test_a_slot_moved_to_another_primary_under_load_loses_nothing_acknowle
     cluster: ClusterProcess, cluster_checker: Checker, namespace: str
 ) -> None:
     checker = cluster_checker
-    gw = checker.cluster.gateway(env=ROOMY)
-    for _ in range(2):
-        checker.cluster.worker("--concurrency", "40")
-    await warm_up(checker, gw)
-    checker.watch_all(gw, complete=True)  # nothing is lost on the way: a moved slot is no outage
-    stop, calls = asyncio.Event(), Calls()
-    loops = [asyncio.create_task(submit_loop(checker, gw, stop, calls)) for _ in range(4)]
-    await load(checker, [gw], 6, sleep_job(checker, 0.2))
-    await eventually(lambda: acked_at_least(checker, 400), what="hundreds of jobs acknowledged")
+    flow = await under_load(checker, complete=True, job_s=0.2)  # a moved slot is no outage: nothing is missed
     slot = cluster.slot(Keys(namespace).queues())
     source = cluster.primary_for_slot(slot)
     target = next(p for p in cluster.primaries() if p != source)
     await asyncio.to_thread(cluster.reshard, slot, target)
     assert cluster.primary_for_slot(slot) == target
     await accepted_again(checker, 100)
-    await finish_load(checker, gw, stop, loops)
-    await checker.verify_succeeded(gw)
+    await flow.finish(checker)
+    await checker.verify_succeeded(flow.gw)

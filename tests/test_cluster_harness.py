@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterator
 
 import pytest
 from redis.asyncio import Redis
@@ -14,16 +13,6 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from devtools.devstack import ClusterProcess, _command
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[ClusterProcess]:
-    """One cluster for the module: each test leaves it healthy, and asks it who serves what."""
-    c = ClusterProcess().start()
-    try:
-        yield c
-    finally:
-        c.stop()
 
 
 def cluster_client(cluster: ClusterProcess) -> RedisCluster:

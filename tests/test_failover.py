@@ -24,7 +24,7 @@ from protocol.worker_calls import Outcome, Registration, Start, WorkerCalls
 
 from .chaos import Checker, checking
 from .helpers import FAST, call_failed, eventually, request
-from .test_chaos import ROOMY, Calls, accepted_again, acked_at_least, finish_load, load, sleep_job, submit_loop, warm_up
+from .test_chaos import accepted_again, under_load
 
 pytestmark = pytest.mark.slow
 
@@ -179,23 +179,14 @@ async def test_a_sentinel_failover_under_load_loses_nothing_acknowledged_and_rec
     find the new primary by themselves; submits answer UNAVAILABLE meanwhile; every acknowledged
     job runs to its one outcome."""
     checker, servers = sentinel_checker
-    cluster = checker.cluster
-    gw = cluster.gateway(env=ROOMY)
-    for _ in range(2):
-        cluster.worker("--concurrency", "40")
-    await warm_up(checker, gw)
-    checker.watch_all(gw, complete=False)  # pub/sub loses what is published while the primary is away
-    stop, calls = asyncio.Event(), Calls()
-    loops = [asyncio.create_task(submit_loop(checker, gw, stop, calls)) for _ in range(4)]
-    await load(checker, [gw], 6, sleep_job(checker, 0.5))
-    await eventually(lambda: acked_at_least(checker, 400), what="hundreds of jobs acknowledged")
+    flow = await under_load(checker, complete=False)  # pub/sub loses what is published while the primary is away
     old = servers.primary.port
     servers.primary.kill()
     await eventually(lambda: promoted(servers, old), timeout=30, what="a replica promoted by the Sentinel")
     await accepted_again(checker, 100)
-    await finish_load(checker, gw, stop, loops)
-    await checker.verify_succeeded(gw)
-    assert all(n.alive() for n in cluster.live()) and len(cluster.live()) == 3  # nothing restarted
+    await flow.finish(checker)
+    await checker.verify_succeeded(flow.gw)
+    assert len(checker.cluster.live()) == 3  # no gateway or worker restarted
 
 
 async def promoted(servers: Sentineled, old_port: int) -> bool:
