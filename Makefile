@@ -10,7 +10,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: all install run test test-fast proto lint typecheck bench soak clean
+.PHONY: all install run test test-fast proto lint typecheck bench bench-cluster soak clean
 
 all: install
 
@@ -76,6 +76,10 @@ $(BENCH_STAMP): $(BENCH_PY) bench/requirements.txt pyproject.toml
 
 bench: $(BENCH_STAMP)
 	$(BENCH_PY) -m bench.run $(BENCH_ARGS)
+
+# One Redis against a local Redis Cluster, per process and per node (docs/SCALING.md).
+bench-cluster: $(STAMP)
+	$(PY) -m bench.cluster
 
 soak: $(STAMP)
 	$(PY) -m bench.soak

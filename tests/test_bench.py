@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "docs" / "BENCHMARKS.md"
 
@@ -47,3 +49,21 @@ def test_quick_benchmark_run_completes_with_plausible_figures_and_leaves_docs_al
     assert set(pace) == {"relay_unbatched", "relay_pipelined", "grpc_unary", "grpc_p50", "grpc_p99"}, output
     assert all(float(v.replace(",", "")) > 0 for v in pace.values()), output
     assert float(pace["grpc_p50"]) <= float(pace["grpc_p99"].replace(",", "")), output
+
+
+@pytest.mark.slow
+def test_the_cluster_benchmark_measures_one_redis_and_every_node_of_a_cluster() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.cluster", "--jobs", "2000"], cwd=ROOT, capture_output=True, text=True, timeout=110
+    )
+    output = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, output
+    single, cluster = result.stdout.split("a local Redis Cluster")
+    for part, nodes in ((single, 1), (cluster, 6)):
+        assert "2,000 jobs in" in part, output
+        rows = [line.split() for line in part.splitlines() if line.strip().startswith(("redis", "primary", "replica"))]
+        assert len(rows) == nodes, output
+        redis_all = next(line.split() for line in part.splitlines() if "Redis, all nodes" in line)
+        assert float(redis_all[-2]) > 0 and float(redis_all[-1]) > 1, output  # µs and commands per job
+    namespace = next(line.split() for line in cluster.splitlines() if "(namespace)" in line)
+    assert float(namespace[-1]) > 1, output  # the namespace's shard ran its commands
