@@ -17,12 +17,12 @@ import time
 
 from bench.profile import cpu_s
 from bench.systems.jobgate import Jobgate
-from devtools.devstack import ClusterProcess, RedisProcess, _command
+from devtools.servers import ClusterProcess, RedisProcess, command
 
 
 def commands(port: int) -> int:
     """Commands a Redis node has run since it started (the sum of ``INFO commandstats``)."""
-    text = _command(port, "INFO", "commandstats")
+    text = command(port, "INFO", "commandstats")
     assert isinstance(text, str)
     total = 0
     for line in text.splitlines():

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from devtools.devstack import free_port
+from devtools.servers import free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 STATES = (

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench.systems.jobgate import Jobgate
-from devtools.devstack import RedisProcess
+from devtools.servers import RedisProcess
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

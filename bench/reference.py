@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from bench import grpc_floor
-from devtools.devstack import RedisProcess
+from devtools.servers import RedisProcess
 
 DISPATCH = "bench:relay:dispatch"
 RESULT = "bench:relay:result"

@@ -35,7 +35,7 @@ from bench import reference
 from bench.results import MACHINE, Results, describe
 from bench.systems import SYSTEMS, load
 from bench.systems.base import ROOT, System, flush
-from devtools.devstack import RedisProcess
+from devtools.servers import RedisProcess
 
 DOCS = ROOT / "docs"
 REPORT = DOCS / "BENCHMARKS.md"

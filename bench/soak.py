@@ -19,7 +19,8 @@ from pathlib import Path
 
 import grpc
 
-from devtools.devstack import RedisProcess, Stack, free_port
+from devtools.devstack import Stack
+from devtools.servers import RedisProcess, free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 from tests.processes import metrics_env, scrape, totals
 

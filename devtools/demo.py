@@ -27,7 +27,8 @@ from google.protobuf import json_format
 from gateway.config import GatewaySettings
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-from .devstack import RedisProcess, Stack
+from .devstack import Stack
+from .servers import RedisProcess
 
 KINDS = ("echo", "echo", "echo", "sleep", "fail")
 WORKER_CONCURRENCY = 4

@@ -26,7 +26,8 @@ import grpc
 from google.protobuf import json_format
 from redis.asyncio import Redis
 
-from devtools.devstack import Service, Stack, free_port
+from devtools.devstack import Service, Stack
+from devtools.servers import free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 from protocol.keys import Keys
 

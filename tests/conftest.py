@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from devtools.devstack import ClusterProcess, RedisProcess, Stack
+from devtools.devstack import Stack
+from devtools.servers import ClusterProcess, RedisProcess
 from protocol.keys import Keys
 
 from .helpers import (

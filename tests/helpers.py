@@ -18,7 +18,8 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
-from devtools.devstack import RedisProcess, Service, Stack, free_port
+from devtools.devstack import Service, Stack
+from devtools.servers import RedisProcess, free_port
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from protocol.worker_calls import Registration
 

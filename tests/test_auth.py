@@ -15,7 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
-from devtools.devstack import Stack, health_status
+from devtools.devstack import Stack
+from gateway.healthcheck import health_status
 from jobgate.v1 import job_pb2, scheduler_pb2
 
 from .helpers import Client, code_of, eventually, request

@@ -16,7 +16,8 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
-from devtools.devstack import RedisProcess, Stack
+from devtools.devstack import Stack
+from devtools.servers import RedisProcess
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .chaos import Checker, Cluster, Node, Stream, checking

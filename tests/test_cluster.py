@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from redis import Redis as SyncRedis
 
-from devtools.devstack import ClusterProcess, Stack
+from devtools.devstack import Stack
+from devtools.servers import ClusterProcess
 from gateway.acl import setuser
 from jobgate.v1 import job_pb2, scheduler_pb2
 from protocol.connection import redis_client

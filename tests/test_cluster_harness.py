@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from devtools.devstack import ClusterProcess, _command
+from devtools.servers import ClusterProcess, command
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def key_on(cluster: ClusterProcess, port: int, prefix: str) -> str:
 def test_slot_agrees_with_cluster_keyslot(cluster: ClusterProcess) -> None:
     keys = ["", "foo", "123456789", "{jobgate}:queues", "{jobgate}:job:42", "{}x", "a{}{b}", "a{{b}}c", "x{", "jöb"]
     port = cluster.ports[0]
-    assert {k: cluster.slot(k) for k in keys} == {k: _command(port, "CLUSTER", "KEYSLOT", k) for k in keys}
+    assert {k: cluster.slot(k) for k in keys} == {k: command(port, "CLUSTER", "KEYSLOT", k) for k in keys}
     assert cluster.slot("123456789") == 0x31C3  # the CRC16/XMODEM check value
     assert cluster.slot("{jobgate}:queues") == cluster.slot("{jobgate}:job:42") == cluster.slot("jobgate")
     assert cluster.url == "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in cluster.seeds) + "/0"
@@ -43,7 +43,7 @@ async def test_keys_on_every_primary_read_back_through_the_cluster_client(cluste
             await rc.set(k, v)
         assert {k: await rc.get(k) for k in keys} == keys
     for k, p in keys.items():  # each key is where its slot says, not merely somewhere
-        assert _command(int(p), "GET", k) == p
+        assert command(int(p), "GET", k) == p
 
 
 async def test_a_killed_primary_is_replaced_by_its_replica_and_rejoins_as_its_replica(
@@ -109,5 +109,5 @@ async def test_a_slot_moved_under_load_keeps_its_keys_and_the_client_follows_mov
         during = [await stale.get(f"{tag}:during:{i}") for i in written]
     assert before == [i + 1000 * len(range(i, len(written), 300)) for i in range(300)]
     assert during == [str(i) for i in written]
-    assert _command(source, "CLUSTER", "COUNTKEYSINSLOT", str(slot)) == 0
-    assert _command(target, "CLUSTER", "COUNTKEYSINSLOT", str(slot)) == 300 + len(written)
+    assert command(source, "CLUSTER", "COUNTKEYSINSLOT", str(slot)) == 0
+    assert command(target, "CLUSTER", "COUNTKEYSINSLOT", str(slot)) == 300 + len(written)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from devtools.devstack import free_port
+from devtools.servers import free_port
 from gateway.config import GatewaySettings
 from worker.config import WorkerSettings
 

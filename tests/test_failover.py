@@ -11,7 +11,8 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import MasterNotFoundError
 
-from devtools.devstack import RedisProcess, SentinelProcess, Stack, free_port, wait_for
+from devtools.devstack import Stack
+from devtools.servers import RedisProcess, SentinelProcess, free_port, wait_for
 from gateway.acl import setuser
 from gateway.validation import Limits, prepare
 from jobgate.v1 import job_pb2

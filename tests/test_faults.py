@@ -13,7 +13,8 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
-from devtools.devstack import RedisProcess, Stack, free_port
+from devtools.devstack import Stack
+from devtools.servers import RedisProcess, free_port
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
 from protocol.keys import Keys
 from protocol.worker_calls import Start, WorkerCalls

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from devtools.devstack import Stack, free_port
+from devtools.devstack import Stack
+from devtools.servers import free_port
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2, scheduler_pb2_grpc
 from protocol.keys import Keys
 

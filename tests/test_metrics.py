@@ -7,7 +7,8 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from devtools.devstack import Stack, free_port
+from devtools.devstack import Stack
+from devtools.servers import free_port
 
 from .helpers import Client, eventually
 from .processes import metrics_env, scrape

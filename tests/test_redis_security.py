@@ -17,7 +17,8 @@ import redis
 import trustme
 
 import protocol
-from devtools.devstack import Stack, find_redis_server, free_port, wait_for
+from devtools.devstack import Stack
+from devtools.servers import find_redis_server, free_port, wait_for
 from gateway.acl import COMMANDS, setuser
 from jobgate.v1 import job_pb2, scheduler_pb2
 

