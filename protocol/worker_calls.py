@@ -69,11 +69,15 @@ class WorkerCalls(Calls):
     """The calls of one worker process."""
 
     async def heartbeat(self, r: Registration) -> Heartbeat:
-        """Registers or refreshes the worker; settles what an earlier process under its id held."""
+        """Registers or refreshes the worker; settles what an earlier process under its id held.
+        Durable like an outcome: a reply that says the worker had been evicted makes it abandon its
+        jobs, so that eviction must survive a failover (replication keeps order: a confirmed beat
+        confirms every write before it)."""
         k, now = self.keys, now_ms()
-        reply = await self.scripts.heartbeat(
-            keys=[*k.namespace_keys(), *k.own_keys(r.worker_id)],
-            args=[
+        reply = await self.durably(
+            self.scripts.heartbeat,
+            [*k.namespace_keys(), *k.own_keys(r.worker_id)],
+            [
                 k.prefix,
                 r.worker_id,
                 now,

@@ -318,8 +318,20 @@ class Checker:
         tasks = [self._tasks[id(s)] for s in self.streams if s.kind in kinds and not s.ended]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
-        still = [s.name for s in self.streams if s.kind in kinds and not s.ended]
-        assert not still, f"{len(still)} streams still open after {timeout}s: {still[:5]}"
+        open_streams = [s for s in self.streams if s.kind in kinds and not s.ended]
+        if open_streams:
+            waiting = sorted({j for s in open_streams for j in s.asked if j not in s.outcomes})[:5]
+            stored = {j: await self._stored(j) for j in waiting}
+            names = [s.name for s in open_streams[:5]]
+            raise AssertionError(
+                f"{len(open_streams)} streams still open after {timeout}s: {names}; waiting for {stored}"
+            )
+
+    async def _stored(self, job_id: str) -> dict[str, str]:
+        """What Redis holds of a job, for a failure message ({} when it has no such job)."""
+        fields = await self.redis.hmget(self.keys.job(job_id), "state", "worker", "attempt", "lease", "recorded")
+        names = ("state", "worker", "attempt", "lease", "recorded")
+        return {n: v.decode() for n, v in zip(names, fields, strict=True) if v is not None}
 
     async def resume(self, gw: Node, timeout: float) -> None:
         """After streams broke: follows on ``gw`` every acknowledged job not received yet, and waits."""

@@ -48,8 +48,8 @@ class WorkerSettings:
     redis_timeout_s: float = setting(5.0, "Redis connect and read timeout, seconds")
     redis_wait_replicas: int = setting(
         0,
-        "replicas that must confirm an outcome (Redis WAIT) before the worker takes it as recorded; 0 = the"
-        " primary alone (a failover can then lose the last recorded outcomes)",
+        "replicas that must confirm an outcome or a heartbeat (Redis WAIT) before the worker takes it as"
+        " recorded; 0 = the primary alone (a failover can then lose the last recorded outcomes)",
     )
     redis_wait_timeout_ms: int = setting(
         1000, "how long to wait for those replicas; an outcome they do not confirm in time is recorded again"
