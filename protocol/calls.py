@@ -85,6 +85,7 @@ class Calls:
         # A cluster pipeline sends a keyless WAIT anywhere unless told where, and follows a
         # redirection of the script alone: both go to the keys' node, and a redirection is an error
         # here (the layout is learnt again; the caller retries, as after any Redis error).
+        await self.redis.initialize()  # learns the layout on first use (then does nothing)
         node = self.redis.get_node_from_key(keys[0])
         async with self.redis.pipeline() as cluster_pipe:
             cluster_pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args, target_nodes=node)
