@@ -20,7 +20,7 @@ from redis.asyncio.client import PubSub
 from jobgate.v1 import job_pb2, relay_pb2
 from protocol.codec import TERMINAL, event_from_hash
 from protocol.connection import subscription
-from protocol.errors import CONNECTION_ERRORS, Unavailable
+from protocol.errors import REDIS_ERRORS
 from protocol.gateway_calls import GatewayCalls
 from protocol.keys import JOB_ID_RE, QUEUE_RE, Keys
 
@@ -91,7 +91,7 @@ class Hub:
                     self.on_worker_change()
                     await self._listen(ps, stop)
             except Exception as exc:  # the hub must outlive any failure
-                if not isinstance(exc, (*CONNECTION_ERRORS, Unavailable)):
+                if not isinstance(exc, REDIS_ERRORS):
                     log.exception("result routing failed; resubscribing")
                 elif self.connected:
                     log.warning("result subscription lost (%s); resubscribing", exc)

@@ -94,6 +94,17 @@ def cannot_write_now(exc: BaseException) -> bool:
     )
 
 
+# Redis unreachable, or a call that already said so (Unavailable): what loops that must outlive
+# Redis (subscriptions, heartbeats) log as a warning and retry, not as a failure of their own.
+REDIS_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, Unavailable)
+
+
+def transient(exc: BaseException) -> bool:
+    """Redis unreachable, or refusing writes only for now (memory freed, failover done, script or
+    load finished): a call that meets one is worth repeating."""
+    return isinstance(exc, REDIS_ERRORS) or cannot_write_now(exc)
+
+
 @asynccontextmanager
 async def redis_errors() -> AsyncIterator[None]:
     """Turns Redis connection and timeout errors, and "cannot write now" replies, into :class:`Unavailable`."""

@@ -16,9 +16,10 @@ from google.protobuf.message import DecodeError
 
 from jobgate.v1 import relay_pb2
 from protocol.connection import subscription
+from protocol.errors import REDIS_ERRORS
 from protocol.worker_calls import WorkerCalls
 
-from .execution import REDIS_ERRORS, Executor
+from .execution import Executor
 from .membership import Membership
 
 log = logging.getLogger(__name__)

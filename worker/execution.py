@@ -23,7 +23,7 @@ from jobgate.v1 import job_pb2, relay_pb2
 from protocol.coalesce import Coalescer
 from protocol.codec import events_message, python_to_value, value_to_python
 from protocol.connection import now_ms
-from protocol.errors import CONNECTION_ERRORS, Unavailable, cannot_write_now
+from protocol.errors import transient
 from protocol.keys import JOB_ID_RE
 from protocol.worker_calls import Outcome, Start, WorkerCalls
 
@@ -32,14 +32,6 @@ from .metrics import WorkerMetrics
 from .registry import JobContext, Registry
 
 log = logging.getLogger(__name__)
-
-REDIS_ERRORS: tuple[type[Exception], ...] = (*CONNECTION_ERRORS, Unavailable)
-
-
-def _transient(exc: Exception) -> bool:
-    """Redis unreachable, or refusing writes only for now (memory freed, failover done, script or
-    load finished): a start or finish that meets one is retried, or the job would stay RUNNING."""
-    return isinstance(exc, REDIS_ERRORS) or cannot_write_now(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +202,7 @@ class Executor:
             try:
                 return await call()
             except Exception as exc:
-                if not _transient(exc):
+                if not transient(exc):  # else the job would stay RUNNING
                     raise
                 self.metrics.redis_errors.inc()
                 if delay == 0.1:

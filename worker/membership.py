@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from jobgate.v1 import relay_pb2
+from protocol.errors import REDIS_ERRORS
 from protocol.replies import Settled
 from protocol.worker_calls import Registration, WorkerCalls
 
 from .config import WorkerSettings
-from .execution import REDIS_ERRORS, Executor
+from .execution import Executor
 from .metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
