@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from jobgate.v1 import job_pb2
 from protocol.errors import Unavailable
@@ -23,6 +25,8 @@ from .metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 
 class Scheduler:
     """Runs placement for the queues that need it; one per gateway process."""
@@ -32,11 +36,15 @@ class Scheduler:
         store: GatewayCalls,
         *,
         tick_s: float,
+        step_s: float = 30.0,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
         self.store = store
         self.tick_s = tick_s
+        # The longest one Redis call of a pass may take (its retries included): a call that hangs
+        # (a connection stuck in a failover) is abandoned, so placement never stops for good.
+        self.step_s = step_s
         self._dirty: set[str] = set()
         self._reported: set[str] = set()  # queues with a waiting-jobs gauge
         # Queues known to hold waiting jobs (from placements and the census): only a slot freed in
@@ -71,20 +79,22 @@ class Scheduler:
             try:
                 if loop.time() >= next_tick:
                     next_tick = loop.time() + self.tick_s
-                    await self._reap()
-                    await self.store.resend_cancels(older_than_ms=max(1000, int(self.tick_s * 1000)))
+                    await self._step(self._reap())
+                    await self._step(self.store.resend_cancels(older_than_ms=max(1000, int(self.tick_s * 1000))))
                     self._all = True
                 if self._all:
                     self._all = False
-                    names = await self.store.queue_names()
+                    names = await self._step(self.store.queue_names())
                     self._dirty.update(names)
-                    await self._census(names)
+                    await self._step(self._census(names))
                 queues, self._dirty = self._dirty, set()
                 for queue in sorted(queues):
-                    await self.place(queue)
+                    await self._step(self.place(queue))
             except Exception as exc:  # placement must outlive any failure
                 if isinstance(exc, Unavailable):
                     log.warning("placement paused: %s", exc)
+                elif isinstance(exc, TimeoutError):
+                    log.warning("placement paused: a Redis call took longer than %.0fs; trying again", self.step_s)
                 else:  # e.g. an error reply such as OOM: retried on the next pass
                     log.exception("placement failed; trying again")
                 self._all = True
@@ -92,6 +102,10 @@ class Scheduler:
                     await asyncio.wait_for(stop.wait(), timeout=self.tick_s)
                 except TimeoutError:
                     pass
+
+    async def _step(self, aw: Awaitable[T]) -> T:
+        async with asyncio.timeout(self.step_s):
+            return await aw
 
     async def _census(self, queues: list[str]) -> None:
         waiting, live = await self.store.census(queues)

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from common.metrics import serve
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from protocol.calls import Durability
-from protocol.connection import bounded, redis_client
+from protocol.connection import bounded, longest_call_s, redis_client
 from protocol.gateway_calls import GatewayCalls
 from protocol.keys import Keys
 
@@ -111,7 +111,12 @@ async def start(settings: GatewaySettings) -> Gateway:
         durability=Durability(settings.redis_wait_replicas, settings.redis_wait_timeout_ms),
     )
     metrics = GatewayMetrics()
-    scheduler = Scheduler(store, tick_s=settings.tick_ms / 1000, metrics=metrics)
+    scheduler = Scheduler(
+        store,
+        tick_s=settings.tick_ms / 1000,
+        step_s=longest_call_s(settings.redis_timeout_s, settings.redis_wait_timeout_ms),
+        metrics=metrics,
+    )
     hub = Hub(
         redis, keys, store, on_slot_freed=scheduler.slot_freed, on_worker_change=scheduler.kick_all, metrics=metrics
     )

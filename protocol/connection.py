@@ -48,6 +48,8 @@ def _packing_with_hiredis(cls: type[AbstractConnection]) -> type[AbstractConnect
 
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+RETRIES = 3  # how often redis_client repeats a command that met a dropped connection
+BACKOFF_CAP_S = 0.5
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_PORT = 26379
 
@@ -74,8 +76,8 @@ def redis_client(url: str, timeout_s: float) -> Redis:
         "driver_info": DriverInfo(name=None, lib_version=None),
         # OSError is not a RedisError, but a dropped socket can surface as one: retry it too.
         "retry": Retry(
-            ExponentialWithJitterBackoff(base=0.05, cap=0.5),
-            3,
+            ExponentialWithJitterBackoff(base=0.05, cap=BACKOFF_CAP_S),
+            RETRIES,
             supported_errors=CONNECTION_ERRORS,  # type: ignore[arg-type]
         ),
         "retry_on_error": list(CONNECTION_ERRORS),
@@ -183,6 +185,14 @@ def _host_port(node: str, default_port: int) -> tuple[str, int]:
     if port and (not port.isdigit() or not 0 < int(port) < 65536):
         raise ValueError(f"redis_url: bad port in {node!r}")
     return unquote(host), int(port) if port else default_port
+
+
+def longest_call_s(timeout_s: float, wait_ms: int = 0) -> float:
+    """The longest one command of a ``redis_client(url, timeout_s)`` can take when Redis answers
+    nothing: every try's connect and read time out, with the back-off between tries and a WAIT's
+    own timeout on top. A loop that must not stop for good (placement, heartbeats, outcomes)
+    abandons a call that takes longer, as a failover can leave a connection waiting on nothing."""
+    return (RETRIES + 1) * 2 * timeout_s + RETRIES * BACKOFF_CAP_S + wait_ms / 1000
 
 
 async def bounded(aw: Awaitable[Any], timeout_s: float, what: str) -> None:

@@ -324,8 +324,19 @@ class Checker:
             stored = {j: await self._stored(j) for j in waiting}
             names = [s.name for s in open_streams[:5]]
             raise AssertionError(
-                f"{len(open_streams)} streams still open after {timeout}s: {names}; waiting for {stored}"
+                f"{len(open_streams)} streams still open after {timeout}s: {names}; waiting for {stored};"
+                f" workers {await self._registrations()}"
             )
+
+    async def _registrations(self) -> dict[str, dict[str, str]]:
+        """What Redis holds of every registered worker, for a failure message."""
+        ids = [w.decode() for w in await self.redis.zrange(self.keys.workers(), 0, -1)]
+        names = ("slots", "used", "off", "expires", "instance")
+        found = {}
+        for w in ids:
+            fields = await self.redis.hmget(self.keys.worker(w), *names)
+            found[w] = {n: v.decode() for n, v in zip(names, fields, strict=True) if v is not None}
+        return {**found, "now": {"ms": str(int(time.time() * 1000))}}
 
     async def _stored(self, job_id: str) -> dict[str, str]:
         """What Redis holds of a job, for a failure message ({} when it has no such job)."""

@@ -22,7 +22,7 @@ from google.protobuf.struct_pb2 import Value
 from jobgate.v1 import job_pb2, relay_pb2
 from protocol.coalesce import Coalescer
 from protocol.codec import events_message, python_to_value, value_to_python
-from protocol.connection import now_ms
+from protocol.connection import longest_call_s, now_ms
 from protocol.errors import transient
 from protocol.keys import JOB_ID_RE
 from protocol.worker_calls import Outcome, Start, WorkerCalls
@@ -84,6 +84,8 @@ class Executor:
         self.stuck_threads = 0  # handler threads still running after their job ended
         self.on_slot_lost: Callable[[], None] = lambda: None  # a slot is held by a stuck thread: report it
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        # A start or finish call that takes longer is abandoned and tried again (see longest_call_s).
+        self.call_s = longest_call_s(settings.redis_timeout_s, settings.redis_wait_timeout_ms)
         self.starts: Coalescer[Start, int] = Coalescer(self._start_many)
         self.finishes: Coalescer[Outcome, int] = Coalescer(self._finish_many, size=lambda o: o.size)
 
@@ -220,7 +222,8 @@ class Executor:
 
     async def _start_many(self, starts: Sequence[Start]) -> list[int]:
         """One start_many call for dispatches that arrived together; start's code for each."""
-        return await self.calls.start_many(self.id, self.instance, starts)
+        async with asyncio.timeout(self.call_s):
+            return await self.calls.start_many(self.id, self.instance, starts)
 
     async def _run_handler(self, running: Running) -> Result:
         d = running.dispatch
@@ -304,7 +307,8 @@ class Executor:
         finishes free locally it starts at once and returns (they run here without a start call),
         more it dispatches as a placement pass would."""
         take = 0 if self.draining else sum(1 for o in outcomes if self._frees_slot(o.job_id, o.lease))
-        finished = await self.calls.finish_many(self.id, self.instance, outcomes, take=take)
+        async with asyncio.timeout(self.call_s):
+            finished = await self.calls.finish_many(self.id, self.instance, outcomes, take=take)
         for d in finished.taken:
             self.on_dispatch(d, taken=True)
         self.metrics.placed.inc(sum(p.reached for p in finished.placements))

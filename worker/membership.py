@@ -60,17 +60,17 @@ class Membership:
         job still held here was placed elsewhere: they are abandoned."""
         s = self.settings
         held = self.executor.held()  # what an eviction found by this beat can have taken away
-        reply = await self.calls.heartbeat(
-            Registration(
-                worker_id=self.id,
-                instance=self.instance,
-                ttl_ms=s.heartbeat_ttl_ms,
-                slots=max(0, s.concurrency - self.executor.stuck_threads),
-                queues=s.queue_list,
-                kinds=self.kinds,
-                off=self.executor.draining or not self.subscribed,
-            )
+        registration = Registration(
+            worker_id=self.id,
+            instance=self.instance,
+            ttl_ms=s.heartbeat_ttl_ms,
+            slots=max(0, s.concurrency - self.executor.stuck_threads),
+            queues=s.queue_list,
+            kinds=self.kinds,
+            off=self.executor.draining or not self.subscribed,
         )
+        async with asyncio.timeout(self.executor.call_s):  # abandoned, the next beat tries again
+            reply = await self.calls.heartbeat(registration)
         again = reply.again and self.registered
         self.registered = True
         if again:
