@@ -78,7 +78,7 @@ def redis_client(url: str, timeout_s: float) -> Redis:
         "retry": Retry(
             ExponentialWithJitterBackoff(base=0.05, cap=BACKOFF_CAP_S),
             RETRIES,
-            supported_errors=CONNECTION_ERRORS,  # type: ignore[arg-type]
+            supported_errors=CONNECTION_ERRORS,  # type: ignore[arg-type, unused-ignore]  # typed differently across redis-py 8.x
         ),
         "retry_on_error": list(CONNECTION_ERRORS),
     }
@@ -93,7 +93,7 @@ def redis_client(url: str, timeout_s: float) -> Redis:
     if scheme in SENTINEL_SCHEMES:
         sentinels, service, kwargs, sentinel_kwargs = sentinel_options(url)
         sentinel_kwargs.update({k: v for k, v in options.items() if k.startswith("socket_") or k == "driver_info"})
-        manager = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs, **options, **kwargs)  # type: ignore[no-untyped-call]
+        manager = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs, **options, **kwargs)  # type: ignore[no-untyped-call, unused-ignore]
         client: Redis = manager.master_for(service, redis_class=_SentinelClient)
         client.sentinel_manager = manager  # type: ignore[attr-defined]
     else:
