@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common.settings import check_listen, check_redis_wait, from_env_vars, read_file, setting, settings_repr, with_flags
+from protocol.keys import Keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +21,12 @@ class GatewaySettings:
         " redis+sentinel://host:port[,host:port...]/<service>[/<db>]; or a Redis Cluster,"
         " redis+cluster://host:port[,host:port...] (rediss+... with TLS); a password in it is never logged",
         repr=False,
+    )
+    redis_shards: int = setting(
+        1,
+        "groups the namespace's queues are spread over (1-1024), each under a hash tag of its own: on a Redis"
+        " Cluster, different queues then live on different nodes; fixed for the life of a namespace, and the"
+        " same in every gateway and worker",
     )
     listen: str = setting("127.0.0.1:50051", "gRPC listen address, host:port (the Docker image sets 0.0.0.0:50051)")
     namespace: str = setting(
@@ -132,6 +139,7 @@ class GatewaySettings:
 
     def validate(self) -> GatewaySettings:
         """Raises ValueError for settings that cannot work."""
+        Keys(self.namespace, self.redis_shards)  # raises ValueError naming what is wrong
         for name in (
             "retention_s",
             "idempotency_ttl_s",

@@ -83,10 +83,10 @@ class Hub:
         """Subscribes and routes messages until ``stop`` is set; resubscribes after any failure."""
         while not stop.is_set():
             try:
-                channels = (self.keys.results_channel(), self.keys.workers_channel())
-                async with subscription(self.redis, channels, self._resubscribed) as ps:
+                results = [k.results_channel() for k in self.keys.all_shards()]  # one per shard
+                async with subscription(self.redis, [*results, self.keys.workers_channel()], self._resubscribed) as ps:
                     self.connected = True
-                    log.info("subscribed to %s", self.keys.results_channel())
+                    log.info("subscribed to %s", ", ".join(results))
                     self.all_missed()  # anything published while we were away was missed
                     self.on_worker_change()
                     await self._listen(ps, stop)
@@ -135,14 +135,14 @@ class Hub:
     # --- routing --------------------------------------------------------------------------
     async def handle(self, batch: list[dict[str, object]]) -> None:
         """Routes one batch of raw pub/sub messages. Malformed messages are logged and dropped."""
-        results = self.keys.results_channel().encode()
+        status = self.keys.workers_channel().encode()
         to_verify: dict[str, job_pb2.JobEvent] = {}
         self.metrics.messages.inc(len(batch))
         for msg in batch:
             data = msg.get("data")
             if not isinstance(data, bytes):
                 continue
-            if msg.get("channel") != results:
+            if msg.get("channel") == status:
                 self._worker_status(data)
                 continue
             events, dropped = parse_events(data)

@@ -98,7 +98,7 @@ class Gateway:
 
 async def start(settings: GatewaySettings) -> Gateway:
     """Starts the gateway and returns it; the server is listening when this returns."""
-    keys = Keys(settings.namespace)
+    keys = Keys(settings.namespace, settings.redis_shards)
     redis = redis_client(settings.redis_url, settings.redis_timeout_s)
     store = GatewayCalls(
         redis,

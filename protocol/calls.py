@@ -4,14 +4,17 @@ JobEvent is built from, and publishing the stored state of jobs a script changed
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import AskError, MovedError, NoScriptError
+
+from jobgate.v1 import job_pb2
 
 from .codec import Fields, event_from_hash, events_message
 from .errors import NotReplicated, Unavailable, redis_errors
@@ -37,6 +40,29 @@ class Durability:
 
 
 NO_WAIT = Durability()
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+async def per_shard(
+    keys: Keys, items: Sequence[T], shard_of: Callable[[T], int], call: Callable[[Keys, list[T]], Awaitable[list[R]]]
+) -> list[R]:
+    """Runs ``call(shard_keys, items_of_that_shard)`` for each shard the items fall in (at once) and
+    returns the results in the order of ``items`` (``call`` answers one result per item, in order).
+    With one shard this is one call."""
+    groups: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(shard_of(item), []).append(i)
+    if len(groups) == 1:
+        [(shard, _)] = groups.items()
+        return await call(keys.at(shard), list(items))
+    replies = await asyncio.gather(*(call(keys.at(s), [items[i] for i in idx]) for s, idx in groups.items()))
+    out: list[R | None] = [None] * len(items)
+    for idx, reply in zip(groups.values(), replies, strict=True):
+        for i, r in zip(idx, reply, strict=True):
+            out[i] = r
+    return out  # type: ignore[return-value]  # every index was filled
 
 
 class Calls:
@@ -102,8 +128,11 @@ class Calls:
         for missing ones). Not the spec: a completion needs none of its payload."""
         if not job_ids:
             return []
+        return await per_shard(self.keys, job_ids, self.keys.job_shard, self._get_fields)
+
+    async def _get_fields(self, keys: Keys, job_ids: list[str]) -> list[Fields]:
         async with redis_errors():
-            rows = await self.scripts.read_events(keys=[self.keys.job(j) for j in job_ids], args=EVENT_FIELDS)
+            rows = await self.scripts.read_events(keys=[keys.job(j) for j in job_ids], args=EVENT_FIELDS)
         return [{k: v for k, v in zip(EVENT_FIELDS, row, strict=True) if v is not None} for row in rows]
 
     async def publish_settled(self, settled: Sequence[Settled]) -> None:
@@ -112,7 +141,10 @@ class Calls:
             return
         ids = [s.job_id for s in settled]
         fields = await self.get_fields(ids)
-        events = [event_from_hash(job_id, f) for job_id, f in zip(ids, fields, strict=True) if f]
-        if events:
-            async with redis_errors():
-                await self.redis.publish(self.keys.results_channel(), events_message(events))
+        by_shard: dict[int, list[job_pb2.JobEvent]] = {}
+        for job_id, f in zip(ids, fields, strict=True):
+            if f:
+                by_shard.setdefault(self.keys.job_shard(job_id), []).append(event_from_hash(job_id, f))
+        async with redis_errors():
+            for shard, events in by_shard.items():
+                await self.redis.publish(self.keys.at(shard).results_channel(), events_message(events))

@@ -6,8 +6,9 @@ domain errors here; Redis connection and timeout errors become :class:`Unavailab
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import asyncio
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -27,7 +28,7 @@ from .errors import (
     redis_errors,
 )
 from .keys import Keys
-from .replies import CancelOutcome, Placed, Settled, placements, settled, text
+from .replies import CancelOutcome, Placed, Settled, merge_placed, placements, settled, text
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,27 +79,52 @@ class GatewayCalls(Calls):
 
     # --- submission -----------------------------------------------------------------------
     async def submit(self, jobs: Sequence[PreparedJob]) -> tuple[list[job_pb2.Job], Placed]:
-        """Stores jobs with one script call (all or none) and returns them as stored, with the
-        placements the same call made (up to ``place_most`` per queue, published by the script).
+        """Stores jobs with one script call per shard their queues fall in (all or none within a
+        shard) and returns them as stored, with the placements the same calls made (up to
+        ``place_most`` per queue, published by the script). Each job's id is made to name its
+        queue's shard (see Keys.job_id_for).
 
         Raises AlreadyExists when an idempotency key is reused with a different request,
-        ResourceExhausted when a job would add a queue or a kind over the limits (nothing is written
-        then), Unavailable when Redis cannot be reached.
+        ResourceExhausted when a job would add a queue or a kind over the limits (nothing of that
+        shard's part is written then; the parts of shards stored before it stand), Unavailable when
+        Redis cannot be reached.
         """
-        try:
-            return await self._submit_call(jobs)
-        except _Refused as refused:
-            raise refused.error from None
+        jobs = self._with_shard_ids(jobs)
+        groups = self._by_shard(range(len(jobs)), jobs)
+        out: list[job_pb2.Job | None] = [None] * len(jobs)
+        placed: list[Placed] = []
+        for idx in groups:
+            try:
+                stored, p = await self._submit_call([jobs[i] for i in idx])
+            except _Refused as refused:
+                raise refused.error from None
+            for i, job in zip(idx, stored, strict=True):
+                out[i] = job
+            placed.append(p)
+        return [j for j in out if j is not None], merge_placed(placed)
 
     async def submit_each(self, jobs: Sequence[PreparedJob]) -> tuple[list[job_pb2.Job | JobgateError], list[Placed]]:
         """Stores unrelated jobs (single submits that arrived together) in as few script calls as
-        possible, each accepted or refused on its own: per job, the stored job or the error a submit
-        of it alone would raise (Unavailable for those of a call Redis did not answer, and of calls
-        not sent after it); and what each call placed. Two jobs with the same idempotency key never
-        share a call, so the second sees the first."""
+        possible (one shard's jobs per call, the shards at once), each accepted or refused on its
+        own: per job, the stored job or the error a submit of it alone would raise (Unavailable for
+        those of a call Redis did not answer, and of calls of its shard not sent after it); and what
+        each call placed. Two jobs with the same idempotency key never share a call, so the second
+        sees the first."""
+        jobs = self._with_shard_ids(jobs)
         results: list[job_pb2.Job | JobgateError | None] = [None] * len(jobs)
         calls: list[Placed] = []
-        pending = list(range(len(jobs)))
+        await asyncio.gather(
+            *(self._submit_each_shard(jobs, idx, results, calls) for idx in self._by_shard(range(len(jobs)), jobs))
+        )
+        return [r for r in results if r is not None], calls
+
+    async def _submit_each_shard(
+        self,
+        jobs: Sequence[PreparedJob],
+        pending: list[int],
+        results: list[job_pb2.Job | JobgateError | None],
+        calls: list[Placed],
+    ) -> None:
         while pending:
             batch: list[int] = []
             later: list[int] = []
@@ -116,15 +142,28 @@ class GatewayCalls(Calls):
             except Unavailable as exc:  # this call and those not sent yet fail; earlier calls stand
                 for i in pending:
                     results[i] = exc
-                break
+                return
             for i, job in zip(batch, stored, strict=True):
                 results[i] = job
             calls.append(placed)
             pending = later
-        return [r for r in results if r is not None], calls
+
+    def _with_shard_ids(self, jobs: Sequence[PreparedJob]) -> Sequence[PreparedJob]:
+        """The jobs with ids that name their queues' shards."""
+        if self.keys.shards == 1:
+            return jobs
+        return [replace(j, id=self.keys.job_id_for(j.id, j.spec.queue)) for j in jobs]
+
+    def _by_shard(self, indexes: Iterable[int], jobs: Sequence[PreparedJob]) -> list[list[int]]:
+        """The indexes of ``jobs`` grouped by the shard of their queue, in order of first appearance."""
+        groups: dict[int, list[int]] = {}
+        for i in indexes:
+            groups.setdefault(self.keys.queue_shard(jobs[i].spec.queue), []).append(i)
+        return list(groups.values())
 
     async def _submit_call(self, jobs: Sequence[PreparedJob]) -> tuple[list[job_pb2.Job], Placed]:
-        k, now = self.keys, now_ms()
+        """One submit script call for jobs of one shard."""
+        k, now = self.keys.of_queue(jobs[0].spec.queue), now_ms()
         keys = k.namespace_keys()
         args: list[Any] = [now, self.idempotency_ttl_s, self.retention_s, self.max_queues, self.max_kinds]
         args += [k.prefix, self.ack_timeout_ms, self.place_most]
@@ -192,20 +231,27 @@ class GatewayCalls(Calls):
         return job_from_hash(job_id, fields)
 
     async def queue_names(self) -> list[str]:
-        """Every queue that may hold waiting jobs (placement drops a queue once it is empty)."""
+        """Every queue that may hold waiting jobs (placement drops a queue once it is empty), in
+        every shard."""
         async with redis_errors():
-            return sorted(text(q) for q in await self.redis.smembers(self.keys.queues()))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for k in self.keys.all_shards():
+                    pipe.smembers(k.queues())
+                replies = await pipe.execute()
+        return sorted({text(q) for members in replies for q in members})
 
     async def census(self, queues: Sequence[str]) -> tuple[dict[str, int], int]:
         """Waiting jobs per queue and the number of live workers (two round trips)."""
         k = self.keys
+        shards = k.all_shards()
         async with redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
                 for queue in queues:
                     pipe.smembers(k.queue_kinds(queue))
-                pipe.zcount(k.workers(), now_ms(), "+inf")
+                for sk in shards:
+                    pipe.zrangebyscore(sk.workers(), now_ms(), "+inf")
                 replies = await pipe.execute()
-            kinds = [sorted(text(kind) for kind in members) for members in replies[:-1]]
+            kinds = [sorted(text(kind) for kind in members) for members in replies[: len(queues)]]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for queue, queue_kinds in zip(queues, kinds, strict=True):
                     for kind in queue_kinds:
@@ -214,38 +260,30 @@ class GatewayCalls(Calls):
         waiting = {
             queue: sum(next(counts) for _ in queue_kinds) for queue, queue_kinds in zip(queues, kinds, strict=True)
         }
-        return waiting, int(replies[-1])
+        live = {w for ids in replies[len(queues) :] for w in ids}  # a worker registers in each shard it serves
+        return waiting, len(live)
 
     async def workers(self) -> list[scheduler_pb2.WorkerInfo]:
-        """Live workers (heartbeat not expired), by id."""
-        k, now = self.keys, now_ms()
+        """Live workers (heartbeat not expired), by id; a worker serving queues of several shards
+        is one entry, with the slots and busy slots of its registrations summed."""
+        now = now_ms()
+        found: dict[str, scheduler_pb2.WorkerInfo] = {}
         async with redis_errors():
-            ids = cast(list[bytes], await self.redis.zrangebyscore(k.workers(), now, "+inf"))
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for wid in ids:
-                    pipe.hgetall(k.worker(wid.decode()))
-                hashes = await pipe.execute()
-        out = []
-        for wid, h in zip(ids, hashes, strict=True):
-            if not h:
-                continue
-            info = scheduler_pb2.WorkerInfo(
-                id=wid.decode(),
-                queues=[q for q in h.get(b"queues", b"").decode().split(",") if q],
-                kinds=[q for q in h.get(b"kinds", b"").decode().split(",") if q],
-                slots=int(h.get(b"slots", 0)),
-                busy=int(h.get(b"used", 0)),
-                host=h.get(b"host", b"").decode(),
-                pid=int(h.get(b"pid", 0)),
-            )
-            info.last_seen.FromMilliseconds(int(h.get(b"seen", 0)))
-            out.append(info)
-        return sorted(out, key=lambda w: w.id)
+            for k in self.keys.all_shards():
+                ids = cast(list[bytes], await self.redis.zrangebyscore(k.workers(), now, "+inf"))
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for wid in ids:
+                        pipe.hgetall(k.worker(wid.decode()))
+                    hashes = await pipe.execute()
+                for wid, h in zip(ids, hashes, strict=True):
+                    if h:
+                        _add_registration(found, wid.decode(), h)
+        return sorted(found.values(), key=lambda w: w.id)
 
     # --- transitions ----------------------------------------------------------------------
     async def cancel(self, job_id: str) -> CancelOutcome:
         """Cancels a job. Raises NotFound, FailedPrecondition (already terminal), Unavailable."""
-        k = self.keys
+        k = self.keys.of_job(job_id)
         async with redis_errors():
             reply = await self.durably(
                 self.scripts.cancel, [*k.namespace_keys(), k.job(job_id)], [k.prefix, job_id, now_ms()]
@@ -266,7 +304,7 @@ class GatewayCalls(Calls):
         Raises Unavailable."""
         ack_timeout_ms = self.ack_timeout_ms if ack_timeout_ms is None else ack_timeout_ms
         most = self.place_most if most is None else most
-        k, now = self.keys, now_ms()
+        k, now = self.keys.of_queue(queue), now_ms()
         async with redis_errors():
             flat = await self.scripts.schedule(
                 keys=[*k.namespace_keys(), k.queue_kinds(queue), k.queue_workers(queue)],
@@ -277,13 +315,21 @@ class GatewayCalls(Calls):
     async def tell_worker_to_cancel(self, worker_id: str, job_id: str, lease: int) -> None:
         """Publishes a CancelJob on the worker's channel (nobody listening: its reaping cancels)."""
         async with redis_errors():
-            await self.redis.publish(self.keys.dispatch_channel(worker_id), _cancel_message(job_id, lease))
+            await self.redis.publish(
+                self.keys.of_job(job_id).dispatch_channel(worker_id), _cancel_message(job_id, lease)
+            )
 
     async def resend_cancels(self, older_than_ms: int, limit: int = 100) -> int:
         """Tells workers again to stop RUNNING jobs whose cancellation they were told of more than
         ``older_than_ms`` ago (a CancelJob message can be lost like any pub/sub message); forgets
-        jobs that have ended. Returns how many were told again."""
-        k, now = self.keys, now_ms()
+        jobs that have ended. Returns how many were told again, in every shard."""
+        told = 0
+        for k in self.keys.all_shards():
+            told += await self._resend_cancels(k, older_than_ms, limit)
+        return told
+
+    async def _resend_cancels(self, k: Keys, older_than_ms: int, limit: int) -> int:
+        now = now_ms()
         async with redis_errors():
             ids = [text(j) for j in await self.redis.zrangebyscore(k.cancels(), "-inf", now - older_than_ms, 0, limit)]
             if not ids:
@@ -308,11 +354,38 @@ class GatewayCalls(Calls):
         return len(told)
 
     async def reap(self, limit: int = 100) -> list[Settled]:
-        """Settles jobs of expired workers and unacknowledged dispatches."""
-        k = self.keys
+        """Settles jobs of expired workers and unacknowledged dispatches, in every shard."""
+        out: list[Settled] = []
         async with redis_errors():
-            flat = await self.scripts.reap(keys=k.namespace_keys(), args=[k.prefix, now_ms(), limit])
-        return settled(flat)
+            for k in self.keys.all_shards():
+                flat = await self.scripts.reap(keys=k.namespace_keys(), args=[k.prefix, now_ms(), limit])
+                out += settled(flat)
+        return out
+
+
+def _add_registration(found: dict[str, scheduler_pb2.WorkerInfo], worker_id: str, h: dict[bytes, bytes]) -> None:
+    """Adds one shard's registration of a worker (its hash) to ``found``."""
+    queues = [q for q in h.get(b"queues", b"").decode().split(",") if q]
+    seen = int(h.get(b"seen", 0))
+    info = found.get(worker_id)
+    if info is not None:
+        info.queues.extend(queues)
+        info.slots += int(h.get(b"slots", 0))
+        info.busy += int(h.get(b"used", 0))
+        if seen > info.last_seen.ToMilliseconds():
+            info.last_seen.FromMilliseconds(seen)
+        return
+    info = scheduler_pb2.WorkerInfo(
+        id=worker_id,
+        queues=queues,
+        kinds=[q for q in h.get(b"kinds", b"").decode().split(",") if q],
+        slots=int(h.get(b"slots", 0)),
+        busy=int(h.get(b"used", 0)),
+        host=h.get(b"host", b"").decode(),
+        pid=int(h.get(b"pid", 0)),
+    )
+    info.last_seen.FromMilliseconds(seen)
+    found[worker_id] = info
 
 
 def _cancel_message(job_id: str, lease: int) -> bytes:

@@ -1,17 +1,21 @@
 """The one owner of jobgate's Redis key and channel names.
 
-Every key shares the hash tag ``{<namespace>}`` so that the multi-key Lua scripts stay in one slot
-and the design survives Redis Cluster. Scripts receive the keys a call names in KEYS (the
-namespace's own keys first, :meth:`Keys.namespace_keys`); keys named after ids a script reads from
-Redis (jobs of a worker, workers of a queue) are built in Lua from :attr:`Keys.prefix` by the key
-functions of ``lua/_common.lua``, which follow the same rules as this module (a test holds the two
-together); ``docs/PROTOCOL.md`` writes the rules down.
+A namespace's keys live in ``shards`` groups (the ``redis_shards`` setting, 1 by default), each
+under one hash tag: ``{<namespace>}`` for shard 0, ``{<namespace>:<n>}`` for shard n. A queue
+belongs to shard ``crc32(queue) % shards``, with its waiting jobs, its workers' registrations and
+every job submitted to it (a job id names its shard: ``int(id[:4], 16) % shards``), so each Lua
+script touches one slot and, on Redis Cluster, different queues spread over the nodes. Scripts
+receive the keys a call names in KEYS (the shard's own keys first, :meth:`Keys.namespace_keys`);
+keys named after ids a script reads from Redis (jobs of a worker, workers of a queue) are built in
+Lua from :attr:`Keys.prefix` by the key functions of ``lua/_common.lua``, which follow the same
+rules as this module (a test holds the two together); ``docs/PROTOCOL.md`` writes the rules down.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 QUEUE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -20,20 +24,68 @@ JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")  # no ":": worker:<id> and worker:<id>:jobs must not meet
 
 
+MAX_SHARDS = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
-    """Key and channel builders for one namespace (default ``jobgate``)."""
+    """Key and channel builders for one namespace (default ``jobgate``) split in ``shards``, bound
+    to shard ``shard``: the keys of a job or a queue name their own shard; the shard's own keys
+    (counters, acks, workers, channels) are those of the bound shard (see :meth:`at`)."""
 
     namespace: str = "jobgate"
+    shards: int = 1
+    shard: int = 0
 
     def __post_init__(self) -> None:
         if not NAMESPACE_RE.fullmatch(self.namespace):
             raise ValueError(f"namespace must match {NAMESPACE_RE.pattern}")
+        if not 1 <= self.shards <= MAX_SHARDS:
+            raise ValueError(f"redis_shards must be between 1 and {MAX_SHARDS}, got {self.shards}")
+        if not 0 <= self.shard < self.shards:
+            raise ValueError(f"shard {self.shard} out of range for {self.shards} shards")
 
     @property
     def prefix(self) -> str:
-        """Common prefix of every key, including the hash tag: ``{jobgate}:``."""
-        return "{" + self.namespace + "}:"
+        """Common prefix of the bound shard's keys, including its hash tag: ``{jobgate}:`` for
+        shard 0, ``{jobgate:3}:`` for shard 3."""
+        return self._prefix(self.shard)
+
+    def _prefix(self, shard: int) -> str:
+        return "{" + self.namespace + "}:" if shard == 0 else "{" + self.namespace + ":" + str(shard) + "}:"
+
+    # --- shards ---------------------------------------------------------------------------
+    def at(self, shard: int) -> Keys:
+        """These keys bound to ``shard``."""
+        return self if shard == self.shard else replace(self, shard=shard)
+
+    def all_shards(self) -> list[Keys]:
+        """The keys of every shard, shard 0 first."""
+        return [self.at(s) for s in range(self.shards)]
+
+    def queue_shard(self, queue: str) -> int:
+        """The shard that holds ``queue``: its waiting jobs, its jobs and its workers' registrations."""
+        return zlib.crc32(queue.encode()) % self.shards if self.shards > 1 else 0
+
+    def job_shard(self, job_id: str) -> int:
+        """The shard a job id names (its first four hex digits, modulo the shard count)."""
+        return int(job_id[:4], 16) % self.shards if self.shards > 1 else 0
+
+    def of_queue(self, queue: str) -> Keys:
+        return self.at(self.queue_shard(queue))
+
+    def of_job(self, job_id: str) -> Keys:
+        return self.at(self.job_shard(job_id))
+
+    def job_id_for(self, job_id: str, queue: str) -> str:
+        """``job_id`` (32 hex digits) with its first four chosen so that it names ``queue``'s shard."""
+        if self.shards == 1:
+            return job_id
+        shard, head = self.queue_shard(queue), int(job_id[:4], 16)
+        head += shard - head % self.shards
+        if head > 0xFFFF:
+            head -= self.shards
+        return f"{head:04x}{job_id[4:]}"
 
     def namespace_keys(self) -> list[str]:
         """The keys every state-changing script receives first, as KEYS[1..7], in this order."""
@@ -52,14 +104,14 @@ class Keys:
         return [self.worker(worker_id), self.worker_jobs(worker_id)]
 
     # --- jobs -----------------------------------------------------------------------------
-    def job(self, job_id: str) -> str:  # hash
-        return f"{self.prefix}job:{job_id}"
+    def job(self, job_id: str) -> str:  # hash (in the shard the id names)
+        return f"{self._prefix(self.job_shard(job_id))}job:{job_id}"
 
     def pending(self, queue: str, kind: str) -> str:  # zset: job id -> priority/sequence score
-        return f"{self.prefix}pending:{queue}:{kind}"
+        return f"{self._prefix(self.queue_shard(queue))}pending:{queue}:{kind}"
 
     def queue_kinds(self, queue: str) -> str:  # set: kinds that may have jobs waiting in the queue
-        return f"{self.prefix}kinds:{queue}"
+        return f"{self._prefix(self.queue_shard(queue))}kinds:{queue}"
 
     def queues(self) -> str:  # set: queue names that may hold waiting jobs
         return f"{self.prefix}queues"
@@ -90,7 +142,7 @@ class Keys:
         return f"{self.prefix}worker:{worker_id}:jobs"
 
     def queue_workers(self, queue: str) -> str:  # set: worker ids serving the queue
-        return f"{self.prefix}qworkers:{queue}"
+        return f"{self._prefix(self.queue_shard(queue))}qworkers:{queue}"
 
     # --- pub/sub channels -----------------------------------------------------------------
     def dispatch_channel(self, worker_id: str) -> str:  # pub/sub: WorkerMessage
@@ -99,5 +151,5 @@ class Keys:
     def results_channel(self) -> str:  # pub/sub: JobEvent
         return f"{self.prefix}results"
 
-    def workers_channel(self) -> str:  # pub/sub: WorkerStatus
-        return f"{self.prefix}worker-status"
+    def workers_channel(self) -> str:  # pub/sub: WorkerStatus (one for the namespace, on shard 0)
+        return f"{self._prefix(0)}worker-status"

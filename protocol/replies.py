@@ -30,6 +30,17 @@ class Placed:
     visited: set[str]
 
 
+def merge_placed(parts: Sequence[Placed]) -> Placed:
+    """What several placing calls (one per shard) did, as one."""
+    if len(parts) == 1:
+        return parts[0]
+    return Placed(
+        [p for part in parts for p in part.placements],
+        set().union(*(part.waiting for part in parts)),
+        set().union(*(part.visited for part in parts)),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Settled:
     """A job whose state a script changed (requeued, failed or cancelled)."""

@@ -6,16 +6,18 @@ Redis round trip; Redis errors propagate (the runtime decides what to retry).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from jobgate.v1 import relay_pb2
 
-from .calls import Calls
+from .calls import Calls, per_shard
 from .connection import now_ms
+from .keys import Keys
 from .replies import Finished, Heartbeat, Settled, placements, settled
 
 # finish_many places waiting jobs of the queues whose slots it freed: at most this many per queue,
@@ -66,14 +68,24 @@ class Outcome:
 
 
 class WorkerCalls(Calls):
-    """The calls of one worker process."""
+    """The calls of one worker process. A worker registers in each shard that holds one of its
+    queues (see Keys): a heartbeat, a leave, are per shard; starts and finishes go to the shards
+    their jobs name."""
 
-    async def heartbeat(self, r: Registration) -> Heartbeat:
+    def shards_of(self, queues: Sequence[str]) -> dict[int, list[str]]:
+        """The shards that hold ``queues``, each with its queues, in order of first appearance."""
+        out: dict[int, list[str]] = {}
+        for q in queues:
+            out.setdefault(self.keys.queue_shard(q), []).append(q)
+        return out
+
+    async def heartbeat(self, r: Registration, shard: int = 0) -> Heartbeat:
         """Registers or refreshes the worker; settles what an earlier process under its id held.
         Durable like an outcome: a reply that says the worker had been evicted makes it abandon its
         jobs, so that eviction must survive a failover (replication keeps order: a confirmed beat
-        confirms every write before it)."""
-        k, now = self.keys, now_ms()
+        confirms every write before it). ``r`` registers the worker in ``shard``: its queues are
+        that shard's, its slots the share of the worker's concurrency granted there."""
+        k, now = self.keys.at(shard), now_ms()
         reply = await self.durably(
             self.scripts.heartbeat,
             [*k.namespace_keys(), *k.own_keys(r.worker_id)],
@@ -93,16 +105,24 @@ class WorkerCalls(Calls):
         )
         return Heartbeat(bool(reply[0]), settled(reply[1:]))
 
-    async def leave(self, worker_id: str) -> list[Settled]:
-        """Deregisters the worker and hands the jobs it did not finish back to their queues."""
-        k = self.keys
+    async def leave(self, worker_id: str, shard: int = 0) -> list[Settled]:
+        """Deregisters the worker from ``shard`` and hands the jobs it did not finish there back to
+        their queues."""
+        k = self.keys.at(shard)
         keys = [*k.namespace_keys(), *k.own_keys(worker_id)]
         return settled(await self.scripts.leave(keys=keys, args=[k.prefix, worker_id, now_ms()]))
 
     async def start_many(self, worker_id: str, instance: str, starts: Sequence[Start]) -> list[int]:
         """Acknowledges dispatches: per start, 1 started, 0 stale, -1 missing. ``instance`` is the
         token the worker's heartbeat registered: a placement on another registration is stale."""
-        k = self.keys
+        return await per_shard(
+            self.keys,
+            starts,
+            lambda s: self.keys.job_shard(s.job_id),
+            lambda k, part: self._start_many(k, worker_id, instance, part),
+        )
+
+    async def _start_many(self, k: Keys, worker_id: str, instance: str, starts: Sequence[Start]) -> list[int]:
         keys = [*k.namespace_keys(), *k.own_keys(worker_id)]
         args: list[Any] = [k.prefix, worker_id, instance, now_ms()]
         for s in starts:
@@ -110,12 +130,42 @@ class WorkerCalls(Calls):
             args += (s.job_id, s.lease, s.event)
         return [int(c) for c in await self.scripts.start_many(keys=keys, args=args)]
 
-    async def finish_many(self, worker_id: str, instance: str, outcomes: Sequence[Outcome], *, take: int) -> Finished:
+    async def finish_many(
+        self, worker_id: str, instance: str, outcomes: Sequence[Outcome], *, take: Collection[str] = ()
+    ) -> Finished:
         """Records outcomes (per outcome 1 recorded, 2 recorded before, 0 stale, -1 missing), and
-        refills the slots they free: up to ``take`` waiting jobs are started on this worker at once
-        (only while ``instance`` is the token of its registration), more are dispatched as a
-        placement pass would."""
-        k = self.keys
+        refills the slots they free: as many waiting jobs as there are outcomes of jobs in ``take``
+        (ids whose slot comes free here) are started on this worker at once (only while ``instance`` is the
+        token of its registration), more are dispatched as a placement pass would. One call per
+        shard the jobs name."""
+        groups: dict[int, list[int]] = {}
+        for i, o in enumerate(outcomes):
+            groups.setdefault(self.keys.job_shard(o.job_id), []).append(i)
+        parts = await asyncio.gather(
+            *(
+                self._finish_many(
+                    self.keys.at(shard),
+                    worker_id,
+                    instance,
+                    [outcomes[i] for i in idx],
+                    sum(1 for i in idx if outcomes[i].job_id in take),
+                )
+                for shard, idx in groups.items()
+            )
+        )
+        if len(parts) == 1:
+            return parts[0]
+        codes = [0] * len(outcomes)
+        for idx, part in zip(groups.values(), parts, strict=True):
+            for i, code in zip(idx, part.codes, strict=True):
+                codes[i] = code
+        return Finished(
+            codes, [p for part in parts for p in part.placements], [d for part in parts for d in part.taken]
+        )
+
+    async def _finish_many(
+        self, k: Keys, worker_id: str, instance: str, outcomes: Sequence[Outcome], take: int
+    ) -> Finished:
         keys = [*k.namespace_keys(), *k.own_keys(worker_id)]
         args: list[Any] = [k.prefix, worker_id, instance, now_ms(), PLACE_MOST, DEFAULT_ACK_MS, take]
         for o in outcomes:
@@ -131,4 +181,4 @@ class WorkerCalls(Calls):
     async def status(self, worker_id: str, change: relay_pb2.WorkerStatus.Change) -> None:
         """Tells the gateways that this worker joined, is leaving or left."""
         msg = relay_pb2.WorkerStatus(worker_id=worker_id, change=change)
-        await self.redis.publish(self.keys.workers_channel(), msg.SerializeToString())
+        await self.redis.publish(self.keys.workers_channel(), msg.SerializeToString())  # one channel, on shard 0

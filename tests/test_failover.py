@@ -126,9 +126,9 @@ async def test_waiting_for_a_replica_records_an_outcome_only_once_the_replica_ho
     outcome = Outcome(job.id, p.lease, S.JOB_STATE_SUCCEEDED, b"", b"done", "", "", b"")
     await pair.detach()
     with pytest.raises(NotReplicated):
-        await worker.finish_many("w1", "i1", [outcome], take=0)
+        await worker.finish_many("w1", "i1", [outcome], take=())
     await pair.attached()
-    finished = await worker.finish_many("w1", "i1", [outcome], take=0)  # the worker's retry
+    finished = await worker.finish_many("w1", "i1", [outcome], take=())  # the worker's retry
     assert finished.codes == [2]  # recorded by the first call; now the replica has it too
     promoted = await pair.fail_over()
     async with promoted:

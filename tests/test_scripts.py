@@ -215,7 +215,7 @@ async def test_batched_start_and_finish_handle_each_job_as_alone_and_publish_the
         bad = await redis.hgetall(k.job(a.job_id))
         with pytest.raises(Exception, match="terminal state"):
             await calls.finish_many(
-                "w1", "i1", [outcome(a, S.JOB_STATE_SUCCEEDED), outcome(b, S.JOB_STATE_RUNNING)], take=0
+                "w1", "i1", [outcome(a, S.JOB_STATE_SUCCEEDED), outcome(b, S.JOB_STATE_RUNNING)], take=()
             )
         assert await redis.hgetall(k.job(a.job_id)) == bad  # nothing of the batch was written
         assert (await finish(store, a))[0] == 1
@@ -227,7 +227,7 @@ async def test_batched_start_and_finish_handle_each_job_as_alone_and_publish_the
             "w1",
             "i1",
             [outcome(a, S.JOB_STATE_SUCCEEDED), outcome(b, S.JOB_STATE_FAILED), outcome(stale, S.JOB_STATE_SUCCEEDED)],
-            take=0,
+            take=(),
         )
         assert done.codes == [2, 1, 0]
         msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1)
@@ -453,7 +453,7 @@ async def test_calls_that_place_start_and_finish_over_a_thousand_jobs_book_every
     assert codes == [1] * slots
     assert await redis.zcard(k.acks()) == 0
 
-    done = await calls.finish_many("w1", "i1", [outcome(p, S.JOB_STATE_SUCCEEDED) for p in placed], take=0)
+    done = await calls.finish_many("w1", "i1", [outcome(p, S.JOB_STATE_SUCCEEDED) for p in placed], take=())
     assert done.codes == [1] * slots
     refills = done.placements  # the freed slots take the 100 jobs still waiting
     assert [p.job_id for p in refills] == [j.id for j in jobs[slots:]]
@@ -476,7 +476,7 @@ async def test_a_finishing_worker_refills_only_its_own_slots_and_a_pass_fills_th
     await beat(store, "w2", slots=2)  # joins with free slots while w1 is busy
     waiting = [await submit(store) for _ in range(3)]  # this store places nothing at submit
     assert await start(store, a) == 1
-    done = await worker_calls(store).finish_many("w1", "i1", [outcome(a, S.JOB_STATE_SUCCEEDED)], take=0)
+    done = await worker_calls(store).finish_many("w1", "i1", [outcome(a, S.JOB_STATE_SUCCEEDED)], take=())
     assert done.codes == [1]
     assert [(p.job_id, p.worker_id) for p in done.placements] == [(waiting[0], "w1")]
     assert await field(redis, k, k.worker("w2"), "used") == "0"
@@ -501,7 +501,9 @@ async def test_a_finishing_worker_takes_waiting_jobs_started_within_its_budget_a
         await ps.get_message(timeout=1)
 
         async def finish_taking_one() -> Finished:
-            return await worker_calls(store).finish_many("w1", "i1", [outcome(a, S.JOB_STATE_SUCCEEDED)], take=1)
+            return await worker_calls(store).finish_many(
+                "w1", "i1", [outcome(a, S.JOB_STATE_SUCCEEDED)], take={a.job_id}
+            )
 
         done = await finish_taking_one()
         assert done.codes == [1]

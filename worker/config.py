@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common.settings import check_listen, check_redis_wait, from_env_vars, setting, settings_repr, with_flags
-from protocol.keys import QUEUE_RE, WORKER_ID_RE
+from protocol.keys import QUEUE_RE, WORKER_ID_RE, Keys
 
 
 def default_worker_id() -> str:
@@ -31,6 +31,7 @@ class WorkerSettings:
         repr=False,
     )
     namespace: str = setting("jobgate", "key prefix; must match the gateway's")
+    redis_shards: int = setting(1, "groups the namespace's queues are spread over; must match the gateway's")
     app: str = setting("", "module:attr naming the worker.Worker instance to run; empty runs the built-in handlers")
     worker_id: str = setting("", "1-128 characters from [A-Za-z0-9_.-]; empty means <host>-<pid>-<6 hex digits>")
     queues: str = setting("default", "comma-separated queues to take jobs from")
@@ -86,6 +87,13 @@ class WorkerSettings:
         check_redis_wait(self.redis_wait_replicas, self.redis_wait_timeout_ms)
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        keys = Keys(self.namespace, self.redis_shards)  # raises ValueError naming what is wrong
+        spanned = len({keys.queue_shard(q) for q in self.queue_list})
+        if self.concurrency < spanned:  # each shard's registration is granted a share of the slots
+            raise ValueError(
+                f"concurrency must be at least {spanned}: the queues fall in {spanned} of the {self.redis_shards}"
+                " shards (redis_shards), and each takes at least one slot"
+            )
         if self.heartbeat_ms < 50 or self.heartbeat_ttl_ms < 2 * self.heartbeat_ms:
             raise ValueError("heartbeat_ttl_ms must be at least twice heartbeat_ms (>= 50)")
         check_listen("metrics_listen", self.metrics_listen, optional=True)

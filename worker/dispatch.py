@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class DispatchListener:
-    """Follows one worker's dispatch channel until cancelled."""
+    """Follows one worker's dispatch channels (one per shard it serves) until cancelled."""
 
     def __init__(self, calls: WorkerCalls, membership: Membership, executor: Executor) -> None:
         self.calls = calls
@@ -35,16 +35,17 @@ class DispatchListener:
 
     async def listen_loop(self) -> None:
         m = self.membership
-        channel = self.calls.keys.dispatch_channel(m.id)
+        keys = self.calls.keys
+        channels = [keys.at(shard).dispatch_channel(m.id) for shard in m.shards]  # one per shard it serves
         while True:
             try:
                 if not m.registered:  # registered (taking nothing) before any dispatch can arrive
                     await m.beat()
-                async with subscription(self.calls.redis, (channel,), self._resubscribed) as ps:
+                async with subscription(self.calls.redis, channels, self._resubscribed) as ps:
                     m.subscribed = True
                     await m.beat()
                     await m.status(relay_pb2.WorkerStatus.CHANGE_JOINED)
-                    log.info("subscribed to %s", channel)
+                    log.info("subscribed to %s", ", ".join(channels))
                     while True:
                         msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1.0)
                         if msg is not None and isinstance(msg.get("data"), bytes):

@@ -89,9 +89,9 @@ class Executor:
         self.starts: Coalescer[Start, int] = Coalescer(self._start_many)
         self.finishes: Coalescer[Outcome, int] = Coalescer(self._finish_many, size=lambda o: o.size)
 
-    def held(self) -> list[asyncio.Task[None] | None]:
-        """The tasks of the jobs this worker holds now."""
-        return [r.task for r in self.jobs.values()]
+    def held(self) -> list[tuple[str, asyncio.Task[None] | None]]:
+        """The jobs this worker holds now, with their tasks."""
+        return [(job_id, r.task) for (job_id, _), r in self.jobs.items()]
 
     async def drain(self, grace_s: float) -> None:
         """Lets running jobs finish within ``grace_s``; cancels the rest (handed back by leaving)."""
@@ -306,7 +306,7 @@ class Executor:
         also refills the slots it frees with waiting jobs of their queues: up to as many as these
         finishes free locally it starts at once and returns (they run here without a start call),
         more it dispatches as a placement pass would."""
-        take = 0 if self.draining else sum(1 for o in outcomes if self._frees_slot(o.job_id, o.lease))
+        take = () if self.draining else {o.job_id for o in outcomes if self._frees_slot(o.job_id, o.lease)}
         async with asyncio.timeout(self.call_s):
             finished = await self.calls.finish_many(self.id, self.instance, outcomes, take=take)
         for d in finished.taken:

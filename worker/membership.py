@@ -51,39 +51,55 @@ class Membership:
         self.instance = instance  # tells this process's registration from an earlier one's
         self.subscribed = False  # set by the dispatch listener while its subscription stands
         self.registered = False  # set by the first successful heartbeat
+        self.shards = calls.shards_of(settings.queue_list)  # shard -> the worker's queues there
+        self.registered_in: set[int] = set()  # shards where a heartbeat has registered this process
         self.redis_ok = True
         self.evictions: list[float] = []  # when this process found itself evicted (monotonic s)
         self._background: set[asyncio.Task[None]] = set()
 
     async def beat(self) -> None:
-        """One heartbeat. When it finds this worker had been evicted (and registered it again), every
-        job still held here was placed elsewhere: they are abandoned."""
-        s = self.settings
+        """One heartbeat, in each shard that holds one of the worker's queues (at once). When one
+        finds this worker had been evicted there (and registered it again), every job of that shard
+        still held here was placed elsewhere: those are abandoned."""
         held = self.executor.held()  # what an eviction found by this beat can have taken away
-        registration = Registration(
+        grants = self.grants()
+        async with asyncio.timeout(self.executor.call_s):  # abandoned, the next beat tries again
+            replies = await asyncio.gather(
+                *(self.calls.heartbeat(self._registration(shard, grants[shard]), shard) for shard in self.shards)
+            )
+        for shard, reply in zip(self.shards, replies, strict=True):
+            if reply.again and shard in self.registered_in:
+                self._abandon([task for job_id, task in held if self.calls.keys.job_shard(job_id) == shard])
+            self.registered_in.add(shard)
+            if reply.inherited:
+                log.warning(
+                    "an earlier process with id %s held %d jobs; they were placed again", self.id, len(reply.inherited)
+                )
+                await self.calls.publish_settled(reply.inherited)
+        again = any(r.again for r in replies) and self.registered
+        self.registered = True
+        if self.settings.health_file:
+            Path(self.settings.health_file).touch()  # noqa: ASYNC240 - a tiny local file, once a second
+        if again and self.subscribed and not self.executor.draining:
+            await self.status(relay_pb2.WorkerStatus.CHANGE_JOINED)
+
+    def grants(self) -> dict[int, int]:
+        """The slots each shard's registration offers: the worker's (less those held by stuck
+        threads) split evenly over its shards, so that together they never offer more than it has."""
+        total = max(0, self.settings.concurrency - self.executor.stuck_threads)
+        n = len(self.shards)
+        return {shard: total // n + (1 if i < total % n else 0) for i, shard in enumerate(self.shards)}
+
+    def _registration(self, shard: int, slots: int) -> Registration:
+        return Registration(
             worker_id=self.id,
             instance=self.instance,
-            ttl_ms=s.heartbeat_ttl_ms,
-            slots=max(0, s.concurrency - self.executor.stuck_threads),
-            queues=s.queue_list,
+            ttl_ms=self.settings.heartbeat_ttl_ms,
+            slots=slots,
+            queues=self.shards[shard],
             kinds=self.kinds,
             off=self.executor.draining or not self.subscribed,
         )
-        async with asyncio.timeout(self.executor.call_s):  # abandoned, the next beat tries again
-            reply = await self.calls.heartbeat(registration)
-        again = reply.again and self.registered
-        self.registered = True
-        if again:
-            self._abandon(held)
-        if reply.inherited:
-            log.warning(
-                "an earlier process with id %s held %d jobs; they were placed again", self.id, len(reply.inherited)
-            )
-            await self.calls.publish_settled(reply.inherited)
-        if s.health_file:
-            Path(s.health_file).touch()  # noqa: ASYNC240 - a tiny local file, once a second
-        if again and self.subscribed and not self.executor.draining:
-            await self.status(relay_pb2.WorkerStatus.CHANGE_JOINED)
 
     async def heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_ms / 1000
@@ -130,8 +146,9 @@ class Membership:
         await self.calls.status(self.id, change)
 
     async def leave(self) -> None:
-        """Deregisters; the jobs not finished here go back to their queues."""
-        handed: list[Settled] = await self.calls.leave(self.id)
+        """Deregisters from every shard; the jobs not finished here go back to their queues."""
+        parts = await asyncio.gather(*(self.calls.leave(self.id, shard) for shard in self.shards))
+        handed: list[Settled] = [s for part in parts for s in part]
         for s in handed:
             log.info("job_id=%s handed back to queue %s", s.job_id, s.queue)
         await self.calls.publish_settled(handed)

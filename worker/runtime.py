@@ -81,7 +81,7 @@ class _Runtime:
         self.redis = redis_client(settings.redis_url, settings.redis_timeout_s)
         self.metrics = WorkerMetrics()
         durability = Durability(settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
-        calls = WorkerCalls(self.redis, Keys(settings.namespace), durability)
+        calls = WorkerCalls(self.redis, Keys(settings.namespace, settings.redis_shards), durability)
         instance = uuid.uuid4().hex  # tells this process's registration from an earlier one's
         self.executor = Executor(calls, settings, worker_id, instance, registry, self.metrics)
         self.membership = Membership(calls, settings, worker_id, registry.kinds, self.metrics, self.executor, instance)
