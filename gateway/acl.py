@@ -47,10 +47,20 @@ CLUSTER_COMMANDS = ("cluster|slots", "command")
 
 def rules(namespace: str, *, cluster: bool = False) -> list[str]:
     """ACL rules (after the user name) for jobgate in ``namespace``, without a password; with
-    ``cluster``, for a Redis Cluster."""
-    prefix = Keys(namespace).prefix
+    ``cluster``, for a Redis Cluster. The keys and channels of every shard (``redis_shards``) are
+    covered: ``{<namespace>}:*`` for shard 0, ``{<namespace>:*}:*`` for the others."""
+    first, others = Keys(namespace).prefix, Keys(namespace, 2).at(1).prefix.replace(":1}", ":*}")
     commands = (*COMMANDS, *CLUSTER_COMMANDS) if cluster else COMMANDS
-    return ["resetkeys", f"~{prefix}*", "resetchannels", f"&{prefix}*", "-@all", *(f"+{c}" for c in commands)]
+    return [
+        "resetkeys",
+        f"~{first}*",
+        f"~{others}*",
+        "resetchannels",
+        f"&{first}*",
+        f"&{others}*",
+        "-@all",
+        *(f"+{c}" for c in commands),
+    ]
 
 
 # What redis-py asks a sentinel: the primaries it watches (SENTINEL MASTERS).

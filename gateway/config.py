@@ -6,7 +6,16 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from common.settings import check_listen, check_redis_wait, from_env_vars, read_file, setting, settings_repr, with_flags
+from common.settings import (
+    check_listen,
+    check_redis_shards,
+    check_redis_wait,
+    from_env_vars,
+    read_file,
+    setting,
+    settings_repr,
+    with_flags,
+)
 from protocol.keys import Keys
 
 
@@ -162,6 +171,7 @@ class GatewaySettings:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         check_redis_wait(self.redis_wait_replicas, self.redis_wait_timeout_ms)
+        check_redis_shards(self.redis_url, self.redis_shards)
         if self.max_ping_strikes < 0:
             raise ValueError("max_ping_strikes must not be negative (0 = no limit)")
         if self.log_format not in ("text", "json"):

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -14,11 +17,13 @@ from redis.asyncio import Redis
 from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2
 from protocol.keys import Keys
+from worker.config import WorkerSettings
 
 from .helpers import FAST, Client, call_failed, eventually, request, start_gateway
 
 S = job_pb2
 SHARDS = 4
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def spread(keys: Keys, n: int) -> list[str]:
@@ -125,3 +130,30 @@ async def registered_everywhere(redis: Redis, keys: Keys, worker_id: str, queues
 async def booked_on(redis: Redis, shard: Keys, worker_id: str) -> int:
     """Jobs Redis books on the worker's registration in one shard (its jobs set)."""
     return int(await redis.scard(shard.worker_jobs(worker_id)))
+
+
+@pytest.mark.parametrize("module", ["gateway", "worker"])
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"JOBGATE_REDIS_SHARDS": "0"}, "redis_shards must be between 1 and 1024"),
+        (
+            {"JOBGATE_REDIS_SHARDS": "4", "JOBGATE_REDIS_URL": "redis+cluster://127.0.0.1:7000"},
+            "redis_shards above 1 is not available on a Redis Cluster",
+        ),
+    ],
+)
+def test_a_layout_that_cannot_work_stops_the_process_with_a_clear_error(
+    module: str, env: dict[str, str], message: str
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("JOBGATE_")}
+    result = subprocess.run(
+        [sys.executable, "-m", module], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_a_worker_needs_a_slot_for_each_shard_its_queues_fall_in() -> None:
+    queues = spread(Keys("jobgate", SHARDS), 3)
+    with pytest.raises(ValueError, match="concurrency must be at least 3"):
+        WorkerSettings(queues=",".join(queues), concurrency=2, redis_shards=SHARDS).validate()
