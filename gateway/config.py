@@ -33,9 +33,9 @@ class GatewaySettings:
     )
     redis_shards: int = setting(
         1,
-        "groups the namespace's queues are spread over (1-1024), each under a hash tag of its own: on a Redis"
-        " Cluster, different queues then live on different nodes; fixed for the life of a namespace, and the"
-        " same in every gateway and worker",
+        "groups the namespace's queues are spread over (1-1024), each under a hash tag of its own; fixed for"
+        " the life of a namespace, and the same in every gateway and worker (above 1: not yet on a Redis"
+        " Cluster, see docs/OPERATIONS.md)",
     )
     listen: str = setting("127.0.0.1:50051", "gRPC listen address, host:port (the Docker image sets 0.0.0.0:50051)")
     namespace: str = setting(
