@@ -75,17 +75,6 @@ def check_redis_wait(replicas: int, timeout_ms: int) -> None:
         raise ValueError("redis_wait_replicas must not be negative and redis_wait_timeout_ms must be positive")
 
 
-def check_redis_shards(url: str, shards: int) -> None:
-    """Raises ValueError for a ``redis_shards`` layout the Redis at ``url`` cannot serve: shards on
-    different Redis Cluster nodes need sharded pub/sub (a PUBLISH counts only the subscribers of
-    the node it runs on, so a dispatch would look unheard), which jobgate does not use yet."""
-    if shards > 1 and url.partition("://")[0] in ("redis+cluster", "rediss+cluster"):
-        raise ValueError(
-            "redis_shards above 1 is not available on a Redis Cluster yet (dispatches would need sharded"
-            " pub/sub); use redis_shards=1 there, or one namespace per node"
-        )
-
-
 def check_listen(name: str, value: str, *, optional: bool = False) -> None:
     """Raises ValueError unless ``value`` is ``host:port`` (or empty, when ``optional``)."""
     if optional and not value:

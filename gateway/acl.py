@@ -41,8 +41,9 @@ COMMANDS = (
 
 
 # What the cluster client asks nodes of a Redis Cluster: which node serves which slots, and the
-# commands' key positions (COMMAND), so that it can send each command where its keys are.
-CLUSTER_COMMANDS = ("cluster|slots", "command")
+# commands' key positions (COMMAND), so that it can send each command where its keys are; and the
+# shard channels every message goes on there.
+CLUSTER_COMMANDS = ("cluster|slots", "command", "spublish", "ssubscribe", "sunsubscribe")
 
 
 def rules(namespace: str, *, cluster: bool = False) -> list[str]:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from common.settings import (
     check_listen,
-    check_redis_shards,
     check_redis_wait,
     from_env_vars,
     read_file,
@@ -33,9 +32,9 @@ class GatewaySettings:
     )
     redis_shards: int = setting(
         1,
-        "groups the namespace's queues are spread over (1-1024), each under a hash tag of its own; fixed for"
-        " the life of a namespace, and the same in every gateway and worker (above 1: not yet on a Redis"
-        " Cluster, see docs/OPERATIONS.md)",
+        "groups the namespace's queues are spread over (1-1024), each under a hash tag of its own: on a Redis"
+        " Cluster, different queues then live on different nodes; fixed for the life of a namespace, and the"
+        " same in every gateway and worker",
     )
     listen: str = setting("127.0.0.1:50051", "gRPC listen address, host:port (the Docker image sets 0.0.0.0:50051)")
     namespace: str = setting(
@@ -171,7 +170,6 @@ class GatewaySettings:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         check_redis_wait(self.redis_wait_replicas, self.redis_wait_timeout_ms)
-        check_redis_shards(self.redis_url, self.redis_shards)
         if self.max_ping_strikes < 0:
             raise ValueError("max_ping_strikes must not be negative (0 = no limit)")
         if self.log_format not in ("text", "json"):

@@ -15,11 +15,10 @@ from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 
 from jobgate.v1 import job_pb2, relay_pb2
 from protocol.codec import TERMINAL, event_from_hash
-from protocol.connection import subscription
+from protocol.connection import Subscription, subscription
 from protocol.errors import REDIS_ERRORS
 from protocol.gateway_calls import GatewayCalls
 from protocol.keys import JOB_ID_RE, QUEUE_RE, Keys
@@ -103,7 +102,7 @@ class Hub:
                     pass
         self.connected = False
 
-    async def _listen(self, ps: PubSub, stop: asyncio.Event) -> None:
+    async def _listen(self, ps: Subscription, stop: asyncio.Event) -> None:
         get = ps.get_message
         while not stop.is_set():
             msg = await get(ignore_subscribe_messages=True, timeout=1.0)

@@ -73,6 +73,17 @@ class Calls:
         self.keys = keys
         self.scripts = Scripts.register(redis)
         self.durability = durability
+        # On a Redis Cluster every channel is a shard channel (SPUBLISH/SSUBSCRIBE): a plain message
+        # would cross every node, and PUBLISH would count only the subscribers of one.
+        self.sharded = isinstance(redis, RedisCluster)
+
+    async def publish(self, channel: str, message: bytes) -> int:
+        """Publishes ``message`` on ``channel`` (a shard channel on a cluster); returns how many
+        subscribers heard it."""
+        async with redis_errors():
+            if self.sharded:
+                return int(await self.redis.spublish(channel, message))
+            return int(await self.redis.publish(channel, message))
 
     async def durably(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Runs a script whose writes someone is told of (a submit, an outcome). With
@@ -145,6 +156,5 @@ class Calls:
         for job_id, f in zip(ids, fields, strict=True):
             if f:
                 by_shard.setdefault(self.keys.job_shard(job_id), []).append(event_from_hash(job_id, f))
-        async with redis_errors():
-            for shard, events in by_shard.items():
-                await self.redis.publish(self.keys.at(shard).results_channel(), events_message(events))
+        for shard, events in by_shard.items():
+            await self.publish(self.keys.at(shard).results_channel(), events_message(events))

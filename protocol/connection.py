@@ -204,25 +204,64 @@ async def bounded(aw: Awaitable[Any], timeout_s: float, what: str) -> None:
         log.warning("%s took longer than %.1fs; going on", what, timeout_s)
 
 
+class Subscription:
+    """The messages of a subscription: on a Redis Cluster its channels are shard channels
+    (SSUBSCRIBE), followed on the nodes that serve their slots."""
+
+    def __init__(
+        self, pubsub: PubSub, sharded: bool, on_reconnect: Callable[[Any], Awaitable[None]] | None = None
+    ) -> None:
+        self.pubsub = pubsub
+        self.sharded = sharded
+        self.on_reconnect = on_reconnect
+        self._confirmed: set[Any] = set()  # shard channels whose first subscription Redis confirmed
+
+    async def get_message(self, *, ignore_subscribe_messages: bool = True, timeout: float = 0.0) -> Any:  # noqa: ASYNC109 - redis-py's own poll timeout
+        """The next message (a dict with ``channel`` and ``data``), or None after ``timeout`` s."""
+        if not self.sharded:
+            return await self.pubsub.get_message(ignore_subscribe_messages=ignore_subscribe_messages, timeout=timeout)
+        # A shard channel moves with its slot (a failover, a resharding): Redis unsubscribes it and
+        # the client subscribes it again on the new node. Messages published in between are lost,
+        # which the confirmations tell: any but the first of a channel means a gap.
+        cluster_ps = cast(Any, self.pubsub)
+        msg = await cluster_ps.get_sharded_message(ignore_subscribe_messages=False, timeout=timeout)
+        if msg is None or msg.get("type") not in ("ssubscribe", "sunsubscribe"):
+            return msg
+        channel = msg.get("channel")
+        if msg["type"] == "sunsubscribe" or channel in self._confirmed:
+            log.warning("shard channel %r moved or was dropped; messages may have been missed", channel)
+            if self.on_reconnect is not None:
+                await self.on_reconnect(None)
+        self._confirmed.add(channel)
+        return None if ignore_subscribe_messages else msg
+
+
 @asynccontextmanager
 async def subscription(
     redis: Redis, channels: Sequence[str], on_reconnect: Callable[[Any], Awaitable[None]]
-) -> AsyncIterator[PubSub]:
-    """A pub/sub connection subscribed to ``channels``.
+) -> AsyncIterator[Subscription]:
+    """A pub/sub connection subscribed to ``channels`` (on a Redis Cluster, shard channels: one
+    connection per node that serves one of them).
 
     redis-py reconnects a dropped pub/sub connection and subscribes again by itself while it is read;
     ``on_reconnect`` (a bound method: redis-py keeps a weak reference) hears of it, since whatever
-    was published in the gap is lost. It is not called for the first connection, nor on closing.
+    was published in the gap is lost. It is not called for the first connection, nor on closing. On
+    a cluster, whose client moves shard channels between nodes by itself, it is called (with None)
+    whenever a channel is unsubscribed or subscribed again.
     """
     if isinstance(redis, RedisCluster):
-        await redis.initialize()  # a cluster's pub/sub picks its node from the layout the client learns first
+        await redis.initialize()  # a cluster's pub/sub picks its nodes from the layout the client learns first
+        async with redis.pubsub() as cps:
+            await cps.ssubscribe(*channels)
+            yield Subscription(cps, sharded=True, on_reconnect=on_reconnect)
+        return
     async with redis.pubsub() as ps:
         await ps.subscribe(*channels)
         connection = ps.connection
         assert connection is not None  # subscribe connected it
         connection.register_connect_callback(on_reconnect)
         try:
-            yield ps
+            yield Subscription(ps, sharded=False)
         finally:
             connection.deregister_connect_callback(on_reconnect)
 

@@ -314,10 +314,7 @@ class GatewayCalls(Calls):
 
     async def tell_worker_to_cancel(self, worker_id: str, job_id: str, lease: int) -> None:
         """Publishes a CancelJob on the worker's channel (nobody listening: its reaping cancels)."""
-        async with redis_errors():
-            await self.redis.publish(
-                self.keys.of_job(job_id).dispatch_channel(worker_id), _cancel_message(job_id, lease)
-            )
+        await self.publish(self.keys.of_job(job_id).dispatch_channel(worker_id), _cancel_message(job_id, lease))
 
     async def resend_cancels(self, older_than_ms: int, limit: int = 100) -> int:
         """Tells workers again to stop RUNNING jobs whose cancellation they were told of more than
@@ -346,7 +343,8 @@ class GatewayCalls(Calls):
                     ended.append(jid)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for jid, worker_id, lease in told:
-                    pipe.publish(k.dispatch_channel(worker_id), _cancel_message(jid, lease))
+                    publish = pipe.spublish if self.sharded else pipe.publish
+                    publish(k.dispatch_channel(worker_id), _cancel_message(jid, lease))
                     pipe.zadd(k.cancels(), {jid: now}, xx=True)
                 if ended:
                     pipe.zrem(k.cancels(), *ended)

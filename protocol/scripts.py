@@ -12,6 +12,7 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 NAMES = (
@@ -29,11 +30,19 @@ NAMES = (
 )
 
 
+PUBLISH_LINE = "local PUBLISH = 'PUBLISH'\n"
+
+
 @cache
-def source(name: str) -> str:
-    """Full text of one script, prelude included."""
+def source(name: str, *, sharded: bool = False) -> str:
+    """Full text of one script, prelude included; ``sharded`` (a Redis Cluster): publishing on
+    shard channels (SPUBLISH), which a cluster keeps on the node that serves their slot."""
     lua = resources.files("protocol") / "lua"
-    return (lua / "_common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+    prelude = (lua / "_common.lua").read_text()
+    assert PUBLISH_LINE in prelude
+    if sharded:
+        prelude = prelude.replace(PUBLISH_LINE, "local PUBLISH = 'SPUBLISH'\n")
+    return prelude + "\n" + (lua / f"{name}.lua").read_text()
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,5 +63,6 @@ class Scripts:
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:
-        loaded: dict[str, Any] = {name: redis.register_script(source(name)) for name in NAMES}
+        sharded = isinstance(redis, RedisCluster)
+        loaded: dict[str, Any] = {name: redis.register_script(source(name, sharded=sharded)) for name in NAMES}
         return cls(**loaded)

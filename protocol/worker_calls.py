@@ -181,4 +181,4 @@ class WorkerCalls(Calls):
     async def status(self, worker_id: str, change: relay_pb2.WorkerStatus.Change) -> None:
         """Tells the gateways that this worker joined, is leaving or left."""
         msg = relay_pb2.WorkerStatus(worker_id=worker_id, change=change)
-        await self.redis.publish(self.keys.workers_channel(), msg.SerializeToString())  # one channel, on shard 0
+        await self.publish(self.keys.workers_channel(), msg.SerializeToString())  # one channel, on shard 0

@@ -133,24 +133,13 @@ async def booked_on(redis: Redis, shard: Keys, worker_id: str) -> int:
 
 
 @pytest.mark.parametrize("module", ["gateway", "worker"])
-@pytest.mark.parametrize(
-    ("env", "message"),
-    [
-        ({"JOBGATE_REDIS_SHARDS": "0"}, "redis_shards must be between 1 and 1024"),
-        (
-            {"JOBGATE_REDIS_SHARDS": "4", "JOBGATE_REDIS_URL": "redis+cluster://127.0.0.1:7000"},
-            "redis_shards above 1 is not available on a Redis Cluster",
-        ),
-    ],
-)
-def test_a_layout_that_cannot_work_stops_the_process_with_a_clear_error(
-    module: str, env: dict[str, str], message: str
-) -> None:
+def test_a_shard_count_that_cannot_work_stops_the_process_with_a_clear_error(module: str) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("JOBGATE_")}
+    env = {**clean, "JOBGATE_REDIS_SHARDS": "0"}
     result = subprocess.run(
-        [sys.executable, "-m", module], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
-    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert result.returncode != 0 and "redis_shards must be between 1 and 1024" in result.stderr, result.stderr
 
 
 def test_a_worker_needs_a_slot_for_each_shard_its_queues_fall_in() -> None:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from common.settings import (
     check_listen,
-    check_redis_shards,
     check_redis_wait,
     from_env_vars,
     setting,
@@ -93,7 +92,6 @@ class WorkerSettings:
         if self.worker_id and not WORKER_ID_RE.fullmatch(self.worker_id):
             raise ValueError("worker_id must be 1-128 characters from [A-Za-z0-9_.-]")
         check_redis_wait(self.redis_wait_replicas, self.redis_wait_timeout_ms)
-        check_redis_shards(self.redis_url, self.redis_shards)
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         keys = Keys(self.namespace, self.redis_shards)  # raises ValueError naming what is wrong

@@ -1,6 +1,9 @@
 -- Shared prelude, prepended to every script by protocol/scripts.py.
 -- States (jobgate.v1.JobState): 1 QUEUED, 2 DISPATCHED, 3 RUNNING, 4 SUCCEEDED, 5 FAILED, 6 CANCELLED.
 local QUEUED, DISPATCHED, RUNNING, SUCCEEDED, FAILED, CANCELLED = 1, 2, 3, 4, 5, 6
+-- How messages go out: on a Redis Cluster, protocol/scripts.py registers the scripts with SPUBLISH
+-- here (shard channels, which stay on the node of the keys' slot).
+local PUBLISH = 'PUBLISH'
 
 -- Keys. Every script but read_events receives the namespace's own keys first, as KEYS[1..7]
 -- (protocol/keys.py, Keys.namespace_keys): the queues set, the seq counter, the lease counter, the
@@ -138,13 +141,13 @@ local function publish_parts(channel, parts)
   local chunk, size = {}, 0
   for _, part in ipairs(parts) do
     if #chunk > 0 and size + #part > MESSAGE_BYTES then
-      redis.call('PUBLISH', channel, table.concat(chunk))
+      redis.call(PUBLISH, channel, table.concat(chunk))
       chunk, size = {}, 0
     end
     chunk[#chunk + 1] = part
     size = size + #part
   end
-  if #chunk > 0 then redis.call('PUBLISH', channel, table.concat(chunk)) end
+  if #chunk > 0 then redis.call(PUBLISH, channel, table.concat(chunk)) end
 end
 
 -- A worker acknowledges one dispatch (the start and start_many scripts; contract in start.lua).
@@ -405,7 +408,7 @@ local function publish_dispatches(ns, placed)
         for i = first, last do jobs[#jobs + 1] = pb_bytes(PB.DispatchJobs.jobs, ps[i].d) end
         msg = pb_bytes(PB.WorkerMessage.dispatches, table.concat(jobs))
       end
-      local ok = redis.call('PUBLISH', dispatch_channel(ns.P, w), msg) > 0
+      local ok = redis.call(PUBLISH, dispatch_channel(ns.P, w), msg) > 0
       for i = first, last do ps[i].reached = ok end
       first = last + 1
     end

@@ -14,6 +14,6 @@ local code = record_outcome(KEYS[OWN_KEYS + 1], ARGV[4], ARGV[6], {
 if code == -2 then return redis.error_reply('ERR finish needs a terminal state') end
 if code == 1 then
   release_slot(ns, ARGV[4], ARGV[2])
-  return {1, redis.call('PUBLISH', ns.results, ARGV[11])}
+  return {1, redis.call(PUBLISH, ns.results, ARGV[11])}
 end
 return {code}

@@ -11,6 +11,6 @@ local ns = namespace(ARGV[1])
 local code, changed = start_job(ns, KEYS[OWN_KEYS + 1], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 if changed then
   redis.call('ZREM', ns.acks, ARGV[2])
-  redis.call('PUBLISH', ns.results, ARGV[7])
+  redis.call(PUBLISH, ns.results, ARGV[7])
 end
 return code
