@@ -172,7 +172,11 @@ class Checker:
     def __init__(self, cluster: Cluster, redis: Redis) -> None:
         self.cluster = cluster
         self.redis = redis
-        self.keys = Keys(cluster.stack.namespace)
+        env = cluster.stack.env
+        self.keys = Keys(cluster.stack.namespace, int(env.get("JOBGATE_REDIS_SHARDS", "1")))
+        # The queues the stack's workers serve (JOBGATE_QUEUES): jobs go to each in turn.
+        self.queues = [q for q in env.get("JOBGATE_QUEUES", "").split(",") if q]
+        self._turn = itertools.count()
         self.acked: dict[str, str] = {}  # job id -> tag
         self.failed: dict[str, grpc.StatusCode] = {}  # tag -> status of a submit that was not acknowledged
         self.streams: list[Stream] = []
@@ -200,7 +204,9 @@ class Checker:
     def job(
         self, kind: str = "echo", args: Mapping[str, Any] | None = None, **fields: Any
     ) -> scheduler_pb2.SubmitJobRequest:
-        """A submit request whose args carry a unique ``tag``."""
+        """A submit request whose args carry a unique ``tag`` (on the stack's queues in turn)."""
+        if self.queues and "queue" not in fields:
+            fields["queue"] = self.queues[next(self._turn) % len(self.queues)]
         req = scheduler_pb2.SubmitJobRequest(kind=kind, **fields)
         json_format.ParseDict({**(args or {}), "tag": f"t{next(self._tags)}"}, req.args)
         return req

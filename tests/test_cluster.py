@@ -135,6 +135,35 @@ async def cluster_checker(
         yield c
 
 
+@pytest.fixture
+async def spread_checker(request: pytest.FixtureRequest, cluster: ClusterProcess) -> AsyncIterator[Checker]:
+    """A stack whose namespace spreads its queues over every primary (redis_shards), its workers
+    serving them all and the checker's jobs going to each in turn."""
+    namespace, queues = spread_namespace(cluster)
+    env = {**DURABLE, "JOBGATE_REDIS_SHARDS": str(SHARDS), "JOBGATE_QUEUES": ",".join(queues.values())}
+    stack = Stack(cluster.url, namespace, env=env)
+    admin = redis_client(cluster.url, 15)
+    async with checking(stack, admin, failed=lambda: call_failed(request)) as c:
+        yield c
+
+
+async def test_a_primary_killed_under_load_with_queues_on_every_primary_loses_nothing_acknowledged(
+    cluster: ClusterProcess, spread_checker: Checker
+) -> None:
+    """Jobs flow on a queue of each primary; one primary is SIGKILLed and its replica promoted: every
+    acknowledged job, on every shard, runs to its one outcome."""
+    checker = spread_checker
+    flow = await under_load(checker, complete=False)
+    victim = cluster.primary_for_slot(cluster.slot(checker.keys.of_queue(checker.queues[0]).queues()))
+    cluster.kill(victim)
+    await asyncio.to_thread(cluster.wait_failover, victim)
+    await asyncio.to_thread(cluster.restart, victim)  # a replica again, so that writes are confirmed
+    await accepted_again(checker, 100)
+    await flow.finish(checker)
+    await checker.verify_succeeded(flow.gw)
+    assert len(checker.cluster.live()) == 3  # no gateway or worker restarted
+
+
 async def test_a_primary_killed_under_load_loses_nothing_acknowledged_and_records_one_outcome_per_job(
     cluster: ClusterProcess, cluster_checker: Checker, namespace: str
 ) -> None:
