@@ -2,9 +2,11 @@
 
 Starts a private redis-server, runs the benchmark's batched jobgate load on it (one gateway, two
 workers, as ``bench.profile batched``), then does the same on a local cluster of 3 primaries and 3
-replicas (``devtools.devstack.ClusterProcess``) with the namespace on one of its shards. For each it
-reports jobs/s, the CPU each process used per job (from /proc), and, for the cluster, how the work
-spread over its nodes: the commands each node ran (``INFO commandstats``) and its CPU per job.
+replicas (``devtools.devstack.ClusterProcess``) twice: with the namespace on one of its nodes, then
+with ``redis_shards`` spreading its queues over every primary (the jobs going to 12 queues in
+turn). For each it reports jobs/s, the CPU each process used per job (from /proc), and, for the
+cluster, how the work spread over its nodes: the commands each node ran (``INFO commandstats``)
+and its CPU per job.
 docs/SCALING.md turns these figures into a capacity model.
 """
 
@@ -16,8 +18,11 @@ import sys
 import time
 
 from bench.profile import cpu_s
-from bench.systems.jobgate import Jobgate
+from bench.systems.jobgate import ENV, Jobgate
 from devtools.servers import ClusterProcess, RedisProcess, command
+from protocol.keys import Keys
+
+SHARDS = 12  # spread: 4 per primary
 
 
 def commands(port: int) -> int:
@@ -31,10 +36,20 @@ def commands(port: int) -> int:
     return total
 
 
-def measure(url: str, redis_pids: dict[str, int], ports: dict[str, int], jobs: int, workers: int) -> None:
+def measure(
+    url: str, redis_pids: dict[str, int], ports: dict[str, int], jobs: int, workers: int, shards: int = 1
+) -> None:
     system = Jobgate(url)
+    env = dict(ENV)
+    if shards > 1:  # one queue per shard, every worker serving them all
+        keys = Keys("bench", shards)
+        found: dict[int, str] = {}
+        for i in range(10_000):
+            found.setdefault(keys.queue_shard(f"q{i}"), f"q{i}")
+        system.queues = [found[s] for s in sorted(found)]
+        env |= {"JOBGATE_REDIS_SHARDS": str(shards), "JOBGATE_QUEUES": ",".join(system.queues)}
     try:
-        system.start(workers)
+        system.start(workers, env)
         assert system.stack
         pids = {"gateway": system.gateway_pid, "client": os.getpid()}
         pids |= {f"worker {i + 1}": w.pid for i, w in enumerate(system.stack.workers)}
@@ -81,6 +96,18 @@ def main() -> int:
         pids = {names[p]: cluster.procs[p].pid for p in cluster.ports}
         print("\na local Redis Cluster (3 primaries, 3 replicas), the namespace on one shard:")
         measure(cluster.url, pids, {names[p]: p for p in cluster.ports}, args.jobs, args.workers)
+        keys = Keys("bench", SHARDS)
+        spread = {
+            p: sum(cluster.primary_for_slot(cluster.slot(k.queues())) == p for k in keys.all_shards())
+            for p in cluster.primaries()
+        }
+        names = {}
+        for port in cluster.ports:
+            role = "primary" if port in cluster.primaries() else "replica"
+            names[port] = f"{role} :{port}" + (f" ({spread[port]} shards)" if port in spread else "")
+        pids = {names[p]: cluster.procs[p].pid for p in cluster.ports}
+        print(f"\nthe same cluster, redis_shards={SHARDS}: 12 queues over every primary, jobs to each in turn:")
+        measure(cluster.url, pids, {names[p]: p for p in cluster.ports}, args.jobs, args.workers, SHARDS)
     finally:
         cluster.stop()
     return 0

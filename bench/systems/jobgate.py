@@ -67,6 +67,7 @@ class Jobgate(System):
         self.runner: asyncio.Runner | None = None
         self.channel: grpc.aio.Channel | None = None
         self.stub: scheduler_pb2_grpc.SchedulerServiceStub | None = None
+        self.queues: list[str] = []  # batched jobs go to these in turn (empty: the default queue)
 
     def settings(self, workers: int) -> str:
         return (
@@ -123,12 +124,20 @@ class Jobgate(System):
         async def submit() -> None:
             await asyncio.gather(
                 *(
-                    stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=[echo(i, payload) for i in part]), timeout=60)
+                    stub.SubmitJobs(
+                        scheduler_pb2.SubmitJobsRequest(jobs=[self._echo(i, payload) for i in part]), timeout=60
+                    )
                     for part in chunks(n, payload)
                 )
             )
 
         return self._run(self._throughput(n, submit, payload))
+
+    def _echo(self, i: int, payload: int) -> scheduler_pb2.SubmitJobRequest:
+        req = echo(i, payload)
+        if self.queues:
+            req.queue = self.queues[i % len(self.queues)]
+        return req
 
     def unary(self, n: int, clients: int) -> float:
         stub = self._stub()
@@ -149,7 +158,7 @@ class Jobgate(System):
             out = []
             for i in range(n):
                 began = time.perf_counter()
-                async for resp in stub.RunJob(scheduler_pb2.RunJobRequest(job=echo(i)), timeout=30):
+                async for resp in stub.RunJob(scheduler_pb2.RunJobRequest(job=self._echo(i, 0)), timeout=30):
                     last = resp.event.state
                 if last != job_pb2.JOB_STATE_SUCCEEDED:
                     raise RuntimeError(f"RunJob ended in state {last}")
@@ -243,7 +252,7 @@ class Jobgate(System):
         try:
             async with asyncio.timeout(30):
                 while not primed.is_set():
-                    await stub.SubmitJob(echo(PROBE), timeout=10)
+                    await stub.SubmitJob(self._echo(PROBE, 0), timeout=10)
                     await asyncio.wait([asyncio.ensure_future(primed.wait()), counter], timeout=1.0)
                     if counter.done():
                         counter.result()
