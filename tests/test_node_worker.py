@@ -19,8 +19,10 @@ import pytest
 
 from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2
+from protocol.keys import Keys
 
-from .helpers import NPM_TIMEOUT_S, Client, NodeWorker, call_failed, eventually, value
+from .helpers import FAST, NPM_TIMEOUT_S, Client, NodeWorker, call_failed, eventually, value
+from .test_shards import spread
 
 EXIT_TIMEOUT_S = 10
 
@@ -31,13 +33,13 @@ def start_node_worker(
     node: str,
     redis_url: str,
     namespace: str,
-) -> Iterator[Callable[[str], NodeWorker]]:
+) -> Iterator[Callable[..., NodeWorker]]:
     """Starts Node workers; kills any still running after the test, printing their output if it failed."""
     started: list[NodeWorker] = []
     log_dir = Path(tempfile.mkdtemp(prefix="jobgate-node-worker-"))
 
-    def start(worker_id: str) -> NodeWorker:
-        w = NodeWorker(node, redis_url, namespace, worker_id, log_dir)
+    def start(worker_id: str, env: dict[str, str] | None = None) -> NodeWorker:
+        w = NodeWorker(node, redis_url, namespace, worker_id, log_dir, env)
         started.append(w)
         return w
 
@@ -92,3 +94,29 @@ async def test_node_worker_runs_and_fails_jobs_and_leaves_cleanly_on_sigterm(
     assert code == 0
     # leave unregistered it at once: no waiting for its heartbeat to expire
     assert await _workers(client) == []
+
+
+@pytest.mark.timeout(NPM_TIMEOUT_S + 60)
+async def test_node_worker_serves_queues_of_several_shards(
+    redis_url: str, namespace: str, client_for: Callable[[str], Client], start_node_worker: Callable[..., NodeWorker]
+) -> None:
+    """With redis_shards, the Node worker registers in each shard of its queues with a share of its
+    slots, hears dispatches on each shard's channel and records outcomes in each job's shard."""
+    keys = Keys(namespace, 4)
+    queues = spread(keys, 3)
+    stack = Stack(redis_url, namespace, env={**FAST, "JOBGATE_REDIS_SHARDS": "4"})
+    try:
+        client = client_for(stack.start_gateway()[1])
+        worker = start_node_worker(
+            f"node-{os.getpid()}", {"JOBGATE_QUEUES": ",".join(queues), "JOBGATE_REDIS_SHARDS": "4"}
+        )
+        listed = await eventually(lambda: _workers(client), timeout=20, what="the node worker registered")
+        assert [(w.id, sorted(w.queues), w.slots) for w in listed] == [(worker.worker_id, sorted(queues), 4)]
+        ids = [(await client.submit("node.upper", {"text": q}, queue=q)).job.id for q in queues]
+        events = await client.wait_results(ids, timeout=20)
+        assert [value(events[i].result) for i in ids] == [{"text": q.upper(), "by": "node"} for q in queues]
+        worker.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(worker.proc.wait, EXIT_TIMEOUT_S) == 0
+        assert await _workers(client) == []  # it left every shard
+    finally:
+        stack.stop()

@@ -2,9 +2,10 @@
 // protocol/lua/ and the envelopes of proto/jobgate/v1/, nothing from the Python worker.
 //
 // Usage: node tests/node/worker.mjs REDIS_URL NAMESPACE WORKER_ID
-// Env: JOBGATE_HEARTBEAT_MS (default 200), JOBGATE_HEARTBEAT_TTL_MS (default 1000).
+// Env: JOBGATE_HEARTBEAT_MS (default 200), JOBGATE_HEARTBEAT_TTL_MS (default 1000),
+// JOBGATE_QUEUES (comma-separated, default "default"), JOBGATE_REDIS_SHARDS (default 1).
 //
-// Serves queue "default" with kinds node.fail and node.upper. On SIGTERM it drains (PROTOCOL.md,
+// Serves its queues with kinds node.fail and node.upper. On SIGTERM it drains (PROTOCOL.md,
 // "What a worker must do", step 7) and exits 0; a second signal exits 1 at once.
 
 import { createHash, randomBytes } from 'node:crypto';
@@ -27,7 +28,8 @@ const HEARTBEAT_MS = Number(process.env.JOBGATE_HEARTBEAT_MS ?? 200);
 const HEARTBEAT_TTL_MS = Number(process.env.JOBGATE_HEARTBEAT_TTL_MS ?? 1000);
 const GRACE_MS = 5000; // how long SIGTERM waits for running jobs
 const SLOTS = 4;
-const QUEUES = 'default';
+const QUEUES = (process.env.JOBGATE_QUEUES ?? 'default').split(',').filter(Boolean);
+const SHARDS = Number(process.env.JOBGATE_REDIS_SHARDS ?? 1);
 const INSTANCE = randomBytes(16).toString('hex'); // once per process: a restart evicts our old registration
 const { RUNNING, SUCCEEDED, FAILED, CANCELLED } = { RUNNING: 3, SUCCEEDED: 4, FAILED: 5, CANCELLED: 6 };
 
@@ -45,17 +47,42 @@ const KINDS = Object.keys(HANDLERS).sort().join(',');
 
 const log = (msg) => process.stderr.write(`${new Date().toISOString()} node worker ${workerId}: ${msg}\n`);
 
-// --- keys (PROTOCOL.md, "Keys" and "Channels") ----------------------------------------------
-const P = `{${namespace}}:`;
+// --- keys (PROTOCOL.md, "Keys", "Shards" and "Channels") -------------------------------------
+// CRC-32 (IEEE, as zlib computes it) of a queue name's bytes picks its shard.
+const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+  return c >>> 0;
+});
+function crc32(text) {
+  let c = 0xffffffff;
+  for (const byte of Buffer.from(text, 'utf8')) c = CRC_TABLE[(c ^ byte) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+const queueShard = (queue) => crc32(queue) % SHARDS;
+const jobShard = (id) => parseInt(id.slice(0, 4), 16) % SHARDS;
+const prefix = (shard) => (shard === 0 ? `{${namespace}}:` : `{${namespace}:${shard}}:`);
+const shardKeys = (shard) => {
+  const P = prefix(shard);
+  return {
+    P,
+    // The shard's own keys, KEYS[1..7] of every script but read_events, in this order.
+    namespace: ['queues', 'seq', 'lease', 'acks', 'cancels', 'workers', 'results'].map((n) => `${P}${n}`),
+    // This worker's own keys there, KEYS[8..9] of the scripts a worker calls: its hash and its jobs set.
+    own: [`${P}worker:${workerId}`, `${P}worker:${workerId}:jobs`],
+    dispatch: `${P}dispatch:${workerId}`,
+    results: `${P}results`,
+  };
+};
+// The shards this worker's queues fall in, each with its queues and its share of the slots.
+const SHARD_QUEUES = new Map();
+for (const q of QUEUES) SHARD_QUEUES.set(queueShard(q), [...(SHARD_QUEUES.get(queueShard(q)) ?? []), q]);
+const MINE = [...SHARD_QUEUES.keys()];
+const share = (i) => Math.floor(SLOTS / MINE.length) + (i < SLOTS % MINE.length ? 1 : 0);
 const K = {
-  job: (id) => `${P}job:${id}`,
-  // The namespace's keys, KEYS[1..7] of every script but read_events, in this order.
-  namespace: ['queues', 'seq', 'lease', 'acks', 'cancels', 'workers', 'results'].map((n) => `${P}${n}`),
-  // This worker's own keys, KEYS[8..9] of the scripts a worker calls: its hash and its jobs set.
-  own: [`${P}worker:${workerId}`, `${P}worker:${workerId}:jobs`],
-  dispatch: `${P}dispatch:${workerId}`,
-  results: `${P}results`,
-  status: `${P}worker-status`,
+  job: (id) => `${prefix(jobShard(id))}job:${id}`,
+  ofJob: (id) => shardKeys(jobShard(id)),
+  status: `${prefix(0)}worker-status`, // one for the namespace
 };
 
 // --- messages: binary protobuf of the jobgate.v1 types, field names as in the .proto files ------
@@ -148,7 +175,7 @@ async function publishSettled(flat) {
     };
     if (f.result?.length) event.result = Value.toObject(Value.decode(f.result));
     if (str('err_code')) event.error = { code: str('err_code'), message: str('err_msg') };
-    await redis.publish(K.results, encode(T.JobEvents, { events: [event] }));
+    await redis.publish(K.ofJob(id).results, encode(T.JobEvents, { events: [event] }));
     log(`job_id=${id} settled: state ${event.state}`);
   }
 }
@@ -167,17 +194,22 @@ let lastBeat = Promise.resolve();
 
 async function beat() {
   const now = Date.now();
-  const held = [...jobs.values()]; // what an eviction found by this beat can have taken away
+  const held = [...jobs.entries()]; // what an eviction found by this beat can have taken away
   const off = subscribed && !draining ? '0' : '1';
-  const reply = await script('heartbeat', [...K.namespace, ...K.own],
-    [P, workerId, now, now + HEARTBEAT_TTL_MS, SLOTS, QUEUES, KINDS, os.hostname(), process.pid, off, INSTANCE]);
-  const again = reply[0] === 1 && registered;
-  registered = true;
-  if (again) {
-    log(`registered again after an eviction; abandoning ${held.length} jobs`);
-    for (const job of held) job.abandoned = true; // settled by the eviction: never call finish for them
+  let again = false;
+  for (const [i, shard] of MINE.entries()) { // one registration per shard, with its queues and share
+    const k = shardKeys(shard);
+    const reply = await script('heartbeat', [...k.namespace, ...k.own], [k.P, workerId, now, now + HEARTBEAT_TTL_MS,
+      share(i), SHARD_QUEUES.get(shard).join(','), KINDS, os.hostname(), process.pid, off, INSTANCE]);
+    if (reply[0] === 1 && registered) {
+      again = true;
+      const lost = held.filter(([id]) => jobShard(id) === shard);
+      log(`registered again in shard ${shard} after an eviction; abandoning ${lost.length} jobs`);
+      for (const [, job] of lost) job.abandoned = true; // settled by the eviction: never call finish for them
+    }
+    await publishSettled(reply.slice(1)); // jobs of an earlier process under our id
   }
-  await publishSettled(reply.slice(1)); // jobs of an earlier process under our id
+  registered = true;
   if (again && subscribed && !draining) await status(JOINED);
 }
 const beatQuietly = () => (lastBeat = beat().catch((e) => log(`heartbeat failed: ${e?.message || e}`)));
@@ -229,8 +261,9 @@ const jobEvent = (d, state, extra = {}) => ({
 async function execute(d, job) {
   const lease = job.lease.toString(); // the plain decimal, compared as a string by the scripts
   const running = encode(T.JobEvents, { events: [jobEvent(d, RUNNING)] });
+  const k = K.ofJob(d.job_id); // start and finish go to the shard the job id names
   const started = await retrying('start', d.job_id, () =>
-    script('start', [...K.namespace, ...K.own, K.job(d.job_id)], [P, d.job_id, lease, workerId, INSTANCE, Date.now(), running]));
+    script('start', [...k.namespace, ...k.own, K.job(d.job_id)], [k.P, d.job_id, lease, workerId, INSTANCE, Date.now(), running]));
   if (started !== 1) return log(`job_id=${d.job_id} dispatch refused (${started === -1 ? 'missing' : 'stale'})`);
   log(`job_id=${d.job_id} kind=${d.spec.kind} attempt=${d.attempt} started`);
   const out = await run(d, job);
@@ -238,9 +271,9 @@ async function execute(d, job) {
   const value = out.state === SUCCEEDED ? toValue(out.result) : undefined;
   const error = out.code ? { code: out.code, message: out.message } : undefined;
   const event = encode(T.JobEvents, { events: [jobEvent(d, out.state, { result: value, error })] });
-  const args = [P, d.job_id, lease, workerId, out.state, Date.now(), value ? encode(Value, value) : '', '',
+  const args = [k.P, d.job_id, lease, workerId, out.state, Date.now(), value ? encode(Value, value) : '', '',
     out.code ?? '', out.message ?? '', event];
-  const reply = await retrying('finish', d.job_id, () => script('finish', [...K.namespace, ...K.own, K.job(d.job_id)], args));
+  const reply = await retrying('finish', d.job_id, () => script('finish', [...k.namespace, ...k.own, K.job(d.job_id)], args));
   const recorded = reply[0] === 1 || reply[0] === 2; // 2: an earlier try whose reply was lost recorded it
   log(`job_id=${d.job_id} ${recorded ? `finished in state ${out.state}` : 'outcome discarded: superseded'}`);
 }
@@ -296,9 +329,12 @@ async function shutdown() {
   beating = false; // no heartbeat may register us again after leave
   clearTimeout(beatTimer);
   await quietly('last heartbeat', lastBeat);
-  await quietly('unsubscribe', sub.unsubscribe(K.dispatch));
+  await quietly('unsubscribe', sub.unsubscribe(MINE.map((shard) => shardKeys(shard).dispatch)));
   const leave = async () => {
-    await publishSettled(await script('leave', [...K.namespace, ...K.own], [P, workerId, Date.now()]));
+    for (const shard of MINE) {
+      const k = shardKeys(shard);
+      await publishSettled(await script('leave', [...k.namespace, ...k.own], [k.P, workerId, Date.now()]));
+    }
     await status(LEFT);
   };
   await quietly('leave', leave());
@@ -323,7 +359,7 @@ await redis.connect();
 await sub.connect();
 beatLoop(); // registered with off=1 until subscribed
 await lastBeat; // the first heartbeat comes before SUBSCRIBE (PROTOCOL.md, step 1)
-await sub.subscribe(K.dispatch, onMessage, true); // true: messages as Buffers
+await sub.subscribe(MINE.map((shard) => shardKeys(shard).dispatch), onMessage, true); // true: messages as Buffers
 subscribed = true;
 // node-redis resubscribes by itself after a dropped connection, then emits 'ready': say so again.
 sub.on('ready', () => {
@@ -334,5 +370,5 @@ await lastBeat;
 if (!draining) {
   await beatQuietly(); // off=0 now
   await status(JOINED);
-  log(`joined: queue ${QUEUES}, kinds ${KINDS}, ${SLOTS} slots`);
+  log(`joined: queues ${QUEUES}, kinds ${KINDS}, ${SLOTS} slots over ${MINE.length} shard(s)`);
 }
