@@ -6,14 +6,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
+    ClusterDownError,
+    ClusterError,
     MasterDownError,
     OutOfMemoryError,
     ReadOnlyError,
     ResponseError,
+    SlotNotCoveredError,
     TryAgainError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
@@ -81,9 +84,18 @@ CONNECTION_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTim
 
 
 # Error replies of a Redis that cannot take writes for now (out of memory, a replica after a
-# failover, loading or busy with a script): to a client these mean "unavailable, retry". redis-py
-# turns most into classes; the rest keep their code at the start of the message.
-UNAVAILABLE_REPLIES = (OutOfMemoryError, ReadOnlyError, TryAgainError, MasterDownError)
+# failover, loading or busy with a script, a cluster whose slot has no primary yet): to a client
+# these mean "unavailable, retry". redis-py turns most into classes (a cluster's, with the code
+# taken off the message: "The cluster is down"); the rest keep their code at the start of the message.
+UNAVAILABLE_REPLIES = (
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+    MasterDownError,
+    ClusterDownError,
+    ClusterError,  # the cluster client's own retries ran out (redirections, failovers)
+    SlotNotCoveredError,  # the client's layout has no node for the slot while it learns the new one
+)
 UNAVAILABLE_CODES = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN")
 
 
@@ -112,7 +124,7 @@ async def redis_errors() -> AsyncIterator[None]:
         yield
     except CONNECTION_ERRORS as exc:
         raise Unavailable(f"Redis is unavailable: {type(exc).__name__}") from exc
-    except ResponseError as exc:
+    except (ResponseError, *UNAVAILABLE_REPLIES) as exc:
         if not cannot_write_now(exc):
             raise
         raise Unavailable(f"Redis cannot take the request now: {type(exc).__name__}") from exc

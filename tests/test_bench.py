@@ -58,12 +58,15 @@ def test_the_cluster_benchmark_measures_one_redis_and_every_node_of_a_cluster() 
     )
     output = result.stdout[-4000:] + result.stderr[-4000:]
     assert result.returncode == 0, output
-    single, cluster = result.stdout.split("a local Redis Cluster")
-    for part, nodes in ((single, 1), (cluster, 6)):
+    single, rest = result.stdout.split("a local Redis Cluster")
+    cluster, spread = rest.split("the same cluster, redis_shards=")
+    for part, nodes in ((single, 1), (cluster, 6), (spread, 6)):
         assert "2,000 jobs in" in part, output
         rows = [line.split() for line in part.splitlines() if line.strip().startswith(("redis", "primary", "replica"))]
         assert len(rows) == nodes, output
         redis_all = next(line.split() for line in part.splitlines() if "Redis, all nodes" in line)
         assert float(redis_all[-2]) > 0 and float(redis_all[-1]) > 1, output  # µs and commands per job
+    primaries = [line.split() for line in spread.splitlines() if line.strip().startswith("primary")]
+    assert all(float(row[-1]) > 0.5 for row in primaries), output  # the spread namespace works every primary
     namespace = next(line.split() for line in cluster.splitlines() if "(namespace)" in line)
     assert float(namespace[-1]) > 1, output  # the namespace's shard ran its commands
