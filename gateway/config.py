@@ -77,6 +77,11 @@ class GatewaySettings:
         ' (GOAWAY "too many pings"); 0 = no limit',
     )
     default_timeout_ms: int = setting(300_000, "per-attempt time limit of jobs that set none")
+    retry_initial_backoff_ms: int = setting(
+        1_000, "wait before a failed job's second attempt, for jobs whose retry policy sets none"
+    )
+    retry_max_backoff_ms: int = setting(300_000, "longest wait between attempts, for jobs whose retry policy sets none")
+    retry_multiplier: float = setting(2.0, "growth of the wait from one attempt to the next (1-100), likewise")
     ack_timeout_ms: int = setting(5_000, "time a worker has to acknowledge a dispatch before the job is placed again")
     tick_ms: int = setting(500, "interval of the placement pass over every queue and of reaping lost workers")
     reconcile_ms: int = setting(
@@ -165,11 +170,17 @@ class GatewaySettings:
             "default_timeout_ms",
             "ack_timeout_ms",
             "tick_ms",
+            "retry_initial_backoff_ms",
+            "retry_max_backoff_ms",
             "reconcile_ms",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         check_redis_wait(self.redis_wait_replicas, self.redis_wait_timeout_ms)
+        if not 1 <= self.retry_multiplier <= 100:
+            raise ValueError("retry_multiplier must be between 1 and 100")
+        if self.retry_max_backoff_ms < self.retry_initial_backoff_ms:
+            raise ValueError("retry_max_backoff_ms must not be below retry_initial_backoff_ms")
         if self.max_ping_strikes < 0:
             raise ValueError("max_ping_strikes must not be negative (0 = no limit)")
         if self.log_format not in ("text", "json"):

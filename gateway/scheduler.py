@@ -5,7 +5,8 @@ run by the submit script for the jobs it stores, by a worker's finish_many in th
 and by the schedule script. This module decides when a gateway runs schedule: when a submit's own
 placement stopped at its limit or lost a dispatch, when a result frees a slot in a queue known to
 hold waiting jobs, when a worker joins or leaves, and on a periodic tick that also reaps lost
-workers and unacknowledged dispatches.
+workers and unacknowledged dispatches, and queues the SCHEDULED jobs that are due (delayed submits,
+retries whose backoff is over).
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class Scheduler:
                 if loop.time() >= next_tick:
                     next_tick = loop.time() + self.tick_s
                     await self._step(self._reap())
+                    for queue in await self._step(self.store.promote()):
+                        self.kick(queue)
                     await self._step(self.store.resend_cancels(older_than_ms=max(1000, int(self.tick_s * 1000))))
                     self._all = True
                 if self._all:

@@ -125,6 +125,9 @@ async def start(settings: GatewaySettings) -> Gateway:
         default_timeout_ms=settings.default_timeout_ms,
         max_batch=settings.max_batch,
         max_watch_ids=settings.max_watch_ids,
+        retry_initial_backoff_ms=settings.retry_initial_backoff_ms,
+        retry_max_backoff_ms=settings.retry_max_backoff_ms,
+        retry_multiplier=settings.retry_multiplier,
     )
     service = SchedulerService(
         store,

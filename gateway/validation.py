@@ -6,9 +6,10 @@ import hashlib
 import os
 from dataclasses import dataclass
 
-from google.protobuf import struct_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 from jobgate.v1 import job_pb2, scheduler_pb2
+from protocol.connection import now_ms
 from protocol.errors import InvalidArgument, ResourceExhausted
 from protocol.gateway_calls import PreparedJob
 from protocol.keys import JOB_ID_RE, KIND_RE, QUEUE_RE
@@ -19,6 +20,11 @@ MAX_ATTEMPTS_LIMIT = 100
 MAX_PRIORITY = 255
 MAX_IDEMPOTENCY_KEY = 256
 MAX_TIMEOUT_MS = 7 * 24 * 3600 * 1000
+DAY_MS = 24 * 3600 * 1000
+MAX_DELAY_MS = 365 * DAY_MS  # how far ahead run_at and delay may reach
+MAX_INITIAL_BACKOFF_MS = DAY_MS
+MAX_BACKOFF_MS = 7 * DAY_MS
+MAX_MULTIPLIER = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +35,9 @@ class Limits:
     default_timeout_ms: int
     max_batch: int
     max_watch_ids: int
+    retry_initial_backoff_ms: int = 1000  # the RetryPolicy a job's unset fields take
+    retry_max_backoff_ms: int = 300_000
+    retry_multiplier: float = 2.0
 
 
 def new_job_id() -> str:
@@ -90,6 +99,8 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
         if t.seconds or t.nanos:
             timeout_ms = max(1, t.ToMilliseconds())
             spec.timeout.CopyFrom(t)
+    due_ms = _due(req, spec, field)
+    backoff = _backoff(req, spec, limits, field)
     if len(req.idempotency_key) > MAX_IDEMPOTENCY_KEY:
         raise InvalidArgument(f"{field}idempotency_key: must be at most {MAX_IDEMPOTENCY_KEY} characters")
     size = len(req.payload) + (req.args.ByteSize() if req.HasField("args") else 0)
@@ -108,7 +119,64 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
         idempotency_digest=hashlib.sha256(f"{spec.queue}\0{idem}".encode()).hexdigest() if idem else "",
         request_digest=hashlib.sha256(spec_bytes).hexdigest() if idem else "",
         field=field,
+        due_ms=due_ms,
+        backoff=backoff,
     )
+
+
+def _due(req: scheduler_pb2.SubmitJobRequest, spec: job_pb2.JobSpec, field: str) -> int:
+    """When the job may first run (ms since the epoch; 0: at once), from ``run_at`` or ``delay``,
+    which go into ``spec`` as given. Raises InvalidArgument."""
+    if req.HasField("run_at") and req.HasField("delay"):
+        raise InvalidArgument(f"{field}run_at: give run_at or delay, not both")
+    now = now_ms()
+    if req.HasField("run_at"):
+        t = req.run_at
+        if t.seconds < 0 or not 0 <= t.nanos <= 999_999_999:
+            raise InvalidArgument(f"{field}run_at: must be a time after 1970-01-01T00:00:00Z")
+        if t.ToMilliseconds() > now + MAX_DELAY_MS:
+            raise InvalidArgument(f"{field}run_at: must be at most 365 days ahead")
+        spec.run_at.CopyFrom(t)
+        return t.ToMilliseconds() if t.ToMilliseconds() > now else 0
+    if req.HasField("delay"):
+        delay = _duration_ms(req.delay, f"{field}delay", MAX_DELAY_MS, "365 days")
+        spec.delay.CopyFrom(req.delay)
+        return now + delay if delay else 0
+    return 0
+
+
+def _backoff(req: scheduler_pb2.SubmitJobRequest, spec: job_pb2.JobSpec, limits: Limits, field: str) -> str:
+    """The job's retry backoff as the scripts read it ("initial,max,multiplier", ms), from
+    ``retry`` (copied into ``spec`` as given) and the gateway's defaults. Raises InvalidArgument."""
+    r = req.retry
+    initial, most, mult = limits.retry_initial_backoff_ms, limits.retry_max_backoff_ms, limits.retry_multiplier
+    if req.HasField("retry"):
+        if r.HasField("initial_backoff"):
+            initial = _duration_ms(
+                r.initial_backoff, f"{field}retry.initial_backoff", MAX_INITIAL_BACKOFF_MS, "24 hours"
+            )
+        if r.HasField("max_backoff"):
+            most = _duration_ms(r.max_backoff, f"{field}retry.max_backoff", MAX_BACKOFF_MS, "7 days")
+        if r.multiplier != 0:
+            if not 1 <= r.multiplier <= MAX_MULTIPLIER:  # NaN fails too
+                raise InvalidArgument(
+                    f"{field}retry.multiplier: must be between 1 and {MAX_MULTIPLIER:g} (0 = default)"
+                )
+            mult = r.multiplier
+        if most < initial:
+            raise InvalidArgument(f"{field}retry.max_backoff: must not be below initial_backoff ({initial} ms)")
+        spec.retry.CopyFrom(r)
+    return f"{initial},{max(most, initial)},{mult:g}"
+
+
+def _duration_ms(d: duration_pb2.Duration, field: str, most_ms: int, most_text: str) -> int:
+    if d.seconds < 0 or d.nanos < 0:
+        raise InvalidArgument(f"{field}: must not be negative")
+    if d.nanos > 999_999_999:
+        raise InvalidArgument(f"{field}: nanos must be below one second (999999999 at most)")
+    if d.seconds > most_ms // 1000 or d.ToMilliseconds() > most_ms:
+        raise InvalidArgument(f"{field}: must be at most {most_text}")
+    return int(d.ToMilliseconds())
 
 
 def _check_value(value: struct_pb2.Value, field: str) -> None:

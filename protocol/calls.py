@@ -25,7 +25,7 @@ from .scripts import Scripts
 # What event_from_hash reads of a job hash.
 EVENT_FIELDS = (
     b"state", b"queue", b"kind", b"attempt", b"worker", b"output", b"result", b"err_code", b"err_msg", b"updated",
-    b"created",
+    b"created", b"due",
 )  # fmt: skip
 
 

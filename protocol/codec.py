@@ -121,6 +121,10 @@ def job_from_hash(job_id: str, fields: Fields) -> job_pb2.Job:
         job.started_at.CopyFrom(timestamp(started))
     if finished := _int(fields, b"finished"):
         job.finished_at.CopyFrom(timestamp(finished))
+    if due := _int(fields, b"due"):
+        job.due_at.CopyFrom(timestamp(due))
+    if history := fields.get(b"history"):  # encoded as a Job's `attempts` field (see lua/_common.lua)
+        job.attempts.extend(job_pb2.Job.FromString(history).attempts)
     return job
 
 
@@ -138,6 +142,8 @@ def event_from_hash(job_id: str, fields: Fields) -> job_pb2.JobEvent:
     _fill_outcome(event, fields)
     event.time.CopyFrom(timestamp(_int(fields, b"updated")))
     event.created_at.CopyFrom(timestamp(_int(fields, b"created")))
+    if due := _int(fields, b"due"):
+        event.due_at.CopyFrom(timestamp(due))
     return event
 
 

@@ -42,6 +42,8 @@ class PreparedJob:
     idempotency_digest: str  # SHA-256 of the queue, a NUL and the idempotency key; '' without a key
     request_digest: str  # SHA-256 of the normalised spec, '' without an idempotency key
     field: str = ""  # where the job sits in its request, for error messages: '', 'job.', 'jobs[3].'
+    due_ms: int = 0  # when it may first run (ms since the epoch); 0: at once
+    backoff: str = "1000,300000,2"  # its retry backoff: "initial,max,multiplier" (ms), as lua/_common.lua reads it
 
 
 class _Refused(Exception):
@@ -184,6 +186,8 @@ class GatewayCalls(Calls):
                 spec.max_attempts,
                 job.timeout_ms,
                 job.request_digest,
+                job.due_ms,
+                job.backoff,
             ]
         async with redis_errors():
             reply = await self.durably(self.scripts.submit, keys, args)
@@ -198,6 +202,9 @@ class GatewayCalls(Calls):
                 continue
             stored = job_pb2.Job(id=job.id, spec=job.spec, state=job_pb2.JOB_STATE_QUEUED)
             stored.created_at.FromMilliseconds(now)
+            if job.due_ms > now:
+                stored.state = job_pb2.JOB_STATE_SCHEDULED
+                stored.due_at.FromMilliseconds(job.due_ms)
             out.append(stored)
         if self.place_most > 0:
             visited = {text(q): left == 1 for q, left in zip(reply[2][::2], reply[2][1::2], strict=True)}
@@ -350,6 +357,22 @@ class GatewayCalls(Calls):
                     pipe.zrem(k.cancels(), *ended)
                 await pipe.execute()
         return len(told)
+
+    async def promote(self, limit: int = 1000) -> set[str]:
+        """Queues the SCHEDULED jobs that are due (delayed submits, retries whose backoff is over), in
+        every shard; returns the queues they went to."""
+        queues: set[str] = set()
+        async with redis_errors():
+            for k in self.keys.all_shards():
+                more = True
+                while more:
+                    reply = [
+                        text(q)
+                        for q in await self.scripts.promote(keys=k.namespace_keys(), args=[k.prefix, now_ms(), limit])
+                    ]
+                    more = bool(reply) and reply[-1] == ""
+                    queues.update(q for q in reply if q)
+        return queues
 
     async def reap(self, limit: int = 100) -> list[Settled]:
         """Settles jobs of expired workers and unacknowledged dispatches, in every shard."""

@@ -88,7 +88,7 @@ class Keys:
         return f"{head:04x}{job_id[4:]}"
 
     def namespace_keys(self) -> list[str]:
-        """The keys every state-changing script receives first, as KEYS[1..7], in this order."""
+        """The keys every state-changing script receives first, as KEYS[1..8], in this order."""
         return [
             self.queues(),
             self.seq(),
@@ -97,10 +97,11 @@ class Keys:
             self.cancels(),
             self.workers(),
             self.results_channel(),
+            self.delayed(),
         ]
 
     def own_keys(self, worker_id: str) -> list[str]:
-        """The keys the scripts a worker calls receive after :meth:`namespace_keys`, as KEYS[8..9]."""
+        """The keys the scripts a worker calls receive after :meth:`namespace_keys`, as KEYS[9..10]."""
         return [self.worker(worker_id), self.worker_jobs(worker_id)]
 
     # --- jobs -----------------------------------------------------------------------------
@@ -127,6 +128,9 @@ class Keys:
 
     def acks(self) -> str:  # zset: dispatched job id -> acknowledgement deadline (ms)
         return f"{self.prefix}acks"
+
+    def delayed(self) -> str:  # zset: SCHEDULED job id -> when it is due (ms)
+        return f"{self.prefix}delayed"
 
     def cancels(self) -> str:  # zset: running job id -> when its worker was last told to cancel it (ms)
         return f"{self.prefix}cancels"

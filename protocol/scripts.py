@@ -27,6 +27,7 @@ NAMES = (
     "reap",
     "cancel",
     "read_events",
+    "promote",
 )
 
 
@@ -60,6 +61,7 @@ class Scripts:
     reap: AsyncScript
     cancel: AsyncScript
     read_events: AsyncScript
+    promote: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:

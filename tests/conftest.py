@@ -21,9 +21,9 @@ from .helpers import (
     NPM_TIMEOUT_S,
     Client,
     PausableRedis,
-    call_failed,
     node_and_npm,
     node_packages_installed,
+    running_stack,
     start_gateway,
 )
 
@@ -78,13 +78,8 @@ def keys(namespace: str) -> Keys:
 @pytest.fixture
 def stack(request: pytest.FixtureRequest, redis_url: str, namespace: str) -> Iterator[Stack]:
     """Gateways and workers as subprocesses; their logs are printed when the test fails."""
-    s = Stack(redis_url, namespace, env=FAST)
-    try:
+    with running_stack(request, redis_url, namespace, FAST) as s:
         yield s
-    finally:
-        if call_failed(request):
-            print(s.logs())
-        s.stop()
 
 
 @pytest.fixture

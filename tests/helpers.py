@@ -10,7 +10,8 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,15 @@ class PausableRedis(RedisProcess):
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self.ping, timeout_s, f"redis-server on port {self.port}", ignore=(OSError,))
         return self
+
+
+@contextmanager
+def running_stack(request: pytest.FixtureRequest, url: str, namespace: str, env: dict[str, str]) -> Iterator[Stack]:
+    """A :class:`Stack` stopped on exit, its logs printed when the test failed."""
+    s = Stack(url, namespace, env=env)
+    try:
+        yield s
+    finally:
+        if call_failed(request):
+            print(s.logs())
+        s.stop()

@@ -224,14 +224,14 @@ async def test_list_workers_shows_each_live_worker_with_its_slots(
 
 
 async def test_failing_handler_records_failed_with_the_exception_text(client: Client) -> None:
-    job_id = (await client.submit("fail", {"message": "boom"})).job.id
+    job_id = (await client.submit("fail", {"message": "boom"}, max_attempts=1)).job.id
     event = (await client.wait_results([job_id]))[job_id]
     assert event.state == S.JOB_STATE_FAILED
     assert event.error.code == "HANDLER_ERROR" and "boom" in event.error.message
 
 
 async def test_worker_stops_a_job_that_runs_past_its_timeout(client: Client) -> None:
-    job_id = (await client.submit("sleep", {"seconds": 30}, timeout=Duration(nanos=300_000_000))).job.id
+    job_id = (await client.submit("sleep", {"seconds": 30}, timeout=Duration(nanos=300_000_000), max_attempts=1)).job.id
     event = (await client.wait_results([job_id], timeout=10))[job_id]
     assert event.state == S.JOB_STATE_FAILED and event.error.code == "TIMEOUT"
 

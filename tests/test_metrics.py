@@ -19,7 +19,7 @@ async def test_gateway_and_worker_export_what_they_did(stack: Stack, client_for:
     _, address = stack.start_gateway(env=metrics_env(gw_port))
     client = client_for(address)
     ids = [(await client.submit("echo", {"n": n})).job.id for n in range(3)]
-    ids.append((await client.submit("fail")).job.id)
+    ids.append((await client.submit("fail", max_attempts=1)).job.id)
     with pytest.raises(grpc.aio.AioRpcError):
         await client.submit("")
     waiting = ("jobgate_queue_jobs_waiting", (("queue", "default"),))

@@ -19,7 +19,7 @@ from jobgate.v1 import job_pb2, scheduler_pb2
 from protocol.keys import Keys
 from worker.config import WorkerSettings
 
-from .helpers import FAST, Client, call_failed, eventually, request, start_gateway
+from .helpers import FAST, Client, eventually, request, running_stack, start_gateway
 
 S = job_pb2
 SHARDS = 4
@@ -44,13 +44,8 @@ def keys(namespace: str) -> Keys:
 
 @pytest.fixture
 def sharded(request: pytest.FixtureRequest, redis_url: str, namespace: str) -> Iterator[Stack]:
-    s = Stack(redis_url, namespace, env={**FAST, "JOBGATE_REDIS_SHARDS": str(SHARDS)})
-    try:
+    with running_stack(request, redis_url, namespace, {**FAST, "JOBGATE_REDIS_SHARDS": str(SHARDS)}) as s:
         yield s
-    finally:
-        if call_failed(request):
-            print(s.logs())
-        s.stop()
 
 
 def test_keys_of_a_queue_and_of_its_jobs_share_the_queue_shard_tag() -> None:

@@ -1,11 +1,11 @@
-"""Built-in handlers for demos and tests: ``echo``, ``sleep`` and ``fail``."""
+"""Built-in handlers for demos and tests: ``echo``, ``sleep``, ``fail`` and ``flaky``."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from .registry import JobContext, Registry
+from .registry import Fatal, JobContext, Registry
 
 
 class HandlerFailed(Exception):
@@ -29,12 +29,25 @@ async def sleep(job: JobContext) -> dict[str, float]:
 
 
 def fail(job: JobContext) -> None:
-    """Always raises; ``args.message`` sets the error text. Runs in the thread pool."""
-    message = job.args.get("message", "failed on purpose") if isinstance(job.args, dict) else "failed on purpose"
-    raise HandlerFailed(str(message))
+    """Always raises; ``args.message`` sets the error text, ``args.fatal`` (true) makes it a failure
+    for good (:class:`Fatal`: not retried). Runs in the thread pool."""
+    args = job.args if isinstance(job.args, dict) else {}
+    message = str(args.get("message", "failed on purpose"))
+    if args.get("fatal") is True:
+        raise Fatal(message)
+    raise HandlerFailed(message)
+
+
+def flaky(job: JobContext) -> dict[str, int]:
+    """Raises on the attempts before ``args.succeed_at`` (default 2), then returns ``{"attempt": n}``."""
+    succeed_at = job.args.get("succeed_at", 2) if isinstance(job.args, dict) else 2
+    if job.attempt < succeed_at:
+        raise HandlerFailed(f"attempt {job.attempt} fails on purpose")
+    return {"attempt": job.attempt}
 
 
 def register_builtins(registry: Registry) -> None:
     registry.add("echo", echo)
     registry.add("sleep", sleep)
     registry.add("fail", fail)
+    registry.add("flaky", flaky)

@@ -29,7 +29,7 @@ from protocol.worker_calls import Outcome, Start, WorkerCalls
 
 from .config import WorkerSettings
 from .metrics import WorkerMetrics
-from .registry import JobContext, Registry
+from .registry import Fatal, JobContext, Registry
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +265,9 @@ class Executor:
             if running.cancel_requested and not _cancelling():
                 return Result(job_pb2.JOB_STATE_CANCELLED, error_code="CANCELLED", error_message="cancelled by request")
             raise
+        except Fatal as exc:
+            log.info("job_id=%s handler failed for good: %s", d.job_id, exc)
+            return Result(job_pb2.JOB_STATE_FAILED, error_code="FATAL", error_message=str(exc)[:4096])
         except Exception as exc:  # noqa: BLE001 - a handler's failure is the job's outcome
             log.info("job_id=%s handler raised %s", d.job_id, type(exc).__name__)
             return Result(

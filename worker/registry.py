@@ -10,6 +10,11 @@ from typing import Any, TypeVar
 from protocol.keys import KIND_RE
 
 
+class Fatal(Exception):
+    """Raised by a handler: the job fails with code FATAL and is not retried, whatever attempts it
+    has left (any other exception, or a timeout, is retried while attempts are left)."""
+
+
 @dataclass(frozen=True, slots=True)
 class JobContext:
     """What a handler gets: the job's input and identity.

@@ -1,23 +1,24 @@
 -- Shared prelude, prepended to every script by protocol/scripts.py.
--- States (jobgate.v1.JobState): 1 QUEUED, 2 DISPATCHED, 3 RUNNING, 4 SUCCEEDED, 5 FAILED, 6 CANCELLED.
-local QUEUED, DISPATCHED, RUNNING, SUCCEEDED, FAILED, CANCELLED = 1, 2, 3, 4, 5, 6
+-- States (jobgate.v1.JobState): 1 QUEUED, 2 DISPATCHED, 3 RUNNING, 4 SUCCEEDED, 5 FAILED, 6 CANCELLED,
+-- 7 SCHEDULED.
+local QUEUED, DISPATCHED, RUNNING, SUCCEEDED, FAILED, CANCELLED, SCHEDULED = 1, 2, 3, 4, 5, 6, 7
 -- How messages go out: on a Redis Cluster, protocol/scripts.py registers the scripts with SPUBLISH
 -- here (shard channels, which stay on the node of the keys' slot).
 local PUBLISH = 'PUBLISH'
 
--- Keys. Every script but read_events receives the namespace's own keys first, as KEYS[1..7]
+-- Keys. Every script but read_events receives the namespace's own keys first, as KEYS[1..8]
 -- (protocol/keys.py, Keys.namespace_keys): the queues set, the seq counter, the lease counter, the
--- acks zset, the cancels zset, the workers zset and the results channel. Keys named after ids a
+-- acks zset, the cancels zset, the workers zset, the results channel and the delayed zset. Keys named after ids a
 -- script reads from Redis (a worker of a queue, a kind with jobs waiting, the queue of a finished
 -- job) are built by the functions below from the key prefix P (ARGV, e.g. "{jobgate}:"), with the
 -- same rules as protocol/keys.py (tests/test_protocol_contract.py holds the two together).
-local NS_KEYS = 7
+local NS_KEYS = 8
 -- The scripts a worker calls (heartbeat, start, finish, their batched forms, leave) receive its own
--- keys next, as KEYS[8..9]: its hash and its jobs set; the job hashes of the call follow.
+-- keys next, as KEYS[9..10]: its hash and its jobs set; the job hashes of the call follow.
 local OWN_KEYS = NS_KEYS + 2
 local function namespace(P)
   return {P = P, queues = KEYS[1], seq = KEYS[2], lease = KEYS[3], acks = KEYS[4], cancels = KEYS[5],
-    workers = KEYS[6], results = KEYS[7]}
+    workers = KEYS[6], results = KEYS[7], delayed = KEYS[8]}
 end
 local function job_key(P, id) return P .. 'job:' .. id end  -- hash
 local function pending_key(P, queue, kind) return P .. 'pending:' .. queue .. ':' .. kind end  -- zset
@@ -34,6 +35,100 @@ end
 -- Priority first (0-255, higher first), then submission order.
 local function pending_score(prio, seq)
   return (255 - prio) * 17592186044416 + seq
+end
+
+-- Protocol buffers encoding of the few relay messages placement publishes itself. Field numbers
+-- by message (proto/jobgate/v1/relay.proto and job.proto); tests/test_protocol_contract.py checks
+-- them against the generated descriptors, and the tests parse the messages with protobuf.
+local PB = {
+  DispatchJob = {job_id = 1, lease = 2, attempt = 3, spec = 4, timeout_ms = 5, ack_deadline = 6},
+  DispatchJobs = {jobs = 1},
+  WorkerMessage = {dispatch = 1, dispatches = 3},
+  JobEvent = {job_id = 1, queue = 2, kind = 3, state = 4, attempt = 5, worker_id = 6, error = 9, time = 10,
+    due_at = 12},
+  JobEvents = {events = 1},
+  JobError = {code = 1, message = 2},
+  Attempt = {attempt = 1, worker_id = 2, started_at = 3, finished_at = 4, state = 5, error = 6},
+  Job = {attempts = 13},  -- the job hash's 'history' holds Attempts as this field of a Job
+  Timestamp = {seconds = 1, nanos = 2},
+}
+local function pb_varint(n)  -- a non-negative integer below 2^53
+  if n < 128 then return string.char(n) end
+  local out = {}
+  repeat
+    local b = n % 128
+    n = (n - b) / 128
+    if n > 0 then b = b + 128 end
+    out[#out + 1] = string.char(b)
+  until n == 0
+  return table.concat(out)
+end
+local function pb_int(field, n)  -- fields 1-15, varint wire type; 0 is left out as proto3 does
+  if n == 0 then return '' end
+  return string.char(field * 8) .. pb_varint(n)
+end
+local function pb_bytes(field, s)  -- fields 1-15, length-delimited wire type
+  if s == '' then return '' end
+  return string.char(field * 8 + 2) .. pb_varint(#s) .. s
+end
+local function pb_timestamp(ms)  -- google.protobuf.Timestamp
+  local nanos = (ms % 1000) * 1000000
+  return pb_int(PB.Timestamp.seconds, (ms - ms % 1000) / 1000) .. pb_int(PB.Timestamp.nanos, nanos)
+end
+-- A DispatchJob; `ack_by` (ms) is left out (nil) for a job started on the worker's behalf.
+local function pb_dispatch(id, lease, attempt, spec, timeout_ms, ack_by)
+  local f = PB.DispatchJob
+  local d = pb_bytes(f.job_id, id) .. pb_int(f.lease, lease) .. pb_int(f.attempt, attempt) .. pb_bytes(f.spec, spec)
+    .. pb_int(f.timeout_ms, timeout_ms)
+  if ack_by then d = d .. pb_bytes(f.ack_deadline, pb_timestamp(ack_by)) end
+  return d
+end
+-- A JobEvent of placement: DISPATCHED or RUNNING, with the placing worker and time.
+local function pb_event(id, queue, kind, state, attempt, worker, ts)
+  local f = PB.JobEvent
+  return pb_bytes(f.job_id, id) .. pb_bytes(f.queue, queue) .. pb_bytes(f.kind, kind) .. pb_int(f.state, state)
+    .. pb_int(f.attempt, attempt) .. pb_bytes(f.worker_id, worker) .. pb_bytes(f.time, ts)
+end
+local function pb_error(code, message)
+  return pb_bytes(PB.JobError.code, code or '') .. pb_bytes(PB.JobError.message, message or '')
+end
+-- A JobEvents message holding one SCHEDULED or QUEUED event of a job's hash fields `j`
+-- ({queue, kind, attempt, worker, err_code, err_msg}) at `now`, with `due` (ms) when SCHEDULED.
+local function pb_events_of(id, j, state, now, due)
+  local e = pb_event(id, j.queue, j.kind, state, j.attempt, j.worker or '', pb_timestamp(now))
+  if j.err_code and j.err_code ~= '' then e = e .. pb_bytes(PB.JobEvent.error, pb_error(j.err_code, j.err_msg)) end
+  if due then e = e .. pb_bytes(PB.JobEvent.due_at, pb_timestamp(due)) end
+  return pb_bytes(PB.JobEvents.events, e)
+end
+
+-- History. Each attempt that ends appends a jobgate.v1.Attempt to the job hash's 'history' field,
+-- encoded as field 13 of a Job, so the field parses as a Job whose `attempts` are the history.
+local function record_attempt(jk, attempt, worker, started, now, state, code, message)
+  local a = PB.Attempt
+  local rec = pb_int(a.attempt, attempt) .. pb_bytes(a.worker_id, worker or '')
+    .. pb_bytes(a.started_at, started and started ~= '' and pb_timestamp(tonumber(started)) or '')
+    .. pb_bytes(a.finished_at, pb_timestamp(now)) .. pb_int(a.state, state)
+    .. pb_bytes(a.error, pb_error(code, message))
+  local history = redis.call('HGET', jk, 'history') or ''
+  redis.call('HSET', jk, 'history', history .. pb_bytes(PB.Job.attempts, rec))
+end
+
+-- Retries. A failure with one of these codes, with attempts left, is retried after a backoff.
+local RETRIED = {HANDLER_ERROR = true, TIMEOUT = true}
+-- The wait (ms) after failed attempt `attempt`, from the job's 'backoff' field ("initial,max,
+-- multiplier" in ms): initial * multiplier^(attempt-1), at most max, less up to half of it, by an
+-- amount fixed per job id and attempt (a script's math.random repeats itself in every call).
+local function backoff_ms(id, attempt, backoff)
+  local initial, most, mult = string.match(backoff or '', '^([%d.]+),([%d.]+),([%d.]+)$')
+  initial, most, mult = tonumber(initial) or 1000, tonumber(most) or 300000, tonumber(mult) or 2
+  local wait = math.min(most, initial * mult ^ math.max(0, attempt - 1))
+  local u = ((tonumber(string.sub(id, 5, 8), 16) or 0) + attempt * 40503) % 65536 / 65536
+  return math.floor(wait * (1 - u / 2))
+end
+-- Puts a job in the delayed zset, SCHEDULED until `due` (ms).
+local function schedule_job(ns, jk, id, due, now)
+  redis.call('HSET', jk, 'state', SCHEDULED, 'worker', '', 'due', due, 'updated', now)
+  redis.call('ZADD', ns.delayed, due, id)
 end
 
 -- Put a placed job back in its queue. `interrupted` is true when it had started running
@@ -104,10 +199,14 @@ local function evict_worker(ns, w, now, handback, out)
   local jobs_key = worker_jobs_key(ns.P, w)
   for _, id in ipairs(redis.call('SMEMBERS', jobs_key)) do
     local jk = job_key(ns.P, id)
-    local j = redis.call('HMGET', jk, 'state', 'worker', 'attempt', 'max_attempts', 'cancel', 'queue')
+    local j = redis.call('HMGET', jk, 'state', 'worker', 'attempt', 'max_attempts', 'cancel', 'queue', 'started')
     local state = tonumber(j[1])
     if j[2] == w and (state == DISPATCHED or state == RUNNING) then
       redis.call('ZREM', ns.acks, id)
+      if state == RUNNING and not handback then
+        record_attempt(jk, tonumber(j[3]), w, j[7], tonumber(now), FAILED, 'WORKER_LOST',
+          'worker ' .. w .. ' was lost during attempt ' .. j[3])
+      end
       local new_state = QUEUED
       if state == RUNNING and j[5] == '1' then
         new_state = CANCELLED
@@ -171,16 +270,29 @@ end
 -- Returns 1 recorded (its event is to be published and the caller releases its slot), 2 already
 -- recorded by this placement, 0 stale, -1 missing, -2 not a terminal state (nothing written); and
 -- the job's queue; and, with 2, the id of the job finish_many started in its slot (its 'refill'
--- field), if any.
-local function record_outcome(jk, worker_id, now, o)
-  local j = redis.call('HMGET', jk, 'state', 'lease', 'worker', 'queue', 'recorded', 'ttl', 'cancel', 'refill')
+-- field), if any; and, with 1 for a failure that is retried (see RETRIED), the JobEvents of its
+-- SCHEDULED event, to be published in place of the worker's.
+local function record_outcome(ns, jk, worker_id, now, o, id)
+  local j = redis.call('HMGET', jk, 'state', 'lease', 'worker', 'queue', 'recorded', 'ttl', 'cancel', 'refill',
+    'attempt', 'max_attempts', 'started', 'backoff', 'kind')
   if not j[1] then return -1 end
   if not is_terminal(o.state) then return -2 end
+  -- 'recorded' names the lease and state of the outcome this script wrote last ("<lease>:<state>";
+  -- the job may have moved on to a retry since); reap, leave and cancel never set it
+  local recorded = o.lease .. ':' .. o.state
+  if j[5] == recorded then return 2, j[4], j[8] end
   if j[2] ~= o.lease or j[3] ~= worker_id then return 0 end
-  -- 'recorded' names the lease whose outcome this script wrote; reap, leave and cancel never set it
-  if tonumber(j[1]) == o.state and j[5] == o.lease then return 2, j[4], j[8] end
   if tonumber(j[1]) ~= RUNNING then return 0 end
-  finish_job(jk, o.state, o.code, o.message, now, {'result', o.result, 'output', o.output, 'recorded', o.lease},
+  local attempt = tonumber(j[9])
+  record_attempt(jk, attempt, worker_id, j[11], tonumber(now), o.state, o.code, o.message)
+  if o.state == FAILED and RETRIED[o.code] and j[7] ~= '1' and attempt < tonumber(j[10]) then
+    local due = tonumber(now) + backoff_ms(id, attempt, j[12])
+    redis.call('HSET', jk, 'err_code', o.code, 'err_msg', o.message, 'recorded', recorded)
+    schedule_job(ns, jk, id, due, now)
+    return 1, j[4], nil, pb_events_of(id, {queue = j[4], kind = j[13], attempt = attempt, worker = worker_id,
+      err_code = o.code, err_msg = o.message}, SCHEDULED, tonumber(now), due)
+  end
+  finish_job(jk, o.state, o.code, o.message, now, {'result', o.result, 'output', o.output, 'recorded', recorded},
     {j[6], j[7]})
   return 1, j[4]
 end
@@ -200,54 +312,6 @@ local function unassign_job(ns, job_id, lease, worker_id, now)
   return true
 end
 
--- Protocol buffers encoding of the few relay messages placement publishes itself. Field numbers
--- by message (proto/jobgate/v1/relay.proto and job.proto); tests/test_protocol_contract.py checks
--- them against the generated descriptors, and the tests parse the messages with protobuf.
-local PB = {
-  DispatchJob = {job_id = 1, lease = 2, attempt = 3, spec = 4, timeout_ms = 5, ack_deadline = 6},
-  DispatchJobs = {jobs = 1},
-  WorkerMessage = {dispatch = 1, dispatches = 3},
-  JobEvent = {job_id = 1, queue = 2, kind = 3, state = 4, attempt = 5, worker_id = 6, time = 10},
-  JobEvents = {events = 1},
-  Timestamp = {seconds = 1, nanos = 2},
-}
-local function pb_varint(n)  -- a non-negative integer below 2^53
-  if n < 128 then return string.char(n) end
-  local out = {}
-  repeat
-    local b = n % 128
-    n = (n - b) / 128
-    if n > 0 then b = b + 128 end
-    out[#out + 1] = string.char(b)
-  until n == 0
-  return table.concat(out)
-end
-local function pb_int(field, n)  -- fields 1-15, varint wire type; 0 is left out as proto3 does
-  if n == 0 then return '' end
-  return string.char(field * 8) .. pb_varint(n)
-end
-local function pb_bytes(field, s)  -- fields 1-15, length-delimited wire type
-  if s == '' then return '' end
-  return string.char(field * 8 + 2) .. pb_varint(#s) .. s
-end
-local function pb_timestamp(ms)  -- google.protobuf.Timestamp
-  local nanos = (ms % 1000) * 1000000
-  return pb_int(PB.Timestamp.seconds, (ms - ms % 1000) / 1000) .. pb_int(PB.Timestamp.nanos, nanos)
-end
--- A DispatchJob; `ack_by` (ms) is left out (nil) for a job started on the worker's behalf.
-local function pb_dispatch(id, lease, attempt, spec, timeout_ms, ack_by)
-  local f = PB.DispatchJob
-  local d = pb_bytes(f.job_id, id) .. pb_int(f.lease, lease) .. pb_int(f.attempt, attempt) .. pb_bytes(f.spec, spec)
-    .. pb_int(f.timeout_ms, timeout_ms)
-  if ack_by then d = d .. pb_bytes(f.ack_deadline, pb_timestamp(ack_by)) end
-  return d
-end
--- A JobEvent of placement: DISPATCHED or RUNNING, with the placing worker and time.
-local function pb_event(id, queue, kind, state, attempt, worker, ts)
-  local f = PB.JobEvent
-  return pb_bytes(f.job_id, id) .. pb_bytes(f.queue, queue) .. pb_bytes(f.kind, kind) .. pb_int(f.state, state)
-    .. pb_int(f.attempt, attempt) .. pb_bytes(f.worker_id, worker) .. pb_bytes(f.time, ts)
-end
 
 -- Placement, in steps: the kinds of a queue with jobs waiting; the live workers of the queue with
 -- free slots; the choice of jobs for those slots (assign, which also books them); then either

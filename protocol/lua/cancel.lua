@@ -1,7 +1,7 @@
--- cancel: cancel a job. A queued or not yet acknowledged job ends CANCELLED at once; a running one
+-- cancel: cancel a job. A queued, scheduled or not yet acknowledged job ends CANCELLED at once; a running one
 -- is flagged, its worker is told to stop it, and it is listed in the cancels zset so that gateways
 -- tell the worker again until the job ends.
--- KEYS[1..7] the namespace's keys (see the prelude), KEYS[8] job hash
+-- KEYS[1..8] the namespace's keys (see the prelude), KEYS[9] job hash
 -- ARGV[1] key prefix, ARGV[2] job id, ARGV[3] now ms
 -- returns {1, queue} cancelled now, {2, worker id, lease} running: worker must be told,
 --         {-1} missing, {-2} already terminal
@@ -17,6 +17,7 @@ if state == RUNNING then
   return {2, j[3], j[4]}
 end
 redis.call('ZREM', pending_key(ns.P, j[2], j[5]), ARGV[2])
+if state == SCHEDULED then redis.call('ZREM', ns.delayed, ARGV[2]) end
 if state == DISPATCHED then
   redis.call('ZREM', ns.acks, ARGV[2])
   release_slot(ns, j[3], ARGV[2])

@@ -1,4 +1,5 @@
--- finish_many: finish for several jobs of one worker in one call (each exactly as finish); the
+-- finish_many: finish for several jobs of one worker in one call (each exactly as finish, retries
+-- included); the
 -- events of the outcomes it recorded go out as one JobEvents message (several when they pass 1 MB).
 -- Then, for each queue in which it freed a slot, it refills this worker's free slots with waiting
 -- jobs, so a busy worker refills without waiting for a gateway; other workers' free slots are the
@@ -6,8 +7,8 @@
 -- outcomes it recorded, and only for the worker's current registration) those jobs are started at
 -- once on the worker's behalf and returned instead of dispatched (the worker runs them without a
 -- start call); slots beyond the budget are filled by dispatch (place_jobs in the prelude).
--- KEYS[1..7] the namespace's keys (see the prelude), KEYS[8] worker hash, KEYS[9] worker jobs set,
---   then KEYS[9+i] job hash of job i (i from 1)
+-- KEYS[1..8] the namespace's keys (see the prelude), KEYS[9] worker hash, KEYS[10] worker jobs set,
+--   then KEYS[10+i] job hash of job i (i from 1)
 -- ARGV[1] key prefix, ARGV[2] worker id, ARGV[3] instance token of the worker's registration,
 --   ARGV[4] now ms, ARGV[5] most placements per queue (0: place none), ARGV[6] ack timeout ms for a
 --   job stored without one, ARGV[7] most jobs to start and return (0: dispatch them instead),
@@ -56,13 +57,13 @@ end
 local codes, events, freed, seen, finished, again = {}, {}, {}, {}, {}, {}
 for i = 1, jobs do
   local a = 8 * i
-  local code, queue, refill = record_outcome(KEYS[OWN_KEYS + i], worker, ARGV[4], {
+  local code, queue, refill, retry_event = record_outcome(ns, KEYS[OWN_KEYS + i], worker, ARGV[4], {
     lease = ARGV[a + 1], state = tonumber(ARGV[a + 2]), result = ARGV[a + 3],
-    output = ARGV[a + 4], code = ARGV[a + 5], message = ARGV[a + 6]})
+    output = ARGV[a + 4], code = ARGV[a + 5], message = ARGV[a + 6]}, ARGV[a])
   codes[i] = code
   if code == 2 and refill then again[#again + 1] = refill end
   if code == 1 then
-    events[#events + 1] = ARGV[a + 7]
+    events[#events + 1] = retry_event or ARGV[a + 7]
     finished[#finished + 1] = ARGV[a]
     if not seen[queue] then
       seen[queue] = true

@@ -1,5 +1,5 @@
 -- heartbeat: register or refresh a worker.
--- KEYS[1..7] the namespace's keys (see the prelude), KEYS[8] worker hash, KEYS[9] worker jobs set
+-- KEYS[1..8] the namespace's keys (see the prelude), KEYS[9] worker hash, KEYS[10] worker jobs set
 -- ARGV[1] key prefix, ARGV[2] worker id, ARGV[3] now ms, ARGV[4] expiry ms, ARGV[5] slots,
 -- ARGV[6] queues (comma-separated), ARGV[7] kinds (comma-separated, '' = any),
 -- ARGV[8] host, ARGV[9] pid, ARGV[10] off ('1' = take no new jobs: draining or unsubscribed),

@@ -1,5 +1,5 @@
 -- reap: settle the jobs of workers whose heartbeat expired and of dispatches never acknowledged.
--- KEYS[1..7] the namespace's keys (see the prelude)
+-- KEYS[1..8] the namespace's keys (see the prelude)
 -- ARGV[1] key prefix, ARGV[2] now ms, ARGV[3] most workers/dispatches per call
 -- returns a flat array of {job id, queue, new state} triples
 local ns, now, limit = namespace(ARGV[1]), ARGV[2], tonumber(ARGV[3])

@@ -1,6 +1,6 @@
 -- schedule: place waiting jobs of one queue on live workers with free slots and publish them
 -- (place_jobs in the prelude says how).
--- KEYS[1..7] the namespace's keys (see the prelude), KEYS[8] kinds set of the queue, KEYS[9]
+-- KEYS[1..8] the namespace's keys (see the prelude), KEYS[9] kinds set of the queue, KEYS[10]
 --   qworkers set of the queue
 -- ARGV[1] key prefix, ARGV[2] now ms, ARGV[3] ack timeout ms for a job stored without one, ARGV[4] queue name,
 -- ARGV[5] most placements to make

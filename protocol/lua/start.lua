@@ -1,6 +1,6 @@
 -- start: a worker acknowledges a dispatch and starts running it (also publishes RUNNING).
--- KEYS[1..7] the namespace's keys (see the prelude), KEYS[8] worker hash, KEYS[9] worker jobs set,
---   KEYS[10] job hash
+-- KEYS[1..8] the namespace's keys (see the prelude), KEYS[9] worker hash, KEYS[10] worker jobs set,
+--   KEYS[11] job hash
 -- ARGV[1] key prefix, ARGV[2] job id, ARGV[3] lease, ARGV[4] worker id, ARGV[5] instance token of
 --   the worker's registration (as its heartbeat sent it), ARGV[6] now ms, ARGV[7] JobEvents bytes
 --   holding the RUNNING event

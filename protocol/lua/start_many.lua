@@ -1,7 +1,7 @@
 -- start_many: start for several dispatches of one worker in one call (each exactly as start);
 -- the RUNNING events of the jobs it started go out as one JobEvents message (several when they pass 1 MB).
--- KEYS[1..7] the namespace's keys (see the prelude), KEYS[8] worker hash, KEYS[9] worker jobs set,
---   then KEYS[9+i] job hash of job i (i from 1)
+-- KEYS[1..8] the namespace's keys (see the prelude), KEYS[9] worker hash, KEYS[10] worker jobs set,
+--   then KEYS[10+i] job hash of job i (i from 1)
 -- ARGV[1] key prefix, ARGV[2] worker id, ARGV[3] instance token of the worker's registration,
 --   ARGV[4] now ms, then 3 per job i: ARGV[3i+2] job id, ARGV[3i+3] lease, ARGV[3i+4] JobEvents
 --   bytes holding its RUNNING event

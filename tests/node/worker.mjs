@@ -66,9 +66,9 @@ const shardKeys = (shard) => {
   const P = prefix(shard);
   return {
     P,
-    // The shard's own keys, KEYS[1..7] of every script but read_events, in this order.
-    namespace: ['queues', 'seq', 'lease', 'acks', 'cancels', 'workers', 'results'].map((n) => `${P}${n}`),
-    // This worker's own keys there, KEYS[8..9] of the scripts a worker calls: its hash and its jobs set.
+    // The shard's own keys, KEYS[1..8] of every script but read_events, in this order.
+    namespace: ['queues', 'seq', 'lease', 'acks', 'cancels', 'workers', 'results', 'delayed'].map((n) => `${P}${n}`),
+    // This worker's own keys there, KEYS[9..10] of the scripts a worker calls: its hash and its jobs set.
     own: [`${P}worker:${workerId}`, `${P}worker:${workerId}:jobs`],
     dispatch: `${P}dispatch:${workerId}`,
     results: `${P}results`,

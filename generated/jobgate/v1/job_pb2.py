@@ -27,21 +27,25 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14jobgate/v1/job.proto\x12\njobgate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\")\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xca\x01\n\x07JobSpec\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12$\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\x05\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\"\xeb\x02\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.jobgate.v1.JobSpec\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.jobgate.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12&\n\x06result\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06output\x18\x07 \x01(\x0c\x12#\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x14.jobgate.v1.JobError\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb7\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.jobgate.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12&\n\x06result\x18\x07 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06output\x18\x08 \x01(\x0c\x12#\n\x05\x65rror\x18\t \x01(\x0b\x32\x14.jobgate.v1.JobError\x12(\n\x04time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xb4\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x18\n\x14JOB_STATE_DISPATCHED\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14jobgate/v1/job.proto\x12\njobgate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\")\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x85\x01\n\x0bRetryPolicy\x12\x32\n\x0finitial_backoff\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0bmax_backoff\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nmultiplier\x18\x03 \x01(\x01\"\xc8\x02\n\x07JobSpec\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12$\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\x05\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12*\n\x06run_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05\x64\x65lay\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x05retry\x18\x0b \x01(\x0b\x32\x17.jobgate.v1.RetryPolicy\"\xd8\x01\n\x07\x41ttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05state\x18\x05 \x01(\x0e\x32\x14.jobgate.v1.JobState\x12#\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x14.jobgate.v1.JobError\"\xbe\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.jobgate.v1.JobSpec\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.jobgate.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12&\n\x06result\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06output\x18\x07 \x01(\x0c\x12#\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x14.jobgate.v1.JobError\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x64ue_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x08\x61ttempts\x18\r \x03(\x0b\x32\x13.jobgate.v1.Attempt\"\xe3\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.jobgate.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x11\n\tworker_id\x18\x06 \x01(\t\x12&\n\x06result\x18\x07 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0e\n\x06output\x18\x08 \x01(\x0c\x12#\n\x05\x65rror\x18\t \x01(\x0b\x32\x14.jobgate.v1.JobError\x12(\n\x04time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x64ue_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xcd\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x18\n\x14JOB_STATE_DISPATCHED\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x12\x17\n\x13JOB_STATE_SCHEDULED\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jobgate.v1.job_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1060
-  _globals['_JOBSTATE']._serialized_end=1240
+  _globals['_JOBSTATE']._serialized_start=1668
+  _globals['_JOBSTATE']._serialized_end=1873
   _globals['_JOBERROR']._serialized_start=131
   _globals['_JOBERROR']._serialized_end=172
-  _globals['_JOBSPEC']._serialized_start=175
-  _globals['_JOBSPEC']._serialized_end=377
-  _globals['_JOB']._serialized_start=380
-  _globals['_JOB']._serialized_end=743
-  _globals['_JOBEVENT']._serialized_start=746
-  _globals['_JOBEVENT']._serialized_end=1057
+  _globals['_RETRYPOLICY']._serialized_start=175
+  _globals['_RETRYPOLICY']._serialized_end=308
+  _globals['_JOBSPEC']._serialized_start=311
+  _globals['_JOBSPEC']._serialized_end=639
+  _globals['_ATTEMPT']._serialized_start=642
+  _globals['_ATTEMPT']._serialized_end=858
+  _globals['_JOB']._serialized_start=861
+  _globals['_JOB']._serialized_end=1307
+  _globals['_JOBEVENT']._serialized_start=1310
+  _globals['_JOBEVENT']._serialized_end=1665
 # @@protoc_insertion_point(module_scope)

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from jobgate.v1 import job_pb2 as jobgate_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ajobgate/v1/scheduler.proto\x12\njobgate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14jobgate/v1/job.proto\"\xd3\x01\n\x10SubmitJobRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12$\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\x05\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\"1\n\x11SubmitJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobgate.v1.Job\"?\n\x11SubmitJobsRequest\x12*\n\x04jobs\x18\x01 \x03(\x0b\x32\x1c.jobgate.v1.SubmitJobRequest\"3\n\x12SubmitJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.jobgate.v1.Job\":\n\rRunJobRequest\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.jobgate.v1.SubmitJobRequest\"5\n\x0eRunJobResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.jobgate.v1.JobEvent\"W\n\x13WatchResultsRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\r\n\x05kinds\x18\x03 \x03(\t\x12\x11\n\tmax_batch\x18\x04 \x01(\r\"a\n\x14WatchResultsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.jobgate.v1.JobEvent\x12$\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x14.jobgate.v1.JobEvent\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\".\n\x0eGetJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobgate.v1.Job\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"1\n\x11\x43\x61ncelJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobgate.v1.Job\"\x14\n\x12ListWorkersRequest\"\x9e\x01\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06queues\x18\x02 \x03(\t\x12\r\n\x05kinds\x18\x03 \x03(\t\x12\r\n\x05slots\x18\x04 \x01(\x05\x12\x0c\n\x04\x62usy\x18\x05 \x01(\x05\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12-\n\tlast_seen\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.jobgate.v1.WorkerInfo2\x9c\x04\n\x10SchedulerService\x12H\n\tSubmitJob\x12\x1c.jobgate.v1.SubmitJobRequest\x1a\x1d.jobgate.v1.SubmitJobResponse\x12K\n\nSubmitJobs\x12\x1d.jobgate.v1.SubmitJobsRequest\x1a\x1e.jobgate.v1.SubmitJobsResponse\x12\x41\n\x06RunJob\x12\x19.jobgate.v1.RunJobRequest\x1a\x1a.jobgate.v1.RunJobResponse0\x01\x12S\n\x0cWatchResults\x12\x1f.jobgate.v1.WatchResultsRequest\x1a .jobgate.v1.WatchResultsResponse0\x01\x12?\n\x06GetJob\x12\x19.jobgate.v1.GetJobRequest\x1a\x1a.jobgate.v1.GetJobResponse\x12H\n\tCancelJob\x12\x1c.jobgate.v1.CancelJobRequest\x1a\x1d.jobgate.v1.CancelJobResponse\x12N\n\x0bListWorkers\x12\x1e.jobgate.v1.ListWorkersRequest\x1a\x1f.jobgate.v1.ListWorkersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ajobgate/v1/scheduler.proto\x12\njobgate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14jobgate/v1/job.proto\"\xd1\x02\n\x10SubmitJobRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12$\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\x05\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12*\n\x06run_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05\x64\x65lay\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x05retry\x18\x0b \x01(\x0b\x32\x17.jobgate.v1.RetryPolicy\"1\n\x11SubmitJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobgate.v1.Job\"?\n\x11SubmitJobsRequest\x12*\n\x04jobs\x18\x01 \x03(\x0b\x32\x1c.jobgate.v1.SubmitJobRequest\"3\n\x12SubmitJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.jobgate.v1.Job\":\n\rRunJobRequest\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.jobgate.v1.SubmitJobRequest\"5\n\x0eRunJobResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.jobgate.v1.JobEvent\"W\n\x13WatchResultsRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\r\n\x05kinds\x18\x03 \x03(\t\x12\x11\n\tmax_batch\x18\x04 \x01(\r\"a\n\x14WatchResultsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.jobgate.v1.JobEvent\x12$\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x14.jobgate.v1.JobEvent\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\".\n\x0eGetJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobgate.v1.Job\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"1\n\x11\x43\x61ncelJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobgate.v1.Job\"\x14\n\x12ListWorkersRequest\"\x9e\x01\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06queues\x18\x02 \x03(\t\x12\r\n\x05kinds\x18\x03 \x03(\t\x12\r\n\x05slots\x18\x04 \x01(\x05\x12\x0c\n\x04\x62usy\x18\x05 \x01(\x05\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12-\n\tlast_seen\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.jobgate.v1.WorkerInfo2\x9c\x04\n\x10SchedulerService\x12H\n\tSubmitJob\x12\x1c.jobgate.v1.SubmitJobRequest\x1a\x1d.jobgate.v1.SubmitJobResponse\x12K\n\nSubmitJobs\x12\x1d.jobgate.v1.SubmitJobsRequest\x1a\x1e.jobgate.v1.SubmitJobsResponse\x12\x41\n\x06RunJob\x12\x19.jobgate.v1.RunJobRequest\x1a\x1a.jobgate.v1.RunJobResponse0\x01\x12S\n\x0cWatchResults\x12\x1f.jobgate.v1.WatchResultsRequest\x1a .jobgate.v1.WatchResultsResponse0\x01\x12?\n\x06GetJob\x12\x19.jobgate.v1.GetJobRequest\x1a\x1a.jobgate.v1.GetJobResponse\x12H\n\tCancelJob\x12\x1c.jobgate.v1.CancelJobRequest\x1a\x1d.jobgate.v1.CancelJobResponse\x12N\n\x0bListWorkers\x12\x1e.jobgate.v1.ListWorkersRequest\x1a\x1f.jobgate.v1.ListWorkersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,35 +36,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jobgate.v1.scheduler_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITJOBREQUEST']._serialized_start=160
-  _globals['_SUBMITJOBREQUEST']._serialized_end=371
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=373
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=422
-  _globals['_SUBMITJOBSREQUEST']._serialized_start=424
-  _globals['_SUBMITJOBSREQUEST']._serialized_end=487
-  _globals['_SUBMITJOBSRESPONSE']._serialized_start=489
-  _globals['_SUBMITJOBSRESPONSE']._serialized_end=540
-  _globals['_RUNJOBREQUEST']._serialized_start=542
-  _globals['_RUNJOBREQUEST']._serialized_end=600
-  _globals['_RUNJOBRESPONSE']._serialized_start=602
-  _globals['_RUNJOBRESPONSE']._serialized_end=655
-  _globals['_WATCHRESULTSREQUEST']._serialized_start=657
-  _globals['_WATCHRESULTSREQUEST']._serialized_end=744
-  _globals['_WATCHRESULTSRESPONSE']._serialized_start=746
-  _globals['_WATCHRESULTSRESPONSE']._serialized_end=843
-  _globals['_GETJOBREQUEST']._serialized_start=845
-  _globals['_GETJOBREQUEST']._serialized_end=872
-  _globals['_GETJOBRESPONSE']._serialized_start=874
-  _globals['_GETJOBRESPONSE']._serialized_end=920
-  _globals['_CANCELJOBREQUEST']._serialized_start=922
-  _globals['_CANCELJOBREQUEST']._serialized_end=952
-  _globals['_CANCELJOBRESPONSE']._serialized_start=954
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1003
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1005
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1025
-  _globals['_WORKERINFO']._serialized_start=1028
-  _globals['_WORKERINFO']._serialized_end=1186
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1188
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1250
-  _globals['_SCHEDULERSERVICE']._serialized_start=1253
-  _globals['_SCHEDULERSERVICE']._serialized_end=1793
+  _globals['_SUBMITJOBREQUEST']._serialized_end=497
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=499
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=548
+  _globals['_SUBMITJOBSREQUEST']._serialized_start=550
+  _globals['_SUBMITJOBSREQUEST']._serialized_end=613
+  _globals['_SUBMITJOBSRESPONSE']._serialized_start=615
+  _globals['_SUBMITJOBSRESPONSE']._serialized_end=666
+  _globals['_RUNJOBREQUEST']._serialized_start=668
+  _globals['_RUNJOBREQUEST']._serialized_end=726
+  _globals['_RUNJOBRESPONSE']._serialized_start=728
+  _globals['_RUNJOBRESPONSE']._serialized_end=781
+  _globals['_WATCHRESULTSREQUEST']._serialized_start=783
+  _globals['_WATCHRESULTSREQUEST']._serialized_end=870
+  _globals['_WATCHRESULTSRESPONSE']._serialized_start=872
+  _globals['_WATCHRESULTSRESPONSE']._serialized_end=969
+  _globals['_GETJOBREQUEST']._serialized_start=971
+  _globals['_GETJOBREQUEST']._serialized_end=998
+  _globals['_GETJOBRESPONSE']._serialized_start=1000
+  _globals['_GETJOBRESPONSE']._serialized_end=1046
+  _globals['_CANCELJOBREQUEST']._serialized_start=1048
+  _globals['_CANCELJOBREQUEST']._serialized_end=1078
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1080
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1129
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1131
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1151
+  _globals['_WORKERINFO']._serialized_start=1154
+  _globals['_WORKERINFO']._serialized_end=1312
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1314
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1376
+  _globals['_SCHEDULERSERVICE']._serialized_start=1379
+  _globals['_SCHEDULERSERVICE']._serialized_end=1919
 # @@protoc_insertion_point(module_scope)
