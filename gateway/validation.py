@@ -89,16 +89,10 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
     spec.max_attempts = req.max_attempts or DEFAULT_MAX_ATTEMPTS
     timeout_ms = limits.default_timeout_ms
     if req.HasField("timeout"):
-        t = req.timeout
-        if t.seconds < 0 or t.nanos < 0:
-            raise InvalidArgument(f"{field}timeout: must not be negative")
-        if t.nanos > 999_999_999:
-            raise InvalidArgument(f"{field}timeout: nanos must be below one second (999999999 at most)")
-        if t.seconds > MAX_TIMEOUT_MS // 1000 or t.ToMilliseconds() > MAX_TIMEOUT_MS:
-            raise InvalidArgument(f"{field}timeout: must be at most 7 days")
-        if t.seconds or t.nanos:
-            timeout_ms = max(1, t.ToMilliseconds())
-            spec.timeout.CopyFrom(t)
+        _duration_ms(req.timeout, f"{field}timeout", MAX_TIMEOUT_MS, "7 days")
+        if req.timeout.seconds or req.timeout.nanos:
+            timeout_ms = max(1, req.timeout.ToMilliseconds())
+            spec.timeout.CopyFrom(req.timeout)
     due_ms = _due(req, spec, field)
     backoff = _backoff(req, spec, limits, field)
     if len(req.idempotency_key) > MAX_IDEMPOTENCY_KEY:

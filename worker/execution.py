@@ -159,7 +159,7 @@ class Executor:
             running.started = True
             self.metrics.running.inc()
             result = await self._run_handler(running)
-            await self._finish(d, result)
+            await self._finish(running, result)
         except Exception:
             # The job stays placed here; the gateway places it again if this worker goes away.
             log.exception("job_id=%s could not be run", d.job_id)
@@ -279,7 +279,8 @@ class Executor:
             self._metric(self.metrics.duration, d.spec.kind).observe(time.perf_counter() - began)
         return _success(value)
 
-    async def _finish(self, d: relay_pb2.DispatchJob, result: Result) -> None:
+    async def _finish(self, running: Running, result: Result) -> None:
+        d = running.dispatch
         # The published event leaves out result and output: gateways build what clients see from the
         # stored job, and big outputs on the shared channel would only swell every gateway's buffer.
         event = self._event(d, result.state)
@@ -298,7 +299,12 @@ class Executor:
         )
         code = await self._retrying("outcome", d.job_id, lambda: self.finishes.call(outcome))
         if code in (1, 2):  # 2: recorded by an earlier try whose reply was lost
-            log.info("job_id=%s finished %s", d.job_id, _STATE_NAMES[result.state])
+            if result.error_code in RETRIED and d.attempt < d.spec.max_attempts and not running.cancel_requested:
+                log.info(
+                    "job_id=%s attempt %d failed (%s); retried after a backoff", d.job_id, d.attempt, result.error_code
+                )
+            else:
+                log.info("job_id=%s finished %s", d.job_id, _STATE_NAMES[result.state])
             self._metric(self.metrics.jobs, d.spec.kind, _STATE_NAMES[result.state].removeprefix("JOB_STATE_")).inc()
         else:
             self.metrics.superseded.inc()
@@ -348,6 +354,7 @@ class Executor:
 
 
 _STATE_NAMES = {number: name for name, number in job_pb2.JobState.items()}
+RETRIED = ("HANDLER_ERROR", "TIMEOUT")  # failures the finish script retries while attempts are left
 
 
 def _cancelling() -> bool:
