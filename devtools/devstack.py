@@ -138,5 +138,12 @@ class Stack:
             svc.close()
         shutil.rmtree(self.log_dir, ignore_errors=True)
 
-    def logs(self) -> str:
-        return "\n".join(f"===== {s.name}\n{s.log()[-4000:]}" for s in [*self.gateways, *self.workers])
+    def logs(self, lines: int = 60) -> str:
+        """What each process logged that says something went wrong or changed (its last ``lines``
+        lines other than routine INFO lines: jobs started and finished), after its first lines."""
+        out = []
+        for svc in [*self.gateways, *self.workers]:
+            text = svc.log().splitlines()
+            notable = [line for line in text[5:] if " INFO " not in line]
+            out.append(f"===== {svc.name} ({len(text)} lines)\n" + "\n".join([*text[:5], "[...]", *notable[-lines:]]))
+        return "\n".join(out)

@@ -199,7 +199,7 @@ class Executor:
         """Runs a script call until Redis answers. Every such call is safe to repeat: a repeated
         start or finish of the same placement is answered as the first was, or as stale once the
         placement has moved on. On shutdown the task is cancelled and the job handed back."""
-        delay = 0.1
+        delay, began, said = 0.1, time.monotonic(), -RETRY_LOG_S
         while True:
             try:
                 return await call()
@@ -207,8 +207,17 @@ class Executor:
                 if not transient(exc):  # else the job would stay RUNNING
                     raise
                 self.metrics.redis_errors.inc()
-                if delay == 0.1:
-                    log.warning("job_id=%s %s not recorded yet (%s); retrying", job_id, what, exc)
+                waited = time.monotonic() - began
+                if waited - said >= RETRY_LOG_S:  # the first failure, then every RETRY_LOG_S
+                    said = waited
+                    log.warning(
+                        "job_id=%s %s not recorded yet after %.0fs (%s: %s); retrying",
+                        job_id,
+                        what,
+                        waited,
+                        type(exc).__name__,
+                        exc,
+                    )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -355,6 +364,7 @@ class Executor:
 
 _STATE_NAMES = {number: name for name, number in job_pb2.JobState.items()}
 RETRIED = ("HANDLER_ERROR", "TIMEOUT")  # failures the finish script retries while attempts are left
+RETRY_LOG_S = 30.0  # how often a start or outcome that Redis keeps refusing is logged again
 
 
 def _cancelling() -> bool:

@@ -103,6 +103,7 @@ class Membership:
 
     async def heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_ms / 1000
+        failing_since = said = 0.0
         while True:
             try:
                 await self.beat()
@@ -111,8 +112,15 @@ class Membership:
                 self.redis_ok = True
             except Exception as exc:  # noqa: BLE001 - heartbeats must outlive any failure
                 self.metrics.redis_errors.inc()
+                now = time.monotonic()
                 if self.redis_ok:
+                    failing_since = said = now
                     log.warning("heartbeat failed (%s: %s); retrying", type(exc).__name__, exc)
+                elif now - said >= 30:  # still failing: said again every 30 s
+                    said = now
+                    log.warning(
+                        "heartbeats failing for %.0fs (%s: %s); retrying", now - failing_since, type(exc).__name__, exc
+                    )
                 self.redis_ok = False
             await asyncio.sleep(interval)
 
