@@ -203,6 +203,11 @@ class SentinelProcess:
             return None
         return reply[0], int(reply[1])
 
+    def log(self) -> str:
+        """What the sentinel logged (its view of the primary: +sdown, +odown, +switch-master...)."""
+        path = Path(self.dir) / "sentinel.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def stop(self) -> None:
         _terminate(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -150,6 +150,8 @@ async def sentinel_checker(request: pytest.FixtureRequest, namespace: str) -> As
         async with checking(stack, admin, failed=lambda: call_failed(request)) as c:
             yield c, servers
     finally:
+        if call_failed(request):  # how many failovers the sentinel made, and when
+            print("===== sentinel\n" + "\n".join(servers.sentinel.log().splitlines()[-60:]))
         servers.stop()
 
 
