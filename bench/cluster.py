@@ -3,7 +3,7 @@
 Starts a private redis-server, runs the benchmark's batched jobgate load on it (one gateway, two
 workers, as ``bench.profile batched``), then does the same on a local cluster of 3 primaries and 3
 replicas (``devtools.devstack.ClusterProcess``) twice: with the namespace on one of its nodes, then
-with ``redis_shards`` spreading its queues over every primary (the jobs going to 12 queues in
+with ``redis_shards`` spreading its queues over every primary (the jobs going to 30 queues in
 turn). For each it reports jobs/s, the CPU each process used per job (from /proc), and, for the
 cluster, how the work spread over its nodes: the commands each node ran (``INFO commandstats``)
 and its CPU per job.
@@ -23,6 +23,7 @@ from devtools.servers import ClusterProcess, RedisProcess, command
 from protocol.keys import Keys
 
 SHARDS = 12  # spread: 4 per primary
+QUEUES = 30  # the spread load's queues, jobs going to each in turn
 
 
 def commands(port: int) -> int:
@@ -41,12 +42,8 @@ def measure(
 ) -> None:
     system = Jobgate(url)
     env = dict(ENV)
-    if shards > 1:  # one queue per shard, every worker serving them all
-        keys = Keys("bench", shards)
-        found: dict[int, str] = {}
-        for i in range(10_000):
-            found.setdefault(keys.queue_shard(f"q{i}"), f"q{i}")
-        system.queues = [found[s] for s in sorted(found)]
+    if shards > 1:  # QUEUES queues over the shards, every worker serving them all
+        system.queues = [f"q{i}" for i in range(QUEUES)]
         env |= {"JOBGATE_REDIS_SHARDS": str(shards), "JOBGATE_QUEUES": ",".join(system.queues)}
     try:
         system.start(workers, env)
@@ -106,7 +103,8 @@ def main() -> int:
             role = "primary" if port in cluster.primaries() else "replica"
             names[port] = f"{role} :{port}" + (f" ({spread[port]} shards)" if port in spread else "")
         pids = {names[p]: cluster.procs[p].pid for p in cluster.ports}
-        print(f"\nthe same cluster, redis_shards={SHARDS}: 12 queues over every primary, jobs to each in turn:")
+        used = len({keys.queue_shard(f"q{i}") for i in range(QUEUES)})
+        print(f"\nthe same cluster, redis_shards={SHARDS}: {QUEUES} queues on {used} shards, jobs to each in turn:")
         measure(cluster.url, pids, {names[p]: p for p in cluster.ports}, args.jobs, args.workers, SHARDS)
     finally:
         cluster.stop()
