@@ -45,15 +45,21 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def by_shard(items: Sequence[T], shard_of: Callable[[T], int]) -> dict[int, list[int]]:
+    """The indexes of ``items`` by the shard each falls in, shards in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(shard_of(item), []).append(i)
+    return groups
+
+
 async def per_shard(
     keys: Keys, items: Sequence[T], shard_of: Callable[[T], int], call: Callable[[Keys, list[T]], Awaitable[list[R]]]
 ) -> list[R]:
     """Runs ``call(shard_keys, items_of_that_shard)`` for each shard the items fall in (at once) and
     returns the results in the order of ``items`` (``call`` answers one result per item, in order).
     With one shard this is one call."""
-    groups: dict[int, list[int]] = {}
-    for i, item in enumerate(items):
-        groups.setdefault(shard_of(item), []).append(i)
+    groups = by_shard(items, shard_of)
     if len(groups) == 1:
         [(shard, _)] = groups.items()
         return await call(keys.at(shard), list(items))

@@ -7,7 +7,7 @@ domain errors here; Redis connection and timeout errors become :class:`Unavailab
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
 
-from .calls import NO_WAIT, Calls, Durability
+from .calls import NO_WAIT, Calls, Durability, by_shard
 from .codec import Fields, job_from_hash
 from .connection import now_ms
 from .errors import (
@@ -92,7 +92,7 @@ class GatewayCalls(Calls):
         Redis cannot be reached.
         """
         jobs = self._with_shard_ids(jobs)
-        groups = self._by_shard(range(len(jobs)), jobs)
+        groups = self._by_shard(jobs)
         out: list[job_pb2.Job | None] = [None] * len(jobs)
         placed: list[Placed] = []
         for idx in groups:
@@ -115,9 +115,7 @@ class GatewayCalls(Calls):
         jobs = self._with_shard_ids(jobs)
         results: list[job_pb2.Job | JobgateError | None] = [None] * len(jobs)
         calls: list[Placed] = []
-        await asyncio.gather(
-            *(self._submit_each_shard(jobs, idx, results, calls) for idx in self._by_shard(range(len(jobs)), jobs))
-        )
+        await asyncio.gather(*(self._submit_each_shard(jobs, idx, results, calls) for idx in self._by_shard(jobs)))
         return [r for r in results if r is not None], calls
 
     async def _submit_each_shard(
@@ -156,12 +154,9 @@ class GatewayCalls(Calls):
             return jobs
         return [replace(j, id=self.keys.job_id_for(j.id, j.spec.queue)) for j in jobs]
 
-    def _by_shard(self, indexes: Iterable[int], jobs: Sequence[PreparedJob]) -> list[list[int]]:
+    def _by_shard(self, jobs: Sequence[PreparedJob]) -> list[list[int]]:
         """The indexes of ``jobs`` grouped by the shard of their queue, in order of first appearance."""
-        groups: dict[int, list[int]] = {}
-        for i in indexes:
-            groups.setdefault(self.keys.queue_shard(jobs[i].spec.queue), []).append(i)
-        return list(groups.values())
+        return list(by_shard(jobs, lambda j: self.keys.queue_shard(j.spec.queue)).values())
 
     async def _submit_call(self, jobs: Sequence[PreparedJob]) -> tuple[list[job_pb2.Job], Placed]:
         """One submit script call for jobs of one shard."""

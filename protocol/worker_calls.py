@@ -15,7 +15,7 @@ from typing import Any
 
 from jobgate.v1 import relay_pb2
 
-from .calls import Calls, per_shard
+from .calls import Calls, by_shard, per_shard
 from .connection import now_ms
 from .keys import Keys
 from .replies import Finished, Heartbeat, Settled, placements, settled
@@ -138,9 +138,7 @@ class WorkerCalls(Calls):
         (ids whose slot comes free here) are started on this worker at once (only while ``instance`` is the
         token of its registration), more are dispatched as a placement pass would. One call per
         shard the jobs name."""
-        groups: dict[int, list[int]] = {}
-        for i, o in enumerate(outcomes):
-            groups.setdefault(self.keys.job_shard(o.job_id), []).append(i)
+        groups = by_shard(outcomes, lambda o: self.keys.job_shard(o.job_id))
         parts = await asyncio.gather(
             *(
                 self._finish_many(
