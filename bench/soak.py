@@ -5,6 +5,9 @@ serving Prometheus metrics; submits ``--jobs`` jobs in ``SubmitJobs`` batches wh
 ``--in-flight`` unfinished (completions counted on an unfiltered ``WatchResults`` stream), samples
 the resident memory and asyncio tasks of every process every ``--every-s`` seconds, and writes the
 start (after warm-up), peak and end figures and the slope of the second half to docs/SOAK.md.
+Finished jobs are kept ``--retention-s`` seconds (failed ones, a tenth of the jobs, as long): Redis's
+own memory (``used_memory``) and key count are sampled too, the last time once that retention has
+passed, so the report shows whether Redis gives back what the jobs took.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ import asyncio
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import redis as redis_sync
 
 from devtools.devstack import Stack
 from devtools.servers import RedisProcess, free_port
@@ -65,7 +70,7 @@ class Counter:
 async def count_completions(
     stub: scheduler_pb2_grpc.SchedulerServiceStub, counter: Counter, ready: asyncio.Event
 ) -> None:
-    call = stub.WatchResults(scheduler_pb2.WatchResultsRequest(kinds=["echo"]), timeout=24 * 3600)
+    call = stub.WatchResults(scheduler_pb2.WatchResultsRequest(kinds=["echo", "fail"]), timeout=24 * 3600)
     ready.set()
     async for resp in call:
         if resp.event.state in TERMINAL:
@@ -73,7 +78,23 @@ async def count_completions(
             counter.changed.set()
 
 
+class RedisSeries:
+    """Samples of Redis: (seconds since start, jobs done, used_memory bytes, keys)."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis_sync.Redis.from_url(url)
+        self.samples: list[tuple[float, int, float, float]] = []
+
+    def sample(self, t: float, done: int) -> None:
+        self.samples.append((t, done, float(self.client.info("memory")["used_memory"]), float(self.client.dbsize())))
+
+
 def job(i: int) -> scheduler_pb2.SubmitJobRequest:
+    """An ``echo`` job; every tenth fails for good (a dead letter, kept dead_retention_s)."""
+    if i % 10 == 9:
+        req = scheduler_pb2.SubmitJobRequest(kind="fail")
+        req.args.struct_value.fields["fatal"].bool_value = True
+        return req
     req = scheduler_pb2.SubmitJobRequest(kind="echo")
     req.args.struct_value.fields["i"].number_value = i
     return req
@@ -96,7 +117,9 @@ async def push(
         await asyncio.wait_for(counter.changed.wait(), timeout=60)
 
 
-async def sampler(series: list[Series], counter: Counter, began: float, every_s: float, stop: asyncio.Event) -> None:
+async def sampler(
+    series: Sequence[Series | RedisSeries], counter: Counter, began: float, every_s: float, stop: asyncio.Event
+) -> None:
     while not stop.is_set():
         for s in series:
             await asyncio.to_thread(s.sample, time.monotonic() - began, counter.done)
@@ -106,7 +129,7 @@ async def sampler(series: list[Series], counter: Counter, began: float, every_s:
             pass
 
 
-async def soak(args: argparse.Namespace, address: str, series: list[Series]) -> float:
+async def soak(args: argparse.Namespace, address: str, series: list[Series], redis: RedisSeries) -> float:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
         counter, ready = Counter(), asyncio.Event()
@@ -114,9 +137,11 @@ async def soak(args: argparse.Namespace, address: str, series: list[Series]) -> 
         await asyncio.wait_for(ready.wait(), timeout=10)
         await asyncio.sleep(0.3)  # the stream is registered on the gateway
         await push(stub, args.warm_up, args.batch, args.in_flight, counter)  # warm-up, not sampled
+        await asyncio.sleep(args.retention_s + args.settle_s)  # the warm-up's jobs expire: Redis at rest
         counter.done = 0
         stop, began = asyncio.Event(), time.monotonic()
-        sampling = asyncio.create_task(sampler(series, counter, began, args.every_s, stop))
+        redis.sample(0.0, 0)
+        sampling = asyncio.create_task(sampler([*series, redis], counter, began, args.every_s, stop))
         await push(stub, args.jobs, args.batch, args.in_flight, counter)
         elapsed = time.monotonic() - began
         await asyncio.sleep(args.settle_s)  # let the processes go idle before the last sample
@@ -124,11 +149,14 @@ async def soak(args: argparse.Namespace, address: str, series: list[Series]) -> 
         await sampling
         for s in series:
             s.sample(time.monotonic() - began, counter.done)
+        await asyncio.sleep(args.retention_s)  # every job of the run has expired now
+        redis.sample(time.monotonic() - began, counter.done)
         watcher.cancel()
         return elapsed
 
 
-def report(args: argparse.Namespace, series: list[Series], elapsed: float) -> str:
+def report(args: argparse.Namespace, series: list[Series], redis: RedisSeries, elapsed: float) -> str:
+    r0, r1 = redis.samples[0], redis.samples[-1]
     rows = []
     for s in series:
         start, end = s.samples[0], s.samples[-1]
@@ -155,6 +183,15 @@ def report(args: argparse.Namespace, series: list[Series], elapsed: float) -> st
             "|---|---|---|---|---|---|---|---|",
             *rows,
             "",
+            f"Redis, with finished jobs kept {args.retention_s} s (`retention_s`, `dead_retention_s`; a tenth of the"
+            " jobs fail for good): its `used_memory` and key count at rest after the warm-up, at the peak of the run,",
+            f"and {args.retention_s} s after the last completion, once every job of the run has expired:",
+            "",
+            "| | start | peak | end |",
+            "|---|---|---|---|",
+            f"| used_memory (MB) | {r0[2] / MB:.1f} | {max(x[2] for x in redis.samples) / MB:.1f} | {r1[2] / MB:.1f} |",
+            f"| keys | {r0[3]:,.0f} | {max(x[3] for x in redis.samples):,.0f} | {r1[3]:,.0f} |",
+            "",
         ]
     )
 
@@ -169,10 +206,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--every-s", type=float, default=2.0)
     parser.add_argument("--settle-s", type=float, default=3.0)
+    parser.add_argument("--retention-s", type=int, default=5, help="how long finished and failed jobs are kept")
     parser.add_argument("--out", type=Path, default=REPORT, help="report file ('-' prints only)")
     args = parser.parse_args()
     redis = RedisProcess().start()
-    stack = Stack(redis.url, "soak", env={"JOBGATE_LOG_LEVEL": "WARNING", "JOBGATE_STREAM_BUFFER": "20000"})
+    kept = str(args.retention_s)
+    env = {"JOBGATE_LOG_LEVEL": "WARNING", "JOBGATE_STREAM_BUFFER": "20000"}
+    env |= {"JOBGATE_RETENTION_S": kept, "JOBGATE_DEAD_RETENTION_S": kept, "JOBGATE_IDEMPOTENCY_TTL_S": kept}
+    stack = Stack(redis.url, "soak", env=env)
     try:
         port = free_port()
         _, address = stack.start_gateway(env=metrics_env(port))
@@ -181,11 +222,12 @@ def main() -> None:
             port = free_port()
             stack.start_worker("--concurrency", str(args.concurrency), env=metrics_env(port))
             series.append(Series(f"worker {i + 1}", port, "jobgate_worker"))
-        elapsed = asyncio.run(soak(args, address, series))
+        memory = RedisSeries(redis.url)
+        elapsed = asyncio.run(soak(args, address, series, memory))
     finally:
         stack.stop()
         redis.stop()
-    text = report(args, series, elapsed)
+    text = report(args, series, memory, elapsed)
     print(text)
     if str(args.out) != "-":
         args.out.write_text(text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from common.settings import (
     check_listen,
@@ -16,6 +16,8 @@ from common.settings import (
     with_flags,
 )
 from protocol.keys import Keys
+
+from .validation import Limits, parse_queue_settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,7 @@ class GatewaySettings:
         ' (GOAWAY "too many pings"); 0 = no limit',
     )
     default_timeout_ms: int = setting(300_000, "per-attempt time limit of jobs that set none")
+    default_max_attempts: int = setting(3, "starts allowed to jobs that set no max_attempts (1-100)")
     retry_initial_backoff_ms: int = setting(
         1_000, "wait before a failed job's second attempt, for jobs whose retry policy sets none"
     )
@@ -91,6 +94,18 @@ class GatewaySettings:
         86_400,
         "how long a job is kept once it is finished, seconds (positive); stored with each job when it is"
         " submitted (the submitting gateway's value), so it applies whoever finishes the job, worker or gateway",
+    )
+    dead_retention_s: int = setting(
+        604_800,
+        "how long a FAILED job (a dead letter: listed by ListFailedJobs, put back by RetryJob) is kept, seconds"
+        " (positive); stored with each job like retention_s",
+    )
+    queue_settings: str = setting(
+        "",
+        "per-queue defaults, entries separated by ';', each a queue name and name=value pairs among max_attempts,"
+        " default_timeout_ms, retry_initial_backoff_ms, retry_max_backoff_ms, retry_multiplier, retention_s and"
+        " dead_retention_s (the settings of those names, for that queue), e.g. 'emails max_attempts=10"
+        " retry_initial_backoff_ms=5000; reports retention_s=600'",
     )
     idempotency_ttl_s: int = setting(
         86_400,
@@ -141,6 +156,23 @@ class GatewaySettings:
     def tls_enabled(self) -> bool:
         return bool(self.tls_cert_file)
 
+    def limits(self) -> Limits:
+        """The request limits and job defaults these settings give. Raises ValueError for a bad
+        ``queue_settings``."""
+        limits = Limits(
+            max_payload_bytes=self.max_payload_bytes,
+            default_timeout_ms=self.default_timeout_ms,
+            max_batch=self.max_batch,
+            max_watch_ids=self.max_watch_ids,
+            retry_initial_backoff_ms=self.retry_initial_backoff_ms,
+            retry_max_backoff_ms=self.retry_max_backoff_ms,
+            retry_multiplier=self.retry_multiplier,
+            max_attempts=self.default_max_attempts,
+            retention_s=self.retention_s,
+            dead_retention_s=self.dead_retention_s,
+        )
+        return replace(limits, queues=parse_queue_settings(self.queue_settings, limits.defaults()))
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:
         """Defaults overridden by ``JOBGATE_*`` variables. Raises ValueError naming a bad variable."""
@@ -155,6 +187,7 @@ class GatewaySettings:
         Keys(self.namespace, self.redis_shards)  # raises ValueError naming what is wrong
         for name in (
             "retention_s",
+            "dead_retention_s",
             "idempotency_ttl_s",
             "max_payload_bytes",
             "max_message_bytes",
@@ -177,10 +210,13 @@ class GatewaySettings:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         check_redis_wait(self.redis_wait_replicas, self.redis_wait_timeout_ms)
-        if not 1 <= self.retry_multiplier <= 100:
-            raise ValueError("retry_multiplier must be between 1 and 100")
-        if self.retry_max_backoff_ms < self.retry_initial_backoff_ms:
-            raise ValueError("retry_max_backoff_ms must not be below retry_initial_backoff_ms")
+        self.limits().defaults().check()
+        for queue, defaults in self.limits().queues.items():
+            if self.idempotency_ttl_s > defaults.retention_s:
+                raise ValueError(
+                    f"queue_settings[{queue}]: retention_s must not be below idempotency_ttl_s (a key would outlive"
+                    " its job)"
+                )
         if self.max_ping_strikes < 0:
             raise ValueError("max_ping_strikes must not be negative (0 = no limit)")
         if self.log_format not in ("text", "json"):

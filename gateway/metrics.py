@@ -45,6 +45,13 @@ class GatewayMetrics:
         self.dropped = Counter(
             "jobgate_gateway_channel_messages_dropped", "Malformed or unverifiable channel messages dropped", registry=r
         )
+        self.schedule_ticks = Counter(
+            "jobgate_gateway_schedule_ticks",
+            "Schedule ticks this gateway recorded, by outcome: submitted, missed or overlap (skipped by policy),"
+            " failed (the job was refused)",
+            ["outcome"],
+            registry=r,
+        )
         self.denied = Counter(
             "jobgate_gateway_requests_denied",
             "Calls refused for a missing or unknown token (UNAUTHENTICATED) or a queue the token does not cover",

@@ -6,14 +6,14 @@ and by the schedule script. This module decides when a gateway runs schedule: wh
 placement stopped at its limit or lost a dispatch, when a result frees a slot in a queue known to
 hold waiting jobs, when a worker joins or leaves, and on a periodic tick that also reaps lost
 workers and unacknowledged dispatches, and queues the SCHEDULED jobs that are due (delayed submits,
-retries whose backoff is over).
+retries whose backoff is over), and submits the jobs of the periodic schedules' due ticks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from jobgate.v1 import job_pb2
@@ -53,6 +53,8 @@ class Scheduler:
         self._backlog: set[str] = set()
         self._all = True
         self._wake = asyncio.Event()
+        # Run on every tick, after promote: the schedules' due ticks (gateway/schedules.py).
+        self.periodic: Callable[[], Awaitable[int]] | None = None
 
     def kick(self, queue: str) -> None:
         """Asks for placement on ``queue`` soon (validated: only known-good names become keys)."""
@@ -80,11 +82,7 @@ class Scheduler:
             try:
                 if loop.time() >= next_tick:
                     next_tick = loop.time() + self.tick_s
-                    await self._step(self._reap())
-                    for queue in await self._step(self.store.promote()):
-                        self.kick(queue)
-                    await self._step(self.store.resend_cancels(older_than_ms=max(1000, int(self.tick_s * 1000))))
-                    self._all = True
+                    await self._tick()
                 if self._all:
                     self._all = False
                     names = await self._step(self.store.queue_names())
@@ -105,6 +103,17 @@ class Scheduler:
                     await asyncio.wait_for(stop.wait(), timeout=self.tick_s)
                 except TimeoutError:
                     pass
+
+    async def _tick(self) -> None:
+        """The periodic part of a pass: reaping, due jobs, schedules, repeated cancels; then a
+        pass over every queue."""
+        await self._step(self._reap())
+        for queue in await self._step(self.store.promote()):
+            self.kick(queue)
+        if self.periodic is not None:
+            await self._step(self.periodic())
+        await self._step(self.store.resend_cancels(older_than_ms=max(1000, int(self.tick_s * 1000))))
+        self._all = True
 
     async def _step(self, aw: Awaitable[T]) -> T:
         async with asyncio.timeout(self.step_s):

@@ -20,6 +20,7 @@ from protocol.calls import Durability
 from protocol.connection import bounded, longest_call_s, redis_client
 from protocol.gateway_calls import GatewayCalls
 from protocol.keys import Keys
+from protocol.schedule_calls import ScheduleCalls
 
 from .auth import Authenticator, AuthInterceptor, load_tokens
 from .config import GatewaySettings
@@ -28,9 +29,9 @@ from .hub import Hub
 from .metrics import GatewayMetrics
 from .reflection import CommentedPool
 from .scheduler import Scheduler
+from .schedules import ScheduleRunner
 from .service import SchedulerService
 from .tls import CertificateFiles
-from .validation import Limits
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,6 @@ async def start(settings: GatewaySettings) -> Gateway:
     store = GatewayCalls(
         redis,
         keys,
-        retention_s=settings.retention_s,
         idempotency_ttl_s=settings.idempotency_ttl_s,
         max_queues=settings.max_queues,
         max_kinds=settings.max_kinds,
@@ -120,15 +120,9 @@ async def start(settings: GatewaySettings) -> Gateway:
     hub = Hub(
         redis, keys, store, on_slot_freed=scheduler.slot_freed, on_worker_change=scheduler.kick_all, metrics=metrics
     )
-    limits = Limits(
-        max_payload_bytes=settings.max_payload_bytes,
-        default_timeout_ms=settings.default_timeout_ms,
-        max_batch=settings.max_batch,
-        max_watch_ids=settings.max_watch_ids,
-        retry_initial_backoff_ms=settings.retry_initial_backoff_ms,
-        retry_max_backoff_ms=settings.retry_max_backoff_ms,
-        retry_multiplier=settings.retry_multiplier,
-    )
+    limits = settings.limits()
+    schedules = ScheduleCalls(redis, keys, store.durability)
+    scheduler.periodic = ScheduleRunner(schedules, store, limits, scheduler, metrics).fire_due
     service = SchedulerService(
         store,
         scheduler,
@@ -139,6 +133,7 @@ async def start(settings: GatewaySettings) -> Gateway:
         max_streams=settings.max_streams,
         max_message_bytes=settings.max_message_bytes,
         metrics=metrics,
+        schedules=schedules,
     )
 
     options = [

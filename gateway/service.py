@@ -16,16 +16,31 @@ import grpc
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 from protocol.coalesce import Coalescer
 from protocol.codec import CANCELLED, QUEUED, TERMINAL, event_from_hash
-from protocol.errors import InvalidArgument, JobgateError, NotFound
+from protocol.connection import now_ms
+from protocol.errors import AlreadyExists, InvalidArgument, JobgateError, NotFound
 from protocol.gateway_calls import GatewayCalls, PreparedJob
 from protocol.replies import Settled
+from protocol.schedule_calls import ScheduleCalls
 
 from . import auth
 from .hub import Hub
 from .metrics import GatewayMetrics
 from .scheduler import Scheduler
+from .schedules import NEXT_SHOWN, prepare_schedule, schedule_message, schedule_name, timing_of
 from .streams import Admission, Follower, Watcher, chunks
-from .validation import Limits, job_id, kind_name, prepare, prepare_batch, queue_name
+from .validation import (
+    Limits,
+    job_id,
+    kind_name,
+    page_position,
+    page_size,
+    page_token,
+    prepare,
+    prepare_batch,
+    queue_name,
+    schedule_page_position,
+    schedule_page_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +124,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         max_streams: int,
         max_message_bytes: int = 4 << 20,
         metrics: GatewayMetrics | None = None,
+        schedules: ScheduleCalls | None = None,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
+        self.schedules = schedules or ScheduleCalls(store.redis, store.keys, store.durability)
         # A batched WatchResults response stays well under what the server may send in one message.
         self.batch_bytes = max_message_bytes // 2
         self.store = store
@@ -187,6 +204,111 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         else:
             await self.store.publish_settled([Settled(jid, outcome.queue, CANCELLED)])
         return scheduler_pb2.CancelJobResponse(job=await self.store.get(jid))
+
+    @unary
+    async def RetryJob(
+        self, request: scheduler_pb2.RetryJobRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.RetryJobResponse:
+        jid = job_id(request.id)
+        await self._check_job(jid, "id")
+        self.scheduler.kick(await self.store.retry(jid))
+        return scheduler_pb2.RetryJobResponse(job=await self.store.get(jid))
+
+    @unary
+    async def ListFailedJobs(
+        self, request: scheduler_pb2.ListFailedJobsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListFailedJobsResponse:
+        queue = queue_name(request.queue)
+        size = page_size(request.page_size)
+        after = page_position(request.page_token)
+        auth.current().check(queue, "queue")
+        jobs = await self.store.failed_jobs(queue, size + 1, after)
+        response = scheduler_pb2.ListFailedJobsResponse(jobs=jobs[:size])
+        if len(jobs) > size:
+            last = jobs[size - 1]
+            response.next_page_token = page_token((last.finished_at.ToMilliseconds(), last.id))
+        return response
+
+    # --- periodic schedules -----------------------------------------------------------------
+    @unary
+    async def CreateSchedule(
+        self, request: scheduler_pb2.CreateScheduleRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.CreateScheduleResponse:
+        now = now_ms()
+        spec, first = prepare_schedule(request.schedule, self.limits, now)
+        auth.current().check(spec.job.queue or "default", "schedule.job.queue")
+        if not await self.schedules.create(spec.name, spec.SerializeToString(deterministic=True), first, now):
+            raise AlreadyExists(f"schedule.name: a schedule named {spec.name!r} exists")
+        return scheduler_pb2.CreateScheduleResponse(schedule=await self._schedule(spec.name, 1))
+
+    @unary
+    async def GetSchedule(
+        self, request: scheduler_pb2.GetScheduleRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.GetScheduleResponse:
+        return scheduler_pb2.GetScheduleResponse(schedule=await self._schedule(schedule_name(request.name), NEXT_SHOWN))
+
+    @unary
+    async def ListSchedules(
+        self, request: scheduler_pb2.ListSchedulesRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListSchedulesResponse:
+        size = page_size(request.page_size)
+        after = ""
+        if request.page_token:
+            after = schedule_page_position(request.page_token)
+        principal = auth.current()
+        out = scheduler_pb2.ListSchedulesResponse()
+        names = await self.schedules.names(after, size + 1)
+        for name in names[:size]:
+            stored = await self.schedules.get(name)
+            if stored is None:  # deleted meanwhile
+                continue
+            schedule = schedule_message(stored, 1)
+            if principal.may_use(schedule.spec.job.queue or "default"):
+                out.schedules.append(schedule)
+        if len(names) > size:
+            out.next_page_token = schedule_page_token(names[size - 1])
+        return out
+
+    @unary
+    async def PauseSchedule(
+        self, request: scheduler_pb2.PauseScheduleRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.PauseScheduleResponse:
+        name = schedule_name(request.name)
+        await self._schedule(name, 0)  # NOT_FOUND, PERMISSION_DENIED
+        if not await self.schedules.pause(name):
+            raise NotFound(f"name: no schedule {name!r}")
+        return scheduler_pb2.PauseScheduleResponse(schedule=await self._schedule(name, 1))
+
+    @unary
+    async def ResumeSchedule(
+        self, request: scheduler_pb2.ResumeScheduleRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ResumeScheduleResponse:
+        name = schedule_name(request.name)
+        current = await self._schedule(name, 0)
+        upcoming = timing_of(current.spec, current.created_at.ToMilliseconds()).after(now_ms())
+        if not await self.schedules.resume(name, upcoming):
+            raise NotFound(f"name: no schedule {name!r}")
+        return scheduler_pb2.ResumeScheduleResponse(schedule=await self._schedule(name, 1))
+
+    @unary
+    async def DeleteSchedule(
+        self, request: scheduler_pb2.DeleteScheduleRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.DeleteScheduleResponse:
+        name = schedule_name(request.name)
+        await self._schedule(name, 0)
+        if not await self.schedules.delete(name):
+            raise NotFound(f"name: no schedule {name!r}")
+        return scheduler_pb2.DeleteScheduleResponse()
+
+    async def _schedule(self, name: str, shown: int) -> scheduler_pb2.Schedule:
+        """The schedule, with up to ``shown`` next ticks. Raises NotFound, or PermissionDenied for a
+        token that may not use its job's queue."""
+        stored = await self.schedules.get(name)
+        if stored is None:
+            raise NotFound(f"name: no schedule {name!r}")
+        schedule = schedule_message(stored, shown)
+        auth.current().check(schedule.spec.job.queue or "default", "name")
+        return schedule
 
     @unary
     async def ListWorkers(
@@ -267,7 +389,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         principal = auth.current()
         if queue:
             principal.check(queue, "queue")
-        watcher = Watcher(job_ids=ids, queue=queue, kinds=kinds, queues=principal.queues, buffer=self.stream_buffer)
+        watcher = Watcher(
+            job_ids=ids,
+            queue=queue,
+            kinds=kinds,
+            queues=principal.queues,
+            progress=request.include_progress,
+            buffer=self.stream_buffer,
+        )
         self.hub.add(watcher)  # subscribe before reading stored state
         try:
             if ids:

@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable, Iterator
 
 from jobgate.v1 import job_pb2
-from protocol.codec import TERMINAL, event_from_hash
+from protocol.codec import RUNNING, TERMINAL, event_from_hash
 from protocol.errors import NotFound, ResourceExhausted, Unavailable
 from protocol.gateway_calls import GatewayCalls
 
@@ -30,6 +30,7 @@ class Watcher:
         kinds: Iterable[str] = (),
         queues: frozenset[str] | None = None,
         terminal_only: bool = True,
+        progress: bool = False,
         buffer: int = 1024,
     ) -> None:
         self.job_ids = frozenset(job_ids)
@@ -40,6 +41,7 @@ class Watcher:
         self.kinds = frozenset(kinds)
         self.queues = queues  # the queues the caller may see (None: all)
         self.terminal_only = terminal_only
+        self.progress = progress and bool(self.job_ids)  # with terminal_only: progress events too
         self.events: asyncio.Queue[job_pb2.JobEvent | None] = asyncio.Queue(maxsize=buffer)
         self.overflowed = False
         self.stale = False  # set when events may have been missed: re-read stored state
@@ -47,7 +49,8 @@ class Watcher:
 
     def matches(self, event: job_pb2.JobEvent) -> bool:
         if self.terminal_only and event.state not in TERMINAL:
-            return False
+            if not (self.progress and event.state == RUNNING and event.HasField("progress")):
+                return False
         if self.job_ids and event.job_id not in self.remaining:
             return False
         if self.queue and event.queue != self.queue:

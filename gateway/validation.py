@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 
 from google.protobuf import duration_pb2, struct_pb2
 
 from jobgate.v1 import job_pb2, scheduler_pb2
 from protocol.connection import now_ms
 from protocol.errors import InvalidArgument, ResourceExhausted
-from protocol.gateway_calls import PreparedJob
-from protocol.keys import JOB_ID_RE, KIND_RE, QUEUE_RE
+from protocol.gateway_calls import PreparedJob, idempotency_digest
+from protocol.keys import JOB_ID_RE, KIND_RE, QUEUE_RE, SCHEDULE_RE
 
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_ATTEMPTS = 3
@@ -28,8 +30,67 @@ MAX_MULTIPLIER = 100.0
 
 
 @dataclass(frozen=True, slots=True)
+class QueueDefaults:
+    """What a job of one queue gets for what its request leaves unset, and how long it is kept:
+    the gateway's settings, overridden per queue by ``queue_settings``."""
+
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    default_timeout_ms: int = 300_000
+    retry_initial_backoff_ms: int = 1000  # the RetryPolicy a job's unset fields take
+    retry_max_backoff_ms: int = 300_000
+    retry_multiplier: float = 2.0
+    retention_s: int = 86_400  # how long a finished job is kept
+    dead_retention_s: int = 604_800  # how long a FAILED job (a dead letter) is kept
+
+    def check(self, where: str = "") -> None:
+        """Raises ValueError naming the first value that cannot work (``where``: e.g. "queue_settings[q]: ")."""
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"{where}{f.name} must be positive")
+        if self.max_attempts > MAX_ATTEMPTS_LIMIT:
+            raise ValueError(f"{where}max_attempts must be at most {MAX_ATTEMPTS_LIMIT}")
+        if not 1 <= self.retry_multiplier <= MAX_MULTIPLIER:
+            raise ValueError(f"{where}retry_multiplier must be between 1 and {MAX_MULTIPLIER:g}")
+        if self.retry_max_backoff_ms < self.retry_initial_backoff_ms:
+            raise ValueError(f"{where}retry_max_backoff_ms must not be below retry_initial_backoff_ms")
+
+
+def parse_queue_settings(text: str, base: QueueDefaults) -> dict[str, QueueDefaults]:
+    """Per-queue overrides of ``base`` from the ``queue_settings`` format: entries separated by
+    ``;``, each a queue name then ``name=value`` pairs, e.g. ``emails max_attempts=10
+    retry_initial_backoff_ms=5000; reports retention_s=600``. Raises ValueError naming what is wrong."""
+    known = {f.name: f.type for f in fields(QueueDefaults)}
+    out: dict[str, QueueDefaults] = {}
+    for entry in (e.strip() for e in text.split(";")):
+        if not entry:
+            continue
+        queue, *pairs = entry.split()
+        if not QUEUE_RE.fullmatch(queue):
+            raise ValueError(f"queue_settings: {queue!r} is not a queue name (1-64 characters from [A-Za-z0-9_.-])")
+        if queue in out:
+            raise ValueError(f"queue_settings: queue {queue!r} appears twice")
+        if not pairs:
+            raise ValueError(f"queue_settings: queue {queue!r} sets nothing (name=value pairs follow the name)")
+        values: dict[str, int | float] = {}
+        for pair in pairs:
+            name, eq, raw = pair.partition("=")
+            if not eq or name not in known:
+                raise ValueError(
+                    f"queue_settings[{queue}]: {pair!r} is not name=value with a name among {', '.join(known)}"
+                )
+            try:
+                values[name] = float(raw) if known[name] in (float, "float") else int(raw)
+            except ValueError:
+                raise ValueError(f"queue_settings[{queue}]: {name} must be a number, got {raw!r}") from None
+        policy = replace(base, **values)  # type: ignore[arg-type]
+        policy.check(f"queue_settings[{queue}]: ")
+        out[queue] = policy
+    return out
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
-    """Request limits (see gateway settings)."""
+    """Request limits and the defaults jobs take (see gateway settings)."""
 
     max_payload_bytes: int
     default_timeout_ms: int
@@ -38,6 +99,27 @@ class Limits:
     retry_initial_backoff_ms: int = 1000  # the RetryPolicy a job's unset fields take
     retry_max_backoff_ms: int = 300_000
     retry_multiplier: float = 2.0
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retention_s: int = 86_400
+    dead_retention_s: int = 604_800
+    queues: Mapping[str, QueueDefaults] = field(default_factory=dict)  # per-queue overrides
+
+    def defaults(self) -> QueueDefaults:
+        """The gateway-wide defaults, for queues without settings of their own."""
+        return QueueDefaults(
+            max_attempts=self.max_attempts,
+            default_timeout_ms=self.default_timeout_ms,
+            retry_initial_backoff_ms=self.retry_initial_backoff_ms,
+            retry_max_backoff_ms=self.retry_max_backoff_ms,
+            retry_multiplier=self.retry_multiplier,
+            retention_s=self.retention_s,
+            dead_retention_s=self.dead_retention_s,
+        )
+
+    def for_queue(self, queue: str) -> QueueDefaults:
+        """The defaults of ``queue``."""
+        found = self.queues.get(queue)
+        return found if found is not None else self.defaults()
 
 
 def new_job_id() -> str:
@@ -70,6 +152,51 @@ def kind_name(value: str, field: str = "kind") -> str:
     return value
 
 
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def page_size(value: int, field: str = "page_size") -> int:
+    """Checks a page size (0 means the default). Raises InvalidArgument."""
+    if not 0 <= value <= MAX_PAGE_SIZE:
+        raise InvalidArgument(f"{field}: must be between 1 and {MAX_PAGE_SIZE} (0 = {DEFAULT_PAGE_SIZE})")
+    return value or DEFAULT_PAGE_SIZE
+
+
+def page_token(position: tuple[int, str]) -> str:
+    """The opaque token of a position in a listing ordered by time then id."""
+    return base64.urlsafe_b64encode(f"1:{position[0]}:{position[1]}".encode()).decode().rstrip("=")
+
+
+def page_position(token: str, field: str = "page_token") -> tuple[int, str] | None:
+    """The position a page token names (None for an empty token). Raises InvalidArgument."""
+    if not token:
+        return None
+    try:
+        version, ms, jid = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().split(":")
+        if version == "1" and JOB_ID_RE.fullmatch(jid) and ms.isdigit():
+            return int(ms), jid
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise InvalidArgument(f"{field}: not a token this listing returned")
+
+
+def schedule_page_token(name: str) -> str:
+    """The opaque token of a position in the listing of schedules (the last name shown)."""
+    return base64.urlsafe_b64encode(f"s:{name}".encode()).decode().rstrip("=")
+
+
+def schedule_page_position(token: str, field: str = "page_token") -> str:
+    """The last schedule name a page token names. Raises InvalidArgument."""
+    try:
+        kind, name = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().split(":", 1)
+        if kind == "s" and SCHEDULE_RE.fullmatch(name):
+            return name
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise InvalidArgument(f"{field}: not a token this listing returned")
+
+
 def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = "") -> PreparedJob:
     """Validates one submit request. Raises InvalidArgument or ResourceExhausted naming the field."""
     spec = job_pb2.JobSpec(
@@ -86,15 +213,16 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
     spec.priority = req.priority
     if not 0 <= req.max_attempts <= MAX_ATTEMPTS_LIMIT:
         raise InvalidArgument(f"{field}max_attempts: must be between 1 and {MAX_ATTEMPTS_LIMIT} (0 = default)")
-    spec.max_attempts = req.max_attempts or DEFAULT_MAX_ATTEMPTS
-    timeout_ms = limits.default_timeout_ms
+    queue = limits.for_queue(spec.queue)
+    spec.max_attempts = req.max_attempts or queue.max_attempts
+    timeout_ms = queue.default_timeout_ms
     if req.HasField("timeout"):
-        _duration_ms(req.timeout, f"{field}timeout", MAX_TIMEOUT_MS, "7 days")
+        duration_ms(req.timeout, f"{field}timeout", MAX_TIMEOUT_MS, "7 days")
         if req.timeout.seconds or req.timeout.nanos:
             timeout_ms = max(1, req.timeout.ToMilliseconds())
             spec.timeout.CopyFrom(req.timeout)
     due_ms = _due(req, spec, field)
-    backoff = _backoff(req, spec, limits, field)
+    backoff = _backoff(req, spec, queue, field)
     if len(req.idempotency_key) > MAX_IDEMPOTENCY_KEY:
         raise InvalidArgument(f"{field}idempotency_key: must be at most {MAX_IDEMPOTENCY_KEY} characters")
     size = len(req.payload) + (req.args.ByteSize() if req.HasField("args") else 0)
@@ -109,12 +237,13 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
         spec=spec,
         spec_bytes=spec_bytes,
         timeout_ms=timeout_ms,
-        # Scoped to the queue: a token limited to other queues can neither see nor claim this key.
-        idempotency_digest=hashlib.sha256(f"{spec.queue}\0{idem}".encode()).hexdigest() if idem else "",
+        idempotency_digest=idempotency_digest(spec.queue, idem) if idem else "",
         request_digest=hashlib.sha256(spec_bytes).hexdigest() if idem else "",
         field=field,
         due_ms=due_ms,
         backoff=backoff,
+        retention_s=queue.retention_s,
+        dead_retention_s=queue.dead_retention_s,
     )
 
 
@@ -128,29 +257,30 @@ def _due(req: scheduler_pb2.SubmitJobRequest, spec: job_pb2.JobSpec, field: str)
         t = req.run_at
         if t.seconds < 0 or not 0 <= t.nanos <= 999_999_999:
             raise InvalidArgument(f"{field}run_at: must be a time after 1970-01-01T00:00:00Z")
-        if t.ToMilliseconds() > now + MAX_DELAY_MS:
+        at = t.seconds * 1000 + t.nanos // 1_000_000  # not ToMilliseconds: it raises past the year 9999
+        if at > now + MAX_DELAY_MS:
             raise InvalidArgument(f"{field}run_at: must be at most 365 days ahead")
         spec.run_at.CopyFrom(t)
-        return t.ToMilliseconds() if t.ToMilliseconds() > now else 0
+        return at if at > now else 0
     if req.HasField("delay"):
-        delay = _duration_ms(req.delay, f"{field}delay", MAX_DELAY_MS, "365 days")
+        delay = duration_ms(req.delay, f"{field}delay", MAX_DELAY_MS, "365 days")
         spec.delay.CopyFrom(req.delay)
         return now + delay if delay else 0
     return 0
 
 
-def _backoff(req: scheduler_pb2.SubmitJobRequest, spec: job_pb2.JobSpec, limits: Limits, field: str) -> str:
+def _backoff(req: scheduler_pb2.SubmitJobRequest, spec: job_pb2.JobSpec, limits: QueueDefaults, field: str) -> str:
     """The job's retry backoff as the scripts read it ("initial,max,multiplier", ms), from
-    ``retry`` (copied into ``spec`` as given) and the gateway's defaults. Raises InvalidArgument."""
+    ``retry`` (copied into ``spec`` as given) and its queue's defaults. Raises InvalidArgument."""
     r = req.retry
     initial, most, mult = limits.retry_initial_backoff_ms, limits.retry_max_backoff_ms, limits.retry_multiplier
     if req.HasField("retry"):
         if r.HasField("initial_backoff"):
-            initial = _duration_ms(
+            initial = duration_ms(
                 r.initial_backoff, f"{field}retry.initial_backoff", MAX_INITIAL_BACKOFF_MS, "24 hours"
             )
         if r.HasField("max_backoff"):
-            most = _duration_ms(r.max_backoff, f"{field}retry.max_backoff", MAX_BACKOFF_MS, "7 days")
+            most = duration_ms(r.max_backoff, f"{field}retry.max_backoff", MAX_BACKOFF_MS, "7 days")
         if r.multiplier != 0:
             if not 1 <= r.multiplier <= MAX_MULTIPLIER:  # NaN fails too
                 raise InvalidArgument(
@@ -163,7 +293,7 @@ def _backoff(req: scheduler_pb2.SubmitJobRequest, spec: job_pb2.JobSpec, limits:
     return f"{initial},{max(most, initial)},{mult:g}"
 
 
-def _duration_ms(d: duration_pb2.Duration, field: str, most_ms: int, most_text: str) -> int:
+def duration_ms(d: duration_pb2.Duration, field: str, most_ms: int, most_text: str) -> int:
     if d.seconds < 0 or d.nanos < 0:
         raise InvalidArgument(f"{field}: must not be negative")
     if d.nanos > 999_999_999:

@@ -125,6 +125,8 @@ def job_from_hash(job_id: str, fields: Fields) -> job_pb2.Job:
         job.due_at.CopyFrom(timestamp(due))
     if history := fields.get(b"history"):  # encoded as a Job's `attempts` field (see lua/_common.lua)
         job.attempts.extend(job_pb2.Job.FromString(history).attempts)
+    if progress := fields.get(b"progress"):
+        job.progress.ParseFromString(progress)
     return job
 
 

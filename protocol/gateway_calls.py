@@ -7,6 +7,7 @@ domain errors here; Redis connection and timeout errors become :class:`Unavailab
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
@@ -44,6 +45,14 @@ class PreparedJob:
     field: str = ""  # where the job sits in its request, for error messages: '', 'job.', 'jobs[3].'
     due_ms: int = 0  # when it may first run (ms since the epoch); 0: at once
     backoff: str = "1000,300000,2"  # its retry backoff: "initial,max,multiplier" (ms), as lua/_common.lua reads it
+    retention_s: int = 86_400  # how long it is kept once finished
+    dead_retention_s: int = 604_800  # how long it is kept once FAILED
+
+
+def idempotency_digest(queue: str, key: str) -> str:
+    """What names an idempotency key in Redis: the SHA-256 of the queue, a NUL and the key (keys are
+    per queue, so a token limited to other queues can neither see nor claim one)."""
+    return hashlib.sha256(f"{queue}\0{key}".encode()).hexdigest()
 
 
 class _Refused(Exception):
@@ -63,7 +72,6 @@ class GatewayCalls(Calls):
         redis: Redis,
         keys: Keys,
         *,
-        retention_s: int,
         idempotency_ttl_s: int,
         max_queues: int = 1000,
         max_kinds: int = 1000,
@@ -72,7 +80,6 @@ class GatewayCalls(Calls):
         durability: Durability = NO_WAIT,
     ) -> None:
         super().__init__(redis, keys, durability)
-        self.retention_s = retention_s
         self.idempotency_ttl_s = idempotency_ttl_s
         self.max_queues = max_queues
         self.max_kinds = max_kinds
@@ -162,7 +169,7 @@ class GatewayCalls(Calls):
         """One submit script call for jobs of one shard."""
         k, now = self.keys.of_queue(jobs[0].spec.queue), now_ms()
         keys = k.namespace_keys()
-        args: list[Any] = [now, self.idempotency_ttl_s, self.retention_s, self.max_queues, self.max_kinds]
+        args: list[Any] = [now, self.idempotency_ttl_s, self.max_queues, self.max_kinds]
         args += [k.prefix, self.ack_timeout_ms, self.place_most]
         for job in jobs:
             spec = job.spec
@@ -183,6 +190,8 @@ class GatewayCalls(Calls):
                 job.request_digest,
                 job.due_ms,
                 job.backoff,
+                job.retention_s,
+                job.dead_retention_s,
             ]
         async with redis_errors():
             reply = await self.durably(self.scripts.submit, keys, args)
@@ -231,6 +240,13 @@ class GatewayCalls(Calls):
         if not fields:
             raise NotFound(f"id: no job {job_id}")
         return job_from_hash(job_id, fields)
+
+    async def idempotent_job(self, queue: str, key: str) -> str:
+        """The id of the job stored with idempotency ``key`` in ``queue`` (remembered for
+        idempotency_ttl_s), or ''. Raises Unavailable."""
+        async with redis_errors():
+            found = await self.redis.get(self.keys.of_queue(queue).idempotency(idempotency_digest(queue, key)))
+        return text(found).split(" ")[0] if found else ""
 
     async def queue_names(self) -> list[str]:
         """Every queue that may hold waiting jobs (placement drops a queue once it is empty), in
@@ -298,6 +314,56 @@ class GatewayCalls(Calls):
         if code == 2:
             return CancelOutcome(worker_id=reply[1].decode(), lease=int(reply[2]))
         return CancelOutcome(queue=reply[1].decode())
+
+    async def retry(self, job_id: str) -> str:
+        """Puts a FAILED or CANCELLED job back in its queue with a fresh count of attempts (its QUEUED
+        event published); returns the queue. Raises NotFound, FailedPrecondition, Unavailable."""
+        k = self.keys.of_job(job_id)
+        async with redis_errors():
+            reply = await self.durably(
+                self.scripts.retry, [*k.namespace_keys(), k.job(job_id)], [k.prefix, job_id, now_ms()]
+            )
+        if reply[0] == -1:
+            raise NotFound(f"id: no job {job_id}")
+        if reply[0] == -2:
+            state = job_pb2.JobState.Name(int(reply[1])).removeprefix("JOB_STATE_")
+            raise FailedPrecondition(f"id: job {job_id} is {state}; only a FAILED or CANCELLED job can be retried")
+        return text(reply[1])
+
+    async def failed_jobs(self, queue: str, size: int, after: tuple[int, str] | None) -> list[job_pb2.Job]:
+        """Up to ``size`` FAILED jobs of ``queue``, the most recently failed first, starting after
+        ``after`` (the failure time in ms and id of the last job of the previous page). Forgets
+        entries whose jobs have expired or left FAILED. Raises Unavailable."""
+        key = self.keys.failed(queue)
+        top = "+inf" if after is None else after[0]
+        out: list[job_pb2.Job] = []
+        offset = 0
+        async with redis_errors():
+            while len(out) < size:
+                chunk = max(size - len(out), 16)
+                rows = cast(
+                    list[tuple[bytes, float]],
+                    await self.redis.zrevrangebyscore(key, top, "-inf", start=offset, num=chunk, withscores=True),
+                )
+                if not rows:
+                    break
+                offset += len(rows)
+                # jobs that failed in the same millisecond come in descending id order
+                ids = [text(m) for m, score in rows if after is None or int(score) < after[0] or text(m) < after[1]]
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for jid in ids:
+                        pipe.hgetall(self.keys.job(jid))
+                    hashes = await pipe.execute()
+                gone = []
+                for jid, fields in zip(ids, hashes, strict=True):
+                    if fields and int(fields.get(b"state", 0)) == job_pb2.JOB_STATE_FAILED:
+                        out.append(job_from_hash(jid, fields))
+                    else:
+                        gone.append(jid)
+                if gone:
+                    await self.redis.zrem(key, *gone)
+                    offset -= len(gone)
+        return out[:size]
 
     async def schedule(self, queue: str, *, ack_timeout_ms: int | None = None, most: int | None = None) -> Placed:
         """Places and publishes up to ``most`` (default ``place_most``) waiting jobs of ``queue`` on

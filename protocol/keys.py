@@ -21,6 +21,7 @@ NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 QUEUE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 KIND_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+SCHEDULE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")  # no ":": schedule:<name> and schedule:<name>:runs
 WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")  # no ":": worker:<id> and worker:<id>:jobs must not meet
 
 
@@ -114,6 +115,9 @@ class Keys:
     def queue_kinds(self, queue: str) -> str:  # set: kinds that may have jobs waiting in the queue
         return f"{self._prefix(self.queue_shard(queue))}kinds:{queue}"
 
+    def failed(self, queue: str) -> str:  # zset: FAILED job id -> when it failed (ms); the dead letters
+        return f"{self._prefix(self.queue_shard(queue))}failed:{queue}"
+
     def queues(self) -> str:  # set: queue names that may hold waiting jobs
         return f"{self.prefix}queues"
 
@@ -147,6 +151,19 @@ class Keys:
 
     def queue_workers(self, queue: str) -> str:  # set: worker ids serving the queue
         return f"{self._prefix(self.queue_shard(queue))}qworkers:{queue}"
+
+    # --- periodic schedules (one set for the namespace, on shard 0) ---------------------------
+    def schedules(self) -> str:  # zset: every schedule name, score 0 (listed by name)
+        return f"{self._prefix(0)}schedules"
+
+    def schedules_due(self) -> str:  # zset: schedule name -> its next tick (ms), schedules not paused
+        return f"{self._prefix(0)}schedules:due"
+
+    def schedule(self, name: str) -> str:  # hash: spec, paused, next, created, last_job
+        return f"{self._prefix(0)}schedule:{name}"
+
+    def schedule_runs(self, name: str) -> str:  # list: the last ScheduleRuns, newest first
+        return f"{self._prefix(0)}schedule:{name}:runs"
 
     # --- pub/sub channels -----------------------------------------------------------------
     def dispatch_channel(self, worker_id: str) -> str:  # pub/sub: WorkerMessage

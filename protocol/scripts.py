@@ -28,6 +28,9 @@ NAMES = (
     "cancel",
     "read_events",
     "promote",
+    "retry",
+    "progress",
+    "periodic",
 )
 
 
@@ -62,6 +65,9 @@ class Scripts:
     cancel: AsyncScript
     read_events: AsyncScript
     promote: AsyncScript
+    retry: AsyncScript
+    progress: AsyncScript
+    periodic: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:

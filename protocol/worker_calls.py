@@ -67,6 +67,16 @@ class Outcome:
         return len(self.result) + len(self.output) + len(self.event)
 
 
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One job's progress to record: its placement, the Progress and the event that carries it."""
+
+    job_id: str
+    lease: int
+    progress: bytes  # a jobgate.v1.Progress
+    event: bytes  # a JobEvents message holding the progress event
+
+
 class WorkerCalls(Calls):
     """The calls of one worker process. A worker registers in each shard that holds one of its
     queues (see Keys): a heartbeat, a leave, are per shard; starts and finishes go to the shards
@@ -175,6 +185,25 @@ class WorkerCalls(Calls):
             placements(flat),
             list(relay_pb2.DispatchJobs.FromString(taken).jobs) if taken else [],
         )
+
+    async def progress(self, worker_id: str, reports: Sequence[Report]) -> int:
+        """Records the progress of running jobs and publishes it; returns how many reports were
+        recorded (those of jobs still RUNNING under their lease on this worker). One call per shard."""
+        counts = await asyncio.gather(
+            *(
+                self._progress(self.keys.at(shard), worker_id, [reports[i] for i in idx])
+                for shard, idx in by_shard(reports, lambda r: self.keys.job_shard(r.job_id)).items()
+            )
+        )
+        return sum(counts)
+
+    async def _progress(self, k: Keys, worker_id: str, reports: Sequence[Report]) -> int:
+        keys = [*k.namespace_keys(), *k.own_keys(worker_id)]
+        args: list[Any] = [k.prefix, worker_id]
+        for r in reports:
+            keys.append(k.job(r.job_id))
+            args += (r.lease, r.progress, r.event)
+        return int(await self.scripts.progress(keys=keys, args=args))
 
     async def status(self, worker_id: str, change: relay_pb2.WorkerStatus.Change) -> None:
         """Tells the gateways that this worker joined, is leaving or left."""

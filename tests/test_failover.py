@@ -83,7 +83,7 @@ async def primary(pair: Pair) -> AsyncIterator[Redis]:
 
 
 def gateway_calls(redis: Redis, durability: Durability) -> GatewayCalls:
-    return GatewayCalls(redis, KEYS, retention_s=600, idempotency_ttl_s=600, place_most=0, durability=durability)
+    return GatewayCalls(redis, KEYS, idempotency_ttl_s=600, place_most=0, durability=durability)
 
 
 async def test_without_waiting_an_acknowledged_submit_can_die_with_its_primary(pair: Pair, primary: Redis) -> None:

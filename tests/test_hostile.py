@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 import redis as redis_sync
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
@@ -141,7 +143,22 @@ def _values(*, unset: bool) -> st.SearchStrategy[struct_pb2.Value]:
     return st.recursive(leaves, nest, max_leaves=20)
 
 
-SUBMIT_FIELDS = ["queue", "kind", "args", "payload", "priority", "max_attempts", "timeout", "idempotency_key"]
+SUBMIT_FIELDS = [
+    "queue",
+    "kind",
+    "args",
+    "payload",
+    "priority",
+    "max_attempts",
+    "timeout",
+    "idempotency_key",
+    "run_at",
+    "delay",
+    "retry",
+]
+DAY_S = 86_400
+YEAR_S = 365 * DAY_S
+HORIZON_S = int(time.time()) + YEAR_S  # how far ahead run_at may reach (as of this module's start)
 valid_queues = st.one_of(st.just(""), st.just("default"), st.from_regex(r"\A[A-Za-z0-9_.-]{1,64}\Z"))
 valid_kinds = st.one_of(st.just("echo"), st.from_regex(r"\A[A-Za-z0-9_.:-]{1,128}\Z"))
 valid_timeouts = st.builds(
@@ -173,6 +190,31 @@ def submit_requests(draw: st.DrawFn) -> scheduler_pb2.SubmitJobRequest:
         req.args.CopyFrom(pick("args", _values(unset=False), _values(unset=True)))
     if draw(st.booleans()):
         req.timeout.CopyFrom(pick("timeout", valid_timeouts, durations))
+    when = draw(st.sampled_from(["", "", "run_at", "delay", "both"]))
+    if when in ("run_at", "both"):
+        # no example within an hour of the horizon: the oracle's clock is not the gateway's
+        good = st.builds(Timestamp, seconds=st.integers(0, HORIZON_S - 3600), nanos=st.integers(0, 999_999_999))
+        hostile_ts = st.builds(Timestamp, seconds=ints64, nanos=ints32).filter(
+            lambda t: abs(t.seconds - HORIZON_S) > 3600
+        )
+        req.run_at.CopyFrom(pick("run_at", good, hostile_ts))
+    if when in ("delay", "both"):
+        good_delay = st.builds(Duration, seconds=st.integers(0, YEAR_S - 1), nanos=st.integers(0, 999_999_999))
+        req.delay.CopyFrom(pick("delay", good_delay, durations))
+    if draw(st.booleans()):
+        backoff = st.builds(Duration, seconds=st.integers(0, DAY_S - 1), nanos=st.integers(0, 999_999_999))
+        multiplier = st.one_of(st.just(0.0), st.floats(1, 100))
+        req.retry.CopyFrom(
+            pick(
+                "retry",
+                st.builds(job_pb2.RetryPolicy, initial_backoff=backoff, multiplier=multiplier).filter(
+                    lambda r: r.initial_backoff.ToMilliseconds() <= 300_000
+                ),
+                st.builds(
+                    job_pb2.RetryPolicy, initial_backoff=durations, max_backoff=durations, multiplier=st.floats()
+                ),
+            )
+        )
     return req
 
 
@@ -207,7 +249,43 @@ def bad_fields(req: scheduler_pb2.SubmitJobRequest, prefix: str = "") -> list[st
         bad.append("timeout")
     if len(req.idempotency_key) > 256:
         bad.append("idempotency_key")
+    bad += _bad_time_fields(req)
     return [prefix + f for f in bad]
+
+
+def _bad_time_fields(req: scheduler_pb2.SubmitJobRequest) -> list[str]:
+    """The malformed ones of run_at, delay and retry."""
+    bad = []
+    if req.HasField("run_at") and req.HasField("delay"):
+        bad.append("run_at")
+    elif req.HasField("run_at"):
+        t = req.run_at
+        if t.seconds < 0 or not 0 <= t.nanos <= 999_999_999 or t.seconds > time.time() + YEAR_S:
+            bad.append("run_at")
+    elif req.HasField("delay") and _bad_duration(req.delay, YEAR_S):
+        bad.append("delay")
+    if req.HasField("retry"):
+        r = req.retry
+        initial, most = 1000, 300_000
+        if r.HasField("initial_backoff"):
+            if _bad_duration(r.initial_backoff, DAY_S):
+                bad.append("retry.initial_backoff")
+            initial = r.initial_backoff.seconds * 1000 + r.initial_backoff.nanos // 1_000_000
+        if r.HasField("max_backoff"):
+            if _bad_duration(r.max_backoff, 7 * DAY_S):
+                bad.append("retry.max_backoff")
+            most = r.max_backoff.seconds * 1000 + r.max_backoff.nanos // 1_000_000
+        if r.multiplier != 0 and not 1 <= r.multiplier <= 100:
+            bad.append("retry.multiplier")
+        if most < initial:
+            bad.append("retry.max_backoff")
+    return bad
+
+
+def _bad_duration(d: Duration, most_s: int) -> bool:
+    return (
+        d.seconds < 0 or d.nanos < 0 or d.nanos > 999_999_999 or d.seconds * 1000 + d.nanos // 1_000_000 > most_s * 1000
+    )
 
 
 def over_payload(req: scheduler_pb2.SubmitJobRequest) -> bool:
@@ -228,6 +306,9 @@ def normalised(req: scheduler_pb2.SubmitJobRequest) -> job_pb2.JobSpec:
         spec.args.CopyFrom(req.args)
     if req.HasField("timeout") and (req.timeout.seconds or req.timeout.nanos):
         spec.timeout.CopyFrom(req.timeout)
+    for name in ("run_at", "delay", "retry"):
+        if req.HasField(name):
+            getattr(spec, name).CopyFrom(getattr(req, name))
     return spec
 
 
@@ -674,6 +755,8 @@ MALFORMED = {
     "GetJob": b"\x0a\x02\xff\xfe",  # id: not UTF-8
     "CancelJob": b"\x0a\x02\xff\xfe",
     "ListWorkers": b"\xff\xff\xff",  # not a protobuf message at all
+    "RetryJob": b"\x0a\x02\xff\xfe",
+    "ListFailedJobs": b"\x1a\x02\xff\xfe",  # page_token: not UTF-8
 }
 
 

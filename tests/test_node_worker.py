@@ -21,7 +21,7 @@ from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2
 from protocol.keys import Keys
 
-from .helpers import FAST, NPM_TIMEOUT_S, Client, NodeWorker, call_failed, eventually, value
+from .helpers import FAST, NPM_TIMEOUT_S, Client, NodeWorker, call_failed, eventually, request, value
 from .test_shards import spread
 
 EXIT_TIMEOUT_S = 10
@@ -68,7 +68,7 @@ async def test_node_worker_runs_and_fails_jobs_and_leaves_cleanly_on_sigterm(
     worker = start_node_worker(f"node-{os.getpid()}")
     listed = await eventually(lambda: _workers(client), timeout=20, what="the node worker registered")
     assert [(w.id, list(w.kinds), list(w.queues)) for w in listed] == [
-        (worker.worker_id, ["node.fail", "node.upper"], ["default"])
+        (worker.worker_id, ["node.count", "node.fail", "node.upper"], ["default"])
     ]
 
     upper = (await client.submit("node.upper", {"text": "hello"})).job.id
@@ -85,6 +85,15 @@ async def test_node_worker_runs_and_fails_jobs_and_leaves_cleanly_on_sigterm(
     assert failed.error.code == "HANDLER_ERROR"
     assert failed.error.message, failed
     assert failed.worker_id == worker.worker_id
+
+    # progress, reported by the handler and written by the progress script
+    run = client.stub.RunJob(scheduler_pb2.RunJobRequest(job=request("node.count", {"steps": 6, "seconds": 1.5})))
+    seen = [r.event async for r in run]
+    reports = [e.progress for e in seen if e.HasField("progress")]
+    assert seen[-1].state == job_pb2.JOB_STATE_SUCCEEDED and 1 <= len(reports) <= 5, seen
+    assert reports[0].message.startswith("step ") and 0 < reports[0].fraction <= 1
+    stored = (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=seen[-1].job_id), timeout=5)).job
+    assert stored.progress == reports[-1]
 
     worker.proc.send_signal(signal.SIGTERM)
     try:

@@ -35,7 +35,7 @@ async def test_the_lua_key_functions_name_every_derived_key_as_protocol_keys_doe
     body = """
     local P, q, kind, id, w = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
     return {job_key(P, id), pending_key(P, q, kind), kinds_key(P, q), qworkers_key(P, q), worker_key(P, w),
-      worker_jobs_key(P, w), dispatch_channel(P, w)}
+      worker_jobs_key(P, w), dispatch_channel(P, w), failed_key(P, q)}
     """
     got = await run_lua(redis, body, [], [keys.prefix, queue, kind, job, worker])
     assert [g.decode() for g in got] == [
@@ -46,6 +46,7 @@ async def test_the_lua_key_functions_name_every_derived_key_as_protocol_keys_doe
         keys.worker(worker),
         keys.worker_jobs(worker),
         keys.dispatch_channel(worker),
+        keys.failed(queue),
     ]
 
 
@@ -128,7 +129,7 @@ async def test_a_process_that_takes_over_a_crashed_workers_id_cannot_start_what_
     """A restarted process that subscribes before its first heartbeat hears dispatches placed on its
     predecessor's still-live registration. Its start is refused; its first heartbeat settles those
     jobs (placed again, no attempt used), and they run as new placements."""
-    gateway = GatewayCalls(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=0)
+    gateway = GatewayCalls(redis, keys, idempotency_ttl_s=600, place_most=0)
     worker = WorkerCalls(redis, keys)
     await worker.heartbeat(registration("crashed"))
     [job], _ = await gateway.submit([prepare(request("echo", max_attempts=1), LIMITS)])

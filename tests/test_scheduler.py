@@ -28,7 +28,7 @@ TICK_S = 600  # no periodic pass within a test: every pass here was asked for
 
 @pytest.fixture
 def scheduler(redis: Redis, keys: Keys) -> Scheduler:
-    store = GatewayCalls(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=PLACE_MOST)
+    store = GatewayCalls(redis, keys, idempotency_ttl_s=600, place_most=PLACE_MOST)
     return Scheduler(store, tick_s=TICK_S)
 
 
@@ -105,7 +105,7 @@ async def running_scheduler(scheduler: Scheduler, redis: Redis, keys: Keys) -> A
 
 async def submit_waiting(redis: Redis, keys: Keys, queue: str) -> str:
     """Stores a job that waits: this store places nothing at submit, and no worker is registered."""
-    store = GatewayCalls(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=0)
+    store = GatewayCalls(redis, keys, idempotency_ttl_s=600, place_most=0)
     [job], _ = await store.submit([prepare(request("echo", queue=queue), LIMITS)])
     return job.id
 

@@ -21,7 +21,7 @@ from protocol.worker_calls import Outcome, Start, WorkerCalls
 from .helpers import registration, request
 
 S = job_pb2
-LIMITS = Limits(max_payload_bytes=1 << 20, default_timeout_ms=60_000, max_batch=100, max_watch_ids=100)
+LIMITS = Limits(max_payload_bytes=1 << 20, default_timeout_ms=60_000, max_batch=100, max_watch_ids=100, retention_s=600)
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +36,7 @@ async def listening(redis: Redis, keys: Keys) -> AsyncIterator[None]:
 @pytest.fixture
 def store(redis: Redis, keys: Keys) -> GatewayCalls:
     # Placement at submit is off here, so each test places with the schedule script when it wants.
-    return GatewayCalls(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=0)
+    return GatewayCalls(redis, keys, idempotency_ttl_s=600, place_most=0)
 
 
 async def beat(store: GatewayCalls, worker: str, **fields: Any) -> Heartbeat:
@@ -113,7 +113,7 @@ async def test_submit_places_at_once_and_publishes_what_protobuf_reads_as_the_st
 ) -> None:
     """The placement scripts write the relay messages themselves: they must parse with protobuf and
     agree with the stored job; a dispatch that reaches nobody is taken back in the same call."""
-    store = GatewayCalls(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=100)
+    store = GatewayCalls(redis, keys, idempotency_ttl_s=600, place_most=100)
     await beat(store, "w1", slots=3)
     await beat(store, "gone", slots=1, kinds=["other"])  # nobody subscribes to its channel
     spec_args = {"n": 2**40, "s": "é" * 200}
@@ -162,7 +162,7 @@ async def test_submit_places_at_once_and_publishes_what_protobuf_reads_as_the_st
 
 async def test_placements_too_big_for_one_message_go_out_in_several(redis: Redis, keys: Keys) -> None:
     """Redis cuts off a subscriber whose buffer passes 32 MB: no message may grow with the batch."""
-    store = GatewayCalls(redis, keys, retention_s=600, idempotency_ttl_s=600, place_most=100)
+    store = GatewayCalls(redis, keys, idempotency_ttl_s=600, place_most=100)
     await beat(store, "w1", slots=4)
     async with redis.pubsub() as ps:
         await ps.subscribe(keys.dispatch_channel("w1"), keys.results_channel())
@@ -379,7 +379,7 @@ async def test_a_resent_submit_leaves_the_job_as_it_is(store: GatewayCalls, redi
 async def test_queues_and_kinds_over_their_limits_are_refused_and_nothing_of_the_batch_is_stored(
     redis: Redis, keys: Keys
 ) -> None:
-    store = GatewayCalls(redis, keys, retention_s=600, idempotency_ttl_s=600, max_queues=2, max_kinds=2, place_most=0)
+    store = GatewayCalls(redis, keys, idempotency_ttl_s=600, max_queues=2, max_kinds=2, place_most=0)
     first = await submit(store, queue="q1", idempotency_key="k1")
     q2_job = await submit(store, queue="q2")
     await submit(store, "echo", queue="q1")

@@ -1,8 +1,9 @@
-"""Built-in handlers for demos and tests: ``echo``, ``sleep``, ``fail`` and ``flaky``."""
+"""Built-in handlers for demos and tests: ``echo``, ``sleep``, ``fail``, ``flaky`` and ``count``."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from .registry import Fatal, JobContext, Registry
@@ -46,8 +47,31 @@ def flaky(job: JobContext) -> dict[str, int]:
     return {"attempt": job.attempt}
 
 
+def count(job: JobContext) -> dict[str, int]:
+    """Counts to ``args.steps`` (1-10,000,000; default 10) over ``args.seconds`` (0-3600; default 1),
+    reporting progress at every step ("step i of n"), and returns ``{"steps": n}``, or with
+    ``args.fail`` (true) raises at the end (a failure that is retried). Runs in the thread pool."""
+    args = job.args if isinstance(job.args, dict) else {}
+    steps, seconds = args.get("steps", 10), args.get("seconds", 1)
+    if not isinstance(steps, int | float) or not 1 <= steps <= 10_000_000:
+        raise Fatal("args.steps must be a number between 1 and 10000000")
+    if not isinstance(seconds, int | float) or not 0 <= seconds <= 3600:
+        raise Fatal("args.seconds must be a number between 0 and 3600")
+    n = int(steps)
+    began = time.monotonic()
+    for i in range(1, n + 1):
+        job.progress(i / n, f"step {i} of {n}")
+        pause = began + seconds * i / n - time.monotonic()
+        if pause > 0.001:
+            time.sleep(pause)
+    if args.get("fail") is True:
+        raise HandlerFailed(f"counted to {n}, then failed on purpose")
+    return {"steps": n}
+
+
 def register_builtins(registry: Registry) -> None:
     registry.add("echo", echo)
     registry.add("sleep", sleep)
     registry.add("fail", fail)
     registry.add("flaky", flaky)
+    registry.add("count", count)

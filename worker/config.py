@@ -52,6 +52,11 @@ class WorkerSettings:
         5_000,
         "registration lifetime without a heartbeat (at least 2 x heartbeat_ms); then the worker counts as lost",
     )
+    progress_interval_ms: int = setting(
+        500,
+        "progress writes: the latest report of each running job goes to Redis at most this often (at least 50),"
+        " all of them in one call",
+    )
     grace_s: float = setting(30.0, "time running jobs get to finish on shutdown before they are handed back, seconds")
     redis_timeout_s: float = setting(5.0, "Redis connect and read timeout, seconds")
     redis_wait_replicas: int = setting(
@@ -103,6 +108,8 @@ class WorkerSettings:
             )
         if self.heartbeat_ms < 50 or self.heartbeat_ttl_ms < 2 * self.heartbeat_ms:
             raise ValueError("heartbeat_ttl_ms must be at least twice heartbeat_ms (>= 50)")
+        if self.progress_interval_ms < 50:
+            raise ValueError("progress_interval_ms must be at least 50")
         check_listen("metrics_listen", self.metrics_listen, optional=True)
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be 'text' or 'json'")

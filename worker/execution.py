@@ -29,6 +29,7 @@ from protocol.worker_calls import Outcome, Start, WorkerCalls
 
 from .config import WorkerSettings
 from .metrics import WorkerMetrics
+from .progress import ProgressReporter
 from .registry import Fatal, JobContext, Registry
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class Executor:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # A start or finish call that takes longer is abandoned and tried again (see longest_call_s).
         self.call_s = longest_call_s(settings.redis_timeout_s, settings.redis_wait_timeout_ms)
+        self.reporter = ProgressReporter(calls, worker_id, settings.progress_interval_ms / 1000, self.call_s)
         self.starts: Coalescer[Start, int] = Coalescer(self._start_many)
         self.finishes: Coalescer[Outcome, int] = Coalescer(self._finish_many, size=lambda o: o.size)
 
@@ -254,6 +256,7 @@ class Executor:
             args=value_to_python(d.spec.args) if d.spec.HasField("args") else None,
             payload=d.spec.payload,
             timeout_s=timeout_s or 0.0,
+            reporter=lambda fraction, message: self.reporter.report(d, fraction, message),
         )
         if registered.is_async:
             running.handler_task = asyncio.ensure_future(registered.call_async(ctx))
@@ -290,6 +293,7 @@ class Executor:
 
     async def _finish(self, running: Running, result: Result) -> None:
         d = running.dispatch
+        self.reporter.forget(d.job_id, d.lease)
         # The published event leaves out result and output: gateways build what clients see from the
         # stored job, and big outputs on the shared channel would only swell every gateway's buffer.
         event = self._event(d, result.state)

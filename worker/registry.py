@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from protocol.keys import KIND_RE
@@ -17,7 +17,7 @@ class Fatal(Exception):
 
 @dataclass(frozen=True, slots=True)
 class JobContext:
-    """What a handler gets: the job's input and identity.
+    """What a handler gets: the job's input and identity, and a way to report progress.
 
     ``args`` is the submitted ``google.protobuf.Value`` as plain Python (dict, list, str, float,
     bool or None; JSON numbers arrive as float). ``payload`` is the submitted bytes.
@@ -30,6 +30,16 @@ class JobContext:
     args: Any
     payload: bytes
     timeout_s: float
+    reporter: Callable[[float, str], None] | None = field(default=None, repr=False, compare=False)
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Reports how far the job has come: ``fraction`` from 0 to 1 and a short ``message`` (cut
+        to 256 characters). Cheap, and safe from any thread: call it as often as you like; the
+        worker writes the latest report of each job at most once per ``progress_interval_ms``.
+        Watchers of the job (RunJob, WatchResults with include_progress) get it as a progress event,
+        GetJob as the job's ``progress``. Raises ValueError or TypeError for a bad report."""
+        if self.reporter is not None:
+            self.reporter(fraction, message)
 
 
 Handler = Callable[[JobContext], Any]

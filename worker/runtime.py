@@ -101,16 +101,17 @@ class _Runtime:
         )
         beat = asyncio.create_task(self.membership.heartbeat_loop(), name="heartbeat")
         listen = asyncio.create_task(self.listener.listen_loop(), name="listen")
+        progress = asyncio.create_task(self.executor.reporter.run(), name="progress")
         try:
             await self.stop_event.wait()
         finally:
-            await self._drain(beat, listen)
+            await self._drain(beat, listen, progress)
             await bounded(self.redis.aclose(), self.settings.redis_timeout_s, "closing Redis connections")
             if metrics_server is not None:
                 metrics_server.shutdown()
             log.info("worker %s stopped", self.id)
 
-    async def _drain(self, beat: asyncio.Task[None], listen: asyncio.Task[None]) -> None:
+    async def _drain(self, beat: asyncio.Task[None], listen: asyncio.Task[None], progress: asyncio.Task[None]) -> None:
         """Stop taking jobs, let running ones finish within the grace period, hand the rest back."""
         m, ex, s = self.membership, self.executor, self.settings
         ex.draining = True
@@ -120,7 +121,7 @@ class _Runtime:
         # Still subscribed while draining, so cancel requests for running jobs arrive; new
         # dispatches are left unacknowledged and handed back by the leave script.
         await ex.drain(s.grace_s)
-        background = [beat, listen, *m.background]  # no heartbeat may re-register us after leaving
+        background = [beat, listen, progress, *m.background]  # no heartbeat may re-register us after leaving
         for task in background:
             task.cancel()
         # Bounded: a task's cleanup (closing a pub/sub connection, a TLS shutdown) may wait on Redis.

@@ -27,6 +27,7 @@ local function qworkers_key(P, queue) return P .. 'qworkers:' .. queue end  -- s
 local function worker_key(P, w) return P .. 'worker:' .. w end  -- hash
 local function worker_jobs_key(P, w) return P .. 'worker:' .. w .. ':jobs' end  -- set
 local function dispatch_channel(P, w) return P .. 'dispatch:' .. w end  -- pub/sub
+local function failed_key(P, queue) return P .. 'failed:' .. queue end  -- zset: FAILED job id -> when (ms)
 
 local function is_terminal(state)
   return state == SUCCEEDED or state == FAILED or state == CANCELLED
@@ -128,6 +129,7 @@ end
 -- Puts a job in the delayed zset, SCHEDULED until `due` (ms).
 local function schedule_job(ns, jk, id, due, now)
   redis.call('HSET', jk, 'state', SCHEDULED, 'worker', '', 'due', due, 'updated', now)
+  redis.call('HDEL', jk, 'progress')
   redis.call('ZADD', ns.delayed, due, id)
 end
 
@@ -138,25 +140,34 @@ local function requeue(ns, jk, job_id, now, interrupted)
   local attempt = tonumber(j[4])
   if interrupted and attempt > 0 then attempt = attempt - 1 end
   redis.call('HSET', jk, 'state', QUEUED, 'worker', '', 'attempt', attempt, 'updated', now)
+  redis.call('HDEL', jk, 'progress')
   redis.call('ZADD', pending_key(ns.P, j[1], j[5]), pending_score(tonumber(j[2]), tonumber(j[3])), job_id)
   redis.call('SADD', kinds_key(ns.P, j[1]), j[5])
   redis.call('SADD', ns.queues, j[1])  -- placement may have dropped the emptied queue
   return j[1]
 end
 
--- Record a terminal state and start the job's retention clock (its 'ttl' field, set at submit
--- from the gateway's retention setting, so every writer keeps a finished job equally long).
--- `more`, when given, holds further field/value pairs written with the state, and `known` the
--- job's 'ttl' and 'cancel' fields when the caller has read them already ({ttl, cancel}).
-local function finish_job(jk, state, code, message, now, more, known)
+-- Record a terminal state and start the job's retention clock: its 'ttl' field, or for FAILED its
+-- 'dttl' field (dead letters are kept longer), both set at submit from the gateway's settings for
+-- its queue, so every writer keeps a finished job equally long. A FAILED job is listed in its
+-- queue's failed zset (the dead letters, by when they failed), which forgets the entries whose jobs
+-- have expired. `more`, when given, holds further field/value pairs written with the state, and
+-- `known` the job's 'ttl', 'cancel' and 'dttl' fields when the caller has read them already.
+local function finish_job(ns, jk, id, queue, state, code, message, now, more, known)
   local fields = {'state', state, 'err_code', code, 'err_msg', message, 'finished', now, 'updated', now}
   if more then
     for _, v in ipairs(more) do fields[#fields + 1] = v end
   end
   redis.call('HSET', jk, unpack(fields))
-  known = known or redis.call('HMGET', jk, 'ttl', 'cancel')
+  known = known or redis.call('HMGET', jk, 'ttl', 'cancel', 'dttl')
   if known[2] then redis.call('HDEL', jk, 'cancel') end
   local ttl = tonumber(known[1] or '0')
+  if state == FAILED then
+    ttl = tonumber(known[3] or '') or ttl
+    local failed = failed_key(ns.P, queue)
+    redis.call('ZADD', failed, now, id)
+    if ttl and ttl > 0 then redis.call('ZREMRANGEBYSCORE', failed, '-inf', tonumber(now) - ttl * 1000) end
+  end
   if ttl and ttl > 0 then redis.call('EXPIRE', jk, ttl) end
 end
 
@@ -210,10 +221,10 @@ local function evict_worker(ns, w, now, handback, out)
       local new_state = QUEUED
       if state == RUNNING and j[5] == '1' then
         new_state = CANCELLED
-        finish_job(jk, CANCELLED, 'CANCELLED', 'cancelled while its worker stopped', now)
+        finish_job(ns, jk, id, j[6], CANCELLED, 'CANCELLED', 'cancelled while its worker stopped', now)
       elseif state == RUNNING and not handback and tonumber(j[3]) >= tonumber(j[4]) then
         new_state = FAILED
-        finish_job(jk, FAILED, 'WORKER_LOST',
+        finish_job(ns, jk, id, j[6], FAILED, 'WORKER_LOST',
           'worker ' .. w .. ' was lost during attempt ' .. j[3] .. ' of ' .. j[4], now)
       else
         requeue(ns, jk, id, now, handback and state == RUNNING)
@@ -274,7 +285,7 @@ end
 -- SCHEDULED event, to be published in place of the worker's.
 local function record_outcome(ns, jk, worker_id, now, o, id)
   local j = redis.call('HMGET', jk, 'state', 'lease', 'worker', 'queue', 'recorded', 'ttl', 'cancel', 'refill',
-    'attempt', 'max_attempts', 'started', 'backoff', 'kind')
+    'attempt', 'max_attempts', 'started', 'backoff', 'kind', 'dttl')
   if not j[1] then return -1 end
   if not is_terminal(o.state) then return -2 end
   -- 'recorded' names the lease and state of the outcome this script wrote last ("<lease>:<state>";
@@ -292,8 +303,8 @@ local function record_outcome(ns, jk, worker_id, now, o, id)
     return 1, j[4], nil, pb_events_of(id, {queue = j[4], kind = j[13], attempt = attempt, worker = worker_id,
       err_code = o.code, err_msg = o.message}, SCHEDULED, tonumber(now), due)
   end
-  finish_job(jk, o.state, o.code, o.message, now, {'result', o.result, 'output', o.output, 'recorded', recorded},
-    {j[6], j[7]})
+  finish_job(ns, jk, id, j[4], o.state, o.code, o.message, now,
+    {'result', o.result, 'output', o.output, 'recorded', recorded}, {j[6], j[7], j[14]})
   return 1, j[4]
 end
 

@@ -22,5 +22,5 @@ if state == DISPATCHED then
   redis.call('ZREM', ns.acks, ARGV[2])
   release_slot(ns, j[3], ARGV[2])
 end
-finish_job(jk, CANCELLED, 'CANCELLED', 'cancelled by request', ARGV[3])
+finish_job(ns, jk, ARGV[2], j[2], CANCELLED, 'CANCELLED', 'cancelled by request', ARGV[3])
 return {1, j[2]}

@@ -3,13 +3,15 @@
 -- KEYS[1..8] the namespace's keys (see the prelude), then 4 per job i (from 0): KEYS[9+4i] job
 --   hash, KEYS[10+4i] pending zset of its queue and kind, KEYS[11+4i] idempotency string (any key
 --   when the job has no idempotency key), KEYS[12+4i] kinds set of its queue
--- ARGV[1] now ms, ARGV[2] idempotency ttl s, ARGV[3] retention s (how long a job is kept once
---   finished), ARGV[4] most queues with waiting jobs, ARGV[5] most kinds with waiting jobs per queue,
---   ARGV[6] key prefix, ARGV[7] ack timeout ms (stored as the job's 'ack': how long a worker has to
---   start it once dispatched), ARGV[8] most placements per queue (0: place none),
---   then 10 per job i: ARGV[9+10i] job id, spec (JobSpec bytes), queue, kind, priority, max attempts,
+-- ARGV[1] now ms, ARGV[2] idempotency ttl s, ARGV[3] most queues with waiting jobs, ARGV[4] most
+--   kinds with waiting jobs per queue, ARGV[5] key prefix, ARGV[6] ack timeout ms (stored as the
+--   job's 'ack': how long a worker has to start it once dispatched), ARGV[7] most placements per
+--   queue (0: place none),
+--   then 12 per job i: ARGV[8+12i] job id, spec (JobSpec bytes), queue, kind, priority, max attempts,
 --   timeout ms, request digest or '', due ms (0: at once; a job due later is stored SCHEDULED in the
---   delayed zset instead of its queue), backoff ("initial,max,multiplier", ms: see backoff_ms)
+--   delayed zset instead of its queue), backoff ("initial,max,multiplier", ms: see backoff_ms),
+--   retention s (how long it is kept once finished: its 'ttl'), dead-letter retention s (once
+--   FAILED: its 'dttl')
 -- returns {0, placements, visited, code, id, code, id, ...}: placements a flat array as schedule
 --   returns them after its first entry (5 entries per placement), visited a flat array of
 --   queue name, 1 when jobs still wait in it afterwards (else 0), for each queue it placed on; then
@@ -18,17 +20,18 @@
 --   (the original id); or, with nothing stored: {-2, i, id} job i's idempotency key was used for a
 --   different request (by job id), {-3, i} job i would add a queue over the limit, {-4, i} job i
 --   would add a kind to its queue over the limit (i from 0).
-local ns = namespace(ARGV[6])
+local ns = namespace(ARGV[5])
 local n = (#KEYS - NS_KEYS) / 4
-local now, idem_ttl, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local max_queues, max_kinds = tonumber(ARGV[4]), tonumber(ARGV[5])
+local now, idem_ttl = ARGV[1], tonumber(ARGV[2])
+local max_queues, max_kinds = tonumber(ARGV[3]), tonumber(ARGV[4])
+local A = 12  -- ARGV entries per job, from ARGV[8]
 local out = {0, {}, {}}
 local fresh = {}  -- indexes of the jobs to store
 local seen_queues, queue_count = {}, nil  -- queues and kinds checked once per call
 local seen_kinds, kind_counts = {}, {}
 
 for i = 0, n - 1 do
-  local k, a = NS_KEYS + 1 + 4 * i, 9 + 10 * i
+  local k, a = NS_KEYS + 1 + 4 * i, 8 + A * i
   local id, queue, kind, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], ARGV[a + 7]
   local code, stored_id = 1, id
   -- Every request gets fresh job ids, so an existing hash means this call is a resend.
@@ -65,13 +68,14 @@ local seq = #fresh > 0 and redis.call('INCRBY', ns.seq, #fresh) - #fresh or 0
 local pending, pending_keys = {}, {}  -- per pending zset: score, id pairs
 local later = {}  -- indexes of the jobs stored SCHEDULED
 for _, i in ipairs(fresh) do
-  local k, a = NS_KEYS + 1 + 4 * i, 9 + 10 * i
+  local k, a = NS_KEYS + 1 + 4 * i, 8 + A * i
   local id, queue, kind, prio, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 7]
   local due = tonumber(ARGV[a + 8])
   seq = seq + 1
   redis.call('HSET', KEYS[k], 'spec', ARGV[a + 1], 'queue', queue, 'kind', kind, 'prio', prio,
     'seq', seq, 'state', QUEUED, 'attempt', 0, 'max_attempts', ARGV[a + 5], 'timeout_ms', ARGV[a + 6],
-    'worker', '', 'lease', 0, 'created', now, 'updated', now, 'ttl', ttl, 'ack', ARGV[7], 'backoff', ARGV[a + 9])
+    'worker', '', 'lease', 0, 'created', now, 'updated', now, 'ack', ARGV[6], 'backoff', ARGV[a + 9],
+    'ttl', ARGV[a + 10], 'dttl', ARGV[a + 11])
   if rdigest ~= '' then redis.call('SET', KEYS[k + 2], id .. ' ' .. rdigest, 'EX', idem_ttl) end
   if due > tonumber(now) then
     schedule_job(ns, KEYS[k], id, due, now)
@@ -98,12 +102,12 @@ end
 for _, key in ipairs(pending_keys) do call_chunked('ZADD', key, pending[key], 1000) end
 
 local placed_queues = {}
-if tonumber(ARGV[8]) <= 0 then fresh = {} end
+if tonumber(ARGV[7]) <= 0 then fresh = {} end
 for _, i in ipairs(fresh) do
-  local queue = ARGV[9 + 10 * i + 2]
+  local queue = ARGV[8 + A * i + 2]
   if not placed_queues[queue] and not later[i] then
     placed_queues[queue] = true
-    local left = place_jobs(ns, queue, tonumber(now), tonumber(ARGV[7]), tonumber(ARGV[8]), out[2])
+    local left = place_jobs(ns, queue, tonumber(now), tonumber(ARGV[6]), tonumber(ARGV[7]), out[2])
     table.insert(out[3], queue)
     table.insert(out[3], left and 1 or 0)
   end

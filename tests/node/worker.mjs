@@ -5,7 +5,7 @@
 // Env: JOBGATE_HEARTBEAT_MS (default 200), JOBGATE_HEARTBEAT_TTL_MS (default 1000),
 // JOBGATE_QUEUES (comma-separated, default "default"), JOBGATE_REDIS_SHARDS (default 1).
 //
-// Serves its queues with kinds node.fail and node.upper. On SIGTERM it drains (PROTOCOL.md,
+// Serves its queues with kinds node.count, node.fail and node.upper. On SIGTERM it drains (PROTOCOL.md,
 // "What a worker must do", step 7) and exits 0; a second signal exits 1 at once.
 
 import { createHash, randomBytes } from 'node:crypto';
@@ -33,8 +33,18 @@ const SHARDS = Number(process.env.JOBGATE_REDIS_SHARDS ?? 1);
 const INSTANCE = randomBytes(16).toString('hex'); // once per process: a restart evicts our old registration
 const { RUNNING, SUCCEEDED, FAILED, CANCELLED } = { RUNNING: 3, SUCCEEDED: 4, FAILED: 5, CANCELLED: 6 };
 
-// Handlers: args is the plain JSON of spec.args; a throw is a HANDLER_ERROR.
+// Handlers: args is the plain JSON of spec.args; a throw is a HANDLER_ERROR. `progress(fraction,
+// message)` reports how far the job has come (sent at most every PROGRESS_MS, the latest only).
+const PROGRESS_MS = 500;
 const HANDLERS = {
+  'node.count': async (args, d, progress) => {
+    const steps = Number(args?.steps ?? 10);
+    for (let i = 1; i <= steps; i++) {
+      progress(i / steps, `step ${i} of ${steps}`);
+      await sleep((Number(args?.seconds ?? 1) * 1000) / steps);
+    }
+    return { steps, by: 'node' };
+  },
   'node.fail': () => {
     throw new Error('node.fail always fails');
   },
@@ -91,7 +101,7 @@ const root = new protobuf.Root();
 root.resolvePath = (_origin, target) => path.join(ROOT, 'proto', target);
 root.loadSync(['jobgate/v1/job.proto', 'jobgate/v1/relay.proto'], { keepCase: true });
 const T = Object.fromEntries(
-  ['JobEvents', 'WorkerMessage', 'WorkerStatus'].map((n) => [n, root.lookupType(`jobgate.v1.${n}`)]),
+  ['JobEvents', 'WorkerMessage', 'WorkerStatus', 'Progress'].map((n) => [n, root.lookupType(`jobgate.v1.${n}`)]),
 );
 const Value = root.lookupType('google.protobuf.Value');
 const encode = (type, obj) => Buffer.from(type.encode(type.fromObject(obj)).finish());
@@ -126,7 +136,7 @@ const BINARY = { typeMapping: { [RESP_TYPES.BLOB_STRING]: Buffer } };
 // Every script is the prelude, a newline and the script's text; EVALSHA, loading it on NOSCRIPT.
 const prelude = readFileSync(path.join(ROOT, 'protocol/lua/_common.lua'), 'utf8');
 const scripts = {};
-for (const name of ['heartbeat', 'start', 'finish', 'leave']) {
+for (const name of ['heartbeat', 'start', 'finish', 'leave', 'progress']) {
   const text = prelude + '\n' + readFileSync(path.join(ROOT, `protocol/lua/${name}.lua`), 'utf8');
   scripts[name] = { text, sha: createHash('sha1').update(text).digest('hex') };
 }
@@ -278,6 +288,30 @@ async function execute(d, job) {
   log(`job_id=${d.job_id} ${recorded ? `finished in state ${out.state}` : 'outcome discarded: superseded'}`);
 }
 
+// Progress (PROTOCOL.md, "progress"): the latest report of each running job, sent every PROGRESS_MS
+// with one progress call per shard; best effort (a failed call is logged and dropped).
+const reports = new Map(); // job id -> { d, lease, fraction, message, at }
+async function sendProgress() {
+  const byShard = new Map();
+  for (const [id, r] of reports) byShard.set(jobShard(id), [...(byShard.get(jobShard(id)) ?? []), r]);
+  reports.clear();
+  for (const [shard, list] of byShard) {
+    const k = shardKeys(shard);
+    const args = [k.P, workerId];
+    for (const r of list) {
+      const progress = { fraction: r.fraction, message: r.message, time: timestamp(r.at) };
+      args.push(r.lease, encode(T.Progress, progress),
+        encode(T.JobEvents, { events: [jobEvent(r.d, RUNNING, { progress })] }));
+    }
+    try {
+      await script('progress', [...k.namespace, ...k.own, ...list.map((r) => K.job(r.d.job_id))], args);
+    } catch (e) {
+      log(`progress not recorded (${e.message})`);
+    }
+  }
+}
+const progressTimer = setInterval(() => reports.size && sendProgress(), PROGRESS_MS);
+
 // The outcome of one attempt: { state, result } or { state, code, message } (PROTOCOL.md's table).
 async function run(d, job) {
   const cancelled = { state: CANCELLED, code: 'CANCELLED', message: 'cancelled by request' };
@@ -293,7 +327,12 @@ async function run(d, job) {
     if (Number(d.timeout_ms) > 0) timer = setTimeout(() => resolve(timedOut), Number(d.timeout_ms));
   });
   const work = (async () => {
-    const value = await handler(d.spec.args ? fromValue(d.spec.args) : null, d);
+    const progress = (fraction, message = '') => {
+      if (!(fraction >= 0 && fraction <= 1)) throw new RangeError('progress fraction must be from 0 to 1');
+      const lease = job.lease.toString();
+      if (!job.ended) reports.set(d.job_id, { d, lease, fraction, message: String(message).slice(0, 256), at: Date.now() });
+    };
+    const value = await handler(d.spec.args ? fromValue(d.spec.args) : null, d, progress);
     toValue(value); // throws (HANDLER_ERROR) when the value is not JSON
     return { state: SUCCEEDED, result: value };
   })().catch((e) => ({ state: FAILED, code: 'HANDLER_ERROR', message: `${e?.name}: ${e?.message}`.slice(0, 4096) }));
@@ -301,6 +340,8 @@ async function run(d, job) {
     return await Promise.race([work, stop]); // a JS handler cannot be stopped: its late result is ignored
   } finally {
     clearTimeout(timer);
+    job.ended = true; // the outcome says more than a report not sent yet
+    reports.delete(d.job_id);
   }
 }
 
@@ -327,6 +368,7 @@ async function shutdown() {
     for (const job of jobs.values()) job.abandoned = true; // leave hands them back: no finish
   }
   beating = false; // no heartbeat may register us again after leave
+  clearInterval(progressTimer);
   clearTimeout(beatTimer);
   await quietly('last heartbeat', lastBeat);
   await quietly('unsubscribe', sub.unsubscribe(MINE.map((shard) => shardKeys(shard).dispatch)));

@@ -70,6 +70,46 @@ class SchedulerServiceStub:
                 request_serializer=jobgate_dot_v1_dot_scheduler__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.ListFailedJobs = channel.unary_unary(
+                '/jobgate.v1.SchedulerService/ListFailedJobs',
+                request_serializer=jobgate_dot_v1_dot_scheduler__pb2.ListFailedJobsRequest.SerializeToString,
+                response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.ListFailedJobsResponse.FromString,
+                _registered_method=True)
+        self.CreateSchedule = channel.unary_unary(
+                '/jobgate.v1.SchedulerService/CreateSchedule',
+                request_serializer=jobgate_dot_v1_dot_scheduler__pb2.CreateScheduleRequest.SerializeToString,
+                response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.CreateScheduleResponse.FromString,
+                _registered_method=True)
+        self.GetSchedule = channel.unary_unary(
+                '/jobgate.v1.SchedulerService/GetSchedule',
+                request_serializer=jobgate_dot_v1_dot_scheduler__pb2.GetScheduleRequest.SerializeToString,
+                response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.GetScheduleResponse.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/jobgate.v1.SchedulerService/ListSchedules',
+                request_serializer=jobgate_dot_v1_dot_scheduler__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.PauseSchedule = channel.unary_unary(
+                '/jobgate.v1.SchedulerService/PauseSchedule',
+                request_serializer=jobgate_dot_v1_dot_scheduler__pb2.PauseScheduleRequest.SerializeToString,
+                response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.PauseScheduleResponse.FromString,
+                _registered_method=True)
+        self.ResumeSchedule = channel.unary_unary(
+                '/jobgate.v1.SchedulerService/ResumeSchedule',
+                request_serializer=jobgate_dot_v1_dot_scheduler__pb2.ResumeScheduleRequest.SerializeToString,
+                response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.ResumeScheduleResponse.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/jobgate.v1.SchedulerService/DeleteSchedule',
+                request_serializer=jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleRequest.SerializeToString,
+                response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleResponse.FromString,
+                _registered_method=True)
+        self.RetryJob = channel.unary_unary(
+                '/jobgate.v1.SchedulerService/RetryJob',
+                request_serializer=jobgate_dot_v1_dot_scheduler__pb2.RetryJobRequest.SerializeToString,
+                response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.RetryJobResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -136,6 +176,71 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFailedJobs(self, request, context):
+        """Lists the dead letters of a queue: its FAILED jobs (attempts spent, or failed for good), newest
+        first, each with its history; a failed job is kept for the queue's dead-letter retention (7 days
+        by default). Errors: INVALID_ARGUMENT (queue, page_size or page_token malformed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSchedule(self, request, context):
+        """Creates a periodic schedule: on each tick of its cron expression or interval, exactly one job
+        (however many gateways run). Errors: INVALID_ARGUMENT (a field is malformed; the message names
+        it, e.g. "schedule.cron", "schedule.job.kind"), ALREADY_EXISTS (the name is taken).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSchedule(self, request, context):
+        """Returns a schedule with its next 5 ticks and its last runs. Errors: INVALID_ARGUMENT, NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """Lists the schedules by name, a page at a time. Errors: INVALID_ARGUMENT (page_size, page_token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSchedule(self, request, context):
+        """Pauses a schedule: no tick runs until it is resumed (pausing a paused schedule changes nothing).
+        Errors: INVALID_ARGUMENT, NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSchedule(self, request, context):
+        """Resumes a paused schedule from its next tick to come: the ticks while it was paused never run.
+        Errors: INVALID_ARGUMENT, NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """Deletes a schedule (the jobs it submitted stay). Errors: INVALID_ARGUMENT, NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryJob(self, request, context):
+        """Puts a FAILED or CANCELLED job back in its queue with a fresh count of attempts (its spec's
+        max_attempts again); its id and its history of attempts are kept, and its stream shows it QUEUED.
+        Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND, FAILED_PRECONDITION (the job is not FAILED
+        or CANCELLED: it has not finished, or it SUCCEEDED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +278,46 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.ListWorkersRequest.FromString,
                     response_serializer=jobgate_dot_v1_dot_scheduler__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'ListFailedJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFailedJobs,
+                    request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.ListFailedJobsRequest.FromString,
+                    response_serializer=jobgate_dot_v1_dot_scheduler__pb2.ListFailedJobsResponse.SerializeToString,
+            ),
+            'CreateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSchedule,
+                    request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.CreateScheduleRequest.FromString,
+                    response_serializer=jobgate_dot_v1_dot_scheduler__pb2.CreateScheduleResponse.SerializeToString,
+            ),
+            'GetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSchedule,
+                    request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.GetScheduleRequest.FromString,
+                    response_serializer=jobgate_dot_v1_dot_scheduler__pb2.GetScheduleResponse.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=jobgate_dot_v1_dot_scheduler__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'PauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSchedule,
+                    request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.PauseScheduleRequest.FromString,
+                    response_serializer=jobgate_dot_v1_dot_scheduler__pb2.PauseScheduleResponse.SerializeToString,
+            ),
+            'ResumeSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSchedule,
+                    request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.ResumeScheduleRequest.FromString,
+                    response_serializer=jobgate_dot_v1_dot_scheduler__pb2.ResumeScheduleResponse.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleRequest.FromString,
+                    response_serializer=jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'RetryJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryJob,
+                    request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.RetryJobRequest.FromString,
+                    response_serializer=jobgate_dot_v1_dot_scheduler__pb2.RetryJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -365,6 +510,222 @@ class SchedulerService:
             '/jobgate.v1.SchedulerService/ListWorkers',
             jobgate_dot_v1_dot_scheduler__pb2.ListWorkersRequest.SerializeToString,
             jobgate_dot_v1_dot_scheduler__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFailedJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobgate.v1.SchedulerService/ListFailedJobs',
+            jobgate_dot_v1_dot_scheduler__pb2.ListFailedJobsRequest.SerializeToString,
+            jobgate_dot_v1_dot_scheduler__pb2.ListFailedJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobgate.v1.SchedulerService/CreateSchedule',
+            jobgate_dot_v1_dot_scheduler__pb2.CreateScheduleRequest.SerializeToString,
+            jobgate_dot_v1_dot_scheduler__pb2.CreateScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobgate.v1.SchedulerService/GetSchedule',
+            jobgate_dot_v1_dot_scheduler__pb2.GetScheduleRequest.SerializeToString,
+            jobgate_dot_v1_dot_scheduler__pb2.GetScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobgate.v1.SchedulerService/ListSchedules',
+            jobgate_dot_v1_dot_scheduler__pb2.ListSchedulesRequest.SerializeToString,
+            jobgate_dot_v1_dot_scheduler__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobgate.v1.SchedulerService/PauseSchedule',
+            jobgate_dot_v1_dot_scheduler__pb2.PauseScheduleRequest.SerializeToString,
+            jobgate_dot_v1_dot_scheduler__pb2.PauseScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobgate.v1.SchedulerService/ResumeSchedule',
+            jobgate_dot_v1_dot_scheduler__pb2.ResumeScheduleRequest.SerializeToString,
+            jobgate_dot_v1_dot_scheduler__pb2.ResumeScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobgate.v1.SchedulerService/DeleteSchedule',
+            jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleRequest.SerializeToString,
+            jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobgate.v1.SchedulerService/RetryJob',
+            jobgate_dot_v1_dot_scheduler__pb2.RetryJobRequest.SerializeToString,
+            jobgate_dot_v1_dot_scheduler__pb2.RetryJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
