@@ -10,7 +10,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: all install run test test-fast proto lint typecheck bench bench-cluster soak clean
+.PHONY: all install run test test-fast proto lint typecheck bench bench-cluster bench-due soak clean
 
 all: install
 
@@ -80,6 +80,10 @@ bench: $(BENCH_STAMP)
 # One Redis against a local Redis Cluster, per process and per node (docs/SCALING.md).
 bench-cluster: $(STAMP)
 	$(PY) -m bench.cluster
+
+# 10,000 delayed jobs due in the same second, with and without a gateway killed (docs/DUE_LAG.md).
+bench-due: $(STAMP)
+	$(PY) -m bench.due_lag
 
 soak: $(STAMP)
 	$(PY) -m bench.soak

@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 from redis.asyncio import Redis
 
 from jobgate.v1 import job_pb2, relay_pb2
-from protocol.codec import TERMINAL, event_from_hash
+from protocol.codec import SCHEDULED, TERMINAL, event_from_hash
 from protocol.connection import Subscription, subscription
 from protocol.errors import REDIS_ERRORS
 from protocol.gateway_calls import GatewayCalls
@@ -43,6 +43,7 @@ class Hub:
         *,
         on_slot_freed: Callable[[str], None],
         on_worker_change: Callable[[], None],
+        on_due: Callable[[int], None] = lambda ms: None,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
@@ -51,6 +52,7 @@ class Hub:
         self.store = store
         self.on_slot_freed = on_slot_freed
         self.on_worker_change = on_worker_change
+        self.on_due = on_due  # a job went SCHEDULED (a retry's backoff): when it is due (ms)
         self.by_job: dict[str, set[Watcher]] = {}
         self.broad: set[Watcher] = set()
         self.connected = False  # whether the subscription is up, for the log
@@ -163,6 +165,10 @@ class Hub:
             if self.by_job.get(event.job_id) or self.broad:
                 to_verify[event.job_id] = event
                 return True
+        elif event.state == SCHEDULED and event.HasField("due_at"):
+            self.on_due(event.due_at.ToMilliseconds())
+            for w in self._interested(event) if event.job_id in self.by_job else ():
+                w.push(event)
         elif event.job_id in self.by_job:  # only watchers of job ids take progress; most jobs have none
             for w in self._interested(event):
                 w.push(event)

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from jobgate.v1 import job_pb2
+from protocol.connection import now_ms
 from protocol.errors import Unavailable
 from protocol.gateway_calls import GatewayCalls
 from protocol.keys import QUEUE_RE
@@ -55,6 +56,15 @@ class Scheduler:
         self._wake = asyncio.Event()
         # Run on every tick, after promote: the schedules' due ticks (gateway/schedules.py).
         self.periodic: Callable[[], Awaitable[int]] | None = None
+        # The earliest due time of a SCHEDULED job this gateway knows of (ms): promote runs then,
+        # not only on the next tick.
+        self._next_due: int | None = None
+
+    def due_at(self, ms: int) -> None:
+        """A job was stored SCHEDULED until ``ms``: queue it then (or earlier, with others)."""
+        if self._next_due is None or ms < self._next_due:
+            self._next_due = ms
+            self._wake.set()
 
     def kick(self, queue: str) -> None:
         """Asks for placement on ``queue`` soon (validated: only known-good names become keys)."""
@@ -73,16 +83,14 @@ class Scheduler:
         next_tick = 0.0
         while not stop.is_set():
             if not self._wake.is_set():
-                try:
-                    async with asyncio.timeout(self.tick_s):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
+                await self._sleep(max(0.0, next_tick - loop.time()))
             self._wake.clear()
             try:
                 if loop.time() >= next_tick:
                     next_tick = loop.time() + self.tick_s
                     await self._tick()
+                elif self._next_due is not None and now_ms() >= self._next_due:
+                    await self._promote()
                 if self._all:
                     self._all = False
                     names = await self._step(self.store.queue_names())
@@ -108,12 +116,31 @@ class Scheduler:
         """The periodic part of a pass: reaping, due jobs, schedules, repeated cancels; then a
         pass over every queue."""
         await self._step(self._reap())
-        for queue in await self._step(self.store.promote()):
-            self.kick(queue)
+        await self._promote()
         if self.periodic is not None:
             await self._step(self.periodic())
         await self._step(self.store.resend_cancels(older_than_ms=max(1000, int(self.tick_s * 1000))))
         self._all = True
+
+    async def _sleep(self, until_tick_s: float) -> None:
+        """Waits for a wake-up, the next tick, or the next due job, whichever comes first."""
+        wait_s = until_tick_s
+        if self._next_due is not None:
+            wait_s = min(wait_s, max(0.0, (self._next_due - now_ms()) / 1000))
+        try:
+            async with asyncio.timeout(wait_s):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+
+    async def _promote(self) -> None:
+        """Queues the SCHEDULED jobs that are due, then learns when the next one is."""
+        self._next_due = None  # a due_at() meanwhile lowers it again
+        for queue in await self._step(self.store.promote()):
+            self.kick(queue)
+        upcoming = await self._step(self.store.next_due())
+        if upcoming is not None:
+            self.due_at(upcoming)
 
     async def _step(self, aw: Awaitable[T]) -> T:
         async with asyncio.timeout(self.step_s):

@@ -118,7 +118,13 @@ async def start(settings: GatewaySettings) -> Gateway:
         metrics=metrics,
     )
     hub = Hub(
-        redis, keys, store, on_slot_freed=scheduler.slot_freed, on_worker_change=scheduler.kick_all, metrics=metrics
+        redis,
+        keys,
+        store,
+        on_slot_freed=scheduler.slot_freed,
+        on_worker_change=scheduler.kick_all,
+        on_due=scheduler.due_at,
+        metrics=metrics,
     )
     limits = settings.limits()
     schedules = ScheduleCalls(redis, keys, store.durability)

@@ -169,6 +169,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.metrics.submitted.inc(sum(1 for r in results if not isinstance(r, JobgateError)))
         for placed in calls:
             self.scheduler.record(placed)
+        self._note_due(jobs)
         return results
 
     @unary
@@ -182,7 +183,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         jobs, placed = await self.store.submit(prepared)
         self.metrics.submitted.inc(len(jobs))
         self.scheduler.record(placed)
+        self._note_due(prepared)
         return scheduler_pb2.SubmitJobsResponse(jobs=jobs)
+
+    def _note_due(self, jobs: Sequence[PreparedJob]) -> None:
+        """Tells the placement loop when the earliest of the jobs stored SCHEDULED is due."""
+        dues = [j.due_ms for j in jobs if j.due_ms]
+        if dues:
+            self.scheduler.due_at(min(dues))
 
     @unary
     async def GetJob(

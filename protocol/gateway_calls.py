@@ -435,6 +435,16 @@ class GatewayCalls(Calls):
                     queues.update(q for q in reply if q)
         return queues
 
+    async def next_due(self) -> int | None:
+        """When the earliest SCHEDULED job of any shard is due (ms), or None when none waits."""
+        async with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for k in self.keys.all_shards():
+                    pipe.zrange(k.delayed(), 0, 0, withscores=True)
+                firsts = await pipe.execute()
+        dues = [int(score) for first in firsts for _, score in first]
+        return min(dues) if dues else None
+
     async def reap(self, limit: int = 100) -> list[Settled]:
         """Settles jobs of expired workers and unacknowledged dispatches, in every shard."""
         out: list[Settled] = []

@@ -70,3 +70,23 @@ def test_the_cluster_benchmark_measures_one_redis_and_every_node_of_a_cluster() 
     assert all(float(row[-1]) > 0.5 for row in primaries), output  # the spread namespace works every primary
     namespace = next(line.split() for line in cluster.splitlines() if "(namespace)" in line)
     assert float(namespace[-1]) > 1, output  # the namespace's shard ran its commands
+
+
+def test_the_due_lag_benchmark_follows_every_delayed_job_to_its_start() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.due_lag", "--jobs", "300", "--ahead-s", "2", "--out", "-"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    output = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, output
+    rows = {
+        cells[1]: [float(c.replace(",", "")) for c in cells[2:5]]
+        for line in result.stdout.splitlines()
+        if line.startswith(("| queued", "| started", "| reference")) and (cells := line.split("|"))
+    }
+    assert len(rows) == 5, output
+    for name, (p50, p99, last) in rows.items():
+        assert 0 <= p50 <= p99 <= last, (name, output)  # every job was followed to its start
