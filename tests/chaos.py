@@ -476,6 +476,25 @@ class Checker:
                 bad.append(f"{job_id} finished as {lines[0]} but stored as {stored.worker_id} {stored.state}")
         return bad
 
+    async def histories(self, gw: Node, outcomes: Mapping[str, job_pb2.JobEvent]) -> list[str]:
+        """Checks the stored history of every finished job: its attempts numbered 1 to ``attempt``
+        without a gap or a repeat, each one but the last FAILED (retried or lost with its worker),
+        the last one ending as the job did (a job cancelled or failed by a script while waiting may
+        end without one). Returns the jobs whose history is not so."""
+        bad = []
+        stub = self.stub(gw)
+        for job_id, event in outcomes.items():
+            job = (await stub.GetJob(scheduler_pb2.GetJobRequest(id=job_id), timeout=10)).job
+            numbers = [a.attempt for a in job.attempts]
+            states = [a.state for a in job.attempts]
+            if numbers != list(range(1, len(numbers) + 1)) or len(numbers) > job.attempt:
+                bad.append(f"{job_id}: attempts {numbers} for a job at attempt {job.attempt}")
+            elif any(st != job_pb2.JOB_STATE_FAILED for st in states[:-1]):
+                bad.append(f"{job_id}: an attempt before the last did not fail: {states}")
+            elif states and states[-1] != event.state and event.state != job_pb2.JOB_STATE_FAILED:
+                bad.append(f"{job_id}: its last attempt ended {states[-1]}, the job {event.state}")
+        return bad
+
     # --- resources ------------------------------------------------------------------------
     async def usage(self, node: Node) -> Usage:
         m = await node.metrics()

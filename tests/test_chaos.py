@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from redis.asyncio import Redis
 
 from devtools.devstack import Stack
@@ -130,6 +131,52 @@ async def test_a_worker_killed_under_load_loses_no_job_and_records_none_twice(ch
     assert all(e.worker_id != victim.worker_id for e in retried)
     assert_run_streams_end_terminal(checker)
     await checker.check_leaks()
+
+
+async def test_retries_and_delayed_jobs_with_a_worker_and_a_gateway_killed_end_once_each(checker: Checker) -> None:
+    """Failing jobs retried after their backoff, delayed jobs waiting for their time, while a worker
+    is SIGKILLed under load and the gateway that accepted the delayed jobs is SIGKILLed before they
+    are due: each job ends once, as its kind says, with a history that adds up."""
+    cluster = checker.cluster
+    accepting, gw = cluster.gateway(env=ROOMY), cluster.gateway(env=ROOMY)
+    victim = cluster.worker("--concurrency", "30")
+    for _ in range(2):
+        cluster.worker("--concurrency", "30")
+    await warm_up(checker, gw)
+    checker.watch_all(gw)
+    quick = job_pb2.RetryPolicy(initial_backoff=Duration(nanos=200_000_000), multiplier=2)
+    delayed = [checker.job("echo", {"delayed": True}, delay=Duration(seconds=3)) for _ in range(300)]
+    waiting = await checker.submit(accepting, delayed, watch=False)
+    assert isinstance(waiting, list)
+    checker.follow(gw, waiting, name="delayed")  # on the gateway that stays
+    checker.unwatched = [j for j in checker.unwatched if j not in set(waiting)]
+    mixes = [
+        lambda: checker.job("flaky", {"succeed_at": 2}, retry=quick),
+        lambda: checker.job("fail", {"message": "always"}, max_attempts=2, retry=quick),
+        sleep_job(checker, 0.3),
+    ]
+    loaders = [asyncio.create_task(load(checker, [gw], 8, make, size=30)) for make in mixes]
+    await eventually(lambda: running_on(victim, 10), what="jobs running on the victim")
+    victim.service.kill()
+    accepting.service.kill()
+    await asyncio.wait_for(asyncio.gather(*loaders), 90)
+    await checker.wait_streams(90)
+    report = await checker.verify(gw)
+    report.assert_ok()
+    assert not await checker.histories(gw, report.outcomes)
+    by_kind: dict[str, set[tuple[int, str]]] = {}
+    stub = checker.stub(gw)
+    for job_id, event in report.outcomes.items():
+        job = (await stub.GetJob(scheduler_pb2.GetJobRequest(id=job_id), timeout=10)).job
+        code = event.error.code if event.state == S.JOB_STATE_FAILED else ""
+        by_kind.setdefault(job.spec.kind, set()).add((event.state, code))
+        if job.spec.HasField("delay"):
+            # due 3 s after the gateway read its clock, a moment before the script stored created_at
+            assert job.started_at.ToMilliseconds() >= job.created_at.ToMilliseconds() + 3000 - 100, job_id
+    assert by_kind["flaky"] <= {(S.JOB_STATE_SUCCEEDED, ""), (S.JOB_STATE_FAILED, "WORKER_LOST")}
+    assert (S.JOB_STATE_SUCCEEDED, "") in by_kind["flaky"]
+    assert by_kind["fail"] <= {(S.JOB_STATE_FAILED, "HANDLER_ERROR"), (S.JOB_STATE_FAILED, "WORKER_LOST")}
+    assert by_kind["echo"] == {(S.JOB_STATE_SUCCEEDED, "")}  # the delayed ones, queued by the survivor
 
 
 async def test_a_worker_stopped_under_load_finishes_short_jobs_and_hands_long_ones_back(checker: Checker) -> None:
