@@ -171,7 +171,7 @@ def report(args: argparse.Namespace, series: list[Series], redis: RedisSeries, e
             "",
             f"Produced by `make soak` (`bench/soak.py`) on {platform.machine()} "
             f"with CPython {platform.python_version()}:",
-            f"{args.jobs:,} `echo` jobs after a warm-up of {args.warm_up:,}, in `SubmitJobs` batches of {args.batch}, "
+            f"{args.jobs:,} jobs (`echo`, every tenth `fail`) after a warm-up of {args.warm_up:,}, in batches of {args.batch}, "
             f"at most {args.in_flight:,} unfinished at a time,",
             f"through one gateway and {args.workers} workers ({args.concurrency} slots each) on a private Redis;",
             f"{elapsed:.0f} s ({args.jobs / elapsed:,.0f} jobs/s). Resident memory (RSS) and asyncio tasks were read",
