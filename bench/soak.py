@@ -171,8 +171,8 @@ def report(args: argparse.Namespace, series: list[Series], redis: RedisSeries, e
             "",
             f"Produced by `make soak` (`bench/soak.py`) on {platform.machine()} "
             f"with CPython {platform.python_version()}:",
-            f"{args.jobs:,} jobs (`echo`, every tenth `fail`) after a warm-up of {args.warm_up:,}, in batches of {args.batch}, "
-            f"at most {args.in_flight:,} unfinished at a time,",
+            f"{args.jobs:,} jobs (`echo`, every tenth `fail`) after a warm-up of {args.warm_up:,}, in batches of"
+            f" {args.batch}, at most {args.in_flight:,} unfinished at a time,",
             f"through one gateway and {args.workers} workers ({args.concurrency} slots each) on a private Redis;",
             f"{elapsed:.0f} s ({args.jobs / elapsed:,.0f} jobs/s). Resident memory (RSS) and asyncio tasks were read",
             f"from each process's metrics every {args.every_s:g} s: start is the first sample after warm-up, end the",
