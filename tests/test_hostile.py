@@ -592,6 +592,50 @@ def test_get_job_and_cancel_job_answer_as_documented(gateway: Gateway, job_id: s
     assert gateway.snapshot(gateway.neighbour) == foreign
 
 
+@st.composite
+def schedule_specs(draw: st.DrawFn) -> scheduler_pb2.ScheduleSpec:
+    """A CreateSchedule request's schedule: mostly valid, with hostile values drawn for some fields."""
+    spec = scheduler_pb2.ScheduleSpec(
+        name=draw(st.one_of(st.from_regex(r"\A[A-Za-z0-9_.-]{1,128}\Z"), hostile_text)),
+        misfire_policy=draw(st.one_of(st.sampled_from([0, 1, 2]), ints32)),
+        overlap_policy=draw(st.one_of(st.sampled_from([0, 1, 2]), ints32)),
+    )
+    if draw(st.booleans()):
+        spec.cron = draw(
+            st.one_of(st.sampled_from(["*/5 * * * *", "0 3 * * 1-5", "@daily", "0 0 30 2 *"]), hostile_text)
+        )
+        spec.time_zone = draw(st.one_of(st.sampled_from(["", "UTC", "Europe/Paris", "Nowhere/Else"]), hostile_text))
+    if draw(st.booleans()):
+        spec.interval.CopyFrom(draw(st.one_of(st.builds(Duration, seconds=st.integers(1, 3600)), durations)))
+    if draw(st.booleans()):
+        spec.misfire_grace.CopyFrom(draw(durations))
+    if draw(st.booleans()):
+        spec.start_at.CopyFrom(draw(st.builds(Timestamp, seconds=ints64, nanos=ints32)))
+    if draw(st.integers(0, 9)):
+        spec.job.CopyFrom(draw(submit_requests()))
+    return spec
+
+
+@SETTINGS
+@given(spec=schedule_specs())
+def test_create_schedule_answers_as_documented_and_a_refusal_stores_nothing(
+    gateway: Gateway, spec: scheduler_pb2.ScheduleSpec
+) -> None:
+    before = gateway.snapshot()
+    request = scheduler_pb2.CreateScheduleRequest(schedule=spec)
+    code, details, reply = call_status(lambda: gateway.stub.CreateSchedule(request, timeout=10))
+    allowed = {OK, INVALID, grpc.StatusCode.ALREADY_EXISTS, EXHAUSTED}
+    check_reply(gateway, code, details, allowed, [])
+    if code != OK:  # the message names the field: schedule.<field>, schedule.job.<field>
+        assert details.startswith("schedule.") or "larger than max" in details, details
+    if code != OK:
+        assert gateway.snapshot() == before, "a refused schedule changed stored keys"
+        return
+    assert reply.schedule.spec.name == spec.name and reply.schedule.next_fire_times
+    delete = scheduler_pb2.DeleteScheduleRequest(name=spec.name)
+    assert call_status(lambda: gateway.stub.DeleteSchedule(delete, timeout=10))[0] == OK
+
+
 @SETTINGS
 @given(junk=st.binary(max_size=200))
 def test_list_workers_ignores_unknown_fields(gateway: Gateway, junk: bytes) -> None:
