@@ -214,6 +214,24 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         return scheduler_pb2.CancelJobResponse(job=await self.store.get(jid))
 
     @unary
+    async def PauseQueue(
+        self, request: scheduler_pb2.PauseQueueRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.PauseQueueResponse:
+        queue = queue_name(request.queue)
+        auth.current().check(queue, "queue")
+        return scheduler_pb2.PauseQueueResponse(already=await self.store.pause(queue, True))
+
+    @unary
+    async def ResumeQueue(
+        self, request: scheduler_pb2.ResumeQueueRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ResumeQueueResponse:
+        queue = queue_name(request.queue)
+        auth.current().check(queue, "queue")
+        already = await self.store.pause(queue, False)
+        self.scheduler.kick(queue)
+        return scheduler_pb2.ResumeQueueResponse(already=already)
+
+    @unary
     async def RetryJob(
         self, request: scheduler_pb2.RetryJobRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.RetryJobResponse:

@@ -315,6 +315,15 @@ class GatewayCalls(Calls):
             return CancelOutcome(worker_id=reply[1].decode(), lease=int(reply[2]))
         return CancelOutcome(queue=reply[1].decode())
 
+    async def pause(self, queue: str, paused: bool) -> bool:
+        """Pauses (or resumes) ``queue``; returns True when it was so already. Raises Unavailable."""
+        k = self.keys.of_queue(queue)
+        async with redis_errors():
+            reply = await self.durably(
+                self.scripts.pause, [*k.namespace_keys(), k.queue_settings(queue)], ["1" if paused else "0"]
+            )
+        return int(reply) == 1
+
     async def retry(self, job_id: str) -> str:
         """Puts a FAILED or CANCELLED job back in its queue with a fresh count of attempts (its QUEUED
         event published); returns the queue. Raises NotFound, FailedPrecondition, Unavailable."""

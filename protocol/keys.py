@@ -115,6 +115,9 @@ class Keys:
     def queue_kinds(self, queue: str) -> str:  # set: kinds that may have jobs waiting in the queue
         return f"{self._prefix(self.queue_shard(queue))}kinds:{queue}"
 
+    def queue_settings(self, queue: str) -> str:  # hash: 'paused' ('1' while PauseQueue holds it)
+        return f"{self._prefix(self.queue_shard(queue))}queue:{queue}"
+
     def failed(self, queue: str) -> str:  # zset: FAILED job id -> when it failed (ms); the dead letters
         return f"{self._prefix(self.queue_shard(queue))}failed:{queue}"
 

@@ -31,6 +31,7 @@ NAMES = (
     "retry",
     "progress",
     "periodic",
+    "pause",
 )
 
 
@@ -68,6 +69,7 @@ class Scripts:
     retry: AsyncScript
     progress: AsyncScript
     periodic: AsyncScript
+    pause: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:

@@ -800,6 +800,9 @@ MALFORMED = {
     "CancelJob": b"\x0a\x02\xff\xfe",
     "ListWorkers": b"\xff\xff\xff",  # not a protobuf message at all
     "RetryJob": b"\x0a\x02\xff\xfe",
+    "PauseQueue": b"\x0a\x02\xff\xfe",  # queue: not UTF-8
+    "ResumeQueue": b"\x0a\x02\xff\xfe",
+    "GetSchedule": b"\x0a\x02\xff\xfe",  # name: not UTF-8
     "ListFailedJobs": b"\x1a\x02\xff\xfe",  # page_token: not UTF-8
 }
 

@@ -28,6 +28,7 @@ local function worker_key(P, w) return P .. 'worker:' .. w end  -- hash
 local function worker_jobs_key(P, w) return P .. 'worker:' .. w .. ':jobs' end  -- set
 local function dispatch_channel(P, w) return P .. 'dispatch:' .. w end  -- pub/sub
 local function failed_key(P, queue) return P .. 'failed:' .. queue end  -- zset: FAILED job id -> when (ms)
+local function queue_key(P, queue) return P .. 'queue:' .. queue end  -- hash: the queue's settings ('paused')
 
 local function is_terminal(state)
   return state == SUCCEEDED or state == FAILED or state == CANCELLED
@@ -329,6 +330,11 @@ end
 -- dispatch (place_jobs, here: DISPATCHED, acknowledged within a deadline, published on the
 -- workers' dispatch channels) or, in finish_many.lua, a start on the finishing worker's behalf.
 
+-- Whether `queue` is paused (PauseQueue): nothing of it is placed.
+local function paused(ns, queue)
+  return redis.call('HGET', queue_key(ns.P, queue), 'paused') == '1'
+end
+
 -- The kinds of `queue` with jobs waiting, forgetting the others; drops the queue from the queues
 -- set when none has any (submit and requeue add it back), so the gateways' periodic pass only
 -- visits queues that hold jobs.
@@ -505,10 +511,11 @@ end
 -- stored at submit) or `ack_ms` for a job stored without one; published on the workers' dispatch
 -- channels, then one JobEvents with the DISPATCHED events on the results channel. A dispatch that
 -- reaches nobody is taken back at once (unassign_job). Waiting jobs are kept per kind, so kinds that
--- no free worker handles cost nothing and never hold up the others. With `only` (a worker id), only
+-- no free worker handles cost nothing and never hold up the others. A paused queue places nothing. With `only` (a worker id), only
 -- that worker is a candidate. Appends 5 entries per placement to `out` (report_placements).
 -- Returns true when jobs are still waiting in the queue afterwards.
 local function place_jobs(ns, queue, now, ack_ms, most, out, only)
+  if paused(ns, queue) then return true end
   local waiting = waiting_kinds(ns, queue)
   if #waiting == 0 then return false end
   local cands, free = candidates(ns, queue, now, only)

@@ -29,6 +29,7 @@ local jobs = #KEYS - OWN_KEYS
 -- RUNNING events are published. Appends their DispatchJob encodings to `taken` and 5 entries per
 -- job to `out` (report_placements). Returns true when jobs are still waiting in the queue.
 local function take_jobs(queue, most, out, taken)
+  if paused(ns, queue) then return true end
   local waiting = waiting_kinds(ns, queue)
   if #waiting == 0 then return false end
   local cands, free = candidates(ns, queue, now, worker)

@@ -28,17 +28,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from jobgate.v1 import job_pb2 as jobgate_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ajobgate/v1/scheduler.proto\x12\njobgate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14jobgate/v1/job.proto\"\xd1\x02\n\x10SubmitJobRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12$\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\x05\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12*\n\x06run_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05\x64\x65lay\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x05retry\x18\x0b \x01(\x0b\x32\x17.jobgate.v1.RetryPolicy\"1\n\x11SubmitJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobgate.v1.Job\"?\n\x11SubmitJobsRequest\x12*\n\x04jobs\x18\x01 \x03(\x0b\x32\x1c.jobgate.v1.SubmitJobRequest\"3\n\x12SubmitJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.jobgate.v1.Job\":\n\rRunJobRequest\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.jobgate.v1.SubmitJobRequest\"5\n\x0eRunJobResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.jobgate.v1.JobEvent\"q\n\x13WatchResultsRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\r\n\x05kinds\x18\x03 \x03(\t\x12\x11\n\tmax_batch\x18\x04 \x01(\r\x12\x18\n\x10include_progress\x18\x05 \x01(\x08\"a\n\x14WatchResultsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.jobgate.v1.JobEvent\x12$\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x14.jobgate.v1.JobEvent\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\".\n\x0eGetJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobgate.v1.Job\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"1\n\x11\x43\x61ncelJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobgate.v1.Job\"M\n\x15ListFailedJobsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"P\n\x16ListFailedJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.jobgate.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1d\n\x0fRetryJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"0\n\x10RetryJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobgate.v1.Job\"\x14\n\x12ListWorkersRequest\"\x9e\x01\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06queues\x18\x02 \x03(\t\x12\r\n\x05kinds\x18\x03 \x03(\t\x12\r\n\x05slots\x18\x04 \x01(\x05\x12\x0c\n\x04\x62usy\x18\x05 \x01(\x05\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12-\n\tlast_seen\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.jobgate.v1.WorkerInfo\"\xdb\x02\n\x0cScheduleSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63ron\x18\x02 \x01(\t\x12\x11\n\ttime_zone\x18\x03 \x01(\t\x12+\n\x08interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x03job\x18\x05 \x01(\x0b\x32\x1c.jobgate.v1.SubmitJobRequest\x12\x31\n\x0emisfire_policy\x18\x06 \x01(\x0e\x32\x19.jobgate.v1.MisfirePolicy\x12\x30\n\rmisfire_grace\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0eoverlap_policy\x18\x08 \x01(\x0e\x32\x19.jobgate.v1.OverlapPolicy\x12,\n\x08start_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x82\x01\n\x0bScheduleRun\x12(\n\x04tick\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07skipped\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd5\x01\n\x08Schedule\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.jobgate.v1.ScheduleSpec\x12\x0e\n\x06paused\x18\x02 \x01(\x08\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fnext_fire_times\x18\x04 \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x0brecent_runs\x18\x05 \x03(\x0b\x32\x17.jobgate.v1.ScheduleRun\"C\n\x15\x43reateScheduleRequest\x12*\n\x08schedule\x18\x01 \x01(\x0b\x32\x18.jobgate.v1.ScheduleSpec\"@\n\x16\x43reateScheduleResponse\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.jobgate.v1.Schedule\"\"\n\x12GetScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x13GetScheduleResponse\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.jobgate.v1.Schedule\"=\n\x14ListSchedulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Y\n\x15ListSchedulesResponse\x12\'\n\tschedules\x18\x01 \x03(\x0b\x32\x14.jobgate.v1.Schedule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x14PauseScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"?\n\x15PauseScheduleResponse\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.jobgate.v1.Schedule\"%\n\x15ResumeScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"@\n\x16ResumeScheduleResponse\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.jobgate.v1.Schedule\"%\n\x15\x44\x65leteScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteScheduleResponse*e\n\rMisfirePolicy\x12\x1e\n\x1aMISFIRE_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17MISFIRE_POLICY_RUN_ONCE\x10\x01\x12\x17\n\x13MISFIRE_POLICY_SKIP\x10\x02*b\n\rOverlapPolicy\x12\x1e\n\x1aOVERLAP_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14OVERLAP_POLICY_ALLOW\x10\x01\x12\x17\n\x13OVERLAP_POLICY_SKIP\x10\x02\x32\xc3\t\n\x10SchedulerService\x12H\n\tSubmitJob\x12\x1c.jobgate.v1.SubmitJobRequest\x1a\x1d.jobgate.v1.SubmitJobResponse\x12K\n\nSubmitJobs\x12\x1d.jobgate.v1.SubmitJobsRequest\x1a\x1e.jobgate.v1.SubmitJobsResponse\x12\x41\n\x06RunJob\x12\x19.jobgate.v1.RunJobRequest\x1a\x1a.jobgate.v1.RunJobResponse0\x01\x12S\n\x0cWatchResults\x12\x1f.jobgate.v1.WatchResultsRequest\x1a .jobgate.v1.WatchResultsResponse0\x01\x12?\n\x06GetJob\x12\x19.jobgate.v1.GetJobRequest\x1a\x1a.jobgate.v1.GetJobResponse\x12H\n\tCancelJob\x12\x1c.jobgate.v1.CancelJobRequest\x1a\x1d.jobgate.v1.CancelJobResponse\x12N\n\x0bListWorkers\x12\x1e.jobgate.v1.ListWorkersRequest\x1a\x1f.jobgate.v1.ListWorkersResponse\x12W\n\x0eListFailedJobs\x12!.jobgate.v1.ListFailedJobsRequest\x1a\".jobgate.v1.ListFailedJobsResponse\x12W\n\x0e\x43reateSchedule\x12!.jobgate.v1.CreateScheduleRequest\x1a\".jobgate.v1.CreateScheduleResponse\x12N\n\x0bGetSchedule\x12\x1e.jobgate.v1.GetScheduleRequest\x1a\x1f.jobgate.v1.GetScheduleResponse\x12T\n\rListSchedules\x12 .jobgate.v1.ListSchedulesRequest\x1a!.jobgate.v1.ListSchedulesResponse\x12T\n\rPauseSchedule\x12 .jobgate.v1.PauseScheduleRequest\x1a!.jobgate.v1.PauseScheduleResponse\x12W\n\x0eResumeSchedule\x12!.jobgate.v1.ResumeScheduleRequest\x1a\".jobgate.v1.ResumeScheduleResponse\x12W\n\x0e\x44\x65leteSchedule\x12!.jobgate.v1.DeleteScheduleRequest\x1a\".jobgate.v1.DeleteScheduleResponse\x12\x45\n\x08RetryJob\x12\x1b.jobgate.v1.RetryJobRequest\x1a\x1c.jobgate.v1.RetryJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ajobgate/v1/scheduler.proto\x12\njobgate.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14jobgate/v1/job.proto\"\xd1\x02\n\x10SubmitJobRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12$\n\x04\x61rgs\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x06 \x01(\x05\x12*\n\x07timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fidempotency_key\x18\x08 \x01(\t\x12*\n\x06run_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05\x64\x65lay\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x05retry\x18\x0b \x01(\x0b\x32\x17.jobgate.v1.RetryPolicy\"1\n\x11SubmitJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobgate.v1.Job\"?\n\x11SubmitJobsRequest\x12*\n\x04jobs\x18\x01 \x03(\x0b\x32\x1c.jobgate.v1.SubmitJobRequest\"3\n\x12SubmitJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.jobgate.v1.Job\":\n\rRunJobRequest\x12)\n\x03job\x18\x01 \x01(\x0b\x32\x1c.jobgate.v1.SubmitJobRequest\"5\n\x0eRunJobResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.jobgate.v1.JobEvent\"q\n\x13WatchResultsRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\r\n\x05kinds\x18\x03 \x03(\t\x12\x11\n\tmax_batch\x18\x04 \x01(\r\x12\x18\n\x10include_progress\x18\x05 \x01(\x08\"a\n\x14WatchResultsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.jobgate.v1.JobEvent\x12$\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x14.jobgate.v1.JobEvent\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\".\n\x0eGetJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobgate.v1.Job\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"1\n\x11\x43\x61ncelJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobgate.v1.Job\"M\n\x15ListFailedJobsRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"P\n\x16ListFailedJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.jobgate.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1d\n\x0fRetryJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"0\n\x10RetryJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.jobgate.v1.Job\"\"\n\x11PauseQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"%\n\x12PauseQueueResponse\x12\x0f\n\x07\x61lready\x18\x01 \x01(\x08\"#\n\x12ResumeQueueRequest\x12\r\n\x05queue\x18\x01 \x01(\t\"&\n\x13ResumeQueueResponse\x12\x0f\n\x07\x61lready\x18\x01 \x01(\x08\"\x14\n\x12ListWorkersRequest\"\x9e\x01\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06queues\x18\x02 \x03(\t\x12\r\n\x05kinds\x18\x03 \x03(\t\x12\r\n\x05slots\x18\x04 \x01(\x05\x12\x0c\n\x04\x62usy\x18\x05 \x01(\x05\x12\x0c\n\x04host\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\x05\x12-\n\tlast_seen\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x13ListWorkersResponse\x12\'\n\x07workers\x18\x01 \x03(\x0b\x32\x16.jobgate.v1.WorkerInfo\"\xdb\x02\n\x0cScheduleSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63ron\x18\x02 \x01(\t\x12\x11\n\ttime_zone\x18\x03 \x01(\t\x12+\n\x08interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12)\n\x03job\x18\x05 \x01(\x0b\x32\x1c.jobgate.v1.SubmitJobRequest\x12\x31\n\x0emisfire_policy\x18\x06 \x01(\x0e\x32\x19.jobgate.v1.MisfirePolicy\x12\x30\n\rmisfire_grace\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0eoverlap_policy\x18\x08 \x01(\x0e\x32\x19.jobgate.v1.OverlapPolicy\x12,\n\x08start_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x82\x01\n\x0bScheduleRun\x12(\n\x04tick\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0f\n\x07skipped\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd5\x01\n\x08Schedule\x12&\n\x04spec\x18\x01 \x01(\x0b\x32\x18.jobgate.v1.ScheduleSpec\x12\x0e\n\x06paused\x18\x02 \x01(\x08\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fnext_fire_times\x18\x04 \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x0brecent_runs\x18\x05 \x03(\x0b\x32\x17.jobgate.v1.ScheduleRun\"C\n\x15\x43reateScheduleRequest\x12*\n\x08schedule\x18\x01 \x01(\x0b\x32\x18.jobgate.v1.ScheduleSpec\"@\n\x16\x43reateScheduleResponse\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.jobgate.v1.Schedule\"\"\n\x12GetScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x13GetScheduleResponse\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.jobgate.v1.Schedule\"=\n\x14ListSchedulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Y\n\x15ListSchedulesResponse\x12\'\n\tschedules\x18\x01 \x03(\x0b\x32\x14.jobgate.v1.Schedule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x14PauseScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"?\n\x15PauseScheduleResponse\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.jobgate.v1.Schedule\"%\n\x15ResumeScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"@\n\x16ResumeScheduleResponse\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.jobgate.v1.Schedule\"%\n\x15\x44\x65leteScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteScheduleResponse*e\n\rMisfirePolicy\x12\x1e\n\x1aMISFIRE_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17MISFIRE_POLICY_RUN_ONCE\x10\x01\x12\x17\n\x13MISFIRE_POLICY_SKIP\x10\x02*b\n\rOverlapPolicy\x12\x1e\n\x1aOVERLAP_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14OVERLAP_POLICY_ALLOW\x10\x01\x12\x17\n\x13OVERLAP_POLICY_SKIP\x10\x02\x32\xe0\n\n\x10SchedulerService\x12H\n\tSubmitJob\x12\x1c.jobgate.v1.SubmitJobRequest\x1a\x1d.jobgate.v1.SubmitJobResponse\x12K\n\nSubmitJobs\x12\x1d.jobgate.v1.SubmitJobsRequest\x1a\x1e.jobgate.v1.SubmitJobsResponse\x12\x41\n\x06RunJob\x12\x19.jobgate.v1.RunJobRequest\x1a\x1a.jobgate.v1.RunJobResponse0\x01\x12S\n\x0cWatchResults\x12\x1f.jobgate.v1.WatchResultsRequest\x1a .jobgate.v1.WatchResultsResponse0\x01\x12?\n\x06GetJob\x12\x19.jobgate.v1.GetJobRequest\x1a\x1a.jobgate.v1.GetJobResponse\x12H\n\tCancelJob\x12\x1c.jobgate.v1.CancelJobRequest\x1a\x1d.jobgate.v1.CancelJobResponse\x12N\n\x0bListWorkers\x12\x1e.jobgate.v1.ListWorkersRequest\x1a\x1f.jobgate.v1.ListWorkersResponse\x12W\n\x0eListFailedJobs\x12!.jobgate.v1.ListFailedJobsRequest\x1a\".jobgate.v1.ListFailedJobsResponse\x12W\n\x0e\x43reateSchedule\x12!.jobgate.v1.CreateScheduleRequest\x1a\".jobgate.v1.CreateScheduleResponse\x12N\n\x0bGetSchedule\x12\x1e.jobgate.v1.GetScheduleRequest\x1a\x1f.jobgate.v1.GetScheduleResponse\x12T\n\rListSchedules\x12 .jobgate.v1.ListSchedulesRequest\x1a!.jobgate.v1.ListSchedulesResponse\x12T\n\rPauseSchedule\x12 .jobgate.v1.PauseScheduleRequest\x1a!.jobgate.v1.PauseScheduleResponse\x12W\n\x0eResumeSchedule\x12!.jobgate.v1.ResumeScheduleRequest\x1a\".jobgate.v1.ResumeScheduleResponse\x12W\n\x0e\x44\x65leteSchedule\x12!.jobgate.v1.DeleteScheduleRequest\x1a\".jobgate.v1.DeleteScheduleResponse\x12K\n\nPauseQueue\x12\x1d.jobgate.v1.PauseQueueRequest\x1a\x1e.jobgate.v1.PauseQueueResponse\x12N\n\x0bResumeQueue\x12\x1e.jobgate.v1.ResumeQueueRequest\x1a\x1f.jobgate.v1.ResumeQueueResponse\x12\x45\n\x08RetryJob\x12\x1b.jobgate.v1.RetryJobRequest\x1a\x1c.jobgate.v1.RetryJobResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jobgate.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MISFIREPOLICY']._serialized_start=3006
-  _globals['_MISFIREPOLICY']._serialized_end=3107
-  _globals['_OVERLAPPOLICY']._serialized_start=3109
-  _globals['_OVERLAPPOLICY']._serialized_end=3207
+  _globals['_MISFIREPOLICY']._serialized_start=3158
+  _globals['_MISFIREPOLICY']._serialized_end=3259
+  _globals['_OVERLAPPOLICY']._serialized_start=3261
+  _globals['_OVERLAPPOLICY']._serialized_end=3359
   _globals['_SUBMITJOBREQUEST']._serialized_start=160
   _globals['_SUBMITJOBREQUEST']._serialized_end=497
   _globals['_SUBMITJOBRESPONSE']._serialized_start=499
@@ -71,42 +71,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETRYJOBREQUEST']._serialized_end=1347
   _globals['_RETRYJOBRESPONSE']._serialized_start=1349
   _globals['_RETRYJOBRESPONSE']._serialized_end=1397
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1399
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1419
-  _globals['_WORKERINFO']._serialized_start=1422
-  _globals['_WORKERINFO']._serialized_end=1580
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1582
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1644
-  _globals['_SCHEDULESPEC']._serialized_start=1647
-  _globals['_SCHEDULESPEC']._serialized_end=1994
-  _globals['_SCHEDULERUN']._serialized_start=1997
-  _globals['_SCHEDULERUN']._serialized_end=2127
-  _globals['_SCHEDULE']._serialized_start=2130
-  _globals['_SCHEDULE']._serialized_end=2343
-  _globals['_CREATESCHEDULEREQUEST']._serialized_start=2345
-  _globals['_CREATESCHEDULEREQUEST']._serialized_end=2412
-  _globals['_CREATESCHEDULERESPONSE']._serialized_start=2414
-  _globals['_CREATESCHEDULERESPONSE']._serialized_end=2478
-  _globals['_GETSCHEDULEREQUEST']._serialized_start=2480
-  _globals['_GETSCHEDULEREQUEST']._serialized_end=2514
-  _globals['_GETSCHEDULERESPONSE']._serialized_start=2516
-  _globals['_GETSCHEDULERESPONSE']._serialized_end=2577
-  _globals['_LISTSCHEDULESREQUEST']._serialized_start=2579
-  _globals['_LISTSCHEDULESREQUEST']._serialized_end=2640
-  _globals['_LISTSCHEDULESRESPONSE']._serialized_start=2642
-  _globals['_LISTSCHEDULESRESPONSE']._serialized_end=2731
-  _globals['_PAUSESCHEDULEREQUEST']._serialized_start=2733
-  _globals['_PAUSESCHEDULEREQUEST']._serialized_end=2769
-  _globals['_PAUSESCHEDULERESPONSE']._serialized_start=2771
-  _globals['_PAUSESCHEDULERESPONSE']._serialized_end=2834
-  _globals['_RESUMESCHEDULEREQUEST']._serialized_start=2836
-  _globals['_RESUMESCHEDULEREQUEST']._serialized_end=2873
-  _globals['_RESUMESCHEDULERESPONSE']._serialized_start=2875
-  _globals['_RESUMESCHEDULERESPONSE']._serialized_end=2939
-  _globals['_DELETESCHEDULEREQUEST']._serialized_start=2941
-  _globals['_DELETESCHEDULEREQUEST']._serialized_end=2978
-  _globals['_DELETESCHEDULERESPONSE']._serialized_start=2980
-  _globals['_DELETESCHEDULERESPONSE']._serialized_end=3004
-  _globals['_SCHEDULERSERVICE']._serialized_start=3210
-  _globals['_SCHEDULERSERVICE']._serialized_end=4429
+  _globals['_PAUSEQUEUEREQUEST']._serialized_start=1399
+  _globals['_PAUSEQUEUEREQUEST']._serialized_end=1433
+  _globals['_PAUSEQUEUERESPONSE']._serialized_start=1435
+  _globals['_PAUSEQUEUERESPONSE']._serialized_end=1472
+  _globals['_RESUMEQUEUEREQUEST']._serialized_start=1474
+  _globals['_RESUMEQUEUEREQUEST']._serialized_end=1509
+  _globals['_RESUMEQUEUERESPONSE']._serialized_start=1511
+  _globals['_RESUMEQUEUERESPONSE']._serialized_end=1549
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1551
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1571
+  _globals['_WORKERINFO']._serialized_start=1574
+  _globals['_WORKERINFO']._serialized_end=1732
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1734
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1796
+  _globals['_SCHEDULESPEC']._serialized_start=1799
+  _globals['_SCHEDULESPEC']._serialized_end=2146
+  _globals['_SCHEDULERUN']._serialized_start=2149
+  _globals['_SCHEDULERUN']._serialized_end=2279
+  _globals['_SCHEDULE']._serialized_start=2282
+  _globals['_SCHEDULE']._serialized_end=2495
+  _globals['_CREATESCHEDULEREQUEST']._serialized_start=2497
+  _globals['_CREATESCHEDULEREQUEST']._serialized_end=2564
+  _globals['_CREATESCHEDULERESPONSE']._serialized_start=2566
+  _globals['_CREATESCHEDULERESPONSE']._serialized_end=2630
+  _globals['_GETSCHEDULEREQUEST']._serialized_start=2632
+  _globals['_GETSCHEDULEREQUEST']._serialized_end=2666
+  _globals['_GETSCHEDULERESPONSE']._serialized_start=2668
+  _globals['_GETSCHEDULERESPONSE']._serialized_end=2729
+  _globals['_LISTSCHEDULESREQUEST']._serialized_start=2731
+  _globals['_LISTSCHEDULESREQUEST']._serialized_end=2792
+  _globals['_LISTSCHEDULESRESPONSE']._serialized_start=2794
+  _globals['_LISTSCHEDULESRESPONSE']._serialized_end=2883
+  _globals['_PAUSESCHEDULEREQUEST']._serialized_start=2885
+  _globals['_PAUSESCHEDULEREQUEST']._serialized_end=2921
+  _globals['_PAUSESCHEDULERESPONSE']._serialized_start=2923
+  _globals['_PAUSESCHEDULERESPONSE']._serialized_end=2986
+  _globals['_RESUMESCHEDULEREQUEST']._serialized_start=2988
+  _globals['_RESUMESCHEDULEREQUEST']._serialized_end=3025
+  _globals['_RESUMESCHEDULERESPONSE']._serialized_start=3027
+  _globals['_RESUMESCHEDULERESPONSE']._serialized_end=3091
+  _globals['_DELETESCHEDULEREQUEST']._serialized_start=3093
+  _globals['_DELETESCHEDULEREQUEST']._serialized_end=3130
+  _globals['_DELETESCHEDULERESPONSE']._serialized_start=3132
+  _globals['_DELETESCHEDULERESPONSE']._serialized_end=3156
+  _globals['_SCHEDULERSERVICE']._serialized_start=3362
+  _globals['_SCHEDULERSERVICE']._serialized_end=4738
 # @@protoc_insertion_point(module_scope)

@@ -105,6 +105,16 @@ class SchedulerServiceStub:
                 request_serializer=jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleRequest.SerializeToString,
                 response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleResponse.FromString,
                 _registered_method=True)
+        self.PauseQueue = channel.unary_unary(
+                '/jobgate.v1.SchedulerService/PauseQueue',
+                request_serializer=jobgate_dot_v1_dot_scheduler__pb2.PauseQueueRequest.SerializeToString,
+                response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.PauseQueueResponse.FromString,
+                _registered_method=True)
+        self.ResumeQueue = channel.unary_unary(
+                '/jobgate.v1.SchedulerService/ResumeQueue',
+                request_serializer=jobgate_dot_v1_dot_scheduler__pb2.ResumeQueueRequest.SerializeToString,
+                response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.ResumeQueueResponse.FromString,
+                _registered_method=True)
         self.RetryJob = channel.unary_unary(
                 '/jobgate.v1.SchedulerService/RetryJob',
                 request_serializer=jobgate_dot_v1_dot_scheduler__pb2.RetryJobRequest.SerializeToString,
@@ -231,6 +241,22 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseQueue(self, request, context):
+        """Pauses a queue: its jobs are still accepted and stored, but none is placed until it is resumed;
+        jobs already placed run on. The pause is kept in Redis: it holds for every gateway, across
+        restarts. Errors: INVALID_ARGUMENT (queue).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeQueue(self, request, context):
+        """Resumes a paused queue: its waiting jobs are placed again at once. Errors: INVALID_ARGUMENT (queue).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RetryJob(self, request, context):
         """Puts a FAILED or CANCELLED job back in its queue with a fresh count of attempts (its spec's
         max_attempts again); its id and its history of attempts are kept, and its stream shows it QUEUED.
@@ -313,6 +339,16 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.DeleteSchedule,
                     request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleRequest.FromString,
                     response_serializer=jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'PauseQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseQueue,
+                    request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.PauseQueueRequest.FromString,
+                    response_serializer=jobgate_dot_v1_dot_scheduler__pb2.PauseQueueResponse.SerializeToString,
+            ),
+            'ResumeQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeQueue,
+                    request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.ResumeQueueRequest.FromString,
+                    response_serializer=jobgate_dot_v1_dot_scheduler__pb2.ResumeQueueResponse.SerializeToString,
             ),
             'RetryJob': grpc.unary_unary_rpc_method_handler(
                     servicer.RetryJob,
@@ -699,6 +735,60 @@ class SchedulerService:
             '/jobgate.v1.SchedulerService/DeleteSchedule',
             jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleRequest.SerializeToString,
             jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobgate.v1.SchedulerService/PauseQueue',
+            jobgate_dot_v1_dot_scheduler__pb2.PauseQueueRequest.SerializeToString,
+            jobgate_dot_v1_dot_scheduler__pb2.PauseQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobgate.v1.SchedulerService/ResumeQueue',
+            jobgate_dot_v1_dot_scheduler__pb2.ResumeQueueRequest.SerializeToString,
+            jobgate_dot_v1_dot_scheduler__pb2.ResumeQueueResponse.FromString,
             options,
             channel_credentials,
             insecure,

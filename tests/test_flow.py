@@ -1,0 +1,74 @@
+"""Flow control end to end: pausing and resuming queues, against real gateways, real workers and a
+real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from devtools.devstack import Stack
+from jobgate.v1 import job_pb2, scheduler_pb2
+
+from .helpers import Client, eventually, status_of
+
+S = job_pb2
+
+
+async def states(client: Client, ids: list[str]) -> list[int]:
+    return [(await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=j), timeout=5)).job.state for j in ids]
+
+
+async def test_a_paused_queue_keeps_its_jobs_waiting_across_gateway_restarts_until_resumed(
+    stack: Stack, client_for: Callable[[str], Client]
+) -> None:
+    gateway, address = stack.start_gateway()
+    stack.start_worker("--queues", "default,held")
+    client = client_for(address)
+    reply = await client.stub.PauseQueue(scheduler_pb2.PauseQueueRequest(queue="held"), timeout=5)
+    assert not reply.already
+    again = await client.stub.PauseQueue(scheduler_pb2.PauseQueueRequest(queue="held"), timeout=5)
+    assert again.already
+    held = [(await client.submit("echo", {"i": i}, queue="held")).job.id for i in range(5)]
+    other = (await client.submit("echo", {"free": True})).job.id
+    assert (await client.wait_results([other], timeout=20))[other].state == S.JOB_STATE_SUCCEEDED
+    await asyncio.sleep(1.0)  # placement passes and heartbeats go by
+    assert await states(client, held) == [S.JOB_STATE_QUEUED] * 5
+
+    gateway.terminate(timeout_s=15)  # the pause is in Redis, not in a gateway
+    _, address = stack.start_gateway()
+    client = client_for(address)
+    await asyncio.sleep(1.0)
+    assert await states(client, held) == [S.JOB_STATE_QUEUED] * 5
+
+    resumed = await client.stub.ResumeQueue(scheduler_pb2.ResumeQueueRequest(queue="held"), timeout=5)
+    assert not resumed.already
+    done = await client.wait_results(held, timeout=20)
+    assert {e.state for e in done.values()} == {S.JOB_STATE_SUCCEEDED}
+    assert (await client.stub.ResumeQueue(scheduler_pb2.ResumeQueueRequest(queue="held"), timeout=5)).already
+
+
+@pytest.mark.gateway(worker=("--concurrency", "1"))
+async def test_pausing_a_busy_queue_lets_the_running_job_finish_and_starts_no_other(client: Client) -> None:
+    ids = [(await client.submit("sleep", {"seconds": 0.8})).job.id for _ in range(3)]
+
+    async def first_running() -> bool:
+        return (await states(client, ids))[0] == S.JOB_STATE_RUNNING
+
+    await eventually(first_running, timeout=20, what="the first job running")
+    await client.stub.PauseQueue(scheduler_pb2.PauseQueueRequest(), timeout=5)  # the default queue
+    first = (await client.wait_results(ids[:1], timeout=20))[ids[0]]
+    assert first.state == S.JOB_STATE_SUCCEEDED
+    await asyncio.sleep(1.0)  # the worker's finish would have refilled its slot with the next job
+    assert await states(client, ids[1:]) == [S.JOB_STATE_QUEUED] * 2
+    await client.stub.ResumeQueue(scheduler_pb2.ResumeQueueRequest(), timeout=5)
+    rest = await client.wait_results(ids[1:], timeout=20)
+    assert {e.state for e in rest.values()} == {S.JOB_STATE_SUCCEEDED}
+
+
+async def test_pausing_a_malformed_queue_is_refused(client: Client) -> None:
+    code, details = await status_of(
+        client.stub.PauseQueue(scheduler_pb2.PauseQueueRequest(queue="no such:queue"), timeout=5)
+    )
+    assert code.name == "INVALID_ARGUMENT" and details.startswith("queue:"), details
