@@ -28,6 +28,8 @@ from .metrics import GatewayMetrics
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+UNSERVED_LOG_S = 30.0  # how often kinds with waiting jobs that no live worker handles are logged
+UNSERVED_FIRST_S = 5.0
 
 
 class Scheduler:
@@ -59,6 +61,9 @@ class Scheduler:
         # The earliest due time of a SCHEDULED job this gateway knows of (ms): promote runs then,
         # not only on the next tick.
         self._next_due: int | None = None
+        # When kinds that no worker handles were last looked for (loop time); the first look comes
+        # UNSERVED_FIRST_S after the first census, once workers have had time to register.
+        self._unserved_at: float | None = None
 
     def due_at(self, ms: int) -> None:
         """A job was stored SCHEDULED until ``ms``: queue it then (or earlier, with others)."""
@@ -148,6 +153,18 @@ class Scheduler:
 
     async def _census(self, queues: list[str]) -> None:
         waiting, live = await self.store.census(queues)
+        loop = asyncio.get_running_loop()
+        if self._unserved_at is None:
+            self._unserved_at = loop.time() - UNSERVED_LOG_S + UNSERVED_FIRST_S
+        if loop.time() - self._unserved_at >= UNSERVED_LOG_S:
+            self._unserved_at = loop.time()
+            for queue, kind in await self.store.unserved([q for q, n in waiting.items() if n]):
+                log.warning(
+                    "jobs of kind %r wait in queue %r, and no live worker of that queue has a handler for it"
+                    " (a typo in the kind, or no worker deployed for it?)",
+                    kind,
+                    queue,
+                )
         for queue in self._reported - waiting.keys():  # emptied and dropped from the queues set
             self.metrics.waiting.remove(queue)
         for queue, count in waiting.items():

@@ -198,6 +198,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> scheduler_pb2.GetJobResponse:
         job = await self.store.get(job_id(request.id))
         auth.current().check_job(job.spec.queue, job.id, "id")
+        job.waiting_reason = await self.store.waiting_reason(job)
         return scheduler_pb2.GetJobResponse(job=job)
 
     @unary

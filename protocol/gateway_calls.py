@@ -248,6 +248,76 @@ class GatewayCalls(Calls):
             found = await self.redis.get(self.keys.of_queue(queue).idempotency(idempotency_digest(queue, key)))
         return text(found).split(" ")[0] if found else ""
 
+    async def waiting_reason(self, job: job_pb2.Job) -> str:
+        """Why ``job`` (as stored) is not running yet, in words; '' when it is running or finished.
+        Reads the queue's pause flag and its live workers (bounded by the workers of one queue)."""
+        queue, kind = job.spec.queue, job.spec.kind
+        if job.state == job_pb2.JOB_STATE_SCHEDULED:
+            failed = f" after attempt {job.attempt} failed ({job.error.code})" if job.attempt else ""
+            return f"scheduled{failed}: due at {job.due_at.ToJsonString()}"
+        if job.state == job_pb2.JOB_STATE_DISPATCHED:
+            return f"dispatched to worker {job.worker_id}, which has not started it yet"
+        if job.state != job_pb2.JOB_STATE_QUEUED:
+            return ""
+        k, now = self.keys.of_queue(queue), now_ms()
+        async with redis_errors():
+            paused = await self.redis.hget(k.queue_settings(queue), "paused")
+            if paused == b"1":
+                return f"queue {queue!r} is paused (ResumeQueue resumes it)"
+            ids = [text(w) for w in await self.redis.smembers(k.queue_workers(queue))]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for w in ids:
+                    pipe.hmget(k.worker(w), "slots", "used", "expires", "kinds", "off")
+                rows = await pipe.execute()
+        live = [r for r in rows if r[0] is not None and int(r[2] or 0) > now]
+        if not live:
+            return f"no live worker serves queue {queue!r}"
+        handled = {text(kd) for r in live for kd in (r[3] or b"").split(b",") if kd}
+        able = [r for r in live if not r[3] or kind in text(r[3]).split(",")]
+        if not able:
+            return (
+                f"no live worker of queue {queue!r} has a handler for kind {kind!r}"
+                f" (they handle: {', '.join(sorted(handled))})"
+            )
+        taking = [r for r in able if r[4] != b"1"]
+        if not taking:
+            return f"the live workers that can run kind {kind!r} take no jobs now (starting up or leaving)"
+        if any(int(r[1] or 0) < int(r[0]) for r in taking):
+            return "about to be placed: a live worker that can run it has a free slot"
+        slots = sum(int(r[0]) for r in taking)
+        return (
+            f"waiting for a free slot: the {len(taking)} live worker(s) that can run it have {slots} slot(s), all busy"
+        )
+
+    async def unserved(self, queues: Sequence[str]) -> list[tuple[str, str]]:
+        """The (queue, kind) pairs among ``queues`` with jobs waiting that no live worker of the queue
+        has a handler for (a typo in a kind, a worker not deployed). Two round trips."""
+        now = now_ms()
+        async with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for q in queues:
+                    pipe.smembers(self.keys.queue_kinds(q))
+                    pipe.smembers(self.keys.queue_workers(q))
+                sets = await pipe.execute()
+            kinds = [sorted(text(kd) for kd in s) for s in sets[::2]]
+            workers = [[text(w) for w in s] for s in sets[1::2]]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for q, ws in zip(queues, workers, strict=True):
+                    k = self.keys.of_queue(q)
+                    for w in ws:
+                        pipe.hmget(k.worker(w), "expires", "kinds")
+                rows = iter(await pipe.execute())
+        out = []
+        for q, ks, ws in zip(queues, kinds, workers, strict=True):
+            handled: set[str] = set()
+            anything = False
+            for row in (next(rows) for _ in ws):
+                if row[0] is not None and int(row[0]) > now:
+                    anything = anything or not row[1]
+                    handled.update(text(row[1]).split(","))
+            out += [(q, kd) for kd in ks if not anything and kd not in handled]
+        return out
+
     async def queue_names(self) -> list[str]:
         """Every queue that may hold waiting jobs (placement drops a queue once it is empty), in
         every shard."""

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2
@@ -72,3 +73,33 @@ async def test_pausing_a_malformed_queue_is_refused(client: Client) -> None:
         client.stub.PauseQueue(scheduler_pb2.PauseQueueRequest(queue="no such:queue"), timeout=5)
     )
     assert code.name == "INVALID_ARGUMENT" and details.startswith("queue:"), details
+
+
+async def test_a_waiting_job_says_why_and_a_kind_no_worker_handles_is_logged(
+    stack: Stack, client_for: Callable[[str], Client]
+) -> None:
+    gateway, address = stack.start_gateway()
+    client = client_for(address)
+
+    async def reason(job_id: str) -> str:
+        return (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=job_id), timeout=5)).job.waiting_reason
+
+    typo = (await client.submit("ehco", {"hi": 1})).job.id
+    assert await reason(typo) == "no live worker serves queue 'default'"
+    stack.start_worker()
+
+    async def told() -> bool:
+        return "has a handler for kind 'ehco' (they handle: count, echo, fail, flaky, sleep)" in await reason(typo)
+
+    await eventually(told, timeout=20, what="the reason naming the kind")
+    await eventually(
+        lambda: "jobs of kind 'ehco' wait in queue 'default'" in gateway.log(), timeout=20, what="a log line"
+    )
+    await client.stub.PauseQueue(scheduler_pb2.PauseQueueRequest(), timeout=5)
+    assert await reason(typo) == "queue 'default' is paused (ResumeQueue resumes it)"
+    later = (await client.submit("echo", {}, delay=Duration(seconds=60))).job.id
+    assert (await reason(later)).startswith("scheduled: due at ")
+    await client.stub.ResumeQueue(scheduler_pb2.ResumeQueueRequest(), timeout=5)
+    done = (await client.submit("echo", {})).job.id
+    await client.wait_results([done], timeout=20)
+    assert await reason(done) == ""
