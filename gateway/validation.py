@@ -225,6 +225,9 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
     backoff = _backoff(req, spec, queue, field)
     if len(req.idempotency_key) > MAX_IDEMPOTENCY_KEY:
         raise InvalidArgument(f"{field}idempotency_key: must be at most {MAX_IDEMPOTENCY_KEY} characters")
+    if len(req.unique_key) > MAX_IDEMPOTENCY_KEY:
+        raise InvalidArgument(f"{field}unique_key: must be at most {MAX_IDEMPOTENCY_KEY} characters")
+    spec.unique_key = req.unique_key
     size = len(req.payload) + (req.args.ByteSize() if req.HasField("args") else 0)
     if size > limits.max_payload_bytes:
         raise ResourceExhausted(
@@ -244,6 +247,7 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
         backoff=backoff,
         retention_s=queue.retention_s,
         dead_retention_s=queue.dead_retention_s,
+        unique_digest=idempotency_digest(spec.queue, req.unique_key) if req.unique_key else "",
     )
 
 

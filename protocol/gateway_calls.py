@@ -47,6 +47,7 @@ class PreparedJob:
     backoff: str = "1000,300000,2"  # its retry backoff: "initial,max,multiplier" (ms), as lua/_common.lua reads it
     retention_s: int = 86_400  # how long it is kept once finished
     dead_retention_s: int = 604_800  # how long it is kept once FAILED
+    unique_digest: str = ""  # SHA-256 of the queue, a NUL and the unique key; '' without a key
 
 
 def idempotency_digest(queue: str, key: str) -> str:
@@ -178,6 +179,7 @@ class GatewayCalls(Calls):
                 k.pending(spec.queue, spec.kind),
                 k.idempotency(job.idempotency_digest or "none"),
                 k.queue_kinds(spec.queue),
+                k.unique(job.unique_digest or "none"),
             ]
             args += [
                 job.id,
@@ -192,6 +194,7 @@ class GatewayCalls(Calls):
                 job.backoff,
                 job.retention_s,
                 job.dead_retention_s,
+                job.unique_digest,
             ]
         async with redis_errors():
             reply = await self.durably(self.scripts.submit, keys, args)
@@ -221,6 +224,11 @@ class GatewayCalls(Calls):
         if status == -2:
             return AlreadyExists(
                 f"{job.field}idempotency_key: already used by job {text(rest[0])} with a different request"
+            )
+        if status == -5:
+            return AlreadyExists(
+                f"{job.field}unique_key: job {text(rest[0])} with this unique_key has not finished; submit again"
+                " once it has"
             )
         if status == -3:
             return ResourceExhausted(
@@ -407,6 +415,8 @@ class GatewayCalls(Calls):
         if reply[0] == -2:
             state = job_pb2.JobState.Name(int(reply[1])).removeprefix("JOB_STATE_")
             raise FailedPrecondition(f"id: job {job_id} is {state}; only a FAILED or CANCELLED job can be retried")
+        if reply[0] == -3:
+            raise AlreadyExists(f"id: job {text(reply[1])} holds this job's unique_key and has not finished")
         return text(reply[1])
 
     async def failed_jobs(self, queue: str, size: int, after: tuple[int, str] | None) -> list[job_pb2.Job]:

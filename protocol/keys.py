@@ -133,6 +133,9 @@ class Keys:
     def idempotency(self, key_digest: str) -> str:  # string: job id (key is a SHA-256 digest)
         return f"{self.prefix}idem:{key_digest}"
 
+    def unique(self, key_digest: str) -> str:  # string: id of the unfinished job holding a unique key
+        return f"{self.prefix}unique:{key_digest}"
+
     def acks(self) -> str:  # zset: dispatched job id -> acknowledgement deadline (ms)
         return f"{self.prefix}acks"
 

@@ -8,11 +8,13 @@ from collections.abc import Callable
 
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from redis.asyncio import Redis
 
 from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2
+from protocol.keys import Keys
 
-from .helpers import Client, eventually, status_of
+from .helpers import Client, eventually, request, status_of
 
 S = job_pb2
 
@@ -103,3 +105,33 @@ async def test_a_waiting_job_says_why_and_a_kind_no_worker_handles_is_logged(
     done = (await client.submit("echo", {})).job.id
     await client.wait_results([done], timeout=20)
     assert await reason(done) == ""
+
+
+@pytest.mark.gateway(worker=("--queues", "default,other"))
+async def test_a_unique_key_refuses_a_second_job_until_the_first_ends(client: Client, redis: Redis, keys: Keys) -> None:
+    first = (await client.submit("sleep", {"seconds": 1}, unique_key="nightly")).job.id
+    code, details = await status_of(client.stub.SubmitJob(request("echo", unique_key="nightly"), timeout=5))
+    assert code.name == "ALREADY_EXISTS" and details.startswith("unique_key:") and first in details, details
+    elsewhere = (await client.submit("echo", {}, unique_key="nightly", queue="other")).job.id  # keys are per queue
+    batch = scheduler_pb2.SubmitJobsRequest(jobs=[request("echo", unique_key="b"), request("echo", unique_key="b")])
+    before = await redis.get(keys.seq())
+    code, details = await status_of(client.stub.SubmitJobs(batch, timeout=5))
+    assert code.name == "ALREADY_EXISTS" and details.startswith("jobs[1].unique_key:"), details
+    assert await redis.get(keys.seq()) == before  # none of the batch was stored
+    done = await client.wait_results([first, elsewhere], timeout=20)
+    assert {e.state for e in done.values()} == {S.JOB_STATE_SUCCEEDED}
+    again = (await client.submit("echo", {}, unique_key="nightly")).job.id  # free once the first ended
+    assert (await client.wait_results([again], timeout=20))[again].state == S.JOB_STATE_SUCCEEDED
+
+    # a cancelled job lets its key go; retrying it takes the key back, if nobody holds it meanwhile
+    waiting = (await client.submit("echo", {}, unique_key="k2", delay=Duration(seconds=60))).job.id
+    await client.stub.CancelJob(scheduler_pb2.CancelJobRequest(id=waiting), timeout=5)
+    holder = (await client.submit("sleep", {"seconds": 1}, unique_key="k2")).job.id
+    code, details = await status_of(client.stub.RetryJob(scheduler_pb2.RetryJobRequest(id=waiting), timeout=5))
+    assert code.name == "ALREADY_EXISTS" and holder in details, details
+    assert (await states(client, [waiting])) == [S.JOB_STATE_CANCELLED]  # the refused retry changed nothing
+    await client.wait_results([holder], timeout=20)
+    await client.stub.RetryJob(scheduler_pb2.RetryJobRequest(id=waiting), timeout=5)
+    assert (await client.wait_results([waiting], timeout=20))[waiting].state == S.JOB_STATE_SUCCEEDED
+    code, details = await status_of(client.stub.SubmitJob(request("echo", unique_key="x" * 257), timeout=5))
+    assert code.name == "INVALID_ARGUMENT" and details.startswith("unique_key:"), details

@@ -155,6 +155,7 @@ SUBMIT_FIELDS = [
     "run_at",
     "delay",
     "retry",
+    "unique_key",
 ]
 DAY_S = 86_400
 YEAR_S = 365 * DAY_S
@@ -184,6 +185,11 @@ def submit_requests(draw: st.DrawFn) -> scheduler_pb2.SubmitJobRequest:
             "idempotency_key",
             st.one_of(st.just(""), st.sampled_from(["k1", "k2"]), st.text(min_size=256, max_size=256)),
             st.one_of(hostile_text, st.text(min_size=257, max_size=300)),
+        ),
+        unique_key=pick(
+            "unique_key",
+            st.one_of(st.just(""), st.just(""), st.sampled_from(["u1", "u2"])),
+            st.text(min_size=257, max_size=300),
         ),
     )
     if draw(st.booleans()):
@@ -249,6 +255,8 @@ def bad_fields(req: scheduler_pb2.SubmitJobRequest, prefix: str = "") -> list[st
         bad.append("timeout")
     if len(req.idempotency_key) > 256:
         bad.append("idempotency_key")
+    if len(req.unique_key) > 256:
+        bad.append("unique_key")
     bad += _bad_time_fields(req)
     return [prefix + f for f in bad]
 
@@ -301,6 +309,7 @@ def normalised(req: scheduler_pb2.SubmitJobRequest) -> job_pb2.JobSpec:
         priority=req.priority,
         max_attempts=req.max_attempts or 3,
         idempotency_key=req.idempotency_key,
+        unique_key=req.unique_key,
     )
     if req.HasField("args"):
         spec.args.CopyFrom(req.args)
@@ -331,6 +340,7 @@ class Gateway:
         # (queue, key) -> (job id, spec bytes) of accepted jobs: idempotency keys are per queue
         self.idempotent: dict[tuple[str, str], tuple[str, bytes]] = {}
         self.jobs: dict[str, bytes] = {}  # accepted job id -> spec bytes
+        self.unique: dict[tuple[str, str], str] = {}  # (queue, unique key) -> the job holding it
         self.metrics_port = 0
 
     def rpcs(self, method: str) -> float:
@@ -440,11 +450,23 @@ def expected_submit(
         keys = [idem(r) for r in reqs if r.idempotency_key]
         if len(keys) != len(set(keys)):
             return {INVALID}, ["jobs"]
+    held: set[tuple[str, str]] = set(g.unique)
     for r, p in zip(reqs, prefixes, strict=True):
         seen = g.idempotent.get(idem(r))
         if r.idempotency_key and seen and seen[1] != spec_bytes(normalised(r)):
             return {grpc.StatusCode.ALREADY_EXISTS}, [p + "idempotency_key"]
+        if r.idempotency_key and seen:
+            continue  # a repeat: answered with the original job, no other check
+        if r.unique_key:  # no worker runs here: a unique key, once taken, stays held
+            if unique(r) in held:
+                return {grpc.StatusCode.ALREADY_EXISTS}, [p + "unique_key"]
+            held.add(unique(r))
     return {OK}, []
+
+
+def unique(r: scheduler_pb2.SubmitJobRequest) -> tuple[str, str]:
+    """What a unique key is held under: keys are per queue."""
+    return (normalised(r).queue, r.unique_key)
 
 
 def idem(r: scheduler_pb2.SubmitJobRequest) -> tuple[str, str]:
@@ -458,8 +480,11 @@ def check_accepted(g: Gateway, reqs: list[scheduler_pb2.SubmitJobRequest], ids: 
         want = spec_bytes(normalised(r))
         if idem(r) in g.idempotent:
             assert g.idempotent[idem(r)] == (job_id, want)
-        elif r.idempotency_key:
-            g.idempotent[idem(r)] = (job_id, want)
+        else:
+            if r.idempotency_key:
+                g.idempotent[idem(r)] = (job_id, want)
+            if r.unique_key:
+                g.unique[unique(r)] = job_id
         stored = g.stub.GetJob(scheduler_pb2.GetJobRequest(id=job_id), timeout=10).job
         assert spec_bytes(stored.spec) == want, (stored.spec, r)
         g.jobs[job_id] = want

@@ -29,6 +29,7 @@ local function worker_jobs_key(P, w) return P .. 'worker:' .. w .. ':jobs' end  
 local function dispatch_channel(P, w) return P .. 'dispatch:' .. w end  -- pub/sub
 local function failed_key(P, queue) return P .. 'failed:' .. queue end  -- zset: FAILED job id -> when (ms)
 local function queue_key(P, queue) return P .. 'queue:' .. queue end  -- hash: the queue's settings ('paused')
+local function unique_key(P, digest) return P .. 'unique:' .. digest end  -- string: the id of the job holding it
 
 local function is_terminal(state)
   return state == SUCCEEDED or state == FAILED or state == CANCELLED
@@ -152,16 +153,21 @@ end
 -- 'dttl' field (dead letters are kept longer), both set at submit from the gateway's settings for
 -- its queue, so every writer keeps a finished job equally long. A FAILED job is listed in its
 -- queue's failed zset (the dead letters, by when they failed), which forgets the entries whose jobs
--- have expired. `more`, when given, holds further field/value pairs written with the state, and
--- `known` the job's 'ttl', 'cancel' and 'dttl' fields when the caller has read them already.
+-- have expired. A job with a unique key lets it go. `more`, when given, holds further field/value
+-- pairs written with the state, and `known` the job's 'ttl', 'cancel', 'dttl' and 'unique' fields
+-- when the caller has read them already.
 local function finish_job(ns, jk, id, queue, state, code, message, now, more, known)
   local fields = {'state', state, 'err_code', code, 'err_msg', message, 'finished', now, 'updated', now}
   if more then
     for _, v in ipairs(more) do fields[#fields + 1] = v end
   end
   redis.call('HSET', jk, unpack(fields))
-  known = known or redis.call('HMGET', jk, 'ttl', 'cancel', 'dttl')
+  known = known or redis.call('HMGET', jk, 'ttl', 'cancel', 'dttl', 'unique')
   if known[2] then redis.call('HDEL', jk, 'cancel') end
+  if known[4] then
+    local uk = unique_key(ns.P, known[4])
+    if redis.call('GET', uk) == id then redis.call('DEL', uk) end
+  end
   local ttl = tonumber(known[1] or '0')
   if state == FAILED then
     ttl = tonumber(known[3] or '') or ttl
@@ -286,7 +292,7 @@ end
 -- SCHEDULED event, to be published in place of the worker's.
 local function record_outcome(ns, jk, worker_id, now, o, id)
   local j = redis.call('HMGET', jk, 'state', 'lease', 'worker', 'queue', 'recorded', 'ttl', 'cancel', 'refill',
-    'attempt', 'max_attempts', 'started', 'backoff', 'kind', 'dttl')
+    'attempt', 'max_attempts', 'started', 'backoff', 'kind', 'dttl', 'unique')
   if not j[1] then return -1 end
   if not is_terminal(o.state) then return -2 end
   -- 'recorded' names the lease and state of the outcome this script wrote last ("<lease>:<state>";
@@ -305,7 +311,7 @@ local function record_outcome(ns, jk, worker_id, now, o, id)
       err_code = o.code, err_msg = o.message}, SCHEDULED, tonumber(now), due)
   end
   finish_job(ns, jk, id, j[4], o.state, o.code, o.message, now,
-    {'result', o.result, 'output', o.output, 'recorded', recorded}, {j[6], j[7], j[14]})
+    {'result', o.result, 'output', o.output, 'recorded', recorded}, {j[6], j[7], j[14], j[15]})
   return 1, j[4]
 end
 

@@ -5,12 +5,20 @@
 -- leaves its queue's failed zset, stops expiring, and its QUEUED event is published.
 -- KEYS[1..8] the namespace's keys (see the prelude), KEYS[9] job hash
 -- ARGV[1] key prefix, ARGV[2] job id, ARGV[3] now ms
--- returns {1, queue} queued again, {-1} missing, {-2, state} not FAILED or CANCELLED
+-- A job with a unique key takes it again, unless another unfinished job holds it.
+-- returns {1, queue} queued again, {-1} missing, {-2, state} not FAILED or CANCELLED, {-3, id} its
+--   unique key is held by job id (nothing changes)
 local ns, jk, id, now = namespace(ARGV[1]), KEYS[NS_KEYS + 1], ARGV[2], tonumber(ARGV[3])
-local j = redis.call('HMGET', jk, 'state', 'queue', 'kind', 'attempt', 'max_attempts', 'base')
+local j = redis.call('HMGET', jk, 'state', 'queue', 'kind', 'attempt', 'max_attempts', 'base', 'unique')
 if not j[1] then return {-1} end
 local state = tonumber(j[1])
 if state ~= FAILED and state ~= CANCELLED then return {-2, state} end
+if j[7] then
+  local uk = unique_key(ns.P, j[7])
+  local holder = redis.call('GET', uk)
+  if holder and holder ~= id then return {-3, holder} end
+  redis.call('SET', uk, id)
+end
 local attempt, allowed, base = tonumber(j[4]), tonumber(j[5]), tonumber(j[6] or '0')
 redis.call('PERSIST', jk)
 redis.call('HDEL', jk, 'err_code', 'err_msg', 'finished', 'result', 'output', 'recorded', 'due', 'cancel')

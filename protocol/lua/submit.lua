@@ -1,8 +1,9 @@
 -- submit: store a batch of new jobs and queue them, all or none; then place what can run now on
 -- free worker slots (place_jobs in the prelude) for each queue it added jobs to.
--- KEYS[1..8] the namespace's keys (see the prelude), then 4 per job i (from 0): KEYS[9+4i] job
---   hash, KEYS[10+4i] pending zset of its queue and kind, KEYS[11+4i] idempotency string (any key
---   when the job has no idempotency key), KEYS[12+4i] kinds set of its queue
+-- KEYS[1..8] the namespace's keys (see the prelude), then 5 per job i (from 0): KEYS[9+5i] job
+--   hash, KEYS[10+5i] pending zset of its queue and kind, KEYS[11+5i] idempotency string (any key
+--   when the job has no idempotency key), KEYS[12+5i] kinds set of its queue, KEYS[13+5i] unique
+--   string (any key when the job has no unique key: then untouched)
 -- ARGV[1] now ms, ARGV[2] idempotency ttl s, ARGV[3] most queues with waiting jobs, ARGV[4] most
 --   kinds with waiting jobs per queue, ARGV[5] key prefix, ARGV[6] ack timeout ms (stored as the
 --   job's 'ack': how long a worker has to start it once dispatched), ARGV[7] most placements per
@@ -11,7 +12,8 @@
 --   timeout ms, request digest or '', due ms (0: at once; a job due later is stored SCHEDULED in the
 --   delayed zset instead of its queue), backoff ("initial,max,multiplier", ms: see backoff_ms),
 --   retention s (how long it is kept once finished: its 'ttl'), dead-letter retention s (once
---   FAILED: its 'dttl')
+--   FAILED: its 'dttl'), unique digest or '' (with one, the unique string holds the job's id while it
+--   has not finished: see finish_job)
 -- returns {0, placements, visited, code, id, code, id, ...}: placements a flat array as schedule
 --   returns them after its first entry (5 entries per placement), visited a flat array of
 --   queue name, 1 when jobs still wait in it afterwards (else 0), for each queue it placed on; then
@@ -19,19 +21,21 @@
 --   resend after a lost reply leaves the job as it is now) or 2 the same request was seen before
 --   (the original id); or, with nothing stored: {-2, i, id} job i's idempotency key was used for a
 --   different request (by job id), {-3, i} job i would add a queue over the limit, {-4, i} job i
---   would add a kind to its queue over the limit (i from 0).
+--   would add a kind to its queue over the limit, {-5, i, id} job i's unique key is held by job id
+--   (unfinished) or by an earlier job of this call (i from 0).
 local ns = namespace(ARGV[5])
-local n = (#KEYS - NS_KEYS) / 4
+local n = (#KEYS - NS_KEYS) / 5
 local now, idem_ttl = ARGV[1], tonumber(ARGV[2])
 local max_queues, max_kinds = tonumber(ARGV[3]), tonumber(ARGV[4])
-local A = 12  -- ARGV entries per job, from ARGV[8]
+local A = 13  -- ARGV entries per job, from ARGV[8]
 local out = {0, {}, {}}
 local fresh = {}  -- indexes of the jobs to store
 local seen_queues, queue_count = {}, nil  -- queues and kinds checked once per call
 local seen_kinds, kind_counts = {}, {}
+local seen_unique = {}
 
 for i = 0, n - 1 do
-  local k, a = NS_KEYS + 1 + 4 * i, 8 + A * i
+  local k, a = NS_KEYS + 1 + 5 * i, 8 + A * i
   local id, queue, kind, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], ARGV[a + 7]
   local code, stored_id = 1, id
   -- Every request gets fresh job ids, so an existing hash means this call is a resend.
@@ -43,6 +47,12 @@ for i = 0, n - 1 do
       code, stored_id = 2, old_id
     else
       fresh[#fresh + 1] = i
+      local unique = ARGV[a + 12]
+      if unique ~= '' then
+        local holder = seen_unique[unique] or redis.call('GET', KEYS[k + 4])
+        if holder then return {-5, i, holder} end
+        seen_unique[unique] = id
+      end
       if not seen_queues[queue] then
         if redis.call('SISMEMBER', ns.queues, queue) == 0 then
           queue_count = (queue_count or redis.call('SCARD', ns.queues)) + 1
@@ -68,7 +78,7 @@ local seq = #fresh > 0 and redis.call('INCRBY', ns.seq, #fresh) - #fresh or 0
 local pending, pending_keys = {}, {}  -- per pending zset: score, id pairs
 local later = {}  -- indexes of the jobs stored SCHEDULED
 for _, i in ipairs(fresh) do
-  local k, a = NS_KEYS + 1 + 4 * i, 8 + A * i
+  local k, a = NS_KEYS + 1 + 5 * i, 8 + A * i
   local id, queue, kind, prio, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 7]
   local due = tonumber(ARGV[a + 8])
   seq = seq + 1
@@ -76,6 +86,10 @@ for _, i in ipairs(fresh) do
     'seq', seq, 'state', QUEUED, 'attempt', 0, 'max_attempts', ARGV[a + 5], 'timeout_ms', ARGV[a + 6],
     'worker', '', 'lease', 0, 'created', now, 'updated', now, 'ack', ARGV[6], 'backoff', ARGV[a + 9],
     'ttl', ARGV[a + 10], 'dttl', ARGV[a + 11])
+  if ARGV[a + 12] ~= '' then
+    redis.call('HSET', KEYS[k], 'unique', ARGV[a + 12])
+    redis.call('SET', KEYS[k + 4], id)
+  end
   if rdigest ~= '' then redis.call('SET', KEYS[k + 2], id .. ' ' .. rdigest, 'EX', idem_ttl) end
   if due > tonumber(now) then
     schedule_job(ns, KEYS[k], id, due, now)
