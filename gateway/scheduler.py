@@ -160,8 +160,8 @@ class Scheduler:
             self._unserved_at = loop.time()
             for queue, kind in await self.store.unserved([q for q, n in waiting.items() if n]):
                 log.warning(
-                    "jobs of kind %r wait in queue %r, and no live worker of that queue has a handler for it"
-                    " (a typo in the kind, or no worker deployed for it?)",
+                    "jobs of kind %r wait in queue %r, and no live worker of that queue can run them (a typo in"
+                    " the kind, labels no worker has, or no worker deployed for them?)",
                     kind,
                     queue,
                 )

@@ -14,7 +14,15 @@ from jobgate.v1 import job_pb2, scheduler_pb2
 from protocol.connection import now_ms
 from protocol.errors import InvalidArgument, ResourceExhausted
 from protocol.gateway_calls import PreparedJob, idempotency_digest
-from protocol.keys import JOB_ID_RE, KIND_RE, QUEUE_RE, SCHEDULE_RE
+from protocol.keys import (
+    JOB_ID_RE,
+    KIND_RE,
+    LABEL_NAME_RE,
+    LABEL_VALUE_RE,
+    QUEUE_RE,
+    SCHEDULE_RE,
+    placement_group,
+)
 
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_ATTEMPTS = 3
@@ -27,6 +35,7 @@ MAX_DELAY_MS = 365 * DAY_MS  # how far ahead run_at and delay may reach
 MAX_INITIAL_BACKOFF_MS = DAY_MS
 MAX_BACKOFF_MS = 7 * DAY_MS
 MAX_MULTIPLIER = 100.0
+MAX_JOB_LABELS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +234,7 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
     backoff = _backoff(req, spec, queue, field)
     if len(req.idempotency_key) > MAX_IDEMPOTENCY_KEY:
         raise InvalidArgument(f"{field}idempotency_key: must be at most {MAX_IDEMPOTENCY_KEY} characters")
+    group = _labels(req, spec, field)
     if len(req.unique_key) > MAX_IDEMPOTENCY_KEY:
         raise InvalidArgument(f"{field}unique_key: must be at most {MAX_IDEMPOTENCY_KEY} characters")
     spec.unique_key = req.unique_key
@@ -248,7 +258,24 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
         retention_s=queue.retention_s,
         dead_retention_s=queue.dead_retention_s,
         unique_digest=idempotency_digest(spec.queue, req.unique_key) if req.unique_key else "",
+        group=group,
     )
+
+
+def _labels(req: scheduler_pb2.SubmitJobRequest, spec: job_pb2.JobSpec, field: str) -> str:
+    """Checks and copies the labels a job requires; returns its placement group ('' without labels).
+    Raises InvalidArgument."""
+    if not req.labels:
+        return ""
+    if len(req.labels) > MAX_JOB_LABELS:
+        raise InvalidArgument(f"{field}labels: at most {MAX_JOB_LABELS} labels, got {len(req.labels)}")
+    for name, value in req.labels.items():
+        if not LABEL_NAME_RE.fullmatch(name):
+            raise InvalidArgument(f"{field}labels: name {name!r} must be 1-63 characters from [A-Za-z0-9_.-]")
+        if not LABEL_VALUE_RE.fullmatch(value):
+            raise InvalidArgument(f"{field}labels: value of {name!r} must be 0-63 characters from [A-Za-z0-9_.-]")
+        spec.labels[name] = value
+    return placement_group(spec.kind, spec.labels)
 
 
 def _due(req: scheduler_pb2.SubmitJobRequest, spec: job_pb2.JobSpec, field: str) -> int:

@@ -28,7 +28,7 @@ from .errors import (
     Unavailable,
     redis_errors,
 )
-from .keys import Keys
+from .keys import Keys, label_text, parse_group
 from .replies import CancelOutcome, Placed, Settled, merge_placed, placements, settled, text
 
 
@@ -48,6 +48,7 @@ class PreparedJob:
     retention_s: int = 86_400  # how long it is kept once finished
     dead_retention_s: int = 604_800  # how long it is kept once FAILED
     unique_digest: str = ""  # SHA-256 of the queue, a NUL and the unique key; '' without a key
+    group: str = ""  # its placement group when it requires worker labels (Keys.placement_group), else ''
 
 
 def idempotency_digest(queue: str, key: str) -> str:
@@ -176,7 +177,7 @@ class GatewayCalls(Calls):
             spec = job.spec
             keys += [
                 k.job(job.id),
-                k.pending(spec.queue, spec.kind),
+                k.pending(spec.queue, job.group or spec.kind),
                 k.idempotency(job.idempotency_digest or "none"),
                 k.queue_kinds(spec.queue),
                 k.unique(job.unique_digest or "none"),
@@ -195,6 +196,7 @@ class GatewayCalls(Calls):
                 job.retention_s,
                 job.dead_retention_s,
                 job.unique_digest,
+                job.group,
             ]
         async with redis_errors():
             reply = await self.durably(self.scripts.submit, keys, args)
@@ -275,7 +277,7 @@ class GatewayCalls(Calls):
             ids = [text(w) for w in await self.redis.smembers(k.queue_workers(queue))]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for w in ids:
-                    pipe.hmget(k.worker(w), "slots", "used", "expires", "kinds", "off")
+                    pipe.hmget(k.worker(w), "slots", "used", "expires", "kinds", "off", "labels")
                 rows = await pipe.execute()
         live = [r for r in rows if r[0] is not None and int(r[2] or 0) > now]
         if not live:
@@ -287,6 +289,11 @@ class GatewayCalls(Calls):
                 f"no live worker of queue {queue!r} has a handler for kind {kind!r}"
                 f" (they handle: {', '.join(sorted(handled))})"
             )
+        needed = {f"{n}={v}" for n, v in job.spec.labels.items()}
+        able = [r for r in able if needed <= set(text(r[5] or b"").split(","))]
+        if not able:
+            labels = label_text(job.spec.labels)
+            return f"no live worker of queue {queue!r} that runs kind {kind!r} has the labels {labels}"
         taking = [r for r in able if r[4] != b"1"]
         if not taking:
             return f"the live workers that can run kind {kind!r} take no jobs now (starting up or leaving)"
@@ -313,17 +320,19 @@ class GatewayCalls(Calls):
                 for q, ws in zip(queues, workers, strict=True):
                     k = self.keys.of_queue(q)
                     for w in ws:
-                        pipe.hmget(k.worker(w), "expires", "kinds")
+                        pipe.hmget(k.worker(w), "expires", "kinds", "labels")
                 rows = iter(await pipe.execute())
         out = []
-        for q, ks, ws in zip(queues, kinds, workers, strict=True):
-            handled: set[str] = set()
-            anything = False
-            for row in (next(rows) for _ in ws):
-                if row[0] is not None and int(row[0]) > now:
-                    anything = anything or not row[1]
-                    handled.update(text(row[1]).split(","))
-            out += [(q, kd) for kd in ks if not anything and kd not in handled]
+        for q, groups, ws in zip(queues, kinds, workers, strict=True):
+            live = [r for r in (next(rows) for _ in ws) if r[0] is not None and int(r[0]) > now]
+            for group in groups:
+                kind, labels = parse_group(group)
+                needed = {f"{n}={v}" for n, v in labels.items()}
+                if not any(
+                    (not r[1] or kind in text(r[1]).split(",")) and needed <= set(text(r[2] or b"").split(","))
+                    for r in live
+                ):
+                    out.append((q, group))
         return out
 
     async def queue_names(self) -> list[str]:
@@ -564,6 +573,7 @@ def _add_registration(found: dict[str, scheduler_pb2.WorkerInfo], worker_id: str
         busy=int(h.get(b"used", 0)),
         host=h.get(b"host", b"").decode(),
         pid=int(h.get(b"pid", 0)),
+        labels=parse_group("|" + h.get(b"labels", b"").decode())[1],
     )
     info.last_seen.FromMilliseconds(seen)
     found[worker_id] = info

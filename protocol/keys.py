@@ -15,17 +15,37 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 QUEUE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 KIND_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+LABEL_VALUE_RE = re.compile(r"^[A-Za-z0-9_.-]{0,63}$")
 SCHEDULE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")  # no ":": schedule:<name> and schedule:<name>:runs
 WORKER_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")  # no ":": worker:<id> and worker:<id>:jobs must not meet
 
 
 MAX_SHARDS = 1024
+
+
+def label_text(labels: dict[str, str] | Mapping[str, str]) -> str:
+    """Labels as scripts store and compare them: sorted "name=value" pairs joined by ","."""
+    return ",".join(f"{k}={labels[k]}" for k in sorted(labels))
+
+
+def placement_group(kind: str, labels: Mapping[str, str]) -> str:
+    """The group a job waits in (its pending zset, its entry in the kinds set): its kind, and for a
+    job that requires worker labels, "|" and its labels (lua/_common.lua's group_of reads it)."""
+    return f"{kind}|{label_text(labels)}" if labels else kind
+
+
+def parse_group(group: str) -> tuple[str, dict[str, str]]:
+    """The kind and the required labels of a placement group."""
+    kind, _, text = group.partition("|")
+    return kind, dict(pair.split("=", 1) for pair in text.split(",") if pair)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ class Registration:
     queues: Sequence[str]
     kinds: Sequence[str]
     off: bool  # take no placements (not yet subscribed, or draining)
+    labels: str = ""  # sorted "name=value" pairs joined by "," (Keys.label_text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +112,7 @@ class WorkerCalls(Calls):
                 os.getpid(),
                 "1" if r.off else "0",
                 r.instance,
+                r.labels,
             ],
         )
         return Heartbeat(bool(reply[0]), settled(reply[1:]))

@@ -135,3 +135,43 @@ async def test_a_unique_key_refuses_a_second_job_until_the_first_ends(client: Cl
     assert (await client.wait_results([waiting], timeout=20))[waiting].state == S.JOB_STATE_SUCCEEDED
     code, details = await status_of(client.stub.SubmitJob(request("echo", unique_key="x" * 257), timeout=5))
     assert code.name == "INVALID_ARGUMENT" and details.startswith("unique_key:"), details
+
+
+async def test_jobs_requiring_labels_run_only_on_workers_that_have_them_and_never_block_the_others(
+    stack: Stack, client_for: Callable[[str], Client]
+) -> None:
+    _, address = stack.start_gateway()
+    client = client_for(address)
+    gpu = stack.start_worker("--labels", "gpu=true,region=eu", "--concurrency", "2")
+    plain = stack.start_worker("--concurrency", "2")
+    listed = await eventually(lambda: _workers(client, 2), timeout=20, what="both workers registered")
+    assert {w.id: dict(w.labels) for w in listed} == {
+        gpu.worker_id: {"gpu": "true", "region": "eu"},
+        plain.worker_id: {},
+    }
+
+    needs = [(await client.submit("echo", {"i": i}, labels={"gpu": "true"})).job.id for i in range(6)]
+    stuck = (await client.submit("echo", {}, labels={"gpu": "true", "region": "us"})).job.id  # nobody has both
+    free = [(await client.submit("echo", {"j": i})).job.id for i in range(6)]
+    done = await client.wait_results(needs + free, timeout=20)
+    assert {done[j].worker_id for j in needs} == {gpu.worker_id}
+    assert {e.state for e in done.values()} == {S.JOB_STATE_SUCCEEDED}
+    job = (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=stuck), timeout=5)).job
+    assert job.state == S.JOB_STATE_QUEUED and dict(job.spec.labels) == {"gpu": "true", "region": "us"}
+    assert job.waiting_reason == (
+        "no live worker of queue 'default' that runs kind 'echo' has the labels gpu=true,region=us"
+    )
+    stack.start_worker("--labels", "region=us,gpu=true")  # one arrives that has them
+    assert (await client.wait_results([stuck], timeout=20))[stuck].state == S.JOB_STATE_SUCCEEDED
+
+    for labels, message in (({"bad name": "x"}, "labels: name"), ({"a": "x y"}, "labels: value")):
+        code, details = await status_of(client.stub.SubmitJob(request("echo", labels=labels), timeout=5))
+        assert code.name == "INVALID_ARGUMENT" and details.startswith(message), details
+    many = {f"l{i}": "1" for i in range(17)}
+    code, details = await status_of(client.stub.SubmitJob(request("echo", labels=many), timeout=5))
+    assert code.name == "INVALID_ARGUMENT" and "at most 16" in details, details
+
+
+async def _workers(client: Client, n: int) -> list[scheduler_pb2.WorkerInfo] | None:
+    workers = list((await client.stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5)).workers)
+    return workers if len(workers) >= n else None

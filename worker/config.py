@@ -17,7 +17,9 @@ from common.settings import (
     settings_repr,
     with_flags,
 )
-from protocol.keys import QUEUE_RE, WORKER_ID_RE, Keys
+from protocol.keys import LABEL_NAME_RE, LABEL_VALUE_RE, QUEUE_RE, WORKER_ID_RE, Keys
+
+MAX_WORKER_LABELS = 32
 
 
 def default_worker_id() -> str:
@@ -42,6 +44,11 @@ class WorkerSettings:
     app: str = setting("", "module:attr naming the worker.Worker instance to run; empty runs the built-in handlers")
     worker_id: str = setting("", "1-128 characters from [A-Za-z0-9_.-]; empty means <host>-<pid>-<6 hex digits>")
     queues: str = setting("default", "comma-separated queues to take jobs from")
+    labels: str = setting(
+        "",
+        "labels jobs may require, comma-separated name=value pairs (e.g. gpu=true,region=eu; at most 32, names"
+        " 1-63 and values 0-63 characters from [A-Za-z0-9_.-])",
+    )
     concurrency: int = setting(
         8,
         "slots: jobs run at once (and threads for plain-function handlers); a slot whose plain-function"
@@ -87,6 +94,11 @@ class WorkerSettings:
         return settings
 
     @property
+    def label_map(self) -> dict[str, str]:
+        """The labels as a mapping (the setting must have been validated)."""
+        return dict(pair.strip().split("=", 1) for pair in self.labels.split(",") if pair.strip())
+
+    @property
     def queue_list(self) -> list[str]:
         return [q.strip() for q in self.queues.split(",") if q.strip()]
 
@@ -94,6 +106,13 @@ class WorkerSettings:
         """Raises ValueError for settings that cannot work."""
         if not self.queue_list or not all(QUEUE_RE.fullmatch(q) for q in self.queue_list):
             raise ValueError("queues must be a comma-separated list of names from [A-Za-z0-9_.-]")
+        pairs = [p.strip() for p in self.labels.split(",") if p.strip()]
+        for pair in pairs:
+            name, eq, value = pair.partition("=")
+            if not eq or not LABEL_NAME_RE.fullmatch(name) or not LABEL_VALUE_RE.fullmatch(value):
+                raise ValueError(f"labels: {pair!r} is not name=value (names 1-63, values 0-63 of [A-Za-z0-9_.-])")
+        if len(pairs) > MAX_WORKER_LABELS or len({p.split("=", 1)[0] for p in pairs}) != len(pairs):
+            raise ValueError(f"labels: at most {MAX_WORKER_LABELS}, each name once")
         if self.worker_id and not WORKER_ID_RE.fullmatch(self.worker_id):
             raise ValueError("worker_id must be 1-128 characters from [A-Za-z0-9_.-]")
         check_redis_wait(self.redis_wait_replicas, self.redis_wait_timeout_ms)

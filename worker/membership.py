@@ -17,6 +17,7 @@ from typing import Any
 
 from jobgate.v1 import relay_pb2
 from protocol.errors import REDIS_ERRORS
+from protocol.keys import label_text
 from protocol.replies import Settled
 from protocol.worker_calls import Registration, WorkerCalls
 
@@ -99,6 +100,7 @@ class Membership:
             queues=self.shards[shard],
             kinds=self.kinds,
             off=self.executor.draining or not self.subscribed,
+            labels=label_text(self.settings.label_map),
         )
 
     async def heartbeat_loop(self) -> None:

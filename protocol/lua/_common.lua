@@ -138,13 +138,14 @@ end
 -- Put a placed job back in its queue. `interrupted` is true when it had started running
 -- on purpose-stopped worker (hand-back), which does not use up an attempt.
 local function requeue(ns, jk, job_id, now, interrupted)
-  local j = redis.call('HMGET', jk, 'queue', 'prio', 'seq', 'attempt', 'kind')
+  local j = redis.call('HMGET', jk, 'queue', 'prio', 'seq', 'attempt', 'kind', 'group')
   local attempt = tonumber(j[4])
   if interrupted and attempt > 0 then attempt = attempt - 1 end
   redis.call('HSET', jk, 'state', QUEUED, 'worker', '', 'attempt', attempt, 'updated', now)
   redis.call('HDEL', jk, 'progress')
-  redis.call('ZADD', pending_key(ns.P, j[1], j[5]), pending_score(tonumber(j[2]), tonumber(j[3])), job_id)
-  redis.call('SADD', kinds_key(ns.P, j[1]), j[5])
+  local group = j[6] or j[5]
+  redis.call('ZADD', pending_key(ns.P, j[1], group), pending_score(tonumber(j[2]), tonumber(j[3])), job_id)
+  redis.call('SADD', kinds_key(ns.P, j[1]), group)
   redis.call('SADD', ns.queues, j[1])  -- placement may have dropped the emptied queue
   return j[1]
 end
@@ -384,7 +385,7 @@ local function candidates(ns, queue, now, only)
   end
   local cands, free = {}, 0
   for _, w in ipairs(workers) do
-    local h = redis.call('HMGET', worker_key(ns.P, w), 'slots', 'used', 'expires', 'kinds', 'off')
+    local h = redis.call('HMGET', worker_key(ns.P, w), 'slots', 'used', 'expires', 'kinds', 'off', 'labels')
     if not h[1] then
       redis.call('SREM', qworkers, w)
     elseif tonumber(h[3]) > now and h[5] ~= '1' then
@@ -392,7 +393,7 @@ local function candidates(ns, queue, now, only)
       if used < slots then
         local kinds = h[4]
         if kinds ~= '' then kinds = ',' .. kinds .. ',' end
-        cands[#cands + 1] = {id = w, slots = slots, used = used, kinds = kinds}
+        cands[#cands + 1] = {id = w, slots = slots, used = used, kinds = kinds, labels = ',' .. (h[6] or '') .. ','}
         free = free + slots - used
       end
     end
@@ -400,11 +401,36 @@ local function candidates(ns, queue, now, only)
   return cands, free
 end
 
--- The least loaded candidate with a free slot that handles `kind`.
-local function pick(cands, kind)
+-- A placement group: the jobs of one kind that require the same worker labels (PROTOCOL.md,
+-- "Labels"). Its name is the kind, then, with labels, '|' and the sorted "name=value" pairs joined
+-- by ','; returns the kind and the list of required pairs.
+local groups = {}
+local function group_of(group)
+  local g = groups[group]
+  if not g then
+    local kind, labels = string.match(group, '^([^|]*)|(.*)$')
+    g = {kind = kind or group, labels = {}}
+    for pair in string.gmatch(labels or '', '[^,]+') do g.labels[#g.labels + 1] = ',' .. pair .. ',' end
+    groups[group] = g
+  end
+  return g
+end
+
+-- Whether candidate `c` can run jobs of group `g`: it handles the kind and has every label.
+local function fits(c, g)
+  if c.kinds ~= '' and not string.find(c.kinds, ',' .. g.kind .. ',', 1, true) then return false end
+  for _, pair in ipairs(g.labels) do
+    if not string.find(c.labels, pair, 1, true) then return false end
+  end
+  return true
+end
+
+-- The least loaded candidate with a free slot that can run jobs of `group`.
+local function pick(cands, group)
+  local g = group_of(group)
   local best, best_load = nil, 2
   for _, c in ipairs(cands) do
-    if c.used < c.slots and (c.kinds == '' or string.find(c.kinds, ',' .. kind .. ',', 1, true)) then
+    if c.used < c.slots and fits(c, g) then
       local load = c.used / c.slots
       if load < best_load then best, best_load = c, load end
     end
@@ -451,7 +477,7 @@ local function assign(ns, queue, waiting, cands, free, most)
         lease = lease + 1
         c.used = c.used + 1
         free = free - 1
-        placed[#placed + 1] = {id = id, worker = c.id, lease = lease, attempt = tonumber(j[2]) + 1, kind = kind,
+        placed[#placed + 1] = {id = id, worker = c.id, lease = lease, attempt = tonumber(j[2]) + 1, kind = group_of(kind).kind,
           spec = j[3], timeout_ms = tonumber(j[4]), ack = tonumber(j[5])}
         if not books[c.id] then books[c.id] = {} end
         table.insert(books[c.id], id)

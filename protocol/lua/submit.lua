@@ -13,7 +13,9 @@
 --   delayed zset instead of its queue), backoff ("initial,max,multiplier", ms: see backoff_ms),
 --   retention s (how long it is kept once finished: its 'ttl'), dead-letter retention s (once
 --   FAILED: its 'dttl'), unique digest or '' (with one, the unique string holds the job's id while it
---   has not finished: see finish_job)
+--   has not finished: see finish_job), placement group or '' (a job that requires worker labels
+--   waits in the group "<kind>|<labels>": its pending zset and its entry in the kinds set are the
+--   group's, and its 'group' field names it; see group_of)
 -- returns {0, placements, visited, code, id, code, id, ...}: placements a flat array as schedule
 --   returns them after its first entry (5 entries per placement), visited a flat array of
 --   queue name, 1 when jobs still wait in it afterwards (else 0), for each queue it placed on; then
@@ -27,7 +29,7 @@ local ns = namespace(ARGV[5])
 local n = (#KEYS - NS_KEYS) / 5
 local now, idem_ttl = ARGV[1], tonumber(ARGV[2])
 local max_queues, max_kinds = tonumber(ARGV[3]), tonumber(ARGV[4])
-local A = 13  -- ARGV entries per job, from ARGV[8]
+local A = 14  -- ARGV entries per job, from ARGV[8]
 local out = {0, {}, {}}
 local fresh = {}  -- indexes of the jobs to store
 local seen_queues, queue_count = {}, nil  -- queues and kinds checked once per call
@@ -37,6 +39,7 @@ local seen_unique = {}
 for i = 0, n - 1 do
   local k, a = NS_KEYS + 1 + 5 * i, 8 + A * i
   local id, queue, kind, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], ARGV[a + 7]
+  if ARGV[a + 13] ~= '' then kind = ARGV[a + 13] end  -- its placement group counts as a kind
   local code, stored_id = 1, id
   -- Every request gets fresh job ids, so an existing hash means this call is a resend.
   if redis.call('EXISTS', KEYS[k]) == 0 then
@@ -80,6 +83,7 @@ local later = {}  -- indexes of the jobs stored SCHEDULED
 for _, i in ipairs(fresh) do
   local k, a = NS_KEYS + 1 + 5 * i, 8 + A * i
   local id, queue, kind, prio, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 7]
+  local group = ARGV[a + 13] ~= '' and ARGV[a + 13] or kind
   local due = tonumber(ARGV[a + 8])
   seq = seq + 1
   redis.call('HSET', KEYS[k], 'spec', ARGV[a + 1], 'queue', queue, 'kind', kind, 'prio', prio,
@@ -90,6 +94,7 @@ for _, i in ipairs(fresh) do
     redis.call('HSET', KEYS[k], 'unique', ARGV[a + 12])
     redis.call('SET', KEYS[k + 4], id)
   end
+  if group ~= kind then redis.call('HSET', KEYS[k], 'group', group) end
   if rdigest ~= '' then redis.call('SET', KEYS[k + 2], id .. ' ' .. rdigest, 'EX', idem_ttl) end
   if due > tonumber(now) then
     schedule_job(ns, KEYS[k], id, due, now)
@@ -107,9 +112,9 @@ for _, i in ipairs(fresh) do
       redis.call('SADD', ns.queues, queue)
       seen_queues[queue] = 'added'
     end
-    if seen_kinds[queue .. ':' .. kind] ~= 'added' then
-      redis.call('SADD', KEYS[k + 3], kind)
-      seen_kinds[queue .. ':' .. kind] = 'added'
+    if seen_kinds[queue .. ':' .. group] ~= 'added' then
+      redis.call('SADD', KEYS[k + 3], group)
+      seen_kinds[queue .. ':' .. group] = 'added'
     end
   end
 end

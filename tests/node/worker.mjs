@@ -3,7 +3,8 @@
 //
 // Usage: node tests/node/worker.mjs REDIS_URL NAMESPACE WORKER_ID
 // Env: JOBGATE_HEARTBEAT_MS (default 200), JOBGATE_HEARTBEAT_TTL_MS (default 1000),
-// JOBGATE_QUEUES (comma-separated, default "default"), JOBGATE_REDIS_SHARDS (default 1).
+// JOBGATE_QUEUES (comma-separated, default "default"), JOBGATE_REDIS_SHARDS (default 1),
+// JOBGATE_LABELS (name=value pairs, comma-separated, default none).
 //
 // Serves its queues with kinds node.count, node.fail and node.upper. On SIGTERM it drains (PROTOCOL.md,
 // "What a worker must do", step 7) and exits 0; a second signal exits 1 at once.
@@ -30,6 +31,8 @@ const GRACE_MS = 5000; // how long SIGTERM waits for running jobs
 const SLOTS = 4;
 const QUEUES = (process.env.JOBGATE_QUEUES ?? 'default').split(',').filter(Boolean);
 const SHARDS = Number(process.env.JOBGATE_REDIS_SHARDS ?? 1);
+// Labels go to the heartbeat sorted by name, as "name=value" pairs joined by ','.
+const LABELS = (process.env.JOBGATE_LABELS ?? '').split(',').filter(Boolean).sort().join(',');
 const INSTANCE = randomBytes(16).toString('hex'); // once per process: a restart evicts our old registration
 const { RUNNING, SUCCEEDED, FAILED, CANCELLED } = { RUNNING: 3, SUCCEEDED: 4, FAILED: 5, CANCELLED: 6 };
 
@@ -210,7 +213,7 @@ async function beat() {
   for (const [i, shard] of MINE.entries()) { // one registration per shard, with its queues and share
     const k = shardKeys(shard);
     const reply = await script('heartbeat', [...k.namespace, ...k.own], [k.P, workerId, now, now + HEARTBEAT_TTL_MS,
-      share(i), SHARD_QUEUES.get(shard).join(','), KINDS, os.hostname(), process.pid, off, INSTANCE]);
+      share(i), SHARD_QUEUES.get(shard).join(','), KINDS, os.hostname(), process.pid, off, INSTANCE, LABELS]);
     if (reply[0] === 1 && registered) {
       again = true;
       const lost = held.filter(([id]) => jobShard(id) === shard);
