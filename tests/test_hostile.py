@@ -156,8 +156,11 @@ SUBMIT_FIELDS = [
     "delay",
     "retry",
     "unique_key",
+    "labels",
 ]
 DAY_S = 86_400
+LABEL_OK = re.compile(r"\A[A-Za-z0-9_.-]{1,63}\Z")
+LABEL_VALUE_OK = re.compile(r"\A[A-Za-z0-9_.-]{0,63}\Z")
 YEAR_S = 365 * DAY_S
 HORIZON_S = int(time.time()) + YEAR_S  # how far ahead run_at may reach (as of this module's start)
 valid_queues = st.one_of(st.just(""), st.just("default"), st.from_regex(r"\A[A-Za-z0-9_.-]{1,64}\Z"))
@@ -196,6 +199,9 @@ def submit_requests(draw: st.DrawFn) -> scheduler_pb2.SubmitJobRequest:
         req.args.CopyFrom(pick("args", _values(unset=False), _values(unset=True)))
     if draw(st.booleans()):
         req.timeout.CopyFrom(pick("timeout", valid_timeouts, durations))
+    good_labels = st.dictionaries(st.sampled_from(["gpu", "region", "a.b-c_1"]), st.sampled_from(["", "true", "eu"]))
+    hostile_labels = st.dictionaries(hostile_text, hostile_text, max_size=20)
+    req.labels.update(pick("labels", good_labels, hostile_labels))
     when = draw(st.sampled_from(["", "", "run_at", "delay", "both"]))
     if when in ("run_at", "both"):
         # no example within an hour of the horizon: the oracle's clock is not the gateway's
@@ -257,6 +263,8 @@ def bad_fields(req: scheduler_pb2.SubmitJobRequest, prefix: str = "") -> list[st
         bad.append("idempotency_key")
     if len(req.unique_key) > 256:
         bad.append("unique_key")
+    if len(req.labels) > 16 or not all(LABEL_OK.match(n) and LABEL_VALUE_OK.match(v) for n, v in req.labels.items()):
+        bad.append("labels")
     bad += _bad_time_fields(req)
     return [prefix + f for f in bad]
 
@@ -310,6 +318,7 @@ def normalised(req: scheduler_pb2.SubmitJobRequest) -> job_pb2.JobSpec:
         max_attempts=req.max_attempts or 3,
         idempotency_key=req.idempotency_key,
         unique_key=req.unique_key,
+        labels=req.labels,
     )
     if req.HasField("args"):
         spec.args.CopyFrom(req.args)
