@@ -37,6 +37,9 @@ COMMANDS = (
     "hget", "hmget", "hgetall", "hset", "hdel", "hincrby",
     "sadd", "srem", "smembers", "scard", "sismember",
     "zadd", "zrem", "zrange", "zrangebyscore", "zcard", "zcount",
+    # dead letters, retries and schedules: expiry lifted by RetryJob, failed jobs trimmed and listed
+    # newest first, a schedule's recent runs, schedules listed by name
+    "persist", "zremrangebyscore", "zrevrangebyscore", "zrangebylex", "lpush", "ltrim", "lrange",
 )  # fmt: skip
 
 

@@ -42,7 +42,9 @@ class Coalescer(Generic[T, R]):
         self._flusher: asyncio.Task[None] | None = None
 
     async def call(self, item: T) -> R:
-        """Queues ``item`` for the next batch and returns its result."""
+        """Queues ``item`` for the next batch and returns its result. A caller that stops waiting
+        (cancelled, or its own timeout) leaves the item to be sent or skipped: the batched calls
+        are safe to repeat, so it may call again."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
         if self._flusher is None:
@@ -68,6 +70,7 @@ class Coalescer(Generic[T, R]):
         return n
 
     async def _flush(self) -> None:
+        live: list[tuple[T, asyncio.Future[R]]] = []
         try:
             while self._waiting:
                 n = self._take()
@@ -78,20 +81,31 @@ class Coalescer(Generic[T, R]):
                 try:
                     results = await self._send([item for item, _ in live])
                 except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
-                    for _, f in live:
-                        if not f.done():
-                            f.set_exception(exc)
+                    _fail(live, exc)
                     continue
-                except asyncio.CancelledError:
-                    for _, f in live:
-                        f.cancel()
-                    raise
-                for (_, f), result in zip(live, results, strict=True):
-                    if not f.done():
-                        f.set_result(result)
+                _answer(live, results)
         finally:
             self._flusher = None
+            for _, f in live:  # the batch in flight when the flusher stopped (cancelled): unanswered
+                if not f.done():
+                    f.cancel()
             for _, f in self._waiting:  # only when cancelled: nobody will send these
                 f.cancel()
             if self._waiting:
                 self._waiting = []
+
+
+def _fail(live: Sequence[tuple[object, asyncio.Future[R]]], exc: BaseException) -> None:
+    for _, f in live:
+        if not f.done():
+            f.set_exception(exc)
+
+
+def _answer(live: Sequence[tuple[object, asyncio.Future[R]]], results: Sequence[R]) -> None:
+    """Hands each caller its result; a batch answered with the wrong number of results fails."""
+    if len(results) != len(live):
+        _fail(live, RuntimeError(f"a batched call answered {len(results)} results for {len(live)} items"))
+        return
+    for (_, f), result in zip(live, results, strict=True):
+        if not f.done():
+            f.set_result(result)

@@ -79,3 +79,26 @@ async def test_big_items_split_batches_by_bytes_and_one_too_big_goes_alone() -> 
     rec.release.set()
     await asyncio.gather(first, *rest)
     assert rec.batches == [[1], [4, 5], [2], [30], [3]]
+
+
+async def test_a_batch_answered_with_the_wrong_number_of_results_fails_its_callers() -> None:
+    async def send(items: Sequence[int]) -> list[int]:
+        return [1, 2, 3][: len(items) + 1]
+
+    c: Coalescer[int, int] = Coalescer(send)
+    with pytest.raises(RuntimeError, match="answered 2 results for 1 items"):
+        await asyncio.wait_for(c.call(7), timeout=5)  # never left waiting
+    await c.aclose()
+
+
+async def test_a_caller_that_stops_waiting_leaves_the_coalescer_working() -> None:
+    async def send(items: Sequence[int]) -> list[int]:
+        await asyncio.sleep(0.3)
+        return [i * 10 for i in items]
+
+    c: Coalescer[int, int] = Coalescer(send)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.1):
+            await c.call(1)
+    assert await asyncio.wait_for(c.call(2), timeout=5) == 20  # after the abandoned batch, answered
+    await c.aclose()

@@ -15,6 +15,7 @@ from urllib.parse import quote
 import pytest
 import redis
 import trustme
+from google.protobuf.duration_pb2 import Duration
 
 import protocol
 from devtools.devstack import Stack
@@ -114,6 +115,24 @@ async def test_everything_works_over_tls_as_the_minimal_acl_user(
     events = await client.wait_results([*ids, failing])
     assert [events[i].state for i in ids] == [job_pb2.JOB_STATE_SUCCEEDED] * 20
     assert events[failing].state == job_pb2.JOB_STATE_FAILED
+
+    # Dead letters, a retry, a paused queue and a schedule use commands of their own.
+    listed = await client.stub.ListFailedJobs(scheduler_pb2.ListFailedJobsRequest(), timeout=5)
+    assert [j.id for j in listed.jobs] == [failing]
+    await client.stub.RetryJob(scheduler_pb2.RetryJobRequest(id=failing), timeout=5)
+    assert (await client.wait_results([failing]))[failing].state == job_pb2.JOB_STATE_FAILED
+    await client.stub.PauseQueue(scheduler_pb2.PauseQueueRequest(), timeout=5)
+    await client.stub.ResumeQueue(scheduler_pb2.ResumeQueueRequest(), timeout=5)
+    spec = scheduler_pb2.ScheduleSpec(name="s", interval=Duration(seconds=1), job=request("echo"))
+    await client.stub.CreateSchedule(scheduler_pb2.CreateScheduleRequest(schedule=spec), timeout=5)
+
+    async def ticked() -> bool:
+        got = await client.stub.GetSchedule(scheduler_pb2.GetScheduleRequest(name="s"), timeout=5)
+        return len(got.schedule.recent_runs) >= 1
+
+    await eventually(ticked, what="a schedule's first tick")
+    assert [s.spec.name for s in (await client.stub.ListSchedules(scheduler_pb2.ListSchedulesRequest())).schedules]
+    await client.stub.DeleteSchedule(scheduler_pb2.DeleteScheduleRequest(name="s"), timeout=5)
 
     # Cancel a running job, then lose a worker mid-job: the job moves to another worker.
     cancelled = (await client.submit("sleep", {"seconds": 30})).job.id

@@ -225,11 +225,17 @@ class Executor:
 
     async def _start(self, d: relay_pb2.DispatchJob) -> bool:
         start = Start(d.job_id, d.lease, events_message([self._event(d, job_pb2.JOB_STATE_RUNNING)]))
-        code = await self._retrying("start", d.job_id, lambda: self.starts.call(start))
+        code = await self._retrying("start", d.job_id, lambda: self._bounded(self.starts.call(start)))
         if code != 1:
             log.warning("job_id=%s dispatch refused (%s)", d.job_id, "missing" if code == -1 else "stale")
             return False
         return True
+
+    async def _bounded(self, call: Awaitable[int]) -> int:
+        """A start or finish through its coalescer, given up (and so tried again) when no answer
+        came within two calls' time: the one in flight, and this one."""
+        async with asyncio.timeout(2 * self.call_s):
+            return await call
 
     async def _start_many(self, starts: Sequence[Start]) -> list[int]:
         """One start_many call for dispatches that arrived together; start's code for each."""
@@ -310,7 +316,7 @@ class Executor:
             result.error_message,
             events_message([event]),
         )
-        code = await self._retrying("outcome", d.job_id, lambda: self.finishes.call(outcome))
+        code = await self._retrying("outcome", d.job_id, lambda: self._bounded(self.finishes.call(outcome)))
         if code in (1, 2):  # 2: recorded by an earlier try whose reply was lost
             if result.error_code in RETRIED and d.attempt < d.spec.max_attempts and not running.cancel_requested:
                 log.info(
