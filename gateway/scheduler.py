@@ -56,8 +56,9 @@ class Scheduler:
         self._backlog: set[str] = set()
         self._all = True
         self._wake = asyncio.Event()
-        # Run on every tick, after promote: the schedules' due ticks (gateway/schedules.py).
-        self.periodic: Callable[[], Awaitable[int]] | None = None
+        # Run on every tick, after promote: the schedules' due ticks (gateway/schedules.py), the
+        # callbacks of ended batches (gateway/batches.py).
+        self.every_tick: list[Callable[[], Awaitable[int]]] = []
         # The earliest due time of a SCHEDULED job this gateway knows of (ms): promote runs then,
         # not only on the next tick.
         self._next_due: int | None = None
@@ -122,8 +123,8 @@ class Scheduler:
         pass over every queue."""
         await self._step(self._reap())
         await self._promote()
-        if self.periodic is not None:
-            await self._step(self.periodic())
+        for step in self.every_tick:
+            await self._step(step())
         await self._step(self.store.resend_cancels(older_than_ms=max(1000, int(self.tick_s * 1000))))
         self._all = True
 

@@ -23,6 +23,7 @@ from protocol.keys import Keys
 from protocol.schedule_calls import ScheduleCalls
 
 from .auth import Authenticator, AuthInterceptor, load_tokens
+from .batches import BatchCallbacks
 from .config import GatewaySettings
 from .handlers import MalformedRequestInterceptor
 from .hub import Hub
@@ -128,7 +129,10 @@ async def start(settings: GatewaySettings) -> Gateway:
     )
     limits = settings.limits()
     schedules = ScheduleCalls(redis, keys, store.durability)
-    scheduler.periodic = ScheduleRunner(schedules, store, limits, scheduler, metrics).fire_due
+    scheduler.every_tick += [
+        ScheduleRunner(schedules, store, limits, scheduler, metrics).fire_due,
+        BatchCallbacks(store, limits, scheduler).submit_ended,
+    ]
     service = SchedulerService(
         store,
         scheduler,

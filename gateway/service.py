@@ -23,6 +23,7 @@ from protocol.replies import Settled
 from protocol.schedule_calls import ScheduleCalls
 
 from . import auth
+from .batches import prepare_batch_options
 from .hub import Hub
 from .metrics import GatewayMetrics
 from .scheduler import Scheduler
@@ -180,11 +181,48 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         principal = auth.current()
         for i, p in enumerate(prepared):
             principal.check(p.spec.queue, f"jobs[{i}].queue")
-        jobs, placed = await self.store.submit(prepared)
+        batch = None
+        if request.HasField("batch"):
+            batch = prepare_batch_options(request.batch, prepared, self.limits, self.store.keys)
+            if request.batch.HasField("callback"):
+                principal.check(request.batch.callback.queue or "default", "batch.callback.queue")
+        jobs, placed = await self.store.submit(prepared, batch)
         self.metrics.submitted.inc(len(jobs))
         self.scheduler.record(placed)
         self._note_due(prepared)
-        return scheduler_pb2.SubmitJobsResponse(jobs=jobs)
+        return scheduler_pb2.SubmitJobsResponse(jobs=jobs, batch_id=batch[0] if batch else "")
+
+    @unary
+    async def GetBatch(
+        self, request: scheduler_pb2.GetBatchRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.GetBatchResponse:
+        bid = job_id(request.id)
+        fields = await self._batch_fields(bid, "id")
+        total, succeeded, failed, cancelled = (
+            int(fields.get(n, 0)) for n in (b"total", b"succeeded", b"failed", b"cancelled")
+        )
+        batch = scheduler_pb2.Batch(
+            id=bid,
+            total=total,
+            pending=total - succeeded - failed - cancelled,
+            succeeded=succeeded,
+            failed=failed,
+            cancelled=cancelled,
+            callback_job_id=fields.get(b"callback_job", b"").decode(),
+        )
+        batch.created_at.FromMilliseconds(int(fields.get(b"created", 0)))
+        if done := fields.get(b"done"):
+            batch.finished_at.FromMilliseconds(int(done))
+        return scheduler_pb2.GetBatchResponse(batch=batch)
+
+    async def _batch_fields(self, bid: str, field: str) -> dict[bytes, bytes]:
+        """A batch's stored hash. Raises NotFound, or PermissionDenied for a token that may not use
+        its jobs' queue."""
+        fields = await self.store.get_batch(bid)
+        if not fields:
+            raise NotFound(f"{field}: no batch {bid}")
+        auth.current().check(fields.get(b"queue", b"").decode(), field)
+        return fields
 
     def _note_due(self, jobs: Sequence[PreparedJob]) -> None:
         """Tells the placement loop when the earliest of the jobs stored SCHEDULED is due."""
@@ -408,6 +446,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         if len(request.job_ids) > self.limits.max_watch_ids:
             raise InvalidArgument(f"job_ids: at most {self.limits.max_watch_ids} ids, got {len(request.job_ids)}")
         ids = [job_id(j, f"job_ids[{i}]") for i, j in enumerate(request.job_ids)]
+        if request.batch_id:
+            if ids:
+                raise InvalidArgument("batch_id: give job_ids or batch_id, not both")
+            jobs = (await self._batch_fields(job_id(request.batch_id, "batch_id"), "batch_id")).get(b"jobs", b"")
+            ids = [jobs[i : i + 32].decode() for i in range(0, len(jobs), 32)]
         queue = queue_name(request.queue) if request.queue else ""
         kinds = [kind_name(k, f"kinds[{i}]") for i, k in enumerate(request.kinds)]
         if request.max_batch > MAX_WATCH_BATCH:

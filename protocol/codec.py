@@ -128,6 +128,7 @@ def job_from_hash(job_id: str, fields: Fields) -> job_pb2.Job:
         job.attempts.extend(job_pb2.Job.FromString(history).attempts)
     if progress := fields.get(b"progress"):
         job.progress.ParseFromString(progress)
+    job.batch_id = _str(fields, b"batch")
     return job
 
 

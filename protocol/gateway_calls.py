@@ -89,11 +89,16 @@ class GatewayCalls(Calls):
         self.place_most = place_most
 
     # --- submission -----------------------------------------------------------------------
-    async def submit(self, jobs: Sequence[PreparedJob]) -> tuple[list[job_pb2.Job], Placed]:
+    async def submit(
+        self, jobs: Sequence[PreparedJob], batch: tuple[str, bytes] | None = None
+    ) -> tuple[list[job_pb2.Job], Placed]:
         """Stores jobs with one script call per shard their queues fall in (all or none within a
         shard) and returns them as stored, with the placements the same calls made (up to
         ``place_most`` per queue, published by the script). Each job's id is made to name its
         queue's shard (see Keys.job_id_for).
+
+        With ``batch`` (an id that names the jobs' shard, and the callback's SubmitJobRequest bytes
+        or b''), the new jobs form that batch; they must all go to queues of one shard.
 
         Raises AlreadyExists when an idempotency key is reused with a different request,
         ResourceExhausted when a job would add a queue or a kind over the limits (nothing of that
@@ -106,7 +111,7 @@ class GatewayCalls(Calls):
         placed: list[Placed] = []
         for idx in groups:
             try:
-                stored, p = await self._submit_call([jobs[i] for i in idx])
+                stored, p = await self._submit_call([jobs[i] for i in idx], batch)
             except _Refused as refused:
                 raise refused.error from None
             for i, job in zip(idx, stored, strict=True):
@@ -167,12 +172,14 @@ class GatewayCalls(Calls):
         """The indexes of ``jobs`` grouped by the shard of their queue, in order of first appearance."""
         return list(by_shard(jobs, lambda j: self.keys.queue_shard(j.spec.queue)).values())
 
-    async def _submit_call(self, jobs: Sequence[PreparedJob]) -> tuple[list[job_pb2.Job], Placed]:
-        """One submit script call for jobs of one shard."""
+    async def _submit_call(
+        self, jobs: Sequence[PreparedJob], batch: tuple[str, bytes] | None = None
+    ) -> tuple[list[job_pb2.Job], Placed]:
+        """One submit script call for jobs of one shard (and the batch they open, if any)."""
         k, now = self.keys.of_queue(jobs[0].spec.queue), now_ms()
-        keys = k.namespace_keys()
+        keys = [*k.namespace_keys(), k.batch(batch[0]) if batch else k.prefix + "batch:none"]
         args: list[Any] = [now, self.idempotency_ttl_s, self.max_queues, self.max_kinds]
-        args += [k.prefix, self.ack_timeout_ms, self.place_most]
+        args += [k.prefix, self.ack_timeout_ms, self.place_most, batch[0] if batch else "", batch[1] if batch else ""]
         for job in jobs:
             spec = job.spec
             keys += [
@@ -210,6 +217,8 @@ class GatewayCalls(Calls):
                 out.append(await self.get(stored_id.decode()))
                 continue
             stored = job_pb2.Job(id=job.id, spec=job.spec, state=job_pb2.JOB_STATE_QUEUED)
+            if batch:
+                stored.batch_id = batch[0]
             stored.created_at.FromMilliseconds(now)
             if job.due_ms > now:
                 stored.state = job_pb2.JOB_STATE_SCHEDULED
@@ -250,6 +259,39 @@ class GatewayCalls(Calls):
         if not fields:
             raise NotFound(f"id: no job {job_id}")
         return job_from_hash(job_id, fields)
+
+    async def get_batch(self, batch_id: str) -> dict[bytes, bytes]:
+        """A batch's hash (empty when unknown). Raises Unavailable."""
+        async with redis_errors():
+            return cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.batch(batch_id)))
+
+    async def ended_batches(self, limit: int = 100) -> list[tuple[str, bytes, str]]:
+        """Batches whose jobs have all ended and whose callback waits to be submitted, in every
+        shard: (batch id, callback SubmitJobRequest bytes, queue of its jobs)."""
+        out = []
+        async with redis_errors():
+            for k in self.keys.all_shards():
+                ids = [text(i) for i in await self.redis.zrange(k.batches_done(), 0, limit - 1)]
+                for batch_id in ids:
+                    callback, queue, submitted = await self.redis.hmget(
+                        k.batch(batch_id), "callback", "queue", "callback_job"
+                    )
+                    if callback and not submitted:
+                        out.append(
+                            (batch_id, callback if isinstance(callback, bytes) else callback.encode(), text(queue))
+                        )
+                    else:  # expired, or recorded by another gateway
+                        await self.redis.zrem(k.batches_done(), batch_id)
+        return out
+
+    async def batch_callback_submitted(self, batch_id: str, job_id: str) -> None:
+        """Records a batch's callback job and takes the batch off the ended list."""
+        k = self.keys.of_job(batch_id)
+        async with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:  # each step safe to repeat
+                pipe.hset(k.batch(batch_id), "callback_job", job_id)
+                pipe.zrem(k.batches_done(), batch_id)
+                await pipe.execute()
 
     async def idempotent_job(self, queue: str, key: str) -> str:
         """The id of the job stored with idempotency ``key`` in ``queue`` (remembered for

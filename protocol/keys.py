@@ -156,6 +156,12 @@ class Keys:
     def unique(self, key_digest: str) -> str:  # string: id of the unfinished job holding a unique key
         return f"{self.prefix}unique:{key_digest}"
 
+    def batch(self, batch_id: str) -> str:  # hash: a batch's counts (in the shard the id names)
+        return f"{self._prefix(self.job_shard(batch_id))}batch:{batch_id}"
+
+    def batches_done(self) -> str:  # zset: ended batch id -> when, while its callback waits to be submitted
+        return f"{self.prefix}batches:done"
+
     def acks(self) -> str:  # zset: dispatched job id -> acknowledgement deadline (ms)
         return f"{self.prefix}acks"
 

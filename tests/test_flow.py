@@ -175,3 +175,66 @@ async def test_jobs_requiring_labels_run_only_on_workers_that_have_them_and_neve
 async def _workers(client: Client, n: int) -> list[scheduler_pb2.WorkerInfo] | None:
     workers = list((await client.stub.ListWorkers(scheduler_pb2.ListWorkersRequest(), timeout=5)).workers)
     return workers if len(workers) >= n else None
+
+
+async def test_a_batch_counts_how_its_jobs_end_and_submits_its_callback_exactly_once(
+    stack: Stack, client_for: Callable[[str], Client], redis: Redis, keys: Keys
+) -> None:
+    _, first = stack.start_gateway()
+    _, second = stack.start_gateway()  # both look for ended batches: the callback is still one job
+    stack.start_worker("--concurrency", "4")
+    client = client_for(first)
+    jobs = [request("echo", {"n": n}) for n in range(3)]
+    jobs += [request("fail", {"fatal": True}), request("sleep", {"seconds": 0.5})]
+    callback = request("echo", {"report": "nightly"})
+    reply = await client.stub.SubmitJobs(
+        scheduler_pb2.SubmitJobsRequest(jobs=jobs, batch=scheduler_pb2.BatchOptions(callback=callback)), timeout=5
+    )
+    bid = reply.batch_id
+    assert len(bid) == 32 and {j.batch_id for j in reply.jobs} == {bid}
+    ids = [j.id for j in reply.jobs]
+    watch = client_for(second).stub.WatchResults(scheduler_pb2.WatchResultsRequest(batch_id=bid), timeout=30)
+    ended = {r.event.job_id: r.event.state async for r in watch}  # ends once every job has
+    assert set(ended) == set(ids)
+
+    async def called_back() -> scheduler_pb2.Batch | None:
+        batch = (await client.stub.GetBatch(scheduler_pb2.GetBatchRequest(id=bid), timeout=5)).batch
+        return batch if batch.callback_job_id else None
+
+    batch = await eventually(called_back, timeout=20, what="the callback submitted")
+    assert (batch.total, batch.pending, batch.succeeded, batch.failed, batch.cancelled) == (5, 0, 4, 1, 0)
+    assert batch.finished_at.ToMilliseconds() >= batch.created_at.ToMilliseconds() > 0
+    cb = batch.callback_job_id
+    assert (await client.wait_results([cb], timeout=20))[cb].state == S.JOB_STATE_SUCCEEDED
+    stored = (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=cb), timeout=5)).job
+    assert stored.spec.idempotency_key == f"batch:{bid}" and stored.spec.args == callback.args
+    await asyncio.sleep(1.0)  # more ticks of both gateways: still one callback
+    callbacks = 0
+    async for key in redis.scan_iter(match=f"{keys.prefix}job:*", count=1000):
+        job = (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=key.decode().rsplit(":", 1)[1]))).job
+        callbacks += job.spec.idempotency_key == f"batch:{bid}"
+    assert callbacks == 1
+    again = (await client.stub.GetBatch(scheduler_pb2.GetBatchRequest(id=bid), timeout=5)).batch
+    assert again.callback_job_id == cb
+
+
+async def test_bad_batches_are_refused(client: Client, redis: Redis, keys: Keys) -> None:
+    late = scheduler_pb2.BatchOptions(callback=request("echo", delay=Duration(seconds=5)))
+    before = await redis.get(keys.seq())
+    code, details = await status_of(
+        client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=[request("echo")], batch=late), timeout=5)
+    )
+    assert code.name == "INVALID_ARGUMENT" and details.startswith("batch.callback.delay:"), details
+    bad_kind = scheduler_pb2.BatchOptions(callback=request(""))
+    code, details = await status_of(
+        client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=[request("echo")], batch=bad_kind), timeout=5)
+    )
+    assert code.name == "INVALID_ARGUMENT" and details.startswith("batch.callback.kind:"), details
+    assert await redis.get(keys.seq()) == before
+    code, _ = await status_of(client.stub.GetBatch(scheduler_pb2.GetBatchRequest(id="0" * 32), timeout=5))
+    assert code.name == "NOT_FOUND"
+    code, details = await status_of(client.stub.GetBatch(scheduler_pb2.GetBatchRequest(id="nope"), timeout=5))
+    assert code.name == "INVALID_ARGUMENT", details
+    watch = scheduler_pb2.WatchResultsRequest(batch_id="0" * 32, job_ids=["1" * 32])
+    code, details = await status_of(client.stub.WatchResults(watch, timeout=5))
+    assert code.name == "INVALID_ARGUMENT" and details.startswith("batch_id:"), details

@@ -30,6 +30,8 @@ local function dispatch_channel(P, w) return P .. 'dispatch:' .. w end  -- pub/s
 local function failed_key(P, queue) return P .. 'failed:' .. queue end  -- zset: FAILED job id -> when (ms)
 local function queue_key(P, queue) return P .. 'queue:' .. queue end  -- hash: the queue's settings ('paused')
 local function unique_key(P, digest) return P .. 'unique:' .. digest end  -- string: the id of the job holding it
+local function batch_key(P, id) return P .. 'batch:' .. id end  -- hash: a batch's counts
+local function batches_done_key(P) return P .. 'batches:done' end  -- zset: ended batches awaiting their callback
 
 local function is_terminal(state)
   return state == SUCCEEDED or state == FAILED or state == CANCELLED
@@ -154,16 +156,37 @@ end
 -- 'dttl' field (dead letters are kept longer), both set at submit from the gateway's settings for
 -- its queue, so every writer keeps a finished job equally long. A FAILED job is listed in its
 -- queue's failed zset (the dead letters, by when they failed), which forgets the entries whose jobs
--- have expired. A job with a unique key lets it go. `more`, when given, holds further field/value
--- pairs written with the state, and `known` the job's 'ttl', 'cancel', 'dttl' and 'unique' fields
--- when the caller has read them already.
+-- have expired. A job with a unique key lets it go; a job of a batch counts its end there (see
+-- count_in_batch). `more`, when given, holds further field/value pairs written with the state, and
+-- `known` the job's 'ttl', 'cancel', 'dttl', 'unique' and 'batch' fields when the caller has read
+-- them already.
+-- The batch counts of each terminal state.
+local BATCH_COUNTS = {[SUCCEEDED] = 'succeeded', [FAILED] = 'failed', [CANCELLED] = 'cancelled'}
+
+-- Counts the end of a job of batch `batch` as `state` (by `by`, -1 when RetryJob takes it back).
+-- When every job of the batch has ended the first time, the batch is done: 'done' = now, it keeps
+-- its jobs' retention, and a batch with a callback is listed in `P batches:done` for the gateways
+-- to submit it.
+local function count_in_batch(ns, batch, state, now, by, ttl)
+  local bk = batch_key(ns.P, batch)
+  if redis.call('EXISTS', bk) == 0 then return end
+  redis.call('HINCRBY', bk, BATCH_COUNTS[state], by)
+  if by < 0 then return end
+  local b = redis.call('HMGET', bk, 'total', 'succeeded', 'failed', 'cancelled', 'done', 'callback')
+  if not b[5] and tonumber(b[2]) + tonumber(b[3]) + tonumber(b[4]) >= tonumber(b[1]) then
+    redis.call('HSET', bk, 'done', now)
+    if ttl and ttl > 0 then redis.call('EXPIRE', bk, ttl) end
+    if b[6] and b[6] ~= '' then redis.call('ZADD', batches_done_key(ns.P), now, batch) end
+  end
+end
+
 local function finish_job(ns, jk, id, queue, state, code, message, now, more, known)
   local fields = {'state', state, 'err_code', code, 'err_msg', message, 'finished', now, 'updated', now}
   if more then
     for _, v in ipairs(more) do fields[#fields + 1] = v end
   end
   redis.call('HSET', jk, unpack(fields))
-  known = known or redis.call('HMGET', jk, 'ttl', 'cancel', 'dttl', 'unique')
+  known = known or redis.call('HMGET', jk, 'ttl', 'cancel', 'dttl', 'unique', 'batch')
   if known[2] then redis.call('HDEL', jk, 'cancel') end
   if known[4] then
     local uk = unique_key(ns.P, known[4])
@@ -177,6 +200,7 @@ local function finish_job(ns, jk, id, queue, state, code, message, now, more, kn
     if ttl and ttl > 0 then redis.call('ZREMRANGEBYSCORE', failed, '-inf', tonumber(now) - ttl * 1000) end
   end
   if ttl and ttl > 0 then redis.call('EXPIRE', jk, ttl) end
+  if known[5] then count_in_batch(ns, known[5], state, now, 1, tonumber(known[1] or '0')) end
 end
 
 -- Runs `cmd key` followed by `args`, at most `step` of them per call (Lua's unpack is bounded),
@@ -293,7 +317,7 @@ end
 -- SCHEDULED event, to be published in place of the worker's.
 local function record_outcome(ns, jk, worker_id, now, o, id)
   local j = redis.call('HMGET', jk, 'state', 'lease', 'worker', 'queue', 'recorded', 'ttl', 'cancel', 'refill',
-    'attempt', 'max_attempts', 'started', 'backoff', 'kind', 'dttl', 'unique')
+    'attempt', 'max_attempts', 'started', 'backoff', 'kind', 'dttl', 'unique', 'batch')
   if not j[1] then return -1 end
   if not is_terminal(o.state) then return -2 end
   -- 'recorded' names the lease and state of the outcome this script wrote last ("<lease>:<state>";
@@ -312,7 +336,7 @@ local function record_outcome(ns, jk, worker_id, now, o, id)
       err_code = o.code, err_msg = o.message}, SCHEDULED, tonumber(now), due)
   end
   finish_job(ns, jk, id, j[4], o.state, o.code, o.message, now,
-    {'result', o.result, 'output', o.output, 'recorded', recorded}, {j[6], j[7], j[14], j[15]})
+    {'result', o.result, 'output', o.output, 'recorded', recorded}, {j[6], j[7], j[14], j[15], j[16]})
   return 1, j[4]
 end
 

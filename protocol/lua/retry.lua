@@ -9,7 +9,7 @@
 -- returns {1, queue} queued again, {-1} missing, {-2, state} not FAILED or CANCELLED, {-3, id} its
 --   unique key is held by job id (nothing changes)
 local ns, jk, id, now = namespace(ARGV[1]), KEYS[NS_KEYS + 1], ARGV[2], tonumber(ARGV[3])
-local j = redis.call('HMGET', jk, 'state', 'queue', 'kind', 'attempt', 'max_attempts', 'base', 'unique')
+local j = redis.call('HMGET', jk, 'state', 'queue', 'kind', 'attempt', 'max_attempts', 'base', 'unique', 'batch')
 if not j[1] then return {-1} end
 local state = tonumber(j[1])
 if state ~= FAILED and state ~= CANCELLED then return {-2, state} end
@@ -20,6 +20,7 @@ if j[7] then
   redis.call('SET', uk, id)
 end
 local attempt, allowed, base = tonumber(j[4]), tonumber(j[5]), tonumber(j[6] or '0')
+if j[8] then count_in_batch(ns, j[8], state, now, -1) end  -- pending again (a done batch stays done)
 redis.call('PERSIST', jk)
 redis.call('HDEL', jk, 'err_code', 'err_msg', 'finished', 'result', 'output', 'recorded', 'due', 'cancel')
 redis.call('HSET', jk, 'base', attempt, 'max_attempts', attempt + allowed - base)

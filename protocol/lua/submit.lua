@@ -1,14 +1,17 @@
 -- submit: store a batch of new jobs and queue them, all or none; then place what can run now on
 -- free worker slots (place_jobs in the prelude) for each queue it added jobs to.
--- KEYS[1..8] the namespace's keys (see the prelude), then 5 per job i (from 0): KEYS[9+5i] job
---   hash, KEYS[10+5i] pending zset of its queue and kind, KEYS[11+5i] idempotency string (any key
---   when the job has no idempotency key), KEYS[12+5i] kinds set of its queue, KEYS[13+5i] unique
---   string (any key when the job has no unique key: then untouched)
+-- KEYS[1..8] the namespace's keys (see the prelude), KEYS[9] the batch hash (any key when the call
+--   opens no batch: then untouched), then 5 per job i (from 0): KEYS[10+5i] job hash, KEYS[11+5i]
+--   pending zset of its queue and kind, KEYS[12+5i] idempotency string (any key when the job has no
+--   idempotency key), KEYS[13+5i] kinds set of its queue, KEYS[14+5i] unique string (any key when
+--   the job has no unique key: then untouched)
 -- ARGV[1] now ms, ARGV[2] idempotency ttl s, ARGV[3] most queues with waiting jobs, ARGV[4] most
 --   kinds with waiting jobs per queue, ARGV[5] key prefix, ARGV[6] ack timeout ms (stored as the
 --   job's 'ack': how long a worker has to start it once dispatched), ARGV[7] most placements per
---   queue (0: place none),
---   then 12 per job i: ARGV[8+12i] job id, spec (JobSpec bytes), queue, kind, priority, max attempts,
+--   queue (0: place none), ARGV[8] batch id or '' (with one, the new jobs of the call form a batch:
+--   its hash counts them, each job's 'batch' field names it; see count_in_batch), ARGV[9] the
+--   batch's callback (SubmitJobRequest bytes) or '',
+--   then 14 per job i: ARGV[10+14i] job id, spec (JobSpec bytes), queue, kind, priority, max attempts,
 --   timeout ms, request digest or '', due ms (0: at once; a job due later is stored SCHEDULED in the
 --   delayed zset instead of its queue), backoff ("initial,max,multiplier", ms: see backoff_ms),
 --   retention s (how long it is kept once finished: its 'ttl'), dead-letter retention s (once
@@ -26,10 +29,10 @@
 --   would add a kind to its queue over the limit, {-5, i, id} job i's unique key is held by job id
 --   (unfinished) or by an earlier job of this call (i from 0).
 local ns = namespace(ARGV[5])
-local n = (#KEYS - NS_KEYS) / 5
+local n = (#KEYS - NS_KEYS - 1) / 5
 local now, idem_ttl = ARGV[1], tonumber(ARGV[2])
 local max_queues, max_kinds = tonumber(ARGV[3]), tonumber(ARGV[4])
-local A = 14  -- ARGV entries per job, from ARGV[8]
+local A, B = 14, 10  -- ARGV entries per job, from ARGV[B]
 local out = {0, {}, {}}
 local fresh = {}  -- indexes of the jobs to store
 local seen_queues, queue_count = {}, nil  -- queues and kinds checked once per call
@@ -37,7 +40,7 @@ local seen_kinds, kind_counts = {}, {}
 local seen_unique = {}
 
 for i = 0, n - 1 do
-  local k, a = NS_KEYS + 1 + 5 * i, 8 + A * i
+  local k, a = NS_KEYS + 2 + 5 * i, B + A * i
   local id, queue, kind, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], ARGV[a + 7]
   if ARGV[a + 13] ~= '' then kind = ARGV[a + 13] end  -- its placement group counts as a kind
   local code, stored_id = 1, id
@@ -81,7 +84,7 @@ local seq = #fresh > 0 and redis.call('INCRBY', ns.seq, #fresh) - #fresh or 0
 local pending, pending_keys = {}, {}  -- per pending zset: score, id pairs
 local later = {}  -- indexes of the jobs stored SCHEDULED
 for _, i in ipairs(fresh) do
-  local k, a = NS_KEYS + 1 + 5 * i, 8 + A * i
+  local k, a = NS_KEYS + 2 + 5 * i, B + A * i
   local id, queue, kind, prio, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 7]
   local group = ARGV[a + 13] ~= '' and ARGV[a + 13] or kind
   local due = tonumber(ARGV[a + 8])
@@ -119,11 +122,18 @@ for _, i in ipairs(fresh) do
   end
 end
 for _, key in ipairs(pending_keys) do call_chunked('ZADD', key, pending[key], 1000) end
+if ARGV[8] ~= '' and #fresh > 0 and redis.call('EXISTS', KEYS[NS_KEYS + 1]) == 0 then
+  local ids = {}
+  for _, i in ipairs(fresh) do ids[#ids + 1] = ARGV[B + A * i] end
+  redis.call('HSET', KEYS[NS_KEYS + 1], 'total', #fresh, 'succeeded', 0, 'failed', 0, 'cancelled', 0,
+    'created', now, 'callback', ARGV[9], 'queue', ARGV[B + A * fresh[1] + 2], 'jobs', table.concat(ids))
+  for _, i in ipairs(fresh) do redis.call('HSET', KEYS[NS_KEYS + 2 + 5 * i], 'batch', ARGV[8]) end
+end
 
 local placed_queues = {}
 if tonumber(ARGV[7]) <= 0 then fresh = {} end
 for _, i in ipairs(fresh) do
-  local queue = ARGV[8 + A * i + 2]
+  local queue = ARGV[B + A * i + 2]
   if not placed_queues[queue] and not later[i] then
     placed_queues[queue] = true
     local left = place_jobs(ns, queue, tonumber(now), tonumber(ARGV[6]), tonumber(ARGV[7]), out[2])

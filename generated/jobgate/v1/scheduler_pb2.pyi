@@ -75,16 +75,60 @@ class SubmitJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[_job_pb2.Job, _Mapping]] = ...) -> None: ...
 
 class SubmitJobsRequest(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "batch")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[SubmitJobRequest]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[SubmitJobRequest, _Mapping]]] = ...) -> None: ...
+    batch: BatchOptions
+    def __init__(self, jobs: _Optional[_Iterable[_Union[SubmitJobRequest, _Mapping]]] = ..., batch: _Optional[_Union[BatchOptions, _Mapping]] = ...) -> None: ...
+
+class BatchOptions(_message.Message):
+    __slots__ = ("callback",)
+    CALLBACK_FIELD_NUMBER: _ClassVar[int]
+    callback: SubmitJobRequest
+    def __init__(self, callback: _Optional[_Union[SubmitJobRequest, _Mapping]] = ...) -> None: ...
 
 class SubmitJobsResponse(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "batch_id")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[_job_pb2.Job]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[_job_pb2.Job, _Mapping]]] = ...) -> None: ...
+    batch_id: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[_job_pb2.Job, _Mapping]]] = ..., batch_id: _Optional[str] = ...) -> None: ...
+
+class GetBatchRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class GetBatchResponse(_message.Message):
+    __slots__ = ("batch",)
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    batch: Batch
+    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ...) -> None: ...
+
+class Batch(_message.Message):
+    __slots__ = ("id", "total", "pending", "succeeded", "failed", "cancelled", "created_at", "finished_at", "callback_job_id")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    total: int
+    pending: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    created_at: _timestamp_pb2.Timestamp
+    finished_at: _timestamp_pb2.Timestamp
+    callback_job_id: str
+    def __init__(self, id: _Optional[str] = ..., total: _Optional[int] = ..., pending: _Optional[int] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., callback_job_id: _Optional[str] = ...) -> None: ...
 
 class RunJobRequest(_message.Message):
     __slots__ = ("job",)
@@ -99,18 +143,20 @@ class RunJobResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[_job_pb2.JobEvent, _Mapping]] = ...) -> None: ...
 
 class WatchResultsRequest(_message.Message):
-    __slots__ = ("job_ids", "queue", "kinds", "max_batch", "include_progress")
+    __slots__ = ("job_ids", "queue", "kinds", "max_batch", "batch_id", "include_progress")
     JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     KINDS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     job_ids: _containers.RepeatedScalarFieldContainer[str]
     queue: str
     kinds: _containers.RepeatedScalarFieldContainer[str]
     max_batch: int
+    batch_id: str
     include_progress: bool
-    def __init__(self, job_ids: _Optional[_Iterable[str]] = ..., queue: _Optional[str] = ..., kinds: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., include_progress: _Optional[bool] = ...) -> None: ...
+    def __init__(self, job_ids: _Optional[_Iterable[str]] = ..., queue: _Optional[str] = ..., kinds: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ..., batch_id: _Optional[str] = ..., include_progress: _Optional[bool] = ...) -> None: ...
 
 class WatchResultsResponse(_message.Message):
     __slots__ = ("event", "events")

@@ -45,6 +45,11 @@ class SchedulerServiceStub:
                 request_serializer=jobgate_dot_v1_dot_scheduler__pb2.SubmitJobsRequest.SerializeToString,
                 response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.SubmitJobsResponse.FromString,
                 _registered_method=True)
+        self.GetBatch = channel.unary_unary(
+                '/jobgate.v1.SchedulerService/GetBatch',
+                request_serializer=jobgate_dot_v1_dot_scheduler__pb2.GetBatchRequest.SerializeToString,
+                response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.GetBatchResponse.FromString,
+                _registered_method=True)
         self.RunJob = channel.unary_stream(
                 '/jobgate.v1.SchedulerService/RunJob',
                 request_serializer=jobgate_dot_v1_dot_scheduler__pb2.RunJobRequest.SerializeToString,
@@ -138,8 +143,18 @@ class SchedulerServiceServicer:
 
     def SubmitJobs(self, request, context):
         """Stores a batch of jobs (at most the gateway's max_batch, 1,000 by default) in one Redis
-        transaction: all are stored or none is.
+        transaction: all are stored or none is. With `batch`, the jobs also form a batch that counts
+        how they end and submits its callback job once, when the last one has ended.
         Errors as SubmitJob; a field error names the job's index, e.g. "jobs[3].kind".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatch(self, request, context):
+        """Returns a batch: how many of its jobs are pending, succeeded, failed and cancelled, and its
+        callback job once submitted. Watch its jobs with WatchResults' batch_id.
+        Errors: INVALID_ARGUMENT (malformed id), NOT_FOUND (unknown, or past its retention).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -280,6 +295,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.SubmitJobsRequest.FromString,
                     response_serializer=jobgate_dot_v1_dot_scheduler__pb2.SubmitJobsResponse.SerializeToString,
             ),
+            'GetBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatch,
+                    request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.GetBatchRequest.FromString,
+                    response_serializer=jobgate_dot_v1_dot_scheduler__pb2.GetBatchResponse.SerializeToString,
+            ),
             'RunJob': grpc.unary_stream_rpc_method_handler(
                     servicer.RunJob,
                     request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.RunJobRequest.FromString,
@@ -411,6 +431,33 @@ class SchedulerService:
             '/jobgate.v1.SchedulerService/SubmitJobs',
             jobgate_dot_v1_dot_scheduler__pb2.SubmitJobsRequest.SerializeToString,
             jobgate_dot_v1_dot_scheduler__pb2.SubmitJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobgate.v1.SchedulerService/GetBatch',
+            jobgate_dot_v1_dot_scheduler__pb2.GetBatchRequest.SerializeToString,
+            jobgate_dot_v1_dot_scheduler__pb2.GetBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
