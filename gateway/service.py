@@ -33,11 +33,13 @@ from .validation import (
     Limits,
     job_id,
     kind_name,
+    limits_message,
     page_position,
     page_size,
     page_token,
     prepare,
     prepare_batch,
+    queue_limits,
     queue_name,
     schedule_page_position,
     schedule_page_token,
@@ -269,6 +271,17 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         already = await self.store.pause(queue, False)
         self.scheduler.kick(queue)
         return scheduler_pb2.ResumeQueueResponse(already=already)
+
+    @unary
+    async def SetQueueLimits(
+        self, request: scheduler_pb2.SetQueueLimitsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.SetQueueLimitsResponse:
+        queue = queue_name(request.queue)
+        most, rate = queue_limits(request.limits)
+        auth.current().check(queue, "queue")
+        await self.store.set_limits(queue, most, rate)
+        self.scheduler.kick(queue)  # a raised limit lets waiting jobs go now
+        return scheduler_pb2.SetQueueLimitsResponse(limits=limits_message(*await self.store.limits(queue)))
 
     @unary
     async def RetryJob(

@@ -190,6 +190,39 @@ def page_position(token: str, field: str = "page_token") -> tuple[int, str] | No
     raise InvalidArgument(f"{field}: not a token this listing returned")
 
 
+MAX_LIMIT = 1_000_000
+
+
+def queue_limits(limits: scheduler_pb2.QueueLimits) -> tuple[int | None, tuple[int, int] | None]:
+    """Checks SetQueueLimits' limits; returns (max_running, (rate count, period ms)), None for a limit
+    not set. Raises InvalidArgument naming the field."""
+    most = None
+    if limits.HasField("max_running"):
+        if not 1 <= limits.max_running <= MAX_LIMIT:
+            raise InvalidArgument(f"limits.max_running: must be between 1 and {MAX_LIMIT:,} (unset: no limit)")
+        most = limits.max_running
+    rate = None
+    if limits.HasField("rate"):
+        if not 1 <= limits.rate.count <= MAX_LIMIT:
+            raise InvalidArgument(f"limits.rate.count: must be between 1 and {MAX_LIMIT:,}")
+        period = duration_ms(limits.rate.period, "limits.rate.period", DAY_MS, "1 day")
+        if period < 1000:
+            raise InvalidArgument("limits.rate.period: must be at least 1 second")
+        rate = (limits.rate.count, period)
+    return most, rate
+
+
+def limits_message(most: int | None, rate: tuple[int, int] | None) -> scheduler_pb2.QueueLimits:
+    """The public form of a queue's limits."""
+    out = scheduler_pb2.QueueLimits()
+    if most is not None:
+        out.max_running = most
+    if rate is not None:
+        out.rate.count = rate[0]
+        out.rate.period.FromMilliseconds(rate[1])
+    return out
+
+
 def schedule_page_token(name: str) -> str:
     """The opaque token of a position in the listing of schedules (the last name shown)."""
     return base64.urlsafe_b64encode(f"s:{name}".encode()).decode().rstrip("=")

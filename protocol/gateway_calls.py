@@ -453,6 +453,20 @@ class GatewayCalls(Calls):
             )
         return int(reply) == 1
 
+    async def set_limits(self, queue: str, max_running: int | None, rate: tuple[int, int] | None) -> None:
+        """Sets ``queue``'s limits: at most ``max_running`` placed at once, at most ``rate`` = (count,
+        period ms) starts per period; None removes a limit. Raises Unavailable."""
+        k = self.keys.of_queue(queue)
+        args = ["" if max_running is None else max_running, *(rate if rate else ("", ""))]
+        async with redis_errors():
+            await self.durably(self.scripts.limits, [*k.namespace_keys(), k.queue_settings(queue)], args)
+
+    async def limits(self, queue: str) -> tuple[int | None, tuple[int, int] | None]:
+        """``queue``'s limits, as set_limits takes them. Raises Unavailable."""
+        async with redis_errors():
+            most, n, ms = await self.redis.hmget(self.keys.queue_settings(queue), "max_running", "rate_n", "rate_ms")
+        return (int(most) if most else None), ((int(n), int(ms)) if n and ms else None)
+
     async def retry(self, job_id: str) -> str:
         """Puts a FAILED or CANCELLED job back in its queue with a fresh count of attempts (its QUEUED
         event published); returns the queue. Raises NotFound, FailedPrecondition, Unavailable."""

@@ -138,6 +138,9 @@ class Keys:
     def queue_settings(self, queue: str) -> str:  # hash: 'paused' ('1' while PauseQueue holds it)
         return f"{self._prefix(self.queue_shard(queue))}queue:{queue}"
 
+    def running(self, queue: str) -> str:  # set: ids of the queue's jobs placed (DISPATCHED or RUNNING)
+        return f"{self._prefix(self.queue_shard(queue))}running:{queue}"
+
     def failed(self, queue: str) -> str:  # zset: FAILED job id -> when it failed (ms); the dead letters
         return f"{self._prefix(self.queue_shard(queue))}failed:{queue}"
 

@@ -32,6 +32,7 @@ NAMES = (
     "progress",
     "periodic",
     "pause",
+    "limits",
 )
 
 
@@ -70,6 +71,7 @@ class Scripts:
     progress: AsyncScript
     periodic: AsyncScript
     pause: AsyncScript
+    limits: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2
+from protocol.codec import TERMINAL
 from protocol.keys import Keys
 
 from .helpers import Client, eventually, request, status_of
@@ -238,3 +239,80 @@ async def test_bad_batches_are_refused(client: Client, redis: Redis, keys: Keys)
     watch = scheduler_pb2.WatchResultsRequest(batch_id="0" * 32, job_ids=["1" * 32])
     code, details = await status_of(client.stub.WatchResults(watch, timeout=5))
     assert code.name == "INVALID_ARGUMENT" and details.startswith("batch_id:"), details
+
+
+async def _placed_now(redis: Redis, keys: Keys, queue: str) -> int:
+    """Jobs of ``queue`` DISPATCHED or RUNNING, counted from their hashes."""
+    n = 0
+    async for key in redis.scan_iter(match=f"{keys.prefix}job:*", count=1000):
+        state, q = await redis.hmget(key, "state", "queue")
+        n += q == queue.encode() and state in (b"2", b"3")
+    return n
+
+
+async def test_a_queue_limit_bounds_its_running_jobs_across_workers_and_gateways(
+    stack: Stack, client_for: Callable[[str], Client], redis: Redis, keys: Keys
+) -> None:
+    gateways = [stack.start_gateway()[1] for _ in range(2)]
+    for _ in range(2):
+        stack.start_worker("--queues", "capped", "--concurrency", "4")
+    client = client_for(gateways[0])
+    limits = scheduler_pb2.QueueLimits(max_running=3)
+    reply = await client.stub.SetQueueLimits(scheduler_pb2.SetQueueLimitsRequest(queue="capped", limits=limits))
+    assert reply.limits.max_running == 3 and not reply.limits.HasField("rate")
+    ids = []
+    for i in range(16):  # through both gateways
+        ids.append((await client_for(gateways[i % 2]).submit("sleep", {"seconds": 0.3}, queue="capped")).job.id)
+    peak, samples = 0, 0
+    while samples < 400:
+        peak = max(peak, await _placed_now(redis, keys, "capped"), await redis.scard(keys.running("capped")))
+        samples += 1
+        if samples % 20 == 0 and all(s in TERMINAL for s in await states(client, ids)):
+            break
+        await asyncio.sleep(0.02)
+    assert peak == 3, peak  # never more, and the limit was reached
+    done = await client.wait_results(ids, timeout=30)
+    assert {e.state for e in done.values()} == {S.JOB_STATE_SUCCEEDED}
+    assert await redis.scard(keys.running("capped")) == 0
+
+    # raising the limit lets waiting jobs go at once; removing it (unset) too
+    cleared = await client.stub.SetQueueLimits(scheduler_pb2.SetQueueLimitsRequest(queue="capped"), timeout=5)
+    assert not cleared.limits.HasField("max_running")
+
+
+async def test_a_rate_limit_spaces_starts_without_failing_any_job(
+    stack: Stack, client_for: Callable[[str], Client]
+) -> None:
+    _, address = stack.start_gateway()
+    stack.start_worker("--queues", "paced", "--concurrency", "8")
+    client = client_for(address)
+    rate = scheduler_pb2.RateLimit(count=4, period=Duration(seconds=1))
+    limits = scheduler_pb2.QueueLimits(rate=rate)
+    await client.stub.SetQueueLimits(scheduler_pb2.SetQueueLimitsRequest(queue="paced", limits=limits), timeout=5)
+    ids = [(await client.submit("echo", {"i": i}, queue="paced")).job.id for i in range(12)]
+    done = await client.wait_results(ids, timeout=30)
+    assert {e.state for e in done.values()} == {S.JOB_STATE_SUCCEEDED}
+    jobs = [(await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=j), timeout=5)).job for j in ids]
+    starts = sorted(j.started_at.ToMilliseconds() for j in jobs)
+    for i, t in enumerate(starts):  # a burst of 4, then 4 per second: start i no earlier than (i - 4) / 4 s
+        assert t - starts[0] >= (i - 4) * 250 - 50, (i, [s - starts[0] for s in starts])
+
+
+async def test_bad_queue_limits_are_refused_and_change_nothing(client: Client, redis: Redis, keys: Keys) -> None:
+    for limits, field in (
+        (scheduler_pb2.QueueLimits(max_running=0), "limits.max_running"),
+        (scheduler_pb2.QueueLimits(max_running=2_000_000), "limits.max_running"),
+        (
+            scheduler_pb2.QueueLimits(rate=scheduler_pb2.RateLimit(count=0, period=Duration(seconds=1))),
+            "limits.rate.count",
+        ),
+        (scheduler_pb2.QueueLimits(rate=scheduler_pb2.RateLimit(count=5)), "limits.rate.period"),
+        (
+            scheduler_pb2.QueueLimits(rate=scheduler_pb2.RateLimit(count=5, period=Duration(seconds=2 * 86400))),
+            "limits.rate.period",
+        ),
+    ):
+        req = scheduler_pb2.SetQueueLimitsRequest(queue="q", limits=limits)
+        code, details = await status_of(client.stub.SetQueueLimits(req, timeout=5))
+        assert code.name == "INVALID_ARGUMENT" and details.startswith(field + ":"), details
+    assert not await redis.exists(keys.queue_settings("q"))

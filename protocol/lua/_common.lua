@@ -31,6 +31,7 @@ local function failed_key(P, queue) return P .. 'failed:' .. queue end  -- zset:
 local function queue_key(P, queue) return P .. 'queue:' .. queue end  -- hash: the queue's settings ('paused')
 local function unique_key(P, digest) return P .. 'unique:' .. digest end  -- string: the id of the job holding it
 local function batch_key(P, id) return P .. 'batch:' .. id end  -- hash: a batch's counts
+local function running_key(P, queue) return P .. 'running:' .. queue end  -- set: the queue's placed job ids
 local function batches_done_key(P) return P .. 'batches:done' end  -- zset: ended batches awaiting their callback
 
 local function is_terminal(state)
@@ -131,10 +132,11 @@ local function backoff_ms(id, attempt, backoff)
   return math.floor(wait * (1 - u / 2))
 end
 -- Puts a job in the delayed zset, SCHEDULED until `due` (ms).
-local function schedule_job(ns, jk, id, due, now)
+local function schedule_job(ns, jk, id, queue, due, now)
   redis.call('HSET', jk, 'state', SCHEDULED, 'worker', '', 'due', due, 'updated', now)
   redis.call('HDEL', jk, 'progress')
   redis.call('ZADD', ns.delayed, due, id)
+  redis.call('SREM', running_key(ns.P, queue), id)  -- a retry waiting out its backoff
 end
 
 -- Put a placed job back in its queue. `interrupted` is true when it had started running
@@ -146,6 +148,7 @@ local function requeue(ns, jk, job_id, now, interrupted)
   redis.call('HSET', jk, 'state', QUEUED, 'worker', '', 'attempt', attempt, 'updated', now)
   redis.call('HDEL', jk, 'progress')
   local group = j[6] or j[5]
+  redis.call('SREM', running_key(ns.P, j[1]), job_id)
   redis.call('ZADD', pending_key(ns.P, j[1], group), pending_score(tonumber(j[2]), tonumber(j[3])), job_id)
   redis.call('SADD', kinds_key(ns.P, j[1]), group)
   redis.call('SADD', ns.queues, j[1])  -- placement may have dropped the emptied queue
@@ -186,6 +189,7 @@ local function finish_job(ns, jk, id, queue, state, code, message, now, more, kn
     for _, v in ipairs(more) do fields[#fields + 1] = v end
   end
   redis.call('HSET', jk, unpack(fields))
+  redis.call('SREM', running_key(ns.P, queue), id)
   known = known or redis.call('HMGET', jk, 'ttl', 'cancel', 'dttl', 'unique', 'batch')
   if known[2] then redis.call('HDEL', jk, 'cancel') end
   if known[4] then
@@ -331,7 +335,7 @@ local function record_outcome(ns, jk, worker_id, now, o, id)
   if o.state == FAILED and RETRIED[o.code] and j[7] ~= '1' and attempt < tonumber(j[10]) then
     local due = tonumber(now) + backoff_ms(id, attempt, j[12])
     redis.call('HSET', jk, 'err_code', o.code, 'err_msg', o.message, 'recorded', recorded)
-    schedule_job(ns, jk, id, due, now)
+    schedule_job(ns, jk, id, j[4], due, now)
     return 1, j[4], nil, pb_events_of(id, {queue = j[4], kind = j[13], attempt = attempt, worker = worker_id,
       err_code = o.code, err_msg = o.message}, SCHEDULED, tonumber(now), due)
   end
@@ -361,9 +365,33 @@ end
 -- dispatch (place_jobs, here: DISPATCHED, acknowledged within a deadline, published on the
 -- workers' dispatch channels) or, in finish_many.lua, a start on the finishing worker's behalf.
 
--- Whether `queue` is paused (PauseQueue): nothing of it is placed.
-local function paused(ns, queue)
-  return redis.call('HGET', queue_key(ns.P, queue), 'paused') == '1'
+-- How many jobs of `queue` may be placed now: 0 while it is paused (PauseQueue), at most its
+-- 'max_running' less the jobs placed (its running set), at most the whole tokens of its rate
+-- bucket (SetQueueLimits); math.huge without limits. Also returns the bucket's tokens now, when
+-- it has a rate (spend_tokens takes the placed jobs off).
+local function queue_budget(ns, queue, now)
+  local q = redis.call('HMGET', queue_key(ns.P, queue), 'paused', 'max_running', 'rate_n', 'rate_ms', 'tokens',
+    'tokens_at')
+  if q[1] == '1' then return 0 end
+  local budget, tokens = math.huge, nil
+  if q[2] then
+    budget = math.max(0, tonumber(q[2]) - redis.call('SCARD', running_key(ns.P, queue)))
+  end
+  if q[3] then
+    local n, period = tonumber(q[3]), tonumber(q[4])
+    tokens = tonumber(q[5] or q[3])
+    local at = tonumber(q[6] or now)
+    if now > at then tokens = math.min(n, tokens + (now - at) * n / period) end
+    budget = math.min(budget, math.floor(tokens))
+  end
+  return budget, tokens
+end
+
+-- Takes `placed` jobs' tokens off the rate bucket of `queue` (`tokens`: as queue_budget read them).
+local function spend_tokens(ns, queue, tokens, placed, now)
+  if tokens then
+    redis.call('HSET', queue_key(ns.P, queue), 'tokens', tostring(tokens - placed), 'tokens_at', now)
+  end
 end
 
 -- The kinds of `queue` with jobs waiting, forgetting the others; drops the queue from the queues
@@ -512,6 +540,7 @@ local function assign(ns, queue, waiting, cands, free, most)
   if #placed > 0 then redis.call('SET', ns.lease, string.format('%.0f', lease)) end
   for w, ids in pairs(books) do
     call_chunked('SADD', worker_jobs_key(ns.P, w), ids, 1000)
+    call_chunked('SADD', running_key(ns.P, queue), ids, 1000)
     redis.call('HINCRBY', worker_key(ns.P, w), 'used', #ids)
   end
   return placed
@@ -571,12 +600,15 @@ end
 -- that worker is a candidate. Appends 5 entries per placement to `out` (report_placements).
 -- Returns true when jobs are still waiting in the queue afterwards.
 local function place_jobs(ns, queue, now, ack_ms, most, out, only)
-  if paused(ns, queue) then return true end
+  local budget, tokens = queue_budget(ns, queue, now)
+  if budget < 1 then return true end
+  most = math.min(most, budget)
   local waiting = waiting_kinds(ns, queue)
   if #waiting == 0 then return false end
   local cands, free = candidates(ns, queue, now, only)
   if free == 0 then return true end
   local placed = assign(ns, queue, waiting, cands, free, most)
+  spend_tokens(ns, queue, tokens, #placed, now)
   local acks = {}
   for _, p in ipairs(placed) do
     local ack_by = now + (p.ack or ack_ms)

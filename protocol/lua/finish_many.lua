@@ -29,12 +29,15 @@ local jobs = #KEYS - OWN_KEYS
 -- RUNNING events are published. Appends their DispatchJob encodings to `taken` and 5 entries per
 -- job to `out` (report_placements). Returns true when jobs are still waiting in the queue.
 local function take_jobs(queue, most, out, taken)
-  if paused(ns, queue) then return true end
+  local budget, tokens = queue_budget(ns, queue, now)
+  if budget < 1 then return true end
+  most = math.min(most, budget)
   local waiting = waiting_kinds(ns, queue)
   if #waiting == 0 then return false end
   local cands, free = candidates(ns, queue, now, worker)
   if free == 0 then return true end
   local placed = assign(ns, queue, waiting, cands, free, most)
+  spend_tokens(ns, queue, tokens, #placed, now)
   local events, ts = {}, pb_timestamp(now)
   for _, p in ipairs(placed) do
     redis.call('HSET', job_key(ns.P, p.id), 'state', RUNNING, 'worker', p.worker,

@@ -100,7 +100,7 @@ for _, i in ipairs(fresh) do
   if group ~= kind then redis.call('HSET', KEYS[k], 'group', group) end
   if rdigest ~= '' then redis.call('SET', KEYS[k + 2], id .. ' ' .. rdigest, 'EX', idem_ttl) end
   if due > tonumber(now) then
-    schedule_job(ns, KEYS[k], id, due, now)
+    schedule_job(ns, KEYS[k], id, queue, due, now)
     later[i] = true
   else
     local members = pending[KEYS[k + 1]]

@@ -232,6 +232,36 @@ class PauseQueueResponse(_message.Message):
     already: bool
     def __init__(self, already: _Optional[bool] = ...) -> None: ...
 
+class RateLimit(_message.Message):
+    __slots__ = ("count", "period")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    period: _duration_pb2.Duration
+    def __init__(self, count: _Optional[int] = ..., period: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class QueueLimits(_message.Message):
+    __slots__ = ("max_running", "rate")
+    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    max_running: int
+    rate: RateLimit
+    def __init__(self, max_running: _Optional[int] = ..., rate: _Optional[_Union[RateLimit, _Mapping]] = ...) -> None: ...
+
+class SetQueueLimitsRequest(_message.Message):
+    __slots__ = ("queue", "limits")
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    queue: str
+    limits: QueueLimits
+    def __init__(self, queue: _Optional[str] = ..., limits: _Optional[_Union[QueueLimits, _Mapping]] = ...) -> None: ...
+
+class SetQueueLimitsResponse(_message.Message):
+    __slots__ = ("limits",)
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    limits: QueueLimits
+    def __init__(self, limits: _Optional[_Union[QueueLimits, _Mapping]] = ...) -> None: ...
+
 class ResumeQueueRequest(_message.Message):
     __slots__ = ("queue",)
     QUEUE_FIELD_NUMBER: _ClassVar[int]

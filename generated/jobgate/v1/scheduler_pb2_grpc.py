@@ -120,6 +120,11 @@ class SchedulerServiceStub:
                 request_serializer=jobgate_dot_v1_dot_scheduler__pb2.ResumeQueueRequest.SerializeToString,
                 response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.ResumeQueueResponse.FromString,
                 _registered_method=True)
+        self.SetQueueLimits = channel.unary_unary(
+                '/jobgate.v1.SchedulerService/SetQueueLimits',
+                request_serializer=jobgate_dot_v1_dot_scheduler__pb2.SetQueueLimitsRequest.SerializeToString,
+                response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.SetQueueLimitsResponse.FromString,
+                _registered_method=True)
         self.RetryJob = channel.unary_unary(
                 '/jobgate.v1.SchedulerService/RetryJob',
                 request_serializer=jobgate_dot_v1_dot_scheduler__pb2.RetryJobRequest.SerializeToString,
@@ -272,6 +277,15 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetQueueLimits(self, request, context):
+        """Sets a queue's limits (replacing the ones it had): kept in Redis and enforced by the placement
+        scripts, so they hold across every gateway and worker. A job over a limit waits; it is never
+        failed. Errors: INVALID_ARGUMENT (queue, a limit of 0 or over its maximum).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RetryJob(self, request, context):
         """Puts a FAILED or CANCELLED job back in its queue with a fresh count of attempts (its spec's
         max_attempts again); its id and its history of attempts are kept, and its stream shows it QUEUED.
@@ -369,6 +383,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.ResumeQueue,
                     request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.ResumeQueueRequest.FromString,
                     response_serializer=jobgate_dot_v1_dot_scheduler__pb2.ResumeQueueResponse.SerializeToString,
+            ),
+            'SetQueueLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQueueLimits,
+                    request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.SetQueueLimitsRequest.FromString,
+                    response_serializer=jobgate_dot_v1_dot_scheduler__pb2.SetQueueLimitsResponse.SerializeToString,
             ),
             'RetryJob': grpc.unary_unary_rpc_method_handler(
                     servicer.RetryJob,
@@ -836,6 +855,33 @@ class SchedulerService:
             '/jobgate.v1.SchedulerService/ResumeQueue',
             jobgate_dot_v1_dot_scheduler__pb2.ResumeQueueRequest.SerializeToString,
             jobgate_dot_v1_dot_scheduler__pb2.ResumeQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQueueLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobgate.v1.SchedulerService/SetQueueLimits',
+            jobgate_dot_v1_dot_scheduler__pb2.SetQueueLimitsRequest.SerializeToString,
+            jobgate_dot_v1_dot_scheduler__pb2.SetQueueLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,
