@@ -200,19 +200,31 @@ def submit_requests(draw: st.DrawFn) -> scheduler_pb2.SubmitJobRequest:
     if draw(st.booleans()):
         req.timeout.CopyFrom(pick("timeout", valid_timeouts, durations))
     good_labels = st.dictionaries(st.sampled_from(["gpu", "region", "a.b-c_1"]), st.sampled_from(["", "true", "eu"]))
-    hostile_labels = st.dictionaries(hostile_text, hostile_text, max_size=20)
+    label_text = st.one_of(st.sampled_from(["", "a b", "x" * 64, "é", "k=v", "a,b", "|"]), st.text(max_size=70))
+    hostile_labels = st.one_of(  # short texts: a big repr of a failing example is an error of its own
+        st.dictionaries(label_text, label_text, max_size=3),
+        st.dictionaries(st.from_regex(r"\Al[0-9]{1,3}\Z"), st.just("1"), min_size=17, max_size=18),
+    )
     req.labels.update(pick("labels", good_labels, hostile_labels))
     when = draw(st.sampled_from(["", "", "run_at", "delay", "both"]))
     if when in ("run_at", "both"):
         # no example within an hour of the horizon: the oracle's clock is not the gateway's
-        good = st.builds(Timestamp, seconds=st.integers(0, HORIZON_S - 3600), nanos=st.integers(0, 999_999_999))
+        # past, or a day or more ahead: no job of the module falls due while another example
+        # compares the namespace's keys before and after
+        when_s = st.one_of(
+            st.integers(0, HORIZON_S - YEAR_S - 3600), st.integers(HORIZON_S - YEAR_S + DAY_S, HORIZON_S - 3600)
+        )
+        good = st.builds(Timestamp, seconds=when_s, nanos=st.integers(0, 999_999_999))
         hostile_ts = st.builds(Timestamp, seconds=ints64, nanos=ints32).filter(
             lambda t: abs(t.seconds - HORIZON_S) > 3600
         )
         req.run_at.CopyFrom(pick("run_at", good, hostile_ts))
     if when in ("delay", "both"):
-        good_delay = st.builds(Duration, seconds=st.integers(0, YEAR_S - 1), nanos=st.integers(0, 999_999_999))
-        req.delay.CopyFrom(pick("delay", good_delay, durations))
+        good_delay = st.one_of(  # at once, or a day or more (as run_at above)
+            st.just(Duration()),
+            st.builds(Duration, seconds=st.integers(DAY_S, YEAR_S - 1), nanos=st.integers(0, 999_999_999)),
+        )
+        req.delay.CopyFrom(pick("delay", good_delay, durations.filter(_never_due_soon)))
     if draw(st.booleans()):
         backoff = st.builds(Duration, seconds=st.integers(0, DAY_S - 1), nanos=st.integers(0, 999_999_999))
         multiplier = st.one_of(st.just(0.0), st.floats(1, 100))
@@ -296,6 +308,11 @@ def _bad_time_fields(req: scheduler_pb2.SubmitJobRequest) -> list[str]:
         if most < initial:
             bad.append("retry.max_backoff")
     return bad
+
+
+def _never_due_soon(d: Duration) -> bool:
+    """A delay that is refused, zero, or a day or more: nothing falls due during the module."""
+    return _bad_duration(d, YEAR_S) or d.seconds >= DAY_S or (d.seconds == 0 and d.nanos == 0)
 
 
 def _bad_duration(d: Duration, most_s: int) -> bool:
