@@ -171,7 +171,8 @@ class GatewaySettings:
             retention_s=self.retention_s,
             dead_retention_s=self.dead_retention_s,
         )
-        return replace(limits, queues=parse_queue_settings(self.queue_settings, limits.defaults()))
+        base = limits.defaults()
+        return replace(limits, queues=parse_queue_settings(self.queue_settings, base), base=base)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewaySettings:

@@ -15,7 +15,7 @@ import grpc
 
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 from protocol.coalesce import Coalescer
-from protocol.codec import CANCELLED, QUEUED, TERMINAL, event_from_hash
+from protocol.codec import BLOCKED, CANCELLED, QUEUED, SCHEDULED, TERMINAL, event_from_hash
 from protocol.connection import now_ms
 from protocol.errors import AlreadyExists, InvalidArgument, JobgateError, NotFound
 from protocol.gateway_calls import GatewayCalls, PreparedJob
@@ -434,7 +434,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
                     job_id=job.id,
                     queue=job.spec.queue,
                     kind=job.spec.kind,
-                    state=QUEUED,
+                    state=job.state if job.state in (QUEUED, SCHEDULED, BLOCKED) else QUEUED,
                     time=job.created_at,
                     created_at=job.created_at,
                 )

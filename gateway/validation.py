@@ -112,6 +112,7 @@ class Limits:
     retention_s: int = 86_400
     dead_retention_s: int = 604_800
     queues: Mapping[str, QueueDefaults] = field(default_factory=dict)  # per-queue overrides
+    base: QueueDefaults | None = None  # defaults() made once (GatewaySettings.limits sets it)
 
     def defaults(self) -> QueueDefaults:
         """The gateway-wide defaults, for queues without settings of their own."""
@@ -128,7 +129,9 @@ class Limits:
     def for_queue(self, queue: str) -> QueueDefaults:
         """The defaults of ``queue``."""
         found = self.queues.get(queue)
-        return found if found is not None else self.defaults()
+        if found is not None:
+            return found
+        return self.base if self.base is not None else self.defaults()
 
 
 def new_job_id() -> str:
@@ -268,6 +271,7 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
     if len(req.idempotency_key) > MAX_IDEMPOTENCY_KEY:
         raise InvalidArgument(f"{field}idempotency_key: must be at most {MAX_IDEMPOTENCY_KEY} characters")
     group = _labels(req, spec, field)
+    depends = _dependencies(req, spec, field)
     if len(req.unique_key) > MAX_IDEMPOTENCY_KEY:
         raise InvalidArgument(f"{field}unique_key: must be at most {MAX_IDEMPOTENCY_KEY} characters")
     spec.unique_key = req.unique_key
@@ -292,7 +296,24 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
         dead_retention_s=queue.dead_retention_s,
         unique_digest=idempotency_digest(spec.queue, req.unique_key) if req.unique_key else "",
         group=group,
+        depends=depends,
     )
+
+
+MAX_DEPENDENCIES = 100
+
+
+def _dependencies(req: scheduler_pb2.SubmitJobRequest, spec: job_pb2.JobSpec, field: str) -> tuple[str, ...]:
+    """Checks and copies the ids of the jobs a job depends on. Raises InvalidArgument."""
+    deps = tuple(req.depends_on)
+    if len(deps) > MAX_DEPENDENCIES:
+        raise InvalidArgument(f"{field}depends_on: at most {MAX_DEPENDENCIES} jobs, got {len(deps)}")
+    for i, dep in enumerate(deps):
+        job_id(dep, f"{field}depends_on[{i}]")
+    if len(set(deps)) != len(deps):
+        raise InvalidArgument(f"{field}depends_on: a job appears twice")
+    spec.depends_on.extend(deps)
+    return deps
 
 
 def _labels(req: scheduler_pb2.SubmitJobRequest, spec: job_pb2.JobSpec, field: str) -> str:

@@ -22,6 +22,7 @@ from .connection import now_ms
 from .errors import (
     AlreadyExists,
     FailedPrecondition,
+    InvalidArgument,
     JobgateError,
     NotFound,
     ResourceExhausted,
@@ -49,6 +50,7 @@ class PreparedJob:
     dead_retention_s: int = 604_800  # how long it is kept once FAILED
     unique_digest: str = ""  # SHA-256 of the queue, a NUL and the unique key; '' without a key
     group: str = ""  # its placement group when it requires worker labels (Keys.placement_group), else ''
+    depends: tuple[str, ...] = ()  # ids of the jobs it depends on
 
 
 def idempotency_digest(queue: str, key: str) -> str:
@@ -163,9 +165,17 @@ class GatewayCalls(Calls):
             pending = later
 
     def _with_shard_ids(self, jobs: Sequence[PreparedJob]) -> Sequence[PreparedJob]:
-        """The jobs with ids that name their queues' shards."""
+        """The jobs with ids that name their queues' shards. Raises InvalidArgument for a job that
+        depends on a job of another shard."""
         if self.keys.shards == 1:
             return jobs
+        for job in jobs:
+            shard = self.keys.queue_shard(job.spec.queue)
+            for i, dep in enumerate(job.depends):
+                if self.keys.job_shard(dep) != shard:
+                    raise InvalidArgument(
+                        f"{job.field}depends_on[{i}]: job {dep} is in another shard than queue {job.spec.queue!r}"
+                    )
         return [replace(j, id=self.keys.job_id_for(j.id, j.spec.queue)) for j in jobs]
 
     def _by_shard(self, jobs: Sequence[PreparedJob]) -> list[list[int]]:
@@ -204,6 +214,7 @@ class GatewayCalls(Calls):
                 job.dead_retention_s,
                 job.unique_digest,
                 job.group,
+                ",".join(job.depends),
             ]
         async with redis_errors():
             reply = await self.durably(self.scripts.submit, keys, args)
@@ -213,7 +224,7 @@ class GatewayCalls(Calls):
             raise _Refused(index, self._refusal(status, jobs[index], reply[2:]))
         out: list[job_pb2.Job] = []
         for job, code, stored_id in zip(jobs, reply[3::2], reply[4::2], strict=True):
-            if int(code) == 2:
+            if int(code) in (2, 4):  # the original job; or one FAILED at once (a dependency failed)
                 out.append(await self.get(stored_id.decode()))
                 continue
             stored = job_pb2.Job(id=job.id, spec=job.spec, state=job_pb2.JOB_STATE_QUEUED)
@@ -223,6 +234,8 @@ class GatewayCalls(Calls):
             if job.due_ms > now:
                 stored.state = job_pb2.JOB_STATE_SCHEDULED
                 stored.due_at.FromMilliseconds(job.due_ms)
+            if int(code) == 3:
+                stored.state = job_pb2.JOB_STATE_BLOCKED
             out.append(stored)
         if self.place_most > 0:
             visited = {text(q): left == 1 for q, left in zip(reply[2][::2], reply[2][1::2], strict=True)}
@@ -236,6 +249,8 @@ class GatewayCalls(Calls):
             return AlreadyExists(
                 f"{job.field}idempotency_key: already used by job {text(rest[0])} with a different request"
             )
+        if status == -6:
+            return InvalidArgument(f"{job.field}depends_on: no job {text(rest[0])}")
         if status == -5:
             return AlreadyExists(
                 f"{job.field}unique_key: job {text(rest[0])} with this unique_key has not finished; submit again"
@@ -309,6 +324,10 @@ class GatewayCalls(Calls):
             return f"scheduled{failed}: due at {job.due_at.ToJsonString()}"
         if job.state == job_pb2.JOB_STATE_DISPATCHED:
             return f"dispatched to worker {job.worker_id}, which has not started it yet"
+        if job.state == job_pb2.JOB_STATE_BLOCKED:
+            async with redis_errors():
+                left = await self.redis.hget(self.keys.job(job.id), "deps_left")
+            return f"waiting for {int(left or 0)} of the {len(job.spec.depends_on)} job(s) it depends on to succeed"
         if job.state != job_pb2.JOB_STATE_QUEUED:
             return ""
         k, now = self.keys.of_queue(queue), now_ms()

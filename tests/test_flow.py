@@ -15,7 +15,7 @@ from jobgate.v1 import job_pb2, scheduler_pb2
 from protocol.codec import TERMINAL
 from protocol.keys import Keys
 
-from .helpers import Client, eventually, request, status_of
+from .helpers import Client, eventually, request, status_of, value
 
 S = job_pb2
 
@@ -92,7 +92,9 @@ async def test_a_waiting_job_says_why_and_a_kind_no_worker_handles_is_logged(
     stack.start_worker()
 
     async def told() -> bool:
-        return "has a handler for kind 'ehco' (they handle: count, echo, fail, flaky, sleep)" in await reason(typo)
+        return "has a handler for kind 'ehco' (they handle: count, echo, fail, flaky, gather, sleep)" in await reason(
+            typo
+        )
 
     await eventually(told, timeout=20, what="the reason naming the kind")
     await eventually(
@@ -316,3 +318,55 @@ async def test_bad_queue_limits_are_refused_and_change_nothing(client: Client, r
         code, details = await status_of(client.stub.SetQueueLimits(req, timeout=5))
         assert code.name == "INVALID_ARGUMENT" and details.startswith(field + ":"), details
     assert not await redis.exists(keys.queue_settings("q"))
+
+
+@pytest.mark.gateway(worker=("--concurrency", "4"))
+async def test_a_job_runs_once_its_dependencies_succeed_and_reads_their_results(client: Client) -> None:
+    slow = (await client.submit("sleep", {"seconds": 0.6})).job.id
+    quick = (await client.submit("echo", {"part": 1})).job.id
+    joined = (await client.submit("gather", depends_on=[slow, quick])).job
+    assert joined.state == S.JOB_STATE_BLOCKED and list(joined.spec.depends_on) == [slow, quick]
+    reason = (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=joined.id), timeout=5)).job.waiting_reason
+    assert reason.startswith("waiting for ") and "of the 2 job(s) it depends on" in reason
+    run = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=[joined.id]), timeout=20)
+    [event] = [r.event async for r in run]
+    assert event.state == S.JOB_STATE_SUCCEEDED
+    assert value(event.result) == {"dependencies": {slow: {"slept": 0.6}, quick: {"part": 1}}}
+    job = (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=joined.id), timeout=5)).job
+    parents = [(await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=j), timeout=5)).job for j in (slow, quick)]
+    first_done = max(p.finished_at.ToMilliseconds() for p in parents)
+
+    assert job.started_at.ToMilliseconds() >= first_done
+    after = (await client.submit("gather", depends_on=[slow])).job  # its dependency has succeeded already
+    assert after.state == S.JOB_STATE_QUEUED
+    assert (await client.wait_results([after.id], timeout=20))[after.id].state == S.JOB_STATE_SUCCEEDED
+
+
+async def test_a_failed_dependency_fails_the_jobs_down_the_chain(client: Client) -> None:
+    doomed = (await client.submit("sleep", {"seconds": 0.5}, max_attempts=1)).job.id
+    child = (await client.submit("echo", {}, depends_on=[doomed])).job.id
+    grandchild = (await client.submit("echo", {}, depends_on=[child])).job.id
+    waiting = (await client.submit("echo", {}, depends_on=[grandchild])).job.id
+    await client.stub.CancelJob(scheduler_pb2.CancelJobRequest(id=waiting), timeout=5)  # a BLOCKED job cancels
+    await client.stub.CancelJob(scheduler_pb2.CancelJobRequest(id=doomed), timeout=5)
+    ended = await client.wait_results([doomed, child, grandchild, waiting], timeout=20)
+    assert ended[waiting].state == S.JOB_STATE_CANCELLED
+    for jid in (child, grandchild):
+        assert (ended[jid].state, ended[jid].error.code) == (S.JOB_STATE_FAILED, "DEPENDENCY_FAILED"), ended[jid]
+    assert doomed in ended[child].error.message and child in ended[grandchild].error.message
+    late = (await client.submit("echo", {}, depends_on=[child])).job  # on a job that failed already
+    assert (late.state, late.error.code) == (S.JOB_STATE_FAILED, "DEPENDENCY_FAILED")
+
+
+async def test_bad_dependencies_are_refused_and_store_nothing(client: Client, redis: Redis, keys: Keys) -> None:
+    known = (await client.submit("echo", {})).job.id
+    before = await redis.get(keys.seq())
+    for deps, message in (
+        (["0" * 32], "depends_on: no job"),
+        ([known, known], "depends_on: a job appears twice"),
+        (["nope"], "depends_on[0]:"),
+        ([f"{i:032x}" for i in range(101)], "depends_on: at most 100"),
+    ):
+        code, details = await status_of(client.stub.SubmitJob(request("echo", depends_on=deps), timeout=5))
+        assert code.name == "INVALID_ARGUMENT" and details.startswith(message), details
+    assert await redis.get(keys.seq()) == before

@@ -157,6 +157,7 @@ SUBMIT_FIELDS = [
     "retry",
     "unique_key",
     "labels",
+    "depends_on",
 ]
 DAY_S = 86_400
 LABEL_OK = re.compile(r"\A[A-Za-z0-9_.-]{1,63}\Z")
@@ -206,6 +207,12 @@ def submit_requests(draw: st.DrawFn) -> scheduler_pb2.SubmitJobRequest:
         st.dictionaries(st.from_regex(r"\Al[0-9]{1,3}\Z"), st.just("1"), min_size=17, max_size=18),
     )
     req.labels.update(pick("labels", good_labels, hostile_labels))
+    no_dependencies = st.just([])  # none of the module's jobs is known to the examples
+    some = st.one_of(
+        st.lists(st.one_of(hex_ids, st.text(max_size=40)), min_size=1, max_size=3),
+        st.lists(hex_ids, min_size=101, max_size=102),
+    )
+    req.depends_on.extend(pick("depends_on", no_dependencies, some))
     when = draw(st.sampled_from(["", "", "run_at", "delay", "both"]))
     if when in ("run_at", "both"):
         # no example within an hour of the horizon: the oracle's clock is not the gateway's
@@ -275,6 +282,9 @@ def bad_fields(req: scheduler_pb2.SubmitJobRequest, prefix: str = "") -> list[st
         bad.append("idempotency_key")
     if len(req.unique_key) > 256:
         bad.append("unique_key")
+    deps = list(req.depends_on)
+    if len(deps) > 100 or len(set(deps)) != len(deps) or not all(ID_OK.match(d) for d in deps):
+        bad += ["depends_on", *(f"depends_on[{i}]" for i in range(len(deps)))]
     if len(req.labels) > 16 or not all(LABEL_OK.match(n) and LABEL_VALUE_OK.match(v) for n, v in req.labels.items()):
         bad.append("labels")
     bad += _bad_time_fields(req)
@@ -476,6 +486,13 @@ def expected_submit(
         keys = [idem(r) for r in reqs if r.idempotency_key]
         if len(keys) != len(set(keys)):
             return {INVALID}, ["jobs"]
+    return expected_from_the_script(g, reqs, prefixes)
+
+
+def expected_from_the_script(
+    g: Gateway, reqs: list[scheduler_pb2.SubmitJobRequest], prefixes: list[str]
+) -> tuple[set[grpc.StatusCode], list[str]]:
+    """What the submit script answers requests that passed validation: it checks the jobs in order."""
     held: set[tuple[str, str]] = set(g.unique)
     for r, p in zip(reqs, prefixes, strict=True):
         seen = g.idempotent.get(idem(r))
@@ -483,6 +500,8 @@ def expected_submit(
             return {grpc.StatusCode.ALREADY_EXISTS}, [p + "idempotency_key"]
         if r.idempotency_key and seen:
             continue  # a repeat: answered with the original job, no other check
+        if r.depends_on:  # well-formed, but none of them exists
+            return {INVALID}, [p + "depends_on"]
         if r.unique_key:  # no worker runs here: a unique key, once taken, stays held
             if unique(r) in held:
                 return {grpc.StatusCode.ALREADY_EXISTS}, [p + "unique_key"]
@@ -571,8 +590,10 @@ def test_run_job_answers_as_documented_and_a_refusal_stores_nothing(
 
     def send() -> list[str]:
         event = first_event(gateway.stub.RunJob(run, timeout=10)).event
-        # No worker: a new job waits in its queue; an idempotent repeat may find it cancelled.
-        assert event.state in (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_CANCELLED)
+        # No worker: a new job waits in its queue (or for its due time); an idempotent repeat may
+        # find it cancelled.
+        waiting = (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_SCHEDULED, job_pb2.JOB_STATE_CANCELLED)
+        assert event.state in waiting
         return [event.job_id]
 
     submit_and_check(gateway, [req], ["job."], run.ByteSize(), send)

@@ -1,4 +1,4 @@
-"""Built-in handlers for demos and tests: ``echo``, ``sleep``, ``fail``, ``flaky`` and ``count``."""
+"""Built-in handlers for demos and tests: ``echo``, ``sleep``, ``fail``, ``flaky``, ``count`` and ``gather``."""
 
 from __future__ import annotations
 
@@ -69,9 +69,15 @@ def count(job: JobContext) -> dict[str, int]:
     return {"steps": n}
 
 
+async def gather(job: JobContext) -> dict[str, Any]:
+    """Returns the results of the jobs it depends on, by id: ``{"dependencies": {...}}``."""
+    return {"dependencies": dict(job.dependencies)}
+
+
 def register_builtins(registry: Registry) -> None:
     registry.add("echo", echo)
     registry.add("sleep", sleep)
     registry.add("fail", fail)
     registry.add("flaky", flaky)
     registry.add("count", count)
+    registry.add("gather", gather)

@@ -225,17 +225,11 @@ class Executor:
 
     async def _start(self, d: relay_pb2.DispatchJob) -> bool:
         start = Start(d.job_id, d.lease, events_message([self._event(d, job_pb2.JOB_STATE_RUNNING)]))
-        code = await self._retrying("start", d.job_id, lambda: self._bounded(self.starts.call(start)))
+        code = await self._retrying("start", d.job_id, lambda: self.starts.call(start))
         if code != 1:
             log.warning("job_id=%s dispatch refused (%s)", d.job_id, "missing" if code == -1 else "stale")
             return False
         return True
-
-    async def _bounded(self, call: Awaitable[int]) -> int:
-        """A start or finish through its coalescer, given up (and so tried again) when no answer
-        came within two calls' time: the one in flight, and this one."""
-        async with asyncio.timeout(2 * self.call_s):
-            return await call
 
     async def _start_many(self, starts: Sequence[Start]) -> list[int]:
         """One start_many call for dispatches that arrived together; start's code for each."""
@@ -263,6 +257,7 @@ class Executor:
             payload=d.spec.payload,
             timeout_s=timeout_s or 0.0,
             reporter=lambda fraction, message: self.reporter.report(d, fraction, message),
+            dependencies=await self._dependency_results(d) if d.spec.depends_on else {},
         )
         if registered.is_async:
             running.handler_task = asyncio.ensure_future(registered.call_async(ctx))
@@ -297,6 +292,16 @@ class Executor:
             self._metric(self.metrics.duration, d.spec.kind).observe(time.perf_counter() - began)
         return _success(value)
 
+    async def _dependency_results(self, d: relay_pb2.DispatchJob) -> dict[str, Any]:
+        """The results of the jobs ``d`` depends on (read once, as the attempt starts)."""
+        ids = list(d.spec.depends_on)
+        fields = await self._retrying("dependency results", d.job_id, lambda: self.calls.get_fields(ids))
+        out: dict[str, Any] = {}
+        for job_id, f in zip(ids, fields, strict=True):
+            raw = f.get(b"result")
+            out[job_id] = value_to_python(Value.FromString(raw)) if raw else None
+        return out
+
     async def _finish(self, running: Running, result: Result) -> None:
         d = running.dispatch
         self.reporter.forget(d.job_id, d.lease)
@@ -316,7 +321,7 @@ class Executor:
             result.error_message,
             events_message([event]),
         )
-        code = await self._retrying("outcome", d.job_id, lambda: self._bounded(self.finishes.call(outcome)))
+        code = await self._retrying("outcome", d.job_id, lambda: self.finishes.call(outcome))
         if code in (1, 2):  # 2: recorded by an earlier try whose reply was lost
             if result.error_code in RETRIED and d.attempt < d.spec.max_attempts and not running.cancel_requested:
                 log.info(

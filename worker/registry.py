@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -31,6 +31,9 @@ class JobContext:
     payload: bytes
     timeout_s: float
     reporter: Callable[[float, str], None] | None = field(default=None, repr=False, compare=False)
+    # The results of the jobs it depends on (JobSpec.depends_on), by id: each one's structured result
+    # as plain Python (None when it returned bytes or nothing).
+    dependencies: Mapping[str, Any] = field(default_factory=dict)
 
     def progress(self, fraction: float, message: str = "") -> None:
         """Reports how far the job has come: ``fraction`` from 0 to 1 and a short ``message`` (cut

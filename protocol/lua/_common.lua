@@ -1,7 +1,8 @@
 -- Shared prelude, prepended to every script by protocol/scripts.py.
 -- States (jobgate.v1.JobState): 1 QUEUED, 2 DISPATCHED, 3 RUNNING, 4 SUCCEEDED, 5 FAILED, 6 CANCELLED,
--- 7 SCHEDULED.
+-- 7 SCHEDULED, 8 BLOCKED.
 local QUEUED, DISPATCHED, RUNNING, SUCCEEDED, FAILED, CANCELLED, SCHEDULED = 1, 2, 3, 4, 5, 6, 7
+local BLOCKED = 8
 -- How messages go out: on a Redis Cluster, protocol/scripts.py registers the scripts with SPUBLISH
 -- here (shard channels, which stay on the node of the keys' slot).
 local PUBLISH = 'PUBLISH'
@@ -32,6 +33,7 @@ local function queue_key(P, queue) return P .. 'queue:' .. queue end  -- hash: t
 local function unique_key(P, digest) return P .. 'unique:' .. digest end  -- string: the id of the job holding it
 local function batch_key(P, id) return P .. 'batch:' .. id end  -- hash: a batch's counts
 local function running_key(P, queue) return P .. 'running:' .. queue end  -- set: the queue's placed job ids
+local function dependents_key(P, id) return P .. 'dependents:' .. id end  -- set: jobs BLOCKED on job id
 local function batches_done_key(P) return P .. 'batches:done' end  -- zset: ended batches awaiting their callback
 
 local function is_terminal(state)
@@ -139,6 +141,26 @@ local function schedule_job(ns, jk, id, queue, due, now)
   redis.call('SREM', running_key(ns.P, queue), id)  -- a retry waiting out its backoff
 end
 
+-- Pub/sub messages stay under this size where they can: Redis disconnects a subscriber whose
+-- output buffer passes its pubsub limit (32 MB by default), so one huge message would cut every
+-- gateway's subscription.
+local MESSAGE_BYTES = 1048576
+
+-- Publishes `parts` (encodings that concatenate into one message, such as one-event JobEvents) on
+-- `channel` in as few messages as fit MESSAGE_BYTES (a part bigger than that goes alone).
+local function publish_parts(channel, parts)
+  local chunk, size = {}, 0
+  for _, part in ipairs(parts) do
+    if #chunk > 0 and size + #part > MESSAGE_BYTES then
+      redis.call(PUBLISH, channel, table.concat(chunk))
+      chunk, size = {}, 0
+    end
+    chunk[#chunk + 1] = part
+    size = size + #part
+  end
+  if #chunk > 0 then redis.call(PUBLISH, channel, table.concat(chunk)) end
+end
+
 -- Put a placed job back in its queue. `interrupted` is true when it had started running
 -- on purpose-stopped worker (hand-back), which does not use up an attempt.
 local function requeue(ns, jk, job_id, now, interrupted)
@@ -183,6 +205,8 @@ local function count_in_batch(ns, batch, state, now, by, ttl)
   end
 end
 
+local resolve_dependents  -- defined below finish_job, which calls it
+
 local function finish_job(ns, jk, id, queue, state, code, message, now, more, known)
   local fields = {'state', state, 'err_code', code, 'err_msg', message, 'finished', now, 'updated', now}
   if more then
@@ -190,7 +214,7 @@ local function finish_job(ns, jk, id, queue, state, code, message, now, more, kn
   end
   redis.call('HSET', jk, unpack(fields))
   redis.call('SREM', running_key(ns.P, queue), id)
-  known = known or redis.call('HMGET', jk, 'ttl', 'cancel', 'dttl', 'unique', 'batch')
+  known = known or redis.call('HMGET', jk, 'ttl', 'cancel', 'dttl', 'unique', 'batch', 'dependents')
   if known[2] then redis.call('HDEL', jk, 'cancel') end
   if known[4] then
     local uk = unique_key(ns.P, known[4])
@@ -205,6 +229,44 @@ local function finish_job(ns, jk, id, queue, state, code, message, now, more, kn
   end
   if ttl and ttl > 0 then redis.call('EXPIRE', jk, ttl) end
   if known[5] then count_in_batch(ns, known[5], state, now, 1, tonumber(known[1] or '0')) end
+  if known[6] then resolve_dependents(ns, id, state, now) end
+end
+
+-- Job `id` ended in `state`: each job BLOCKED on it counts it off when it SUCCEEDED, and is queued
+-- (or SCHEDULED, when it is due later) once none is left; when it FAILED or was CANCELLED, each one
+-- ends FAILED with DEPENDENCY_FAILED (and so on down the chain, through finish_job). The events of
+-- the jobs it moved are published.
+resolve_dependents = function(ns, id, state, now)
+  local dk = dependents_key(ns.P, id)
+  local ids = redis.call('SMEMBERS', dk)
+  redis.call('DEL', dk)
+  local events = {}
+  for _, d in ipairs(ids) do
+    local jk = job_key(ns.P, d)
+    local j = redis.call('HMGET', jk, 'state', 'queue', 'kind', 'due', 'attempt')
+    if tonumber(j[1]) == BLOCKED then
+      local fields = {queue = j[2], kind = j[3], attempt = tonumber(j[5])}
+      if state == SUCCEEDED then
+        if redis.call('HINCRBY', jk, 'deps_left', -1) <= 0 then
+          local due = tonumber(j[4] or '0')
+          if due > tonumber(now) then
+            schedule_job(ns, jk, d, j[2], due, now)
+            events[#events + 1] = pb_events_of(d, fields, SCHEDULED, tonumber(now), due)
+          else
+            requeue(ns, jk, d, now, false)
+            redis.call('HDEL', jk, 'due')
+            events[#events + 1] = pb_events_of(d, fields, QUEUED, tonumber(now))
+          end
+        end
+      else
+        local why = 'job ' .. id .. ' it depends on ended ' .. (state == FAILED and 'FAILED' or 'CANCELLED')
+        finish_job(ns, jk, d, j[2], FAILED, 'DEPENDENCY_FAILED', why, now)
+        fields.err_code, fields.err_msg = 'DEPENDENCY_FAILED', why
+        events[#events + 1] = pb_events_of(d, fields, FAILED, tonumber(now))
+      end
+    end
+  end
+  publish_parts(ns.results, events)
 end
 
 -- Runs `cmd key` followed by `args`, at most `step` of them per call (Lua's unpack is bounded),
@@ -276,25 +338,6 @@ local function evict_worker(ns, w, now, handback, out)
   redis.call('ZREM', ns.workers, w)
 end
 
--- Pub/sub messages stay under this size where they can: Redis disconnects a subscriber whose
--- output buffer passes its pubsub limit (32 MB by default), so one huge message would cut every
--- gateway's subscription.
-local MESSAGE_BYTES = 1048576
-
--- Publishes `parts` (encodings that concatenate into one message, such as one-event JobEvents) on
--- `channel` in as few messages as fit MESSAGE_BYTES (a part bigger than that goes alone).
-local function publish_parts(channel, parts)
-  local chunk, size = {}, 0
-  for _, part in ipairs(parts) do
-    if #chunk > 0 and size + #part > MESSAGE_BYTES then
-      redis.call(PUBLISH, channel, table.concat(chunk))
-      chunk, size = {}, 0
-    end
-    chunk[#chunk + 1] = part
-    size = size + #part
-  end
-  if #chunk > 0 then redis.call(PUBLISH, channel, table.concat(chunk)) end
-end
 
 -- A worker acknowledges one dispatch (the start and start_many scripts; contract in start.lua).
 -- Returns 1 running, 0 stale, -1 missing; and true when it changed the job: its RUNNING event is
@@ -321,7 +364,7 @@ end
 -- SCHEDULED event, to be published in place of the worker's.
 local function record_outcome(ns, jk, worker_id, now, o, id)
   local j = redis.call('HMGET', jk, 'state', 'lease', 'worker', 'queue', 'recorded', 'ttl', 'cancel', 'refill',
-    'attempt', 'max_attempts', 'started', 'backoff', 'kind', 'dttl', 'unique', 'batch')
+    'attempt', 'max_attempts', 'started', 'backoff', 'kind', 'dttl', 'unique', 'batch', 'dependents')
   if not j[1] then return -1 end
   if not is_terminal(o.state) then return -2 end
   -- 'recorded' names the lease and state of the outcome this script wrote last ("<lease>:<state>";
@@ -340,7 +383,7 @@ local function record_outcome(ns, jk, worker_id, now, o, id)
       err_code = o.code, err_msg = o.message}, SCHEDULED, tonumber(now), due)
   end
   finish_job(ns, jk, id, j[4], o.state, o.code, o.message, now,
-    {'result', o.result, 'output', o.output, 'recorded', recorded}, {j[6], j[7], j[14], j[15], j[16]})
+    {'result', o.result, 'output', o.output, 'recorded', recorded}, {j[6], j[7], j[14], j[15], j[16], j[17]})
   return 1, j[4]
 end
 

@@ -18,7 +18,8 @@
 --   FAILED: its 'dttl'), unique digest or '' (with one, the unique string holds the job's id while it
 --   has not finished: see finish_job), placement group or '' (a job that requires worker labels
 --   waits in the group "<kind>|<labels>": its pending zset and its entry in the kinds set are the
---   group's, and its 'group' field names it; see group_of)
+--   group's, and its 'group' field names it; see group_of), dependencies (the ids of the jobs it
+--   depends on, joined by ','; '': none)
 -- returns {0, placements, visited, code, id, code, id, ...}: placements a flat array as schedule
 --   returns them after its first entry (5 entries per placement), visited a flat array of
 --   queue name, 1 when jobs still wait in it afterwards (else 0), for each queue it placed on; then
@@ -27,12 +28,16 @@
 --   (the original id); or, with nothing stored: {-2, i, id} job i's idempotency key was used for a
 --   different request (by job id), {-3, i} job i would add a queue over the limit, {-4, i} job i
 --   would add a kind to its queue over the limit, {-5, i, id} job i's unique key is held by job id
---   (unfinished) or by an earlier job of this call (i from 0).
+--   (unfinished) or by an earlier job of this call, {-6, i, id} job i depends on job id, which does not
+--   exist (i from 0). A stored job with dependencies answers 3 when it is BLOCKED (some have not
+--   ended: it waits in their dependents sets), 4 when one of them has already ended FAILED or
+--   CANCELLED (it is FAILED at once, DEPENDENCY_FAILED); with all of them SUCCEEDED it is stored as
+--   any other (1).
 local ns = namespace(ARGV[5])
 local n = (#KEYS - NS_KEYS - 1) / 5
 local now, idem_ttl = ARGV[1], tonumber(ARGV[2])
 local max_queues, max_kinds = tonumber(ARGV[3]), tonumber(ARGV[4])
-local A, B = 14, 10  -- ARGV entries per job, from ARGV[B]
+local A, B = 15, 10  -- ARGV entries per job, from ARGV[B]
 local out = {0, {}, {}}
 local fresh = {}  -- indexes of the jobs to store
 local seen_queues, queue_count = {}, nil  -- queues and kinds checked once per call
@@ -53,6 +58,9 @@ for i = 0, n - 1 do
       code, stored_id = 2, old_id
     else
       fresh[#fresh + 1] = i
+      for dep in string.gmatch(ARGV[a + 14], '[^,]+') do
+        if redis.call('EXISTS', job_key(ns.P, dep)) == 0 then return {-6, i, dep} end
+      end
       local unique = ARGV[a + 12]
       if unique ~= '' then
         local holder = seen_unique[unique] or redis.call('GET', KEYS[k + 4])
@@ -81,6 +89,35 @@ for i = 0, n - 1 do
 end
 
 local seq = #fresh > 0 and redis.call('INCRBY', ns.seq, #fresh) - #fresh or 0
+local batch = ARGV[8] ~= '' and #fresh > 0 and redis.call('EXISTS', KEYS[NS_KEYS + 1]) == 0
+if batch then
+  local ids = {}
+  for _, i in ipairs(fresh) do ids[#ids + 1] = ARGV[B + A * i] end
+  redis.call('HSET', KEYS[NS_KEYS + 1], 'total', #fresh, 'succeeded', 0, 'failed', 0, 'cancelled', 0,
+    'created', now, 'callback', ARGV[9], 'queue', ARGV[B + A * fresh[1] + 2], 'jobs', table.concat(ids))
+end
+
+-- A job's dependencies: nil when they have all SUCCEEDED; else 'blocked' (waiting for some, each
+-- noting the job in its dependents set) or the failed one's id and state.
+local function depend(id, deps)
+  local waiting, failed, how = {}, nil, nil
+  for dep in string.gmatch(deps, '[^,]+') do
+    local st = tonumber(redis.call('HGET', job_key(ns.P, dep), 'state'))
+    if st == FAILED or st == CANCELLED then
+      failed, how = dep, st
+    elseif st ~= SUCCEEDED then
+      waiting[#waiting + 1] = dep
+    end
+  end
+  if failed then return failed, how end
+  if #waiting == 0 then return nil end
+  for _, dep in ipairs(waiting) do
+    redis.call('SADD', dependents_key(ns.P, dep), id)
+    redis.call('HSET', job_key(ns.P, dep), 'dependents', '1')
+  end
+  return 'blocked', #waiting
+end
+
 local pending, pending_keys = {}, {}  -- per pending zset: score, id pairs
 local later = {}  -- indexes of the jobs stored SCHEDULED
 for _, i in ipairs(fresh) do
@@ -98,8 +135,23 @@ for _, i in ipairs(fresh) do
     redis.call('SET', KEYS[k + 4], id)
   end
   if group ~= kind then redis.call('HSET', KEYS[k], 'group', group) end
+  if batch then redis.call('HSET', KEYS[k], 'batch', ARGV[8]) end
   if rdigest ~= '' then redis.call('SET', KEYS[k + 2], id .. ' ' .. rdigest, 'EX', idem_ttl) end
-  if due > tonumber(now) then
+  local blocker, detail = nil, nil
+  if ARGV[a + 14] ~= '' then blocker, detail = depend(id, ARGV[a + 14]) end
+  if blocker == 'blocked' then
+    redis.call('HSET', KEYS[k], 'state', BLOCKED, 'deps_left', detail)
+    if due > tonumber(now) then redis.call('HSET', KEYS[k], 'due', due) end
+    later[i] = true
+    out[4 + 2 * i] = 3
+  elseif blocker then
+    local why = 'job ' .. blocker .. ' it depends on ended ' .. (detail == FAILED and 'FAILED' or 'CANCELLED')
+    finish_job(ns, KEYS[k], id, queue, FAILED, 'DEPENDENCY_FAILED', why, now)
+    publish_parts(ns.results, {pb_events_of(id, {queue = queue, kind = kind, attempt = 0,
+      err_code = 'DEPENDENCY_FAILED', err_msg = why}, FAILED, tonumber(now))})
+    later[i] = true
+    out[4 + 2 * i] = 4
+  elseif due > tonumber(now) then
     schedule_job(ns, KEYS[k], id, queue, due, now)
     later[i] = true
   else
@@ -122,13 +174,6 @@ for _, i in ipairs(fresh) do
   end
 end
 for _, key in ipairs(pending_keys) do call_chunked('ZADD', key, pending[key], 1000) end
-if ARGV[8] ~= '' and #fresh > 0 and redis.call('EXISTS', KEYS[NS_KEYS + 1]) == 0 then
-  local ids = {}
-  for _, i in ipairs(fresh) do ids[#ids + 1] = ARGV[B + A * i] end
-  redis.call('HSET', KEYS[NS_KEYS + 1], 'total', #fresh, 'succeeded', 0, 'failed', 0, 'cancelled', 0,
-    'created', now, 'callback', ARGV[9], 'queue', ARGV[B + A * fresh[1] + 2], 'jobs', table.concat(ids))
-  for _, i in ipairs(fresh) do redis.call('HSET', KEYS[NS_KEYS + 2 + 5 * i], 'batch', ARGV[8]) end
-end
 
 local placed_queues = {}
 if tonumber(ARGV[7]) <= 0 then fresh = {} end

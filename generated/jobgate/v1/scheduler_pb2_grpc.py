@@ -167,7 +167,8 @@ class SchedulerServiceServicer:
 
     def RunJob(self, request, context):
         """Stores one job and streams its lifecycle events until its terminal event, then ends.
-        The first message is always the QUEUED event of the stored job.
+        The first message is the stored job's first state: QUEUED, or SCHEDULED (due later), or
+        BLOCKED (waiting for the jobs it depends on).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
