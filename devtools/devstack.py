@@ -55,6 +55,10 @@ class Service:
     def terminate(self, timeout_s: float = 30) -> int:
         """SIGTERM and wait (SIGKILL after ``timeout_s``); returns the exit code."""
         self.signal(signal.SIGTERM)
+        return self.wait_or_kill(timeout_s)
+
+    def wait_or_kill(self, timeout_s: float) -> int:
+        """Waits for the process to exit (SIGKILL after ``timeout_s``); returns the exit code."""
         try:
             code = self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -132,9 +136,15 @@ class Stack:
         return w
 
     def stop(self) -> None:
+        """SIGTERM to every worker at once, then to every gateway (a process still running after 15
+        s is killed), so stopping takes as long as the slowest process, not the sum of them."""
+        for group in (self.workers, self.gateways):
+            running = [svc for svc in group if svc.alive()]
+            for svc in running:
+                svc.signal(signal.SIGTERM)
+            for svc in running:
+                svc.wait_or_kill(15)
         for svc in [*self.workers, *self.gateways]:
-            if svc.alive():
-                svc.terminate(timeout_s=15)
             svc.close()
         shutil.rmtree(self.log_dir, ignore_errors=True)
 

@@ -243,13 +243,19 @@ async def test_bad_batches_are_refused(client: Client, redis: Redis, keys: Keys)
     assert code.name == "INVALID_ARGUMENT" and details.startswith("batch_id:"), details
 
 
-async def _placed_now(redis: Redis, keys: Keys, queue: str) -> int:
-    """Jobs of ``queue`` DISPATCHED or RUNNING, counted from their hashes."""
-    n = 0
-    async for key in redis.scan_iter(match=f"{keys.prefix}job:*", count=1000):
-        state, q = await redis.hmget(key, "state", "queue")
-        n += q == queue.encode() and state in (b"2", b"3")
-    return n
+PLACED = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  local state = redis.call('HGET', key, 'state')
+  if state == '2' or state == '3' then n = n + 1 end
+end
+return n
+"""
+
+
+async def _placed_now(redis: Redis, keys: Keys, ids: list[str]) -> int:
+    """How many of the jobs ``ids`` are DISPATCHED or RUNNING, read in one atomic step."""
+    return int(await redis.eval(PLACED, len(ids), *(keys.job(j) for j in ids)))
 
 
 async def test_a_queue_limit_bounds_its_running_jobs_across_workers_and_gateways(
@@ -267,7 +273,7 @@ async def test_a_queue_limit_bounds_its_running_jobs_across_workers_and_gateways
         ids.append((await client_for(gateways[i % 2]).submit("sleep", {"seconds": 0.3}, queue="capped")).job.id)
     peak, samples = 0, 0
     while samples < 400:
-        peak = max(peak, await _placed_now(redis, keys, "capped"), await redis.scard(keys.running("capped")))
+        peak = max(peak, await _placed_now(redis, keys, ids), await redis.scard(keys.running("capped")))
         samples += 1
         if samples % 20 == 0 and all(s in TERMINAL for s in await states(client, ids)):
             break

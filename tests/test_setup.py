@@ -140,7 +140,18 @@ def test_ctrl_c_stops_the_running_demo_and_every_process_it_started() -> None:
             if "Press Ctrl-C" in line:
                 break
         demo.send_signal(signal.SIGINT)
-        rest, _ = demo.communicate(timeout=60)
+        try:
+            rest, _ = demo.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # say which of its processes were still running
+            started = [int(p) for p in re.findall(r"\(pid (\d+)\)", "".join(lines))]
+            left = {
+                p: Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
+                for p in started
+                if Path(f"/proc/{p}").exists()
+            }
+            pytest.fail(
+                f"the demo did not stop within 60 s after Ctrl-C; still running: {left}; output:\n{''.join(lines)}"
+            )
     finally:
         if demo.poll() is None:
             demo.kill()
