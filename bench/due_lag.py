@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import platform
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 from redis.asyncio import Redis
 
-from devtools.devstack import Stack
+from devtools.devstack import Service, Stack
 from devtools.servers import RedisProcess
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2, scheduler_pb2_grpc
 from protocol.connection import now_ms
@@ -96,9 +98,10 @@ def lags(ids: list[str], at: dict[str, int], since: int | dict[str, int]) -> lis
     return [at[i] - (since if isinstance(since, int) else since[i]) for i in ids]
 
 
-async def scenario(url: str, jobs: int, kill: bool, ahead_s: float) -> dict[str, list[float]]:
-    """One run on a fresh namespace: ``jobs`` due together ``ahead_s`` from now; with ``kill``, the
-    gateway that accepted them is SIGKILLed half-way through their wait."""
+@contextlib.asynccontextmanager
+async def running(url: str, gateways: int) -> AsyncIterator[tuple[list[tuple[Service, str]], Listener]]:
+    """A fresh namespace with ``gateways`` gateways and two workers (64 slots each), and a listener
+    on its results channel; everything stopped on exit."""
     redis = Redis.from_url(url)
     await redis.flushall()
     await redis.aclose()
@@ -106,12 +109,22 @@ async def scenario(url: str, jobs: int, kill: bool, ahead_s: float) -> dict[str,
     listener = Listener(url)
     task = asyncio.create_task(listener.run())
     try:
-        accepting, address = stack.start_gateway()
-        stack.start_gateway()
+        started = [stack.start_gateway() for _ in range(gateways)]
         for _ in range(2):
             stack.start_worker("--concurrency", "64")
         await asyncio.wait_for(listener.ready.wait(), timeout=10)
         await asyncio.sleep(1.0)  # workers registered
+        yield started, listener
+    finally:
+        task.cancel()
+        stack.stop()
+        await listener.redis.aclose()
+
+
+async def scenario(url: str, jobs: int, kill: bool, ahead_s: float) -> dict[str, list[float]]:
+    """One run on a fresh namespace: ``jobs`` due together ``ahead_s`` from now; with ``kill``, the
+    gateway that accepted them is SIGKILLed half-way through their wait."""
+    async with running(url, 2) as ([(accepting, address), _], listener):
         due = (now_ms() // 1000 + int(ahead_s) + 1) * 1000  # on a whole second
         ids = await submit(address, jobs, due)
         if kill:
@@ -119,34 +132,15 @@ async def scenario(url: str, jobs: int, kill: bool, ahead_s: float) -> dict[str,
             accepting.signal(signal.SIGKILL)
         await listener.wait_started(ids, timeout_s=ahead_s + 120)
         return {"queued": lags(ids, listener.queued, due), "started": lags(ids, listener.running, due)}
-    finally:
-        task.cancel()
-        stack.stop()
-        await listener.redis.aclose()
 
 
 async def reference(url: str, jobs: int) -> list[float]:
     """The same jobs submitted plain: from their submit to their start."""
-    redis = Redis.from_url(url)
-    await redis.flushall()
-    await redis.aclose()
-    stack = Stack(url, NAMESPACE, env=ENV)
-    listener = Listener(url)
-    task = asyncio.create_task(listener.run())
-    try:
-        _, address = stack.start_gateway()
-        for _ in range(2):
-            stack.start_worker("--concurrency", "64")
-        await asyncio.wait_for(listener.ready.wait(), timeout=10)
-        await asyncio.sleep(1.0)
+    async with running(url, 1) as ([(_, address)], listener):
         began = now_ms()
         ids = await submit(address, jobs, None)
         await listener.wait_started(ids, timeout_s=120)
         return lags(ids, listener.running, began)
-    finally:
-        task.cancel()
-        stack.stop()
-        await listener.redis.aclose()
 
 
 def row(name: str, values: list[float]) -> str:
