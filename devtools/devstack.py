@@ -9,6 +9,7 @@ they all start the stack exactly as an operator would: ``python -m gateway`` and
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -154,6 +155,34 @@ class Stack:
         out = []
         for svc in [*self.gateways, *self.workers]:
             text = svc.log().splitlines()
-            notable = [line for line in text[5:] if " INFO " not in line]
+            notable = _collapsed([line for line in text[5:] if " INFO " not in line])
             out.append(f"===== {svc.name} ({len(text)} lines)\n" + "\n".join([*text[:5], "[...]", *notable[-lines:]]))
         return "\n".join(out)
+
+
+_JOB_ID = re.compile(r"job_id=[0-9a-f]{32}")
+_STAMP = re.compile(r"^\S+ \S+ ")
+
+
+def _collapsed(lines: list[str]) -> list[str]:
+    """``lines`` with runs of the same message (for different jobs) shown once, with their count and
+    the time of the first and the last: a burst of one warning does not hide the lines before it."""
+    out: list[str] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if len(run) > 2:
+            last = _STAMP.match(run[-1])
+            out.append(f"{run[0]}  [x{len(run)} until {last.group(0).strip() if last else '?'}]")
+        else:
+            out.extend(run)
+
+    for line in lines:
+        shape = _JOB_ID.sub("job_id=*", _STAMP.sub("", line))
+        if run and shape == _JOB_ID.sub("job_id=*", _STAMP.sub("", run[0])):
+            run.append(line)
+        else:
+            flush()
+            run = [line]
+    flush()
+    return out
