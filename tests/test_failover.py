@@ -4,6 +4,7 @@ redis-server processes (a primary, a replica, and a Sentinel that promotes it)."
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -166,13 +167,35 @@ class Sentineled:
         self.replicas: list[RedisProcess] = []
         for _ in range(2):
             self.add_replica(self.primary.port)
-        self.sentinel = SentinelProcess(self.primary.port, down_after_ms=1000).start()
+        # 3 s: a freshly promoted primary that is slow to answer on a loaded machine is not taken
+        # for dead (a second failover would leave the test's new replica following the old one)
+        self.sentinel = SentinelProcess(self.primary.port, down_after_ms=3000).start()
 
     def add_replica(self, port: int) -> None:
         """Starts a replica of the server on ``port`` and waits until it is in sync."""
         replica = RedisProcess(args=(*QUICK_SYNC, "--replicaof", "127.0.0.1", str(port))).start()
         self.replicas.append(replica)
         wait_for(lambda: _link_up(replica.port), 10, "replication link")
+
+    def give_primary_two_replicas(self, timeout_s: float = 60) -> None:
+        """Adds a replica to whichever server the Sentinel names primary, until that primary has two
+        replicas in sync (should the Sentinel fail over again meanwhile, to the new one)."""
+        deadline = time.monotonic() + timeout_s
+        served: set[int] = set()
+        while time.monotonic() < deadline:
+            found = self.sentinel.primary()
+            if found is not None:
+                port = found[1]
+                if port not in served:
+                    self.add_replica(port)
+                    served.add(port)
+                with SyncRedis(port=port) as r:
+                    info = r.info("replication")
+                if info.get("role") == "master" and int(info.get("connected_slaves", 0)) >= 2:
+                    return
+            time.sleep(0.2)
+        log = self.sentinel.log()[-3000:]
+        raise AssertionError(f"the primary did not get two replicas in {timeout_s:.0f}s:\n{log}")
 
     def stop(self) -> None:
         self.sentinel.stop()
@@ -198,9 +221,7 @@ async def test_a_sentinel_failover_under_load_loses_nothing_acknowledged_and_rec
     await eventually(lambda: promoted(servers, old), timeout=30, what="a replica promoted by the Sentinel")
     # The new primary has one replica left: writes wait in vain for a second one (UNAVAILABLE)
     # until an operator gives it one.
-    new = await asyncio.to_thread(servers.sentinel.primary)
-    assert new is not None
-    await asyncio.to_thread(servers.add_replica, new[1])
+    await asyncio.to_thread(servers.give_primary_two_replicas)
     await accepted_again(checker, 100)
     await flow.finish(checker)
     await checker.verify_succeeded(flow.gw)
