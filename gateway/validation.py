@@ -175,21 +175,32 @@ def page_size(value: int, field: str = "page_size") -> int:
     return value or DEFAULT_PAGE_SIZE
 
 
+def _token(text: str) -> str:
+    """An opaque page token carrying ``text``."""
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _untoken(token: str) -> str:
+    """The text a page token carries ('' when it is not one of ours)."""
+    try:
+        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return ""
+
+
 def page_token(position: tuple[int, str]) -> str:
     """The opaque token of a position in a listing ordered by time then id."""
-    return base64.urlsafe_b64encode(f"1:{position[0]}:{position[1]}".encode()).decode().rstrip("=")
+    return _token(f"1:{position[0]}:{position[1]}")
 
 
 def page_position(token: str, field: str = "page_token") -> tuple[int, str] | None:
     """The position a page token names (None for an empty token). Raises InvalidArgument."""
     if not token:
         return None
-    try:
-        version, ms, jid = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().split(":")
-        if version == "1" and JOB_ID_RE.fullmatch(jid) and ms.isdigit():
-            return int(ms), jid
-    except (ValueError, UnicodeDecodeError):
-        pass
+    version, _, rest = _untoken(token).partition(":")
+    ms, _, jid = rest.partition(":")
+    if version == "1" and JOB_ID_RE.fullmatch(jid) and ms.isdigit():
+        return int(ms), jid
     raise InvalidArgument(f"{field}: not a token this listing returned")
 
 
@@ -228,17 +239,14 @@ def limits_message(most: int | None, rate: tuple[int, int] | None) -> scheduler_
 
 def schedule_page_token(name: str) -> str:
     """The opaque token of a position in the listing of schedules (the last name shown)."""
-    return base64.urlsafe_b64encode(f"s:{name}".encode()).decode().rstrip("=")
+    return _token(f"s:{name}")
 
 
 def schedule_page_position(token: str, field: str = "page_token") -> str:
     """The last schedule name a page token names. Raises InvalidArgument."""
-    try:
-        kind, name = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().split(":", 1)
-        if kind == "s" and SCHEDULE_RE.fullmatch(name):
-            return name
-    except (ValueError, UnicodeDecodeError):
-        pass
+    kind, _, name = _untoken(token).partition(":")
+    if kind == "s" and SCHEDULE_RE.fullmatch(name):
+        return name
     raise InvalidArgument(f"{field}: not a token this listing returned")
 
 

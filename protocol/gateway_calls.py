@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -344,14 +344,13 @@ class GatewayCalls(Calls):
         if not live:
             return f"no live worker serves queue {queue!r}"
         handled = {text(kd) for r in live for kd in (r[3] or b"").split(b",") if kd}
-        able = [r for r in live if not r[3] or kind in text(r[3]).split(",")]
+        able = [r for r in live if _handles(r[3], kind)]
         if not able:
             return (
                 f"no live worker of queue {queue!r} has a handler for kind {kind!r}"
                 f" (they handle: {', '.join(sorted(handled))})"
             )
-        needed = {f"{n}={v}" for n, v in job.spec.labels.items()}
-        able = [r for r in able if needed <= set(text(r[5] or b"").split(","))]
+        able = [r for r in able if _has_labels(r[5], job.spec.labels)]
         if not able:
             labels = label_text(job.spec.labels)
             return f"no live worker of queue {queue!r} that runs kind {kind!r} has the labels {labels}"
@@ -388,11 +387,7 @@ class GatewayCalls(Calls):
             live = [r for r in (next(rows) for _ in ws) if r[0] is not None and int(r[0]) > now]
             for group in groups:
                 kind, labels = parse_group(group)
-                needed = {f"{n}={v}" for n, v in labels.items()}
-                if not any(
-                    (not r[1] or kind in text(r[1]).split(",")) and needed <= set(text(r[2] or b"").split(","))
-                    for r in live
-                ):
+                if not any(_handles(r[1], kind) and _has_labels(r[2], labels) for r in live):
                     out.append((q, group))
         return out
 
@@ -626,6 +621,16 @@ class GatewayCalls(Calls):
                 flat = await self.scripts.reap(keys=k.namespace_keys(), args=[k.prefix, now_ms(), limit])
                 out += settled(flat)
         return out
+
+
+def _handles(kinds: bytes | None, kind: str) -> bool:
+    """Whether a worker registered with ``kinds`` (its hash's field: '' or absent for any) runs ``kind``."""
+    return not kinds or kind in text(kinds).split(",")
+
+
+def _has_labels(labels: bytes | None, needed: Mapping[str, str]) -> bool:
+    """Whether a worker registered with ``labels`` (its hash's field) has every label of ``needed``."""
+    return {f"{n}={v}" for n, v in needed.items()} <= set(text(labels or b"").split(","))
 
 
 def _add_registration(found: dict[str, scheduler_pb2.WorkerInfo], worker_id: str, h: dict[bytes, bytes]) -> None:
