@@ -18,7 +18,7 @@ from protocol.gateway_calls import GatewayCalls, PreparedJob
 from protocol.keys import Keys
 
 from .scheduler import Scheduler
-from .validation import Limits, prepare
+from .validation import Limits, check_later_job, prepare
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,9 @@ def prepare_batch_options(
         raise InvalidArgument("batch: the jobs of a batch must go to queues of one shard (see redis_shards)")
     callback = b""
     if options.HasField("callback"):
-        for name in ("run_at", "delay"):
-            if options.callback.HasField(name):
-                raise InvalidArgument(f"batch.callback.{name}: a callback runs when its batch ends; it cannot set it")
-        if options.callback.idempotency_key:
-            raise InvalidArgument("batch.callback.idempotency_key: the callback gets batch:<batch id>")
-        prepare(options.callback, limits, "batch.callback.")  # raises what a submit of it would
+        check_later_job(
+            options.callback, limits, "batch.callback.", "a callback runs when its batch ends", "batch:<id>"
+        )
         callback = options.callback.SerializeToString(deterministic=True)
     return keys.job_id_for(os.urandom(16).hex(), jobs[0].spec.queue), callback
 
@@ -53,7 +50,7 @@ class BatchCallbacks:
     async def submit_ended(self) -> int:
         """Submits the callbacks waiting; returns how many this gateway submitted or found submitted."""
         done = 0
-        for batch_id, callback, _queue in await self.store.ended_batches():
+        for batch_id, callback in await self.store.ended_batches():
             req = scheduler_pb2.SubmitJobRequest.FromString(callback)
             req.idempotency_key = f"batch:{batch_id}"
             try:

@@ -165,11 +165,10 @@ class Hub:
             if self.by_job.get(event.job_id) or self.broad:
                 to_verify[event.job_id] = event
                 return True
-        elif event.state == SCHEDULED and event.HasField("due_at"):
+            return False
+        if event.state == SCHEDULED and event.HasField("due_at"):  # a retry's backoff: promote then
             self.on_due(event.due_at.ToMilliseconds())
-            for w in self._interested(event) if event.job_id in self.by_job else ():
-                w.push(event)
-        elif event.job_id in self.by_job:  # only watchers of job ids take progress; most jobs have none
+        if event.job_id in self.by_job:  # only watchers of job ids take progress; most jobs have none
             for w in self._interested(event):
                 w.push(event)
         return False

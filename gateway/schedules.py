@@ -27,7 +27,7 @@ from protocol.schedule_calls import ScheduleCalls, StoredSchedule
 
 from .metrics import GatewayMetrics
 from .scheduler import Scheduler
-from .validation import DAY_MS, MAX_DELAY_MS, Limits, duration_ms, prepare
+from .validation import DAY_MS, MAX_DELAY_MS, Limits, check_later_job, duration_ms, prepare
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +143,7 @@ def _template(req: scheduler_pb2.ScheduleSpec, spec: scheduler_pb2.ScheduleSpec,
     """Checks and copies the job template."""
     if not req.HasField("job"):
         raise InvalidArgument(f"{F}job: is required (the job each tick submits)")
-    for name in ("run_at", "delay"):
-        if req.job.HasField(name):
-            raise InvalidArgument(f"{F}job.{name}: a schedule's job runs at its tick; it cannot set {name}")
-    if req.job.idempotency_key:
-        raise InvalidArgument(f"{F}job.idempotency_key: each tick sets its own (schedule:<name>:<tick ms>)")
-    prepare(req.job, limits, F + "job.")  # raises what a submit of it would
+    check_later_job(req.job, limits, F + "job.", "a schedule's job runs at its tick", "schedule:<name>:<tick ms>")
     spec.job.CopyFrom(req.job)
 
 

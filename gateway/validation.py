@@ -250,6 +250,18 @@ def schedule_page_position(token: str, field: str = "page_token") -> str:
     raise InvalidArgument(f"{field}: not a token this listing returned")
 
 
+def check_later_job(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str, when: str, key: str) -> None:
+    """Checks a job submitted later on the caller's behalf (a schedule's tick, a batch's callback):
+    it runs ``when`` it is submitted, so it sets no run_at or delay, and it gets ``key`` as its
+    idempotency key; otherwise as a submit of it would. Raises InvalidArgument naming the field."""
+    for name in ("run_at", "delay"):
+        if req.HasField(name):
+            raise InvalidArgument(f"{field}{name}: {when}; it cannot set {name}")
+    if req.idempotency_key:
+        raise InvalidArgument(f"{field}idempotency_key: it gets its own ({key})")
+    prepare(req, limits, field)
+
+
 def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = "") -> PreparedJob:
     """Validates one submit request. Raises InvalidArgument or ResourceExhausted naming the field."""
     spec = job_pb2.JobSpec(

@@ -280,21 +280,17 @@ class GatewayCalls(Calls):
         async with redis_errors():
             return cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.batch(batch_id)))
 
-    async def ended_batches(self, limit: int = 100) -> list[tuple[str, bytes, str]]:
+    async def ended_batches(self, limit: int = 100) -> list[tuple[str, bytes]]:
         """Batches whose jobs have all ended and whose callback waits to be submitted, in every
-        shard: (batch id, callback SubmitJobRequest bytes, queue of its jobs)."""
+        shard: (batch id, callback SubmitJobRequest bytes)."""
         out = []
         async with redis_errors():
             for k in self.keys.all_shards():
                 ids = [text(i) for i in await self.redis.zrange(k.batches_done(), 0, limit - 1)]
                 for batch_id in ids:
-                    callback, queue, submitted = await self.redis.hmget(
-                        k.batch(batch_id), "callback", "queue", "callback_job"
-                    )
+                    callback, submitted = await self.redis.hmget(k.batch(batch_id), "callback", "callback_job")
                     if callback and not submitted:
-                        out.append(
-                            (batch_id, callback if isinstance(callback, bytes) else callback.encode(), text(queue))
-                        )
+                        out.append((batch_id, callback if isinstance(callback, bytes) else callback.encode()))
                     else:  # expired, or recorded by another gateway
                         await self.redis.zrem(k.batches_done(), batch_id)
         return out
