@@ -277,11 +277,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.SetQueueLimitsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.SetQueueLimitsResponse:
         queue = queue_name(request.queue)
-        most, rate = queue_limits(request.limits)
+        limits = queue_limits(request.limits)
         auth.current().check(queue, "queue")
-        await self.store.set_limits(queue, most, rate)
+        await self.store.set_limits(queue, limits)
         self.scheduler.kick(queue)  # a raised limit lets waiting jobs go now
-        return scheduler_pb2.SetQueueLimitsResponse(limits=limits_message(*await self.store.limits(queue)))
+        return scheduler_pb2.SetQueueLimitsResponse(limits=limits_message(await self.store.limits(queue)))
 
     @unary
     async def RetryJob(

@@ -5,15 +5,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from google.protobuf import duration_pb2, struct_pb2
 
 from jobgate.v1 import job_pb2, scheduler_pb2
 from protocol.connection import now_ms
 from protocol.errors import InvalidArgument, ResourceExhausted
-from protocol.gateway_calls import PreparedJob, idempotency_digest
+from protocol.gateway_calls import PreparedJob, QueueLimitValues, idempotency_digest
 from protocol.keys import (
     JOB_ID_RE,
     KIND_RE,
@@ -207,33 +209,40 @@ def page_position(token: str, field: str = "page_token") -> tuple[int, str] | No
 MAX_LIMIT = 1_000_000
 
 
-def queue_limits(limits: scheduler_pb2.QueueLimits) -> tuple[int | None, tuple[int, int] | None]:
-    """Checks SetQueueLimits' limits; returns (max_running, (rate count, period ms)), None for a limit
-    not set. Raises InvalidArgument naming the field."""
-    most = None
-    if limits.HasField("max_running"):
-        if not 1 <= limits.max_running <= MAX_LIMIT:
-            raise InvalidArgument(f"limits.max_running: must be between 1 and {MAX_LIMIT:,} (unset: no limit)")
-        most = limits.max_running
-    rate = None
-    if limits.HasField("rate"):
-        if not 1 <= limits.rate.count <= MAX_LIMIT:
-            raise InvalidArgument(f"limits.rate.count: must be between 1 and {MAX_LIMIT:,}")
-        period = duration_ms(limits.rate.period, "limits.rate.period", DAY_MS, "1 day")
-        if period < 1000:
-            raise InvalidArgument("limits.rate.period: must be at least 1 second")
-        rate = (limits.rate.count, period)
-    return most, rate
+def queue_limits(limits: scheduler_pb2.QueueLimits) -> QueueLimitValues:
+    """Checks SetQueueLimits' limits; None for a limit not set. Raises InvalidArgument naming the field."""
+    found: list[Any] = []
+    for most_field, rate_field in (("max_running", "rate"), ("max_running_per_key", "rate_per_key")):
+        most = None
+        if limits.HasField(most_field):
+            most = getattr(limits, most_field)
+            if not 1 <= most <= MAX_LIMIT:
+                raise InvalidArgument(f"limits.{most_field}: must be between 1 and {MAX_LIMIT:,} (unset: no limit)")
+        rate = None
+        if limits.HasField(rate_field):
+            given = getattr(limits, rate_field)
+            if not 1 <= given.count <= MAX_LIMIT:
+                raise InvalidArgument(f"limits.{rate_field}.count: must be between 1 and {MAX_LIMIT:,}")
+            period = duration_ms(given.period, f"limits.{rate_field}.period", DAY_MS, "1 day")
+            if period < 1000:
+                raise InvalidArgument(f"limits.{rate_field}.period: must be at least 1 second")
+            rate = (given.count, period)
+        found += [most, rate]
+    return QueueLimitValues(*found)
 
 
-def limits_message(most: int | None, rate: tuple[int, int] | None) -> scheduler_pb2.QueueLimits:
+def limits_message(limits: QueueLimitValues) -> scheduler_pb2.QueueLimits:
     """The public form of a queue's limits."""
     out = scheduler_pb2.QueueLimits()
-    if most is not None:
-        out.max_running = most
-    if rate is not None:
-        out.rate.count = rate[0]
-        out.rate.period.FromMilliseconds(rate[1])
+    for most, most_field, rate, rate_field in (
+        (limits.max_running, "max_running", limits.rate, "rate"),
+        (limits.max_running_per_key, "max_running_per_key", limits.rate_per_key, "rate_per_key"),
+    ):
+        if most is not None:
+            setattr(out, most_field, most)
+        if rate is not None:
+            getattr(out, rate_field).count = rate[0]
+            getattr(out, rate_field).period.FromMilliseconds(rate[1])
     return out
 
 
@@ -295,6 +304,11 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
     if len(req.unique_key) > MAX_IDEMPOTENCY_KEY:
         raise InvalidArgument(f"{field}unique_key: must be at most {MAX_IDEMPOTENCY_KEY} characters")
     spec.unique_key = req.unique_key
+    if req.concurrency_key and not CONCURRENCY_KEY_RE.fullmatch(req.concurrency_key):
+        raise InvalidArgument(
+            f"{field}concurrency_key: must be 1-{MAX_CONCURRENCY_KEY} characters from [A-Za-z0-9_.:@/+=-]"
+        )
+    spec.concurrency_key = req.concurrency_key
     size = len(req.payload) + (req.args.ByteSize() if req.HasField("args") else 0)
     if size > limits.max_payload_bytes:
         raise ResourceExhausted(
@@ -321,6 +335,8 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
 
 
 MAX_DEPENDENCIES = 100
+MAX_CONCURRENCY_KEY = 128
+CONCURRENCY_KEY_RE = re.compile(rf"[A-Za-z0-9_.:@/+=-]{{1,{MAX_CONCURRENCY_KEY}}}")
 
 
 def _dependencies(req: scheduler_pb2.SubmitJobRequest, spec: job_pb2.JobSpec, field: str) -> tuple[str, ...]:

@@ -53,6 +53,16 @@ class PreparedJob:
     depends: tuple[str, ...] = ()  # ids of the jobs it depends on
 
 
+@dataclass(frozen=True, slots=True)
+class QueueLimitValues:
+    """A queue's limits (SetQueueLimits); None where it has none. A rate is (starts, period ms)."""
+
+    max_running: int | None = None
+    rate: tuple[int, int] | None = None
+    max_running_per_key: int | None = None
+    rate_per_key: tuple[int, int] | None = None
+
+
 def idempotency_digest(queue: str, key: str) -> str:
     """What names an idempotency key in Redis: the SHA-256 of the queue, a NUL and the key (keys are
     per queue, so a token limited to other queues can neither see nor claim one)."""
@@ -215,6 +225,7 @@ class GatewayCalls(Calls):
                 job.unique_digest,
                 job.group,
                 ",".join(job.depends),
+                job.spec.concurrency_key,
             ]
         async with redis_errors():
             reply = await self.durably(self.scripts.submit, keys, args)
@@ -315,6 +326,10 @@ class GatewayCalls(Calls):
         """Why ``job`` (as stored) is not running yet, in words; '' when it is running or finished.
         Reads the queue's pause flag and its live workers (bounded by the workers of one queue)."""
         queue, kind = job.spec.queue, job.spec.kind
+        if job.spec.concurrency_key and job.state in (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_SCHEDULED):
+            reason = await self._key_reason(job)
+            if reason:
+                return reason
         if job.state == job_pb2.JOB_STATE_SCHEDULED:
             failed = f" after attempt {job.attempt} failed ({job.error.code})" if job.attempt else ""
             return f"scheduled{failed}: due at {job.due_at.ToJsonString()}"
@@ -359,6 +374,33 @@ class GatewayCalls(Calls):
         return (
             f"waiting for a free slot: the {len(taking)} live worker(s) that can run it have {slots} slot(s), all busy"
         )
+
+    async def _key_reason(self, job: job_pb2.Job) -> str:
+        """Why ``job`` waits for its concurrency key, or '' when it is the key's head (in line with
+        the queue's other jobs) for another reason."""
+        queue, key = job.spec.queue, job.spec.concurrency_key
+        k = self.keys.of_queue(queue)
+        async with redis_errors():
+            running, head = await self.redis.hmget(k.concurrency_key(queue, key), "running", "head")
+            limits = await self.limits(queue)
+        if text(head or b"") == job.id:
+            if job.state == job_pb2.JOB_STATE_SCHEDULED and limits.rate_per_key:
+                n, ms = limits.rate_per_key
+                return (
+                    f"concurrency key {key!r} has used its {n} start(s) per {ms / 1000:g} s"
+                    f" (rate_per_key): due at {job.due_at.ToJsonString()}"
+                )
+            return ""
+        if job.state != job_pb2.JOB_STATE_QUEUED:
+            return ""
+        most = limits.max_running_per_key
+        placed = int(running or 0)
+        if most is not None and placed >= most:
+            return (
+                f"concurrency key {key!r} has {placed} job(s) placed, its limit (max_running_per_key {most}):"
+                " it waits for one of them to end"
+            )
+        return f"waiting its turn behind the earlier jobs of concurrency key {key!r}"
 
     async def unserved(self, queues: Sequence[str]) -> list[tuple[str, str]]:
         """The (queue, kind) pairs among ``queues`` with jobs waiting that no live worker of the queue
@@ -463,19 +505,27 @@ class GatewayCalls(Calls):
             )
         return int(reply) == 1
 
-    async def set_limits(self, queue: str, max_running: int | None, rate: tuple[int, int] | None) -> None:
-        """Sets ``queue``'s limits: at most ``max_running`` placed at once, at most ``rate`` = (count,
-        period ms) starts per period; None removes a limit. Raises Unavailable."""
+    async def set_limits(self, queue: str, limits: QueueLimitValues) -> None:
+        """Sets ``queue``'s limits (None removes one). Raises Unavailable."""
         k = self.keys.of_queue(queue)
-        args = ["" if max_running is None else max_running, *(rate if rate else ("", ""))]
+        args: list[Any] = []
+        for most, rate in ((limits.max_running, limits.rate), (limits.max_running_per_key, limits.rate_per_key)):
+            args += ["" if most is None else most, *(rate if rate else ("", ""))]
         async with redis_errors():
             await self.durably(self.scripts.limits, [*k.namespace_keys(), k.queue_settings(queue)], args)
 
-    async def limits(self, queue: str) -> tuple[int | None, tuple[int, int] | None]:
-        """``queue``'s limits, as set_limits takes them. Raises Unavailable."""
+    async def limits(self, queue: str) -> QueueLimitValues:
+        """``queue``'s limits. Raises Unavailable."""
+        fields = ("max_running", "rate_n", "rate_ms", "key_max_running", "key_rate_n", "key_rate_ms")
         async with redis_errors():
-            most, n, ms = await self.redis.hmget(self.keys.queue_settings(queue), "max_running", "rate_n", "rate_ms")
-        return (int(most) if most else None), ((int(n), int(ms)) if n and ms else None)
+            got = await self.redis.hmget(self.keys.queue_settings(queue), *fields)
+        num = [int(v) if v else None for v in got]
+        return QueueLimitValues(
+            num[0],
+            (num[1], num[2]) if num[1] and num[2] else None,
+            num[3],
+            (num[4], num[5]) if num[4] and num[5] else None,
+        )
 
     async def retry(self, job_id: str) -> str:
         """Puts a FAILED or CANCELLED job back in its queue with a fresh count of attempts (its QUEUED

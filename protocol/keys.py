@@ -141,6 +141,12 @@ class Keys:
     def running(self, queue: str) -> str:  # set: ids of the queue's jobs placed (DISPATCHED or RUNNING)
         return f"{self._prefix(self.queue_shard(queue))}running:{queue}"
 
+    def concurrency_key(self, queue: str, key: str) -> str:  # hash: a key's placed jobs ('running'), 'head'
+        return f"{self._prefix(self.queue_shard(queue))}ckey:{queue}:{key}"
+
+    def concurrency_line(self, queue: str, key: str) -> str:  # zset: a key's waiting jobs but its head
+        return f"{self._prefix(self.queue_shard(queue))}ckeyjobs:{queue}:{key}"
+
     def failed(self, queue: str) -> str:  # zset: FAILED job id -> when it failed (ms); the dead letters
         return f"{self._prefix(self.queue_shard(queue))}failed:{queue}"
 

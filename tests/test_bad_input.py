@@ -45,6 +45,9 @@ SUBMIT_CASES = [
     (dict(kind="echo", timeout=Duration(seconds=-1)), INVALID, "timeout"),
     (dict(kind="echo", timeout=Duration(seconds=8 * 24 * 3600)), INVALID, "timeout"),
     (dict(kind="echo", idempotency_key="k" * 257), INVALID, "idempotency_key"),
+    (dict(kind="echo", concurrency_key="k" * 129), INVALID, "concurrency_key"),
+    (dict(kind="echo", concurrency_key="a b"), INVALID, "concurrency_key"),
+    (dict(kind="echo", concurrency_key="{tag}"), INVALID, "concurrency_key"),
     (dict(kind="echo", payload=b"x" * 1001), grpc.StatusCode.RESOURCE_EXHAUSTED, "payload"),
     (dict(kind="echo", args=struct_pb2.Value()), INVALID, "args"),
     (

@@ -315,6 +315,12 @@ async def test_bad_queue_limits_are_refused_and_change_nothing(client: Client, r
             "limits.rate.count",
         ),
         (scheduler_pb2.QueueLimits(rate=scheduler_pb2.RateLimit(count=5)), "limits.rate.period"),
+        (scheduler_pb2.QueueLimits(max_running_per_key=0), "limits.max_running_per_key"),
+        (
+            scheduler_pb2.QueueLimits(rate_per_key=scheduler_pb2.RateLimit(count=0, period=Duration(seconds=1))),
+            "limits.rate_per_key.count",
+        ),
+        (scheduler_pb2.QueueLimits(rate_per_key=scheduler_pb2.RateLimit(count=5)), "limits.rate_per_key.period"),
         (
             scheduler_pb2.QueueLimits(rate=scheduler_pb2.RateLimit(count=5, period=Duration(seconds=2 * 86400))),
             "limits.rate.period",
@@ -324,6 +330,124 @@ async def test_bad_queue_limits_are_refused_and_change_nothing(client: Client, r
         code, details = await status_of(client.stub.SetQueueLimits(req, timeout=5))
         assert code.name == "INVALID_ARGUMENT" and details.startswith(field + ":"), details
     assert not await redis.exists(keys.queue_settings("q"))
+
+
+PLACED_BY_KEY = """
+local n = {}
+for i, key in ipairs(KEYS) do
+  local state = redis.call('HGET', key, 'state')
+  if state == '2' or state == '3' then n[tonumber(ARGV[i])] = (n[tonumber(ARGV[i])] or 0) + 1 end
+end
+local out = {}
+for i = 1, tonumber(ARGV[#KEYS + 1]) do out[i] = n[i] or 0 end
+return out
+"""
+
+
+async def _submit_keyed(client: Client, key: str, n: int, seconds: float, queue: str) -> list[str]:
+    jobs = [request("sleep", {"seconds": seconds}, queue=queue, concurrency_key=key) for _ in range(n)]
+    reply = await client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=jobs), timeout=10)
+    return [j.id for j in reply.jobs]
+
+
+async def test_a_key_limit_bounds_each_keys_running_jobs_across_workers_and_gateways(
+    stack: Stack, client_for: Callable[[str], Client], redis: Redis, keys: Keys
+) -> None:
+    gateways = [stack.start_gateway()[1] for _ in range(2)]
+    for _ in range(2):
+        stack.start_worker("--queues", "tenants", "--concurrency", "4")
+    client = client_for(gateways[0])
+    limits = scheduler_pb2.QueueLimits(max_running_per_key=2)
+    reply = await client.stub.SetQueueLimits(scheduler_pb2.SetQueueLimitsRequest(queue="tenants", limits=limits))
+    assert reply.limits.max_running_per_key == 2 and not reply.limits.HasField("max_running")
+    by_key = [
+        await _submit_keyed(client_for(gateways[i % 2]), f"customer-{i}@example.com", 8, 0.2, "tenants")
+        for i in range(3)
+    ]
+    ids = [j for group in by_key for j in group]
+    owner = [str(i + 1) for i, group in enumerate(by_key) for _ in group]
+    waiting = (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=by_key[0][-1]), timeout=5)).job
+    assert waiting.state == S.JOB_STATE_QUEUED and "customer-0@example.com" in waiting.waiting_reason
+    peaks = [0, 0, 0]
+    for sample in range(500):
+        now = await redis.eval(PLACED_BY_KEY, len(ids), *(keys.job(j) for j in ids), *owner, 3)
+        peaks = [max(p, int(n)) for p, n in zip(peaks, now, strict=True)]
+        if sample % 20 == 19 and all(s in TERMINAL for s in await states(client, ids)):
+            break
+        await asyncio.sleep(0.01)
+    assert peaks == [2, 2, 2], peaks  # never more per key, and each key reached its limit
+    done = await client.wait_results(ids, timeout=30)
+    assert {e.state for e in done.values()} == {S.JOB_STATE_SUCCEEDED}
+    left = [k async for k in redis.scan_iter(match=keys.prefix + "ckey*")]
+    assert left == []  # an idle key leaves nothing behind
+
+
+@pytest.mark.gateway(worker=("--concurrency", "1"))
+async def test_keys_take_turns_so_a_large_backlog_does_not_starve_a_small_key(
+    client: Client, redis: Redis, keys: Keys
+) -> None:
+    big = await _submit_keyed(client, "big", 20, 0.05, "default")
+    small = await _submit_keyed(client, "small", 3, 0.05, "default")
+    plain = (await client.submit("sleep", {"seconds": 0.05})).job.id
+    done = await client.wait_results([*big, *small, plain], timeout=30)
+    assert {e.state for e in done.values()} == {S.JOB_STATE_SUCCEEDED}
+    leases = {j: int(await redis.hget(keys.job(j), "lease")) for j in [*big, *small, plain]}
+    order = sorted(leases, key=leases.__getitem__)  # the order of placement
+    assert order.index(big[0]) < order.index(big[1])  # a key's own jobs keep their order
+    # the small key's jobs and the plain job start every other placement or so, not after the 20 big ones
+    assert [order.index(j) for j in small] <= [3, 5, 7], [order.index(j) for j in small]
+    assert order.index(plain) <= 6, order.index(plain)
+
+
+async def test_a_key_rate_limit_spaces_that_keys_starts_and_not_the_others(
+    stack: Stack, client_for: Callable[[str], Client], redis: Redis, keys: Keys
+) -> None:
+    _, address = stack.start_gateway()
+    stack.start_worker("--queues", "paced", "--concurrency", "8")
+    client = client_for(address)
+    rate = scheduler_pb2.RateLimit(count=2, period=Duration(seconds=1))
+    limits = scheduler_pb2.QueueLimits(rate_per_key=rate)
+    await client.stub.SetQueueLimits(scheduler_pb2.SetQueueLimitsRequest(queue="paced", limits=limits), timeout=5)
+    fast = await _submit_keyed(client, "x", 6, 0, "paced")
+    other = await _submit_keyed(client, "y", 2, 0, "paced")
+
+    async def a_head_scheduled() -> str:
+        for j in fast:
+            job = (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=j), timeout=5)).job
+            if job.state == S.JOB_STATE_SCHEDULED:
+                return job.waiting_reason
+        return ""
+
+    reason = await eventually(a_head_scheduled, timeout=10, what="a job of key x waiting for a start")
+    assert "rate_per_key" in reason and "'x'" in reason, reason
+    done = await client.wait_results([*fast, *other], timeout=30)
+    assert {e.state for e in done.values()} == {S.JOB_STATE_SUCCEEDED}
+    jobs = {j: (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=j), timeout=5)).job for j in [*fast, *other]}
+    starts = sorted(jobs[j].started_at.ToMilliseconds() for j in fast)
+    for i, t in enumerate(starts):  # a burst of 2, then 2 per second: start i no earlier than (i - 2) / 2 s
+        assert t - starts[0] >= (i - 2) * 500 - 50, (i, [s - starts[0] for s in starts])
+    assert starts[-1] - starts[0] >= 1900
+    assert max(jobs[j].started_at.ToMilliseconds() for j in other) - starts[0] < 900  # y has its own bucket
+
+
+@pytest.mark.gateway(worker=("--concurrency", "1"))
+async def test_cancelling_a_keyed_job_in_line_or_at_its_head_lets_the_key_go_on(
+    client: Client, redis: Redis, keys: Keys
+) -> None:
+    limits = scheduler_pb2.QueueLimits(max_running_per_key=1)
+    await client.stub.SetQueueLimits(scheduler_pb2.SetQueueLimitsRequest(limits=limits), timeout=5)
+    ids = await _submit_keyed(client, "k", 4, 0.3, "default")
+    await eventually(lambda: _placed_now(redis, keys, ids[:1]), timeout=10, what="the first job placed")
+    for j in ids[1:3]:  # the second and third wait in the key's line
+        await client.stub.CancelJob(scheduler_pb2.CancelJobRequest(id=j), timeout=5)
+    done = await client.wait_results(ids, timeout=30)
+    assert [done[j].state for j in ids] == [
+        S.JOB_STATE_SUCCEEDED,
+        S.JOB_STATE_CANCELLED,
+        S.JOB_STATE_CANCELLED,
+        S.JOB_STATE_SUCCEEDED,
+    ]
+    assert not await redis.exists(keys.concurrency_key("default", "k"), keys.concurrency_line("default", "k"))
 
 
 @pytest.mark.gateway(worker=("--concurrency", "4"))

@@ -158,10 +158,12 @@ SUBMIT_FIELDS = [
     "unique_key",
     "labels",
     "depends_on",
+    "concurrency_key",
 ]
 DAY_S = 86_400
 LABEL_OK = re.compile(r"\A[A-Za-z0-9_.-]{1,63}\Z")
 LABEL_VALUE_OK = re.compile(r"\A[A-Za-z0-9_.-]{0,63}\Z")
+CONCURRENCY_KEY_OK = re.compile(r"\A[A-Za-z0-9_.:@/+=-]{1,128}\Z")
 YEAR_S = 365 * DAY_S
 HORIZON_S = int(time.time()) + YEAR_S  # how far ahead run_at may reach (as of this module's start)
 valid_queues = st.one_of(st.just(""), st.just("default"), st.from_regex(r"\A[A-Za-z0-9_.-]{1,64}\Z"))
@@ -194,6 +196,11 @@ def submit_requests(draw: st.DrawFn) -> scheduler_pb2.SubmitJobRequest:
             "unique_key",
             st.one_of(st.just(""), st.just(""), st.sampled_from(["u1", "u2"])),
             st.text(min_size=257, max_size=300),
+        ),
+        concurrency_key=pick(
+            "concurrency_key",
+            st.one_of(st.just(""), st.sampled_from(["tenant-1", "a@b.c/x+y=z:1"]), st.just("k" * 128)),
+            st.one_of(hostile_text, st.just("k" * 129), st.sampled_from(["a b", "{tag}", "é", "x\ny"])),
         ),
     )
     if draw(st.booleans()):
@@ -282,6 +289,8 @@ def bad_fields(req: scheduler_pb2.SubmitJobRequest, prefix: str = "") -> list[st
         bad.append("idempotency_key")
     if len(req.unique_key) > 256:
         bad.append("unique_key")
+    if req.concurrency_key and not CONCURRENCY_KEY_OK.match(req.concurrency_key):
+        bad.append("concurrency_key")
     deps = list(req.depends_on)
     if len(deps) > 100 or len(set(deps)) != len(deps) or not all(ID_OK.match(d) for d in deps):
         bad += ["depends_on", *(f"depends_on[{i}]" for i in range(len(deps)))]
@@ -346,6 +355,7 @@ def normalised(req: scheduler_pb2.SubmitJobRequest) -> job_pb2.JobSpec:
         idempotency_key=req.idempotency_key,
         unique_key=req.unique_key,
         labels=req.labels,
+        concurrency_key=req.concurrency_key,
     )
     if req.HasField("args"):
         spec.args.CopyFrom(req.args)

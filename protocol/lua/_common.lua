@@ -35,6 +35,8 @@ local function batch_key(P, id) return P .. 'batch:' .. id end  -- hash: a batch
 local function running_key(P, queue) return P .. 'running:' .. queue end  -- set: the queue's placed job ids
 local function dependents_key(P, id) return P .. 'dependents:' .. id end  -- set: jobs BLOCKED on job id
 local function batches_done_key(P) return P .. 'batches:done' end  -- zset: ended batches awaiting their callback
+local function ckey_key(P, queue, key) return P .. 'ckey:' .. queue .. ':' .. key end  -- hash: a concurrency key's state
+local function ckey_jobs_key(P, queue, key) return P .. 'ckeyjobs:' .. queue .. ':' .. key end  -- zset: its jobs in line
 
 local function is_terminal(state)
   return state == SUCCEEDED or state == FAILED or state == CANCELLED
@@ -133,12 +135,14 @@ local function backoff_ms(id, attempt, backoff)
   local u = ((tonumber(string.sub(id, 5, 8), 16) or 0) + attempt * 40503) % 65536 / 65536
   return math.floor(wait * (1 - u / 2))
 end
+local unbook  -- defined with the concurrency keys below
+
 -- Puts a job in the delayed zset, SCHEDULED until `due` (ms).
 local function schedule_job(ns, jk, id, queue, due, now)
   redis.call('HSET', jk, 'state', SCHEDULED, 'worker', '', 'due', due, 'updated', now)
   redis.call('HDEL', jk, 'progress')
   redis.call('ZADD', ns.delayed, due, id)
-  redis.call('SREM', running_key(ns.P, queue), id)  -- a retry waiting out its backoff
+  unbook(ns, queue, id, redis.call('HGET', jk, 'ckey'), now)  -- a retry waiting out its backoff
 end
 
 -- Pub/sub messages stay under this size where they can: Redis disconnects a subscriber whose
@@ -161,16 +165,147 @@ local function publish_parts(channel, parts)
   if #chunk > 0 then redis.call(PUBLISH, channel, table.concat(chunk)) end
 end
 
+-- Concurrency keys (PROTOCOL.md, "Concurrency keys"). The waiting jobs of a queue with one
+-- concurrency_key (the job hash's 'ckey') stand in the key's line (its ckeyjobs zset, scored as
+-- pending zsets are), all but one: the key's head, which waits in its placement group's pending
+-- zset like any job. When the head is placed, the key's next job becomes its head with a fresh
+-- place at the back of the pending zset, so keys take turns (round robin) however many jobs each
+-- holds, at a constant cost per job. The key's hash counts its placed jobs ('running') and names its
+-- head ('head'); a key with the queue's max_running_per_key placed puts no head in line until one of
+-- its jobs stops, and a key with no start left in its rate bucket ('tokens', 'tokens_at', as
+-- queue_budget's) is given a head SCHEDULED for when its bucket holds one. An idle key's hash is
+-- deleted, or kept one period while its bucket refills.
+
+-- The queue's limits per key, read once per script call: {most, rate_n, rate_ms}.
+local key_limit_cache = {}
+local function key_limits(ns, queue)
+  local l = key_limit_cache[queue]
+  if not l then
+    local q = redis.call('HMGET', queue_key(ns.P, queue), 'key_max_running', 'key_rate_n', 'key_rate_ms')
+    l = {most = tonumber(q[1]) or math.huge, rate_n = tonumber(q[2]), rate_ms = tonumber(q[3])}
+    key_limit_cache[queue] = l
+  end
+  return l
+end
+
+-- A key's rate bucket now, from its hash's 'tokens' and 'tokens_at' (math.huge without a rate).
+local function key_tokens(l, tokens, at, now)
+  if not l.rate_n then return math.huge end
+  tokens, at = tonumber(tokens or l.rate_n), tonumber(at or now)
+  if now > at then tokens = math.min(l.rate_n, tokens + (now - at) * l.rate_n / l.rate_ms) end
+  return tokens
+end
+
+-- Puts job `id` (its hash `jk`) in its placement group's pending zset, behind every job there of
+-- its priority; returns its group and score.
+local function line_up(ns, jk, id, queue)
+  local j = redis.call('HMGET', jk, 'prio', 'kind', 'group')
+  local group = j[3] or j[2]
+  local score = pending_score(tonumber(j[1]), redis.call('INCR', ns.seq))
+  redis.call('ZADD', pending_key(ns.P, queue, group), score, id)
+  redis.call('SADD', kinds_key(ns.P, queue), group)
+  redis.call('SADD', ns.queues, queue)
+  return group, score
+end
+
+-- Gives key `key` of `queue` its next head, when it has none, jobs in its line and room under its
+-- limits: lined up (returns its group, score and id), or SCHEDULED when the key's bucket is empty.
+local function key_next(ns, queue, key, now)
+  now = tonumber(now)
+  local hk = ckey_key(ns.P, queue, key)
+  local h = redis.call('HMGET', hk, 'running', 'head', 'tokens', 'tokens_at')
+  if h[2] then return end
+  local l = key_limits(ns, queue)
+  local running = tonumber(h[1] or '0')
+  if running >= l.most then return end
+  local line = ckey_jobs_key(ns.P, queue, key)
+  local id = redis.call('ZRANGE', line, 0, 0)[1]
+  if not id then
+    if running <= 0 then
+      if l.rate_n and h[3] then redis.call('PEXPIRE', hk, l.rate_ms) else redis.call('DEL', hk) end
+    end
+    return
+  end
+  redis.call('ZREM', line, id)
+  redis.call('PERSIST', hk)
+  redis.call('HSET', hk, 'head', id)
+  local jk = job_key(ns.P, id)
+  local tokens = key_tokens(l, h[3], h[4], now)
+  if tokens < 1 then
+    local due = now + math.ceil((1 - tokens) * l.rate_ms / l.rate_n)
+    local j = redis.call('HMGET', jk, 'kind', 'attempt')
+    schedule_job(ns, jk, id, queue, due, now)
+    publish_parts(ns.results, {pb_events_of(id, {queue = queue, kind = j[1], attempt = tonumber(j[2])}, SCHEDULED,
+      now, due)})
+    return
+  end
+  local group, score = line_up(ns, jk, id, queue)
+  return group, score, id
+end
+
+-- Puts waiting job `id` of key `key` in the key's line (by its priority and submission order), or
+-- in its pending zset when it is the key's head back from a wait for a start in the key's bucket.
+local function key_wait(ns, jk, id, queue, key)
+  if redis.call('HGET', ckey_key(ns.P, queue, key), 'head') == id then return line_up(ns, jk, id, queue) end
+  local j = redis.call('HMGET', jk, 'prio', 'seq')
+  redis.call('ZADD', ckey_jobs_key(ns.P, queue, key), pending_score(tonumber(j[1]), tonumber(j[2])), id)
+end
+
+-- Takes a job that stops waiting without being placed (cancelled) out of its key's line.
+local function key_forget(ns, queue, key, id, now)
+  redis.call('ZREM', ckey_jobs_key(ns.P, queue, key), id)
+  local hk = ckey_key(ns.P, queue, key)
+  if redis.call('HGET', hk, 'head') == id then
+    redis.call('HDEL', hk, 'head')
+    key_next(ns, queue, key, now)
+  end
+end
+
+-- Whether placement may place job `id`, of key `key`: the key is under its limits. If so, the job
+-- counts as one of the key's placed jobs and takes a start from its bucket; if not (the limits were
+-- lowered since it was lined up), it goes back to the key's line. Either way it is no longer the
+-- key's head.
+local function key_take(ns, queue, key, id, now)
+  local hk = ckey_key(ns.P, queue, key)
+  local h = redis.call('HMGET', hk, 'running', 'head', 'tokens', 'tokens_at')
+  local l = key_limits(ns, queue)
+  local tokens = key_tokens(l, h[3], h[4], now)
+  if h[2] == id then redis.call('HDEL', hk, 'head') end
+  if tonumber(h[1] or '0') >= l.most or tokens < 1 then
+    key_wait(ns, job_key(ns.P, id), id, queue, key)
+    key_next(ns, queue, key, now)
+    return false
+  end
+  redis.call('HINCRBY', hk, 'running', 1)
+  if l.rate_n then redis.call('HSET', hk, 'tokens', tostring(tokens - 1), 'tokens_at', now) end
+  return true
+end
+
+-- Takes job `id` off its queue's placed jobs (its running set) when it is there; a job of a
+-- concurrency key `key` then no longer counts for the key, which may line up its next job.
+unbook = function(ns, queue, id, key, now)
+  if redis.call('SREM', running_key(ns.P, queue), id) == 1 and key then
+    redis.call('HINCRBY', ckey_key(ns.P, queue, key), 'running', -1)
+    key_next(ns, queue, key, now)
+  end
+end
+
 -- Put a placed job back in its queue. `interrupted` is true when it had started running
 -- on purpose-stopped worker (hand-back), which does not use up an attempt.
 local function requeue(ns, jk, job_id, now, interrupted)
-  local j = redis.call('HMGET', jk, 'queue', 'prio', 'seq', 'attempt', 'kind', 'group')
+  local j = redis.call('HMGET', jk, 'queue', 'prio', 'seq', 'attempt', 'kind', 'group', 'ckey')
   local attempt = tonumber(j[4])
   if interrupted and attempt > 0 then attempt = attempt - 1 end
   redis.call('HSET', jk, 'state', QUEUED, 'worker', '', 'attempt', attempt, 'updated', now)
   redis.call('HDEL', jk, 'progress')
+  if j[7] then  -- back in its key's line, then the key may line up its next job (perhaps this one)
+    key_wait(ns, jk, job_id, j[1], j[7])
+    unbook(ns, j[1], job_id, j[7], now)
+    key_next(ns, j[1], j[7], now)
+    return j[1]
+  end
   local group = j[6] or j[5]
-  redis.call('SREM', running_key(ns.P, j[1]), job_id)
+  unbook(ns, j[1], job_id, nil, now)
   redis.call('ZADD', pending_key(ns.P, j[1], group), pending_score(tonumber(j[2]), tonumber(j[3])), job_id)
   redis.call('SADD', kinds_key(ns.P, j[1]), group)
   redis.call('SADD', ns.queues, j[1])  -- placement may have dropped the emptied queue
@@ -213,8 +348,8 @@ local function finish_job(ns, jk, id, queue, state, code, message, now, more, kn
     for _, v in ipairs(more) do fields[#fields + 1] = v end
   end
   redis.call('HSET', jk, unpack(fields))
-  redis.call('SREM', running_key(ns.P, queue), id)
-  known = known or redis.call('HMGET', jk, 'ttl', 'cancel', 'dttl', 'unique', 'batch', 'dependents')
+  known = known or redis.call('HMGET', jk, 'ttl', 'cancel', 'dttl', 'unique', 'batch', 'dependents', 'ckey')
+  unbook(ns, queue, id, known[7], now)
   if known[2] then redis.call('HDEL', jk, 'cancel') end
   if known[4] then
     local uk = unique_key(ns.P, known[4])
@@ -364,7 +499,7 @@ end
 -- SCHEDULED event, to be published in place of the worker's.
 local function record_outcome(ns, jk, worker_id, now, o, id)
   local j = redis.call('HMGET', jk, 'state', 'lease', 'worker', 'queue', 'recorded', 'ttl', 'cancel', 'refill',
-    'attempt', 'max_attempts', 'started', 'backoff', 'kind', 'dttl', 'unique', 'batch', 'dependents')
+    'attempt', 'max_attempts', 'started', 'backoff', 'kind', 'dttl', 'unique', 'batch', 'dependents', 'ckey')
   if not j[1] then return -1 end
   if not is_terminal(o.state) then return -2 end
   -- 'recorded' names the lease and state of the outcome this script wrote last ("<lease>:<state>";
@@ -383,7 +518,7 @@ local function record_outcome(ns, jk, worker_id, now, o, id)
       err_code = o.code, err_msg = o.message}, SCHEDULED, tonumber(now), due)
   end
   finish_job(ns, jk, id, j[4], o.state, o.code, o.message, now,
-    {'result', o.result, 'output', o.output, 'recorded', recorded}, {j[6], j[7], j[14], j[15], j[16], j[17]})
+    {'result', o.result, 'output', o.output, 'recorded', recorded}, {j[6], j[7], j[14], j[15], j[16], j[17], j[18]})
   return 1, j[4]
 end
 
@@ -539,7 +674,7 @@ end
 -- booked on its worker (job set, busy slots). The caller writes the job's new state.
 -- Returns the placements in order, {id, worker, lease, attempt (of the coming start), kind, spec,
 -- timeout_ms, ack (the job's ack timeout ms, or nil)}.
-local function assign(ns, queue, waiting, cands, free, most)
+local function assign(ns, queue, waiting, cands, free, most, now)
   local limit = math.min(most, free)
   local heads = {}  -- per kind: the first waiting jobs, as many as can be placed
   for _, kind in ipairs(waiting) do
@@ -551,6 +686,20 @@ local function assign(ns, queue, waiting, cands, free, most)
       end
     end
   end
+  -- A key's next head, lined up while this call places its jobs, joins the chosen ones in order.
+  local function insert(group, id, score)
+    local h = heads[group]
+    if not h then
+      h = {key = pending_key(ns.P, queue, group), ids = {}, pos = 1, taken = {}}
+      heads[group] = h
+      waiting[#waiting + 1] = group
+    end
+    local i = #h.ids - 1
+    while i >= h.pos and tonumber(h.ids[i + 1]) > score do i = i - 2 end
+    table.insert(h.ids, i + 2, id)
+    table.insert(h.ids, i + 3, score)
+    if not h.full then h.score = tonumber(h.ids[h.pos + 1]) end
+  end
   local placed, books = {}, {}
   local lease = tonumber(redis.call('GET', ns.lease) or '0')
   while #placed < most and free > 0 do
@@ -561,14 +710,14 @@ local function assign(ns, queue, waiting, cands, free, most)
     if not head then break end
     local c = pick(cands, kind)
     if not c then
-      head.score = nil  -- its workers are full now
+      head.score, head.full = nil, true  -- its workers are full now
     else
       local id = head.ids[head.pos]
       head.taken[#head.taken + 1] = id
       head.pos = head.pos + 2
       head.score = tonumber(head.ids[head.pos + 1])
-      local j = redis.call('HMGET', job_key(ns.P, id), 'state', 'attempt', 'spec', 'timeout_ms', 'ack')
-      if j[1] and tonumber(j[1]) == QUEUED then
+      local j = redis.call('HMGET', job_key(ns.P, id), 'state', 'attempt', 'spec', 'timeout_ms', 'ack', 'ckey')
+      if j[1] and tonumber(j[1]) == QUEUED and (not j[6] or key_take(ns, queue, j[6], id, now)) then
         lease = lease + 1
         c.used = c.used + 1
         free = free - 1
@@ -576,7 +725,11 @@ local function assign(ns, queue, waiting, cands, free, most)
           spec = j[3], timeout_ms = tonumber(j[4]), ack = tonumber(j[5])}
         if not books[c.id] then books[c.id] = {} end
         table.insert(books[c.id], id)
-      end  -- else: expired or already moved on, so it was not waiting any more
+        if j[6] then
+          local group, score, next_id = key_next(ns, queue, j[6], now)
+          if next_id then insert(group, next_id, score) end
+        end
+      end  -- else: expired or already moved on (so it was not waiting any more), or over its key's limits
     end
   end
   for _, h in pairs(heads) do call_chunked('ZREM', h.key, h.taken, 1000) end
@@ -650,7 +803,7 @@ local function place_jobs(ns, queue, now, ack_ms, most, out, only)
   if #waiting == 0 then return false end
   local cands, free = candidates(ns, queue, now, only)
   if free == 0 then return true end
-  local placed = assign(ns, queue, waiting, cands, free, most)
+  local placed = assign(ns, queue, waiting, cands, free, most, now)
   spend_tokens(ns, queue, tokens, #placed, now)
   local acks = {}
   for _, p in ipairs(placed) do

@@ -6,7 +6,7 @@
 -- returns {1, queue} cancelled now, {2, worker id, lease} running: worker must be told,
 --         {-1} missing, {-2} already terminal
 local ns, jk = namespace(ARGV[1]), KEYS[NS_KEYS + 1]
-local j = redis.call('HMGET', jk, 'state', 'queue', 'worker', 'lease', 'kind', 'group')
+local j = redis.call('HMGET', jk, 'state', 'queue', 'worker', 'lease', 'kind', 'group', 'ckey')
 if not j[1] then return {-1} end
 local state = tonumber(j[1])
 if is_terminal(state) then return {-2} end
@@ -17,6 +17,7 @@ if state == RUNNING then
   return {2, j[3], j[4]}
 end
 redis.call('ZREM', pending_key(ns.P, j[2], j[6] or j[5]), ARGV[2])
+if j[7] then key_forget(ns, j[2], j[7], ARGV[2], ARGV[3]) end
 if state == SCHEDULED then redis.call('ZREM', ns.delayed, ARGV[2]) end
 if state == DISPATCHED then
   redis.call('ZREM', ns.acks, ARGV[2])

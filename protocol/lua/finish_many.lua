@@ -36,7 +36,7 @@ local function take_jobs(queue, most, out, taken)
   if #waiting == 0 then return false end
   local cands, free = candidates(ns, queue, now, worker)
   if free == 0 then return true end
-  local placed = assign(ns, queue, waiting, cands, free, most)
+  local placed = assign(ns, queue, waiting, cands, free, most, now)
   spend_tokens(ns, queue, tokens, #placed, now)
   local events, ts = {}, pb_timestamp(now)
   for _, p in ipairs(placed) do

@@ -11,7 +11,7 @@
 --   queue (0: place none), ARGV[8] batch id or '' (with one, the new jobs of the call form a batch:
 --   its hash counts them, each job's 'batch' field names it; see count_in_batch), ARGV[9] the
 --   batch's callback (SubmitJobRequest bytes) or '',
---   then 14 per job i: ARGV[10+14i] job id, spec (JobSpec bytes), queue, kind, priority, max attempts,
+--   then 16 per job i: ARGV[10+16i] job id, spec (JobSpec bytes), queue, kind, priority, max attempts,
 --   timeout ms, request digest or '', due ms (0: at once; a job due later is stored SCHEDULED in the
 --   delayed zset instead of its queue), backoff ("initial,max,multiplier", ms: see backoff_ms),
 --   retention s (how long it is kept once finished: its 'ttl'), dead-letter retention s (once
@@ -19,7 +19,8 @@
 --   has not finished: see finish_job), placement group or '' (a job that requires worker labels
 --   waits in the group "<kind>|<labels>": its pending zset and its entry in the kinds set are the
 --   group's, and its 'group' field names it; see group_of), dependencies (the ids of the jobs it
---   depends on, joined by ','; '': none)
+--   depends on, joined by ','; '': none), concurrency key or '' (with one, its 'ckey' field names
+--   it, and the job waits in its key's line: see key_next)
 -- returns {0, placements, visited, code, id, code, id, ...}: placements a flat array as schedule
 --   returns them after its first entry (5 entries per placement), visited a flat array of
 --   queue name, 1 when jobs still wait in it afterwards (else 0), for each queue it placed on; then
@@ -37,7 +38,7 @@ local ns = namespace(ARGV[5])
 local n = (#KEYS - NS_KEYS - 1) / 5
 local now, idem_ttl = ARGV[1], tonumber(ARGV[2])
 local max_queues, max_kinds = tonumber(ARGV[3]), tonumber(ARGV[4])
-local A, B = 15, 10  -- ARGV entries per job, from ARGV[B]
+local A, B = 16, 10  -- ARGV entries per job, from ARGV[B]
 local out = {0, {}, {}}
 local fresh = {}  -- indexes of the jobs to store
 local seen_queues, queue_count = {}, nil  -- queues and kinds checked once per call
@@ -119,6 +120,7 @@ local function depend(id, deps)
 end
 
 local pending, pending_keys = {}, {}  -- per pending zset: score, id pairs
+local keyed = {}  -- the concurrency keys that had jobs stored in line: {queue, key}
 local later = {}  -- indexes of the jobs stored SCHEDULED
 for _, i in ipairs(fresh) do
   local k, a = NS_KEYS + 2 + 5 * i, B + A * i
@@ -135,6 +137,8 @@ for _, i in ipairs(fresh) do
     redis.call('SET', KEYS[k + 4], id)
   end
   if group ~= kind then redis.call('HSET', KEYS[k], 'group', group) end
+  local ckey = ARGV[a + 15]
+  if ckey ~= '' then redis.call('HSET', KEYS[k], 'ckey', ckey) end
   if batch then redis.call('HSET', KEYS[k], 'batch', ARGV[8]) end
   if rdigest ~= '' then redis.call('SET', KEYS[k + 2], id .. ' ' .. rdigest, 'EX', idem_ttl) end
   local blocker, detail = nil, nil
@@ -154,6 +158,9 @@ for _, i in ipairs(fresh) do
   elseif due > tonumber(now) then
     schedule_job(ns, KEYS[k], id, queue, due, now)
     later[i] = true
+  elseif ckey ~= '' then
+    redis.call('ZADD', ckey_jobs_key(ns.P, queue, ckey), pending_score(prio, seq), id)
+    keyed[#keyed + 1] = {queue, ckey}
   else
     local members = pending[KEYS[k + 1]]
     if not members then
@@ -174,6 +181,7 @@ for _, i in ipairs(fresh) do
   end
 end
 for _, key in ipairs(pending_keys) do call_chunked('ZADD', key, pending[key], 1000) end
+for _, qk in ipairs(keyed) do key_next(ns, qk[1], qk[2], now) end
 
 local placed_queues = {}
 if tonumber(ARGV[7]) <= 0 then fresh = {} end
