@@ -10,7 +10,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: all install run test test-fast proto lint typecheck bench bench-cluster bench-due soak clean
+.PHONY: all install run test test-fast proto lint typecheck bench bench-cluster bench-due bench-limits soak clean
 
 all: install
 
@@ -84,6 +84,10 @@ bench-cluster: $(STAMP)
 # 10,000 delayed jobs due in the same second, with and without a gateway killed (docs/DUE_LAG.md).
 bench-due: $(STAMP)
 	$(PY) -m bench.due_lag
+
+# What flow control (concurrency keys, labels, blocked backlogs) costs placement per job (docs/PERFORMANCE.md).
+bench-limits: $(STAMP)
+	$(PY) -m bench.limits
 
 soak: $(STAMP)
 	$(PY) -m bench.soak

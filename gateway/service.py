@@ -32,6 +32,9 @@ from .streams import Admission, Follower, Watcher, chunks
 from .validation import (
     Limits,
     job_id,
+    job_states,
+    jobs_page_position,
+    jobs_page_token,
     kind_name,
     limits_message,
     page_position,
@@ -43,11 +46,13 @@ from .validation import (
     queue_name,
     schedule_page_position,
     schedule_page_token,
+    stats_queues,
 )
 
 log = logging.getLogger(__name__)
 
 MAX_WATCH_BATCH = 1000  # completions per WatchResults response
+STATS_AT_ONCE = 32  # queues GetQueueStats reads at a time
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -305,6 +310,46 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         if len(jobs) > size:
             last = jobs[size - 1]
             response.next_page_token = page_token((last.finished_at.ToMilliseconds(), last.id))
+        return response
+
+    @unary
+    async def ListJobs(
+        self, request: scheduler_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListJobsResponse:
+        queue = queue_name(request.queue)
+        states = job_states(request.states)
+        kind = kind_name(request.kind) if request.kind else ""
+        size = page_size(request.page_size)
+        before = jobs_page_position(request.page_token)
+        auth.current().check(queue, "queue")
+        jobs, next_seq = await self.store.list_jobs(queue, states, kind, size, before)
+        response = scheduler_pb2.ListJobsResponse(jobs=jobs)
+        if next_seq is not None:
+            response.next_page_token = jobs_page_token(next_seq)
+        return response
+
+    @unary
+    async def GetQueueStats(
+        self, request: scheduler_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.GetQueueStatsResponse:
+        queues = stats_queues(request.queues)
+        principal = auth.current()
+        if queues:
+            for i, queue in enumerate(queues):
+                principal.check(queue, f"queues[{i}]")
+        else:
+            queues = [q for q in await self.store.known_queues() if principal.may_use(q)]
+        response = scheduler_pb2.GetQueueStatsResponse()
+        for first in range(0, len(queues), STATS_AT_ONCE):
+            found = await asyncio.gather(
+                *(
+                    self.store.queue_stats(q, self.limits.for_queue(q).retention_s)
+                    for q in queues[first : first + STATS_AT_ONCE]
+                )
+            )
+            for stats, limits in found:
+                stats.limits.CopyFrom(limits_message(limits))
+                response.queues.append(stats)
         return response
 
     # --- periodic schedules -----------------------------------------------------------------

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -204,6 +204,40 @@ def page_position(token: str, field: str = "page_token") -> tuple[int, str] | No
     if version == "1" and JOB_ID_RE.fullmatch(jid) and ms.isdigit():
         return int(ms), jid
     raise InvalidArgument(f"{field}: not a token this listing returned")
+
+
+def jobs_page_token(seq: int) -> str:
+    """The opaque token of a position in ListJobs (the seq of the last job it read)."""
+    return _token(f"j:{seq}")
+
+
+def jobs_page_position(token: str, field: str = "page_token") -> int | None:
+    """The seq a ListJobs page token names (None for an empty token). Raises InvalidArgument."""
+    if not token:
+        return None
+    kind, _, seq = _untoken(token).partition(":")
+    if kind == "j" and seq.isdigit() and len(seq) < 18:
+        return int(seq)
+    raise InvalidArgument(f"{field}: not a token this listing returned")
+
+
+def job_states(values: Sequence[int], field: str = "states") -> frozenset[int]:
+    """The states a listing filters on (empty: all). Raises InvalidArgument for an unknown one."""
+    known = set(job_pb2.JobState.values()) - {job_pb2.JOB_STATE_UNSPECIFIED}
+    for i, state in enumerate(values):
+        if state not in known:
+            raise InvalidArgument(f"{field}[{i}]: {state} is not a job state")
+    return frozenset(values)
+
+
+MAX_STATS_QUEUES = 1000
+
+
+def stats_queues(values: Sequence[str], field: str = "queues") -> list[str]:
+    """The queues GetQueueStats names (deduplicated, sorted). Raises InvalidArgument."""
+    if len(values) > MAX_STATS_QUEUES:
+        raise InvalidArgument(f"{field}: at most {MAX_STATS_QUEUES:,} queues, got {len(values):,}")
+    return sorted({queue_name(q, f"{field}[{i}]") for i, q in enumerate(values)})
 
 
 MAX_LIMIT = 1_000_000

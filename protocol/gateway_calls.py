@@ -63,6 +63,11 @@ class QueueLimitValues:
     rate_per_key: tuple[int, int] | None = None
 
 
+LIST_SCAN_FACTOR = 10  # ListJobs reads at most this many entries per job of a page
+LIST_SCAN_MOST = 10_000  # and at most this many in all
+STATS_WINDOW_HOURS = 168  # the ends counted by GetQueueStats: at most 7 days (P ended: hashes live 8)
+
+
 def idempotency_digest(queue: str, key: str) -> str:
     """What names an idempotency key in Redis: the SHA-256 of the queue, a NUL and the key (keys are
     per queue, so a token limited to other queues can neither see nor claim one)."""
@@ -197,7 +202,7 @@ class GatewayCalls(Calls):
     ) -> tuple[list[job_pb2.Job], Placed]:
         """One submit script call for jobs of one shard (and the batch they open, if any)."""
         k, now = self.keys.of_queue(jobs[0].spec.queue), now_ms()
-        keys = [*k.namespace_keys(), k.batch(batch[0]) if batch else k.prefix + "batch:none"]
+        keys = [*k.namespace_keys(), k.batch(batch[0]) if batch else k.prefix + "batch:none", k.known_queues()]
         args: list[Any] = [now, self.idempotency_ttl_s, self.max_queues, self.max_kinds]
         args += [k.prefix, self.ack_timeout_ms, self.place_most, batch[0] if batch else "", batch[1] if batch else ""]
         for job in jobs:
@@ -326,21 +331,9 @@ class GatewayCalls(Calls):
         """Why ``job`` (as stored) is not running yet, in words; '' when it is running or finished.
         Reads the queue's pause flag and its live workers (bounded by the workers of one queue)."""
         queue, kind = job.spec.queue, job.spec.kind
-        if job.spec.concurrency_key and job.state in (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_SCHEDULED):
-            reason = await self._key_reason(job)
-            if reason:
-                return reason
-        if job.state == job_pb2.JOB_STATE_SCHEDULED:
-            failed = f" after attempt {job.attempt} failed ({job.error.code})" if job.attempt else ""
-            return f"scheduled{failed}: due at {job.due_at.ToJsonString()}"
-        if job.state == job_pb2.JOB_STATE_DISPATCHED:
-            return f"dispatched to worker {job.worker_id}, which has not started it yet"
-        if job.state == job_pb2.JOB_STATE_BLOCKED:
-            async with redis_errors():
-                left = await self.redis.hget(self.keys.job(job.id), "deps_left")
-            return f"waiting for {int(left or 0)} of the {len(job.spec.depends_on)} job(s) it depends on to succeed"
-        if job.state != job_pb2.JOB_STATE_QUEUED:
-            return ""
+        reason = await self._key_reason(job) or await self._held_reason(job)
+        if reason or job.state != job_pb2.JOB_STATE_QUEUED:
+            return reason
         k, now = self.keys.of_queue(queue), now_ms()
         async with redis_errors():
             paused = await self.redis.hget(k.queue_settings(queue), "paused")
@@ -375,10 +368,25 @@ class GatewayCalls(Calls):
             f"waiting for a free slot: the {len(taking)} live worker(s) that can run it have {slots} slot(s), all busy"
         )
 
+    async def _held_reason(self, job: job_pb2.Job) -> str:
+        """Why a SCHEDULED, DISPATCHED or BLOCKED ``job`` is not running yet; '' for another state."""
+        if job.state == job_pb2.JOB_STATE_SCHEDULED:
+            failed = f" after attempt {job.attempt} failed ({job.error.code})" if job.attempt else ""
+            return f"scheduled{failed}: due at {job.due_at.ToJsonString()}"
+        if job.state == job_pb2.JOB_STATE_DISPATCHED:
+            return f"dispatched to worker {job.worker_id}, which has not started it yet"
+        if job.state == job_pb2.JOB_STATE_BLOCKED:
+            async with redis_errors():
+                left = await self.redis.hget(self.keys.job(job.id), "deps_left")
+            return f"waiting for {int(left or 0)} of the {len(job.spec.depends_on)} job(s) it depends on to succeed"
+        return ""
+
     async def _key_reason(self, job: job_pb2.Job) -> str:
         """Why ``job`` waits for its concurrency key, or '' when it is the key's head (in line with
         the queue's other jobs) for another reason."""
         queue, key = job.spec.queue, job.spec.concurrency_key
+        if not key or job.state not in (job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_SCHEDULED):
+            return ""
         k = self.keys.of_queue(queue)
         async with redis_errors():
             running, head = await self.redis.hmget(k.concurrency_key(queue, key), "running", "head")
@@ -503,6 +511,7 @@ class GatewayCalls(Calls):
             reply = await self.durably(
                 self.scripts.pause, [*k.namespace_keys(), k.queue_settings(queue)], ["1" if paused else "0"]
             )
+            await self.redis.sadd(k.known_queues(), queue)
         return int(reply) == 1
 
     async def set_limits(self, queue: str, limits: QueueLimitValues) -> None:
@@ -513,19 +522,13 @@ class GatewayCalls(Calls):
             args += ["" if most is None else most, *(rate if rate else ("", ""))]
         async with redis_errors():
             await self.durably(self.scripts.limits, [*k.namespace_keys(), k.queue_settings(queue)], args)
+            await self.redis.sadd(k.known_queues(), queue)
 
     async def limits(self, queue: str) -> QueueLimitValues:
         """``queue``'s limits. Raises Unavailable."""
-        fields = ("max_running", "rate_n", "rate_ms", "key_max_running", "key_rate_n", "key_rate_ms")
         async with redis_errors():
-            got = await self.redis.hmget(self.keys.queue_settings(queue), *fields)
-        num = [int(v) if v else None for v in got]
-        return QueueLimitValues(
-            num[0],
-            (num[1], num[2]) if num[1] and num[2] else None,
-            num[3],
-            (num[4], num[5]) if num[4] and num[5] else None,
-        )
+            got = await self.redis.hmget(self.keys.queue_settings(queue), *LIMIT_FIELDS)
+        return _limit_values({f: text(v) for f, v in zip(LIMIT_FIELDS, got, strict=True) if v is not None})
 
     async def retry(self, job_id: str) -> str:
         """Puts a FAILED or CANCELLED job back in its queue with a fresh count of attempts (its QUEUED
@@ -578,6 +581,119 @@ class GatewayCalls(Calls):
                     await self.redis.zrem(key, *gone)
                     offset -= len(gone)
         return out[:size]
+
+    async def list_jobs(
+        self, queue: str, states: frozenset[int], kind: str, size: int, before: int | None
+    ) -> tuple[list[job_pb2.Job], int | None]:
+        """Up to ``size`` jobs of ``queue`` in ``states`` (all when empty) and of ``kind`` (all when
+        ''), newest first, from those submitted before seq ``before`` (None: from the newest). Reads
+        at most ``LIST_SCAN_FACTOR`` times ``size`` entries of the queue's jobs zset (up to
+        ``LIST_SCAN_MOST``); returns the jobs and the seq to go on before, or None at the oldest.
+        Raises Unavailable."""
+        key = self.keys.jobs(queue)
+        budget = min(LIST_SCAN_FACTOR * size, LIST_SCAN_MOST)
+        out: list[job_pb2.Job] = []
+        read = 0
+        async with redis_errors():
+            while read < budget:
+                top = "+inf" if before is None else f"({before}"
+                chunk = min(budget - read, max(2 * size, 100))
+                rows = cast(
+                    list[tuple[bytes, float]],
+                    await self.redis.zrevrangebyscore(key, top, "-inf", start=0, num=chunk, withscores=True),
+                )
+                if not rows:
+                    return out, None
+                ids = [text(m) for m, _ in rows]
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for jid in ids:
+                        pipe.hmget(self.keys.job(jid), "state", "kind")
+                    heads = await pipe.execute()
+                for n, ((member, score), (state, job_kind)) in enumerate(zip(rows, heads, strict=True)):
+                    read += 1
+                    before = int(score)
+                    if state is None or (states and int(state) not in states) or (kind and text(job_kind) != kind):
+                        continue
+                    out.append(job_pb2.Job(id=text(member)))
+                    if len(out) == size:
+                        if n == len(rows) - 1 and len(rows) < chunk:
+                            before = None  # that was the oldest
+                        break
+                if len(out) == size or before is None:
+                    break
+                if len(rows) < chunk:
+                    before = None  # the oldest was read
+                    break
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job in out:
+                    pipe.hgetall(self.keys.job(job.id))
+                hashes = await pipe.execute()
+        found = [job_from_hash(job.id, h) for job, h in zip(out, hashes, strict=True) if h]
+        return found, before
+
+    async def known_queues(self) -> list[str]:
+        """Every queue that has had jobs, limits or a pause, or has jobs waiting, in every shard."""
+        async with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for k in self.keys.all_shards():
+                    pipe.smembers(k.known_queues())
+                    pipe.smembers(k.queues())
+                replies = await pipe.execute()
+        return sorted({text(q) for members in replies for q in members})
+
+    async def queue_stats(self, queue: str, window_s: int) -> tuple[scheduler_pb2.QueueStats, QueueLimitValues]:
+        """``queue``'s counts, rates and limits now; ends are counted over ``window_s`` (whole
+        hours, at most ``STATS_WINDOW_HOURS``). Three round trips, bounded by the queue's kinds and
+        workers and the window's hours. Raises Unavailable."""
+        k, now = self.keys, now_ms()
+        hour = now // 3_600_000
+        hours = max(1, min(STATS_WINDOW_HOURS, -(-window_s // 3600)))
+        async with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(k.queue_settings(queue))
+                pipe.smembers(k.queue_kinds(queue))
+                pipe.scard(k.running(queue))
+                pipe.zcard(k.failed(queue))
+                pipe.smembers(k.queue_workers(queue))
+                for h in range(hour - hours + 1, hour + 1):
+                    pipe.hgetall(k.ended(queue, h))
+                settings, groups, running, dead, worker_ids, *ended = await pipe.execute()
+            groups = sorted(text(g) for g in groups)
+            worker_ids = [text(w) for w in worker_ids]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for g in groups:
+                    pipe.zcard(k.pending(queue, g))
+                    pipe.zrange(k.pending(queue, g), 0, 9)
+                for w in worker_ids:
+                    pipe.hmget(k.worker(w), "slots", "expires")
+                replies = await pipe.execute()
+            heads = [text(j) for ids in replies[1 : 2 * len(groups) : 2] for j in ids]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for j in heads:
+                    pipe.hget(k.job(j), "created")
+                created = [int(c) for c in await pipe.execute() if c]
+        settings = {text(f): text(v) for f, v in settings.items()}
+        stats = scheduler_pb2.QueueStats(
+            queue=queue,
+            waiting=sum(replies[0 : 2 * len(groups) : 2]) + int(settings.get("n_lined", 0)),
+            scheduled=int(settings.get("n_scheduled", 0)),
+            running=running,
+            blocked=int(settings.get("n_blocked", 0)),
+            dead_letters=dead,
+            paused=settings.get("paused") == "1",
+        )
+        stats.window.FromSeconds(hours * 3600)
+        by_minute = _count_ends(stats, dict(zip(range(hour - hours + 1, hour + 1), ended, strict=True)), now)
+        stats.ended_per_minute_1m = float(by_minute[-1])
+        stats.ended_per_minute_5m = sum(by_minute[-5:]) / 5
+        stats.ended_per_minute_15m = sum(by_minute[-15:]) / 15
+        if created:
+            stats.oldest_waiting_age.FromMilliseconds(max(0, now - min(created)))
+        for slots, expires in replies[2 * len(groups) :]:
+            if slots is not None and int(expires or 0) > now:
+                stats.workers += 1
+                stats.slots += int(slots)
+        return stats, _limit_values(settings)
 
     async def schedule(self, queue: str, *, ack_timeout_ms: int | None = None, most: int | None = None) -> Placed:
         """Places and publishes up to ``most`` (default ``place_most``) waiting jobs of ``queue`` on
@@ -667,6 +783,45 @@ class GatewayCalls(Calls):
                 flat = await self.scripts.reap(keys=k.namespace_keys(), args=[k.prefix, now_ms(), limit])
                 out += settled(flat)
         return out
+
+
+LIMIT_FIELDS = ("max_running", "rate_n", "rate_ms", "key_max_running", "key_rate_n", "key_rate_ms")
+
+
+def _limit_values(settings: Mapping[str, str]) -> QueueLimitValues:
+    """A queue's limits from the fields of its settings hash."""
+    num = [int(settings[f]) if settings.get(f) else None for f in LIMIT_FIELDS]
+    return QueueLimitValues(
+        num[0],
+        (num[1], num[2]) if num[1] and num[2] else None,
+        num[3],
+        (num[4], num[5]) if num[4] and num[5] else None,
+    )
+
+
+ENDED_FIELDS = {
+    str(job_pb2.JOB_STATE_SUCCEEDED): "succeeded",
+    str(job_pb2.JOB_STATE_FAILED): "failed",
+    str(job_pb2.JOB_STATE_CANCELLED): "cancelled",
+}
+
+
+def _count_ends(stats: scheduler_pb2.QueueStats, ended: Mapping[int, Mapping[bytes, bytes]], now: int) -> list[int]:
+    """Adds the ends of the hours ``ended`` (hour -> its P ended: hash) to ``stats``'s counts by
+    state and its ends of the last 60 minutes (oldest first, which it returns too)."""
+    by_minute = [0] * 60
+    minute_now = now // 60_000
+    for hour, counts in ended.items():
+        for field, n in counts.items():
+            minute, _, state = text(field).partition(":")
+            name = ENDED_FIELDS.get(state)
+            if name:
+                setattr(stats, name, getattr(stats, name) + int(n))
+            ago = minute_now - (hour * 60 + int(minute))
+            if 0 <= ago < 60:
+                by_minute[59 - ago] += int(n)
+    stats.ended_by_minute.extend(by_minute)
+    return by_minute
 
 
 def _handles(kinds: bytes | None, kind: str) -> bool:

@@ -147,6 +147,15 @@ class Keys:
     def concurrency_line(self, queue: str, key: str) -> str:  # zset: a key's waiting jobs but its head
         return f"{self._prefix(self.queue_shard(queue))}ckeyjobs:{queue}:{key}"
 
+    def jobs(self, queue: str) -> str:  # zset: the queue's job ids by seq (submission order), for ListJobs
+        return f"{self._prefix(self.queue_shard(queue))}jobs:{queue}"
+
+    def ended(self, queue: str, hour: int) -> str:  # hash: "<minute>:<state>" -> jobs that ended then
+        return f"{self._prefix(self.queue_shard(queue))}ended:{queue}:{hour}"
+
+    def known_queues(self) -> str:  # set: every queue that has had jobs, limits or a pause (in its shard)
+        return f"{self.prefix}queues:all"
+
     def failed(self, queue: str) -> str:  # zset: FAILED job id -> when it failed (ms); the dead letters
         return f"{self._prefix(self.queue_shard(queue))}failed:{queue}"
 

@@ -107,10 +107,16 @@ async def test_a_token_limited_to_queues_cannot_touch_other_queues(
         stub.CancelJob(scheduler_pb2.CancelJobRequest(id=payroll), metadata=billing, timeout=5),
         stub.WatchResults(scheduler_pb2.WatchResultsRequest(queue="payroll"), metadata=billing, timeout=5),
         stub.WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=[payroll]), metadata=billing, timeout=5),
+        stub.ListJobs(scheduler_pb2.ListJobsRequest(queue="payroll"), metadata=billing, timeout=5),
+        stub.GetQueueStats(scheduler_pb2.GetQueueStatsRequest(queues=["invoices", "payroll"]), metadata=billing),
     ]
     assert [await code_of(c) for c in denied] == [grpc.StatusCode.PERMISSION_DENIED] * len(denied)
     assert await stored_keys(redis, namespace) == before  # nothing stored
     assert await running()  # nothing cancelled
+    every = await stub.GetQueueStats(scheduler_pb2.GetQueueStatsRequest(), metadata=billing, timeout=5)
+    assert [q.queue for q in every.queues] == []  # payroll is known, and not its to see
+    listed = await stub.ListJobs(scheduler_pb2.ListJobsRequest(queue="payroll"), metadata=admin, timeout=5)
+    assert [j.id for j in listed.jobs] == [payroll]
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.SubmitJobs(
             scheduler_pb2.SubmitJobsRequest(jobs=[request("echo", queue="invoices"), request("echo", queue="payroll")]),

@@ -90,3 +90,20 @@ def test_the_due_lag_benchmark_follows_every_delayed_job_to_its_start() -> None:
     assert len(rows) == 5, output
     for name, (p50, p99, last) in rows.items():
         assert 0 <= p50 <= p99 <= last, (name, output)  # every job was followed to its start
+
+
+def test_the_flow_control_benchmark_runs_every_shape_to_the_last_job() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.limits", "--jobs", "600", "--backlog", "2000", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    output = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, output
+    times = "\N{MULTIPLICATION SIGN}"
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and times in line]
+    assert len(rows) == 7 and rows[0][1].strip() == "plain" and rows[0][3].strip() == f"1.00{times}", output
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[4].replace(",", "")) > 0, output  # CPU was spent, jobs ended

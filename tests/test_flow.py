@@ -500,3 +500,96 @@ async def test_bad_dependencies_are_refused_and_store_nothing(client: Client, re
         code, details = await status_of(client.stub.SubmitJob(request("echo", depends_on=deps), timeout=5))
         assert code.name == "INVALID_ARGUMENT" and details.startswith(message), details
     assert await redis.get(keys.seq()) == before
+
+
+@pytest.mark.gateway(worker=None)
+async def test_listing_jobs_goes_newest_first_filters_and_keeps_its_place_while_jobs_change(client: Client) -> None:
+    def listing(**fields: object) -> scheduler_pb2.ListJobsRequest:
+        return scheduler_pb2.ListJobsRequest(queue="listed", **fields)  # type: ignore[arg-type]
+
+    async def everything(**fields: object) -> list[job_pb2.Job]:
+        out: list[job_pb2.Job] = []
+        token = ""
+        for _ in range(50):
+            page = await client.stub.ListJobs(listing(page_token=token, **fields), timeout=5)
+            out += page.jobs
+            token = page.next_page_token
+            if not token:
+                return out
+        raise AssertionError("the listing did not end")
+
+    echo = [(await client.submit("echo", {"i": i}, queue="listed")).job.id for i in range(15)]
+    other = [(await client.submit("other", {"i": i}, queue="listed")).job.id for i in range(10)]
+    later = [(await client.submit("echo", queue="listed", delay=Duration(seconds=3600))).job.id for _ in range(3)]
+    submitted = [*echo, *other, *later]
+    assert [j.id for j in await everything(page_size=7)] == submitted[::-1]  # newest first, each once
+    assert [j.id for j in await everything(kind="other")] == other[::-1]
+    scheduled = await everything(states=[S.JOB_STATE_SCHEDULED])
+    assert [j.id for j in scheduled] == later[::-1] and scheduled[0].spec.kind == "echo"
+    assert await everything(states=[S.JOB_STATE_RUNNING, S.JOB_STATE_SUCCEEDED]) == []
+
+    first = await client.stub.ListJobs(listing(page_size=5), timeout=5)
+    assert [j.id for j in first.jobs] == submitted[::-1][:5] and first.next_page_token
+    newer = [(await client.submit("echo", queue="listed")).job.id for _ in range(3)]
+    for j in submitted[::-1][5:7]:  # jobs of the next page change state meanwhile
+        await client.stub.CancelJob(scheduler_pb2.CancelJobRequest(id=j), timeout=5)
+    second = await client.stub.ListJobs(listing(page_size=5, page_token=first.next_page_token), timeout=5)
+    assert [j.id for j in second.jobs] == submitted[::-1][5:10]  # on after the last shown; no new ones
+    assert [j.state for j in second.jobs[:2]] == [S.JOB_STATE_CANCELLED] * 2
+    assert [j.id for j in (await client.stub.ListJobs(listing(page_size=3), timeout=5)).jobs] == newer[::-1]
+
+    for req, field in (
+        (listing(page_size=1001), "page_size"),
+        (listing(page_token="nonsense"), "page_token"),
+        (listing(states=[99]), "states[0]"),
+        (listing(kind="bad kind"), "kind"),
+        (scheduler_pb2.ListJobsRequest(queue="bad queue"), "queue"),
+    ):
+        code, details = await status_of(client.stub.ListJobs(req, timeout=5))
+        assert code.name == "INVALID_ARGUMENT" and details.startswith(field + ":"), details
+
+
+@pytest.mark.gateway(worker=("--queues", "counted", "--concurrency", "3"))
+async def test_queue_stats_count_every_state_and_the_ends_of_recent_minutes(client: Client) -> None:
+    async def stats() -> scheduler_pb2.QueueStats:
+        reply = await client.stub.GetQueueStats(scheduler_pb2.GetQueueStatsRequest(queues=["counted"]), timeout=5)
+        [one] = reply.queues
+        return one
+
+    ok = [(await client.submit("echo", {"i": i}, queue="counted")).job.id for i in range(5)]
+    bad = [(await client.submit("fail", queue="counted", max_attempts=1)).job.id for _ in range(2)]
+    await client.wait_results([*ok, *bad], timeout=30)
+    s = await stats()
+    assert (s.succeeded, s.failed, s.cancelled, s.dead_letters) == (5, 2, 0, 2)
+    assert sum(s.ended_by_minute) == 7 and len(s.ended_by_minute) == 60
+    assert s.ended_per_minute_15m == pytest.approx(7 / 15)
+    assert (s.waiting, s.scheduled, s.running, s.blocked, s.paused) == (0, 0, 0, 0, False)
+    assert (s.workers, s.slots) == (1, 3) and s.window.seconds == 86_400
+    assert not s.HasField("oldest_waiting_age")
+
+    await client.stub.PauseQueue(scheduler_pb2.PauseQueueRequest(queue="counted"), timeout=5)
+    limits = scheduler_pb2.QueueLimits(max_running_per_key=1)
+    await client.stub.SetQueueLimits(scheduler_pb2.SetQueueLimitsRequest(queue="counted", limits=limits), timeout=5)
+    held = [(await client.submit("echo", queue="counted")).job.id for _ in range(2)]
+    keyed = [(await client.submit("echo", queue="counted", concurrency_key="k")).job.id for _ in range(3)]
+    later = [(await client.submit("echo", queue="counted", delay=Duration(seconds=3600))).job.id for _ in range(2)]
+    blocked = (await client.submit("echo", queue="counted", depends_on=held[:1])).job.id
+    await asyncio.sleep(0.3)
+    s = await stats()
+    assert (s.waiting, s.scheduled, s.blocked, s.running, s.paused) == (5, 2, 1, 0, True)
+    assert s.oldest_waiting_age.ToMilliseconds() >= 300 and s.limits.max_running_per_key == 1
+    for j in [later[0], keyed[1], blocked]:
+        await client.stub.CancelJob(scheduler_pb2.CancelJobRequest(id=j), timeout=5)
+    s = await stats()
+    assert (s.waiting, s.scheduled, s.blocked, s.cancelled) == (4, 1, 0, 3)
+
+    await client.stub.ResumeQueue(scheduler_pb2.ResumeQueueRequest(queue="counted"), timeout=5)
+    await client.wait_results([*held, keyed[0], keyed[2]], timeout=30)
+    s = await stats()
+    assert (s.waiting, s.scheduled, s.succeeded) == (0, 1, 9)
+    every = await client.stub.GetQueueStats(scheduler_pb2.GetQueueStatsRequest(), timeout=5)
+    assert "counted" in [q.queue for q in every.queues]
+    code, details = await status_of(
+        client.stub.GetQueueStats(scheduler_pb2.GetQueueStatsRequest(queues=["no such:queue"]), timeout=5)
+    )
+    assert code.name == "INVALID_ARGUMENT" and details.startswith("queues[0]:"), details

@@ -886,6 +886,8 @@ MALFORMED = {
     "ResumeQueue": b"\x0a\x02\xff\xfe",
     "GetSchedule": b"\x0a\x02\xff\xfe",  # name: not UTF-8
     "ListFailedJobs": b"\x1a\x02\xff\xfe",  # page_token: not UTF-8
+    "ListJobs": b"\x1a\x02\xff\xfe",  # kind: not UTF-8
+    "GetQueueStats": b"\x0a\x02\xff\xfe",  # queues[0]: not UTF-8
 }
 
 

@@ -36,6 +36,8 @@ local function running_key(P, queue) return P .. 'running:' .. queue end  -- set
 local function dependents_key(P, id) return P .. 'dependents:' .. id end  -- set: jobs BLOCKED on job id
 local function batches_done_key(P) return P .. 'batches:done' end  -- zset: ended batches awaiting their callback
 local function ckey_key(P, queue, key) return P .. 'ckey:' .. queue .. ':' .. key end  -- hash: a concurrency key's state
+local function jobs_key(P, queue) return P .. 'jobs:' .. queue end  -- zset: the queue's jobs by seq (ListJobs)
+local function ended_key(P, queue, hour) return P .. 'ended:' .. queue .. ':' .. hour end  -- hash: ends per minute
 local function ckey_jobs_key(P, queue, key) return P .. 'ckeyjobs:' .. queue .. ':' .. key end  -- zset: its jobs in line
 
 local function is_terminal(state)
@@ -137,11 +139,28 @@ local function backoff_ms(id, attempt, backoff)
 end
 local unbook  -- defined with the concurrency keys below
 
+-- Counts kept per queue in its settings hash for GetQueueStats: 'n_scheduled' (its SCHEDULED jobs),
+-- 'n_blocked' (BLOCKED), 'n_lined' (QUEUED in a concurrency key's line). Each is changed where a job
+-- enters or leaves what it counts.
+local function count(ns, queue, field, by)
+  if by ~= 0 then redis.call('HINCRBY', queue_key(ns.P, queue), field, by) end
+end
+
+-- Counts a job of `queue` that ended in `state` in the hour's `P ended:<queue>:<hour>` hash, field
+-- "<minute of the hour>:<state>" (kept 8 days).
+local function count_ended(ns, queue, state, now)
+  now = tonumber(now)
+  local k = ended_key(ns.P, queue, math.floor(now / 3600000))
+  if redis.call('HINCRBY', k, math.floor(now / 60000) % 60 .. ':' .. state, 1) == 1 then
+    redis.call('EXPIRE', k, 691200)
+  end
+end
+
 -- Puts a job in the delayed zset, SCHEDULED until `due` (ms).
 local function schedule_job(ns, jk, id, queue, due, now)
   redis.call('HSET', jk, 'state', SCHEDULED, 'worker', '', 'due', due, 'updated', now)
   redis.call('HDEL', jk, 'progress')
-  redis.call('ZADD', ns.delayed, due, id)
+  count(ns, queue, 'n_scheduled', redis.call('ZADD', ns.delayed, due, id))
   unbook(ns, queue, id, redis.call('HGET', jk, 'ckey'), now)  -- a retry waiting out its backoff
 end
 
@@ -201,7 +220,7 @@ end
 local function line_up(ns, jk, id, queue)
   local j = redis.call('HMGET', jk, 'prio', 'kind', 'group')
   local group = j[3] or j[2]
-  local score = pending_score(tonumber(j[1]), redis.call('INCR', ns.seq))
+  local score = pending_score(tonumber(j[1]), redis.call('INCRBY', ns.seq, 1))
   redis.call('ZADD', pending_key(ns.P, queue, group), score, id)
   redis.call('SADD', kinds_key(ns.P, queue), group)
   redis.call('SADD', ns.queues, queue)
@@ -222,11 +241,11 @@ local function key_next(ns, queue, key, now)
   local id = redis.call('ZRANGE', line, 0, 0)[1]
   if not id then
     if running <= 0 then
-      if l.rate_n and h[3] then redis.call('PEXPIRE', hk, l.rate_ms) else redis.call('DEL', hk) end
+      if l.rate_n and h[3] then redis.call('EXPIRE', hk, math.ceil(l.rate_ms / 1000)) else redis.call('DEL', hk) end
     end
     return
   end
-  redis.call('ZREM', line, id)
+  count(ns, queue, 'n_lined', -redis.call('ZREM', line, id))
   redis.call('PERSIST', hk)
   redis.call('HSET', hk, 'head', id)
   local jk = job_key(ns.P, id)
@@ -248,12 +267,13 @@ end
 local function key_wait(ns, jk, id, queue, key)
   if redis.call('HGET', ckey_key(ns.P, queue, key), 'head') == id then return line_up(ns, jk, id, queue) end
   local j = redis.call('HMGET', jk, 'prio', 'seq')
-  redis.call('ZADD', ckey_jobs_key(ns.P, queue, key), pending_score(tonumber(j[1]), tonumber(j[2])), id)
+  count(ns, queue, 'n_lined', redis.call('ZADD', ckey_jobs_key(ns.P, queue, key), pending_score(tonumber(j[1]),
+    tonumber(j[2])), id))
 end
 
 -- Takes a job that stops waiting without being placed (cancelled) out of its key's line.
 local function key_forget(ns, queue, key, id, now)
-  redis.call('ZREM', ckey_jobs_key(ns.P, queue, key), id)
+  count(ns, queue, 'n_lined', -redis.call('ZREM', ckey_jobs_key(ns.P, queue, key), id))
   local hk = ckey_key(ns.P, queue, key)
   if redis.call('HGET', hk, 'head') == id then
     redis.call('HDEL', hk, 'head')
@@ -348,6 +368,7 @@ local function finish_job(ns, jk, id, queue, state, code, message, now, more, kn
     for _, v in ipairs(more) do fields[#fields + 1] = v end
   end
   redis.call('HSET', jk, unpack(fields))
+  count_ended(ns, queue, state, now)
   known = known or redis.call('HMGET', jk, 'ttl', 'cancel', 'dttl', 'unique', 'batch', 'dependents', 'ckey')
   unbook(ns, queue, id, known[7], now)
   if known[2] then redis.call('HDEL', jk, 'cancel') end
@@ -380,6 +401,7 @@ resolve_dependents = function(ns, id, state, now)
     local jk = job_key(ns.P, d)
     local j = redis.call('HMGET', jk, 'state', 'queue', 'kind', 'due', 'attempt')
     if tonumber(j[1]) == BLOCKED then
+      count(ns, j[2], 'n_blocked', -1)
       local fields = {queue = j[2], kind = j[3], attempt = tonumber(j[5])}
       if state == SUCCEEDED then
         if redis.call('HINCRBY', jk, 'deps_left', -1) <= 0 then

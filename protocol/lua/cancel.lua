@@ -18,7 +18,8 @@ if state == RUNNING then
 end
 redis.call('ZREM', pending_key(ns.P, j[2], j[6] or j[5]), ARGV[2])
 if j[7] then key_forget(ns, j[2], j[7], ARGV[2], ARGV[3]) end
-if state == SCHEDULED then redis.call('ZREM', ns.delayed, ARGV[2]) end
+if state == SCHEDULED then count(ns, j[2], 'n_scheduled', -redis.call('ZREM', ns.delayed, ARGV[2])) end
+if state == BLOCKED then count(ns, j[2], 'n_blocked', -1) end
 if state == DISPATCHED then
   redis.call('ZREM', ns.acks, ARGV[2])
   release_slot(ns, j[3], ARGV[2])

@@ -11,6 +11,7 @@ for _, id in ipairs(due) do
   local jk = job_key(ns.P, id)
   local j = redis.call('HMGET', jk, 'state', 'queue', 'kind', 'attempt')
   if tonumber(j[1]) == SCHEDULED then
+    count(ns, j[2], 'n_scheduled', -1)
     local queue = requeue(ns, jk, id, now, false)
     redis.call('HDEL', jk, 'due', 'err_code', 'err_msg')  -- a retry's failure stays in its history
     events[#events + 1] = pb_events_of(id, {queue = j[2], kind = j[3], attempt = tonumber(j[4])}, QUEUED, now)

@@ -1,10 +1,14 @@
 -- submit: store a batch of new jobs and queue them, all or none; then place what can run now on
 -- free worker slots (place_jobs in the prelude) for each queue it added jobs to.
 -- KEYS[1..8] the namespace's keys (see the prelude), KEYS[9] the batch hash (any key when the call
---   opens no batch: then untouched), then 5 per job i (from 0): KEYS[10+5i] job hash, KEYS[11+5i]
---   pending zset of its queue and kind, KEYS[12+5i] idempotency string (any key when the job has no
---   idempotency key), KEYS[13+5i] kinds set of its queue, KEYS[14+5i] unique string (any key when
---   the job has no unique key: then untouched)
+--   opens no batch: then untouched), KEYS[10] the set of every queue that has had jobs, then 5 per
+--   job i (from 0): KEYS[11+5i] job hash, KEYS[12+5i] pending zset of its queue and kind,
+--   KEYS[13+5i] idempotency string (any key when the job has no idempotency key), KEYS[14+5i] kinds
+--   set of its queue, KEYS[15+5i] unique string (any key when the job has no unique key: then
+--   untouched)
+-- Each stored job is listed in its queue's jobs zset (by its seq, for ListJobs), which forgets the
+-- jobs that expired: each call checks as many entries as it stores, twice over, from where the last
+-- one stopped (the queue's 'trim_at'), round and round.
 -- ARGV[1] now ms, ARGV[2] idempotency ttl s, ARGV[3] most queues with waiting jobs, ARGV[4] most
 --   kinds with waiting jobs per queue, ARGV[5] key prefix, ARGV[6] ack timeout ms (stored as the
 --   job's 'ack': how long a worker has to start it once dispatched), ARGV[7] most placements per
@@ -35,7 +39,7 @@
 --   CANCELLED (it is FAILED at once, DEPENDENCY_FAILED); with all of them SUCCEEDED it is stored as
 --   any other (1).
 local ns = namespace(ARGV[5])
-local n = (#KEYS - NS_KEYS - 1) / 5
+local n = (#KEYS - NS_KEYS - 2) / 5
 local now, idem_ttl = ARGV[1], tonumber(ARGV[2])
 local max_queues, max_kinds = tonumber(ARGV[3]), tonumber(ARGV[4])
 local A, B = 16, 10  -- ARGV entries per job, from ARGV[B]
@@ -46,7 +50,7 @@ local seen_kinds, kind_counts = {}, {}
 local seen_unique = {}
 
 for i = 0, n - 1 do
-  local k, a = NS_KEYS + 2 + 5 * i, B + A * i
+  local k, a = NS_KEYS + 3 + 5 * i, B + A * i
   local id, queue, kind, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], ARGV[a + 7]
   if ARGV[a + 13] ~= '' then kind = ARGV[a + 13] end  -- its placement group counts as a kind
   local code, stored_id = 1, id
@@ -120,14 +124,21 @@ local function depend(id, deps)
 end
 
 local pending, pending_keys = {}, {}  -- per pending zset: score, id pairs
+local listed, listed_queues = {}, {}  -- per queue: seq, id pairs for its jobs zset
 local keyed = {}  -- the concurrency keys that had jobs stored in line: {queue, key}
 local later = {}  -- indexes of the jobs stored SCHEDULED
 for _, i in ipairs(fresh) do
-  local k, a = NS_KEYS + 2 + 5 * i, B + A * i
+  local k, a = NS_KEYS + 3 + 5 * i, B + A * i
   local id, queue, kind, prio, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4]), ARGV[a + 7]
   local group = ARGV[a + 13] ~= '' and ARGV[a + 13] or kind
   local due = tonumber(ARGV[a + 8])
   seq = seq + 1
+  if not listed[queue] then
+    listed[queue] = {}
+    listed_queues[#listed_queues + 1] = queue
+  end
+  table.insert(listed[queue], seq)
+  table.insert(listed[queue], id)
   redis.call('HSET', KEYS[k], 'spec', ARGV[a + 1], 'queue', queue, 'kind', kind, 'prio', prio,
     'seq', seq, 'state', QUEUED, 'attempt', 0, 'max_attempts', ARGV[a + 5], 'timeout_ms', ARGV[a + 6],
     'worker', '', 'lease', 0, 'created', now, 'updated', now, 'ack', ARGV[6], 'backoff', ARGV[a + 9],
@@ -145,6 +156,7 @@ for _, i in ipairs(fresh) do
   if ARGV[a + 14] ~= '' then blocker, detail = depend(id, ARGV[a + 14]) end
   if blocker == 'blocked' then
     redis.call('HSET', KEYS[k], 'state', BLOCKED, 'deps_left', detail)
+    count(ns, queue, 'n_blocked', 1)
     if due > tonumber(now) then redis.call('HSET', KEYS[k], 'due', due) end
     later[i] = true
     out[4 + 2 * i] = 3
@@ -159,7 +171,7 @@ for _, i in ipairs(fresh) do
     schedule_job(ns, KEYS[k], id, queue, due, now)
     later[i] = true
   elseif ckey ~= '' then
-    redis.call('ZADD', ckey_jobs_key(ns.P, queue, ckey), pending_score(prio, seq), id)
+    count(ns, queue, 'n_lined', redis.call('ZADD', ckey_jobs_key(ns.P, queue, ckey), pending_score(prio, seq), id))
     keyed[#keyed + 1] = {queue, ckey}
   else
     local members = pending[KEYS[k + 1]]
@@ -181,6 +193,20 @@ for _, i in ipairs(fresh) do
   end
 end
 for _, key in ipairs(pending_keys) do call_chunked('ZADD', key, pending[key], 1000) end
+for _, queue in ipairs(listed_queues) do
+  local jobs = jobs_key(ns.P, queue)
+  call_chunked('ZADD', jobs, listed[queue], 1000)
+  redis.call('SADD', KEYS[NS_KEYS + 2], queue)
+  local qk = queue_key(ns.P, queue)
+  local from = redis.call('HGET', qk, 'trim_at') or '0'
+  local rows = redis.call('ZRANGEBYSCORE', jobs, '(' .. from, '+inf', 'WITHSCORES', 'LIMIT', 0, #listed[queue])
+  local gone = {}
+  for r = 1, #rows, 2 do
+    if redis.call('EXISTS', job_key(ns.P, rows[r])) == 0 then gone[#gone + 1] = rows[r] end
+  end
+  call_chunked('ZREM', jobs, gone, 1000)
+  redis.call('HSET', qk, 'trim_at', #rows / 2 < #listed[queue] and '0' or rows[#rows])
+end
 for _, qk in ipairs(keyed) do key_next(ns, qk[1], qk[2], now) end
 
 local placed_queues = {}

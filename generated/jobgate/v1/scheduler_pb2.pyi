@@ -442,3 +442,79 @@ class DeleteScheduleRequest(_message.Message):
 class DeleteScheduleResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("queue", "states", "kind", "page_size", "page_token")
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    queue: str
+    states: _containers.RepeatedScalarFieldContainer[_job_pb2.JobState]
+    kind: str
+    page_size: int
+    page_token: str
+    def __init__(self, queue: _Optional[str] = ..., states: _Optional[_Iterable[_Union[_job_pb2.JobState, str]]] = ..., kind: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs", "next_page_token")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[_job_pb2.Job]
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[_job_pb2.Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetQueueStatsRequest(_message.Message):
+    __slots__ = ("queues",)
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
+    queues: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, queues: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetQueueStatsResponse(_message.Message):
+    __slots__ = ("queues",)
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
+    queues: _containers.RepeatedCompositeFieldContainer[QueueStats]
+    def __init__(self, queues: _Optional[_Iterable[_Union[QueueStats, _Mapping]]] = ...) -> None: ...
+
+class QueueStats(_message.Message):
+    __slots__ = ("queue", "waiting", "scheduled", "running", "blocked", "succeeded", "failed", "cancelled", "window", "dead_letters", "ended_per_minute_1m", "ended_per_minute_5m", "ended_per_minute_15m", "ended_by_minute", "oldest_waiting_age", "paused", "limits", "workers", "slots")
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_PER_MINUTE_1M_FIELD_NUMBER: _ClassVar[int]
+    ENDED_PER_MINUTE_5M_FIELD_NUMBER: _ClassVar[int]
+    ENDED_PER_MINUTE_15M_FIELD_NUMBER: _ClassVar[int]
+    ENDED_BY_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_WAITING_AGE_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    queue: str
+    waiting: int
+    scheduled: int
+    running: int
+    blocked: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    window: _duration_pb2.Duration
+    dead_letters: int
+    ended_per_minute_1m: float
+    ended_per_minute_5m: float
+    ended_per_minute_15m: float
+    ended_by_minute: _containers.RepeatedScalarFieldContainer[int]
+    oldest_waiting_age: _duration_pb2.Duration
+    paused: bool
+    limits: QueueLimits
+    workers: int
+    slots: int
+    def __init__(self, queue: _Optional[str] = ..., waiting: _Optional[int] = ..., scheduled: _Optional[int] = ..., running: _Optional[int] = ..., blocked: _Optional[int] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., dead_letters: _Optional[int] = ..., ended_per_minute_1m: _Optional[float] = ..., ended_per_minute_5m: _Optional[float] = ..., ended_per_minute_15m: _Optional[float] = ..., ended_by_minute: _Optional[_Iterable[int]] = ..., oldest_waiting_age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., paused: _Optional[bool] = ..., limits: _Optional[_Union[QueueLimits, _Mapping]] = ..., workers: _Optional[int] = ..., slots: _Optional[int] = ...) -> None: ...

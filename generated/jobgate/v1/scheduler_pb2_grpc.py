@@ -130,6 +130,16 @@ class SchedulerServiceStub:
                 request_serializer=jobgate_dot_v1_dot_scheduler__pb2.RetryJobRequest.SerializeToString,
                 response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.RetryJobResponse.FromString,
                 _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/jobgate.v1.SchedulerService/ListJobs',
+                request_serializer=jobgate_dot_v1_dot_scheduler__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.GetQueueStats = channel.unary_unary(
+                '/jobgate.v1.SchedulerService/GetQueueStats',
+                request_serializer=jobgate_dot_v1_dot_scheduler__pb2.GetQueueStatsRequest.SerializeToString,
+                response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.GetQueueStatsResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -297,6 +307,25 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobs(self, request, context):
+        """Lists a queue's jobs, newest first (by submission), a page at a time, optionally only some
+        states and one kind. Each page reads at most 10 times its size of the queue's jobs (up to
+        10,000), so with a narrow filter a page may hold fewer jobs than asked, even none, while
+        `next_page_token` goes on: read on until it is empty. Finished jobs are listed until they
+        expire (their retention). Errors: INVALID_ARGUMENT (queue, states, kind, page_size, page_token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQueueStats(self, request, context):
+        """Returns the counts, rates and limits of queues: the ones named, or every queue known to
+        Redis. Errors: INVALID_ARGUMENT (queues: malformed, or over 1,000 names).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -394,6 +423,16 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.RetryJob,
                     request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.RetryJobRequest.FromString,
                     response_serializer=jobgate_dot_v1_dot_scheduler__pb2.RetryJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.ListJobsRequest.FromString,
+                    response_serializer=jobgate_dot_v1_dot_scheduler__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'GetQueueStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueueStats,
+                    request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.GetQueueStatsRequest.FromString,
+                    response_serializer=jobgate_dot_v1_dot_scheduler__pb2.GetQueueStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -910,6 +949,60 @@ class SchedulerService:
             '/jobgate.v1.SchedulerService/RetryJob',
             jobgate_dot_v1_dot_scheduler__pb2.RetryJobRequest.SerializeToString,
             jobgate_dot_v1_dot_scheduler__pb2.RetryJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobgate.v1.SchedulerService/ListJobs',
+            jobgate_dot_v1_dot_scheduler__pb2.ListJobsRequest.SerializeToString,
+            jobgate_dot_v1_dot_scheduler__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueueStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobgate.v1.SchedulerService/GetQueueStats',
+            jobgate_dot_v1_dot_scheduler__pb2.GetQueueStatsRequest.SerializeToString,
+            jobgate_dot_v1_dot_scheduler__pb2.GetQueueStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
