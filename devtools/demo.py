@@ -214,8 +214,8 @@ def _run(args: argparse.Namespace, stack: Stack, signals: Signals) -> int:
                 f" {address} jobgate.v1.SchedulerService/RunJob\nPress Ctrl-C to stop every process.",
                 flush=True,
             )
-            while True:
-                signal.pause()  # until Ctrl-C or SIGTERM raises out of it
+            while True:  # until Ctrl-C or SIGTERM raises out of it; not signal.pause(), which would miss a
+                time.sleep(0.5)  # signal that comes between the last check for one and the pause
         except KeyboardInterrupt:  # Stopped too: either is how this stage is meant to end
             pass
     return 0
