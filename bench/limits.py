@@ -5,9 +5,10 @@ their refill) against a private Redis, for the same jobs under several shapes: p
 concurrency keys under a per-key limit; 100 workers with different labels and jobs that require
 some of them; and each of those beside a 100,000-job backlog that cannot run (in a paused queue,
 behind one concurrency key at its limit, or requiring labels no worker has). It reports the Redis
-CPU each job cost from submission to its recorded outcome (placement, start, finish and the
-refill of its slot), which is where flow control lives: the gateway's and the workers' work per
-job does not change with it. docs/PERFORMANCE.md records the figures.
+commands (those its scripts run) and the Redis CPU each job cost from submission to its recorded
+outcome (placement, start, finish and the refill of its slot), which is where flow control lives:
+the gateway's and the workers' work per job does not change with it. docs/PERFORMANCE.md records
+the figures.
 
 The workers are lightweight: one process stands in for all of them, subscribed to their dispatch
 channels (so each dispatch reaches a subscriber, as it must), starting and finishing what it was
@@ -28,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from redis.asyncio import Redis
+
 from bench.profile import cpu_s
 from devtools.servers import RedisProcess
 from gateway.validation import Limits, prepare
@@ -42,6 +45,7 @@ WORKERS = 100
 SLOTS = 10
 KEYS = 1000
 BACKLOG = 100_000
+SETTLE_S = 2.0
 TIMEOUT_S = 600  # one shape's measured jobs end well within this
 LIMITS = Limits(max_payload_bytes=1 << 20, default_timeout_ms=60_000, max_batch=1000, max_watch_ids=100)
 
@@ -140,6 +144,8 @@ async def run_shape(url: str, redis_pid: int, shape: Shape, jobs: int, batch: in
         if shape.keys:
             await store.set_limits(QUEUE, QueueLimitValues(max_running_per_key=2))
         await _backlog(store, fleet, shape, backlog)
+        await asyncio.sleep(SETTLE_S)  # Redis finishes growing its tables before the measurement
+        calls0 = await _commands(redis)
         t0, cpu0 = time.perf_counter(), cpu_s(redis_pid)
         sent = 0
         while fleet.ended < jobs:
@@ -152,7 +158,8 @@ async def run_shape(url: str, redis_pid: int, shape: Shape, jobs: int, batch: in
             if not await fleet.work() and sent >= jobs:
                 await asyncio.sleep(0.01)  # what is left waits for its key's turn
         cpu, wall = cpu_s(redis_pid) - cpu0, time.perf_counter() - t0
-        return {"redis_us_per_job": cpu / jobs * 1e6, "jobs_per_s": jobs / wall}
+        calls = await _commands(redis) - calls0
+        return {"redis_us_per_job": cpu / jobs * 1e6, "commands_per_job": calls / jobs, "jobs_per_s": jobs / wall}
     finally:
         drain.cancel()
         await listener.aclose()
@@ -179,6 +186,13 @@ async def _backlog(store: GatewayCalls, fleet: Fleet, shape: Shape, size: int) -
         await submit(store, reqs, fleet)
 
 
+async def _commands(redis: Redis) -> int:
+    """Commands Redis has run so far, those the scripts ran included (not the script calls
+    themselves, nor INFO)."""
+    stats = await redis.info("commandstats")
+    return sum(v["calls"] for k, v in stats.items() if k not in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_info"))
+
+
 async def _drain(listener: object) -> None:
     async for _ in listener.listen():  # type: ignore[attr-defined]
         pass
@@ -203,13 +217,15 @@ def main() -> int:
     finally:
         server.stop()
     plain = statistics.median(x["redis_us_per_job"] for x in found["plain"])
-    print("| shape | Redis CPU per job (µs) | vs plain | jobs/s |\n| --- | ---: | ---: | ---: |")
+    print("| shape | Redis commands per job | Redis CPU per job (µs) | vs plain | jobs/s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     report = {}
     for shape in SHAPES:
         us = statistics.median(x["redis_us_per_job"] for x in found[shape.name])
         rate = statistics.median(x["jobs_per_s"] for x in found[shape.name])
-        report[shape.name] = {"redis_us_per_job": us, "jobs_per_s": rate}
-        print(f"| {shape.name} | {us:.0f} | {us / plain:.2f}× | {rate:,.0f} |")
+        calls = statistics.median(x["commands_per_job"] for x in found[shape.name])
+        report[shape.name] = {"commands_per_job": calls, "redis_us_per_job": us, "jobs_per_s": rate}
+        print(f"| {shape.name} | {calls:.1f} | {us:.0f} | {us / plain:.2f}× | {rate:,.0f} |")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -1,6 +1,8 @@
 """Loads the Lua state transitions in ``protocol/lua`` and registers them on a Redis client.
 
-Each script is sent with the shared prelude ``_common.lua`` in front of it. ``register_script``
+Each script is sent with the shared prelude ``_common.lua`` in front of it, its body run as a
+function followed by the prelude's ``flush_counts`` (which writes the counts the call kept for
+GetQueueStats, once per call). ``register_script``
 runs them by EVALSHA and falls back to loading them on NOSCRIPT (for example after Redis restarts).
 """
 
@@ -48,7 +50,10 @@ def source(name: str, *, sharded: bool = False) -> str:
     assert PUBLISH_LINE in prelude
     if sharded:
         prelude = prelude.replace(PUBLISH_LINE, "local PUBLISH = 'SPUBLISH'\n")
-    return prelude + "\n" + (lua / f"{name}.lua").read_text()
+    # The body runs as a function, so that whatever path it returns by, the counts it kept in the
+    # prelude's tables are written once at the end of the call (flush_counts).
+    body = (lua / f"{name}.lua").read_text()
+    return f"{prelude}\nlocal function body()\n{body}\nend\nlocal reply = body()\nflush_counts()\nreturn reply\n"
 
 
 @dataclass(frozen=True, slots=True)

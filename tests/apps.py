@@ -33,6 +33,13 @@ async def not_json(job: JobContext) -> object:
     return {1, 2, 3}
 
 
+@app.handler("lookup")
+def lookup(job: JobContext) -> object:
+    """Looks ``args.key`` up in an empty table: a KeyError, as a handler's bug would raise."""
+    table: dict[str, object] = {}
+    return table[str(job.args["key"])]
+
+
 @app.handler("block")
 def block(job: JobContext) -> None:
     """Blocks its thread for ``args.seconds``, ignoring any timeout (threads cannot be stopped)."""

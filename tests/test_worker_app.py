@@ -36,6 +36,19 @@ async def test_a_result_that_is_not_json_fails_with_a_clear_error(client: Client
     assert event.state == S.JOB_STATE_FAILED and "not JSON-compatible" in event.error.message
 
 
+async def test_a_handlers_exception_is_logged_with_its_traceback_job_kind_and_attempt(
+    client: Client, stack: Stack
+) -> None:
+    job_id = (await client.submit("lookup", {"key": "missing-key"}, max_attempts=1)).job.id
+    event = (await client.wait_results([job_id]))[job_id]
+    assert event.error.code == "HANDLER_ERROR" and event.error.message == "KeyError: 'missing-key'"
+    [worker] = stack.workers
+    lines = await eventually(lambda: [ln for ln in worker.log().splitlines() if job_id in ln and "raised" in ln])
+    assert "WARNING" in lines[0] and "kind=lookup attempt=1 of 1 handler raised KeyError: 'missing-key'" in lines[0]
+    after = worker.log().split(lines[0], 1)[1]
+    assert after.lstrip().startswith("Traceback (most recent call last):") and "in lookup" in after, after[:2000]
+
+
 async def test_kinds_the_app_does_not_register_wait_for_a_worker_that_does(client: Client, stack: Stack) -> None:
     job_id = (await client.submit("echo", {"waits": True})).job.id
     stack.start_worker()  # the default app, with the built-in echo

@@ -279,10 +279,26 @@ class Executor:
                 return Result(job_pb2.JOB_STATE_CANCELLED, error_code="CANCELLED", error_message="cancelled by request")
             raise
         except Fatal as exc:
-            log.info("job_id=%s handler failed for good: %s", d.job_id, exc)
+            log.warning(
+                "job_id=%s kind=%s attempt=%d handler failed for good: %s",
+                d.job_id,
+                d.spec.kind,
+                d.attempt,
+                exc,
+                exc_info=exc,
+            )
             return Result(job_pb2.JOB_STATE_FAILED, error_code="FATAL", error_message=str(exc)[:4096])
-        except Exception as exc:  # noqa: BLE001 - a handler's failure is the job's outcome
-            log.info("job_id=%s handler raised %s", d.job_id, type(exc).__name__)
+        except Exception as exc:  # a handler's failure is the job's outcome
+            log.warning(
+                "job_id=%s kind=%s attempt=%d of %d handler raised %s: %s",
+                d.job_id,
+                d.spec.kind,
+                d.attempt,
+                d.spec.max_attempts,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
             return Result(
                 job_pb2.JOB_STATE_FAILED,
                 error_code="HANDLER_ERROR",

@@ -139,20 +139,47 @@ local function backoff_ms(id, attempt, backoff)
 end
 local unbook  -- defined with the concurrency keys below
 
--- Counts kept per queue in its settings hash for GetQueueStats: 'n_scheduled' (its SCHEDULED jobs),
--- 'n_blocked' (BLOCKED), 'n_lined' (QUEUED in a concurrency key's line). Each is changed where a job
--- enters or leaves what it counts.
+-- Counts for GetQueueStats, added up in these tables during a script call and written once at its
+-- end (flush_counts, which protocol/scripts.py runs after every script's body): per hash key, its
+-- fields in order and what to add to each, and the key's TTL in seconds if it has one.
+local counts, counted = {}, {}
+local function add_count(key, field, by, ttl)
+  local c = counts[key]
+  if not c then
+    c = {ttl = ttl}
+    counts[key] = c
+    counted[#counted + 1] = key
+  end
+  if not c[field] then
+    c[field] = 0
+    c[#c + 1] = field
+  end
+  c[field] = c[field] + by
+end
+
+-- Counts kept per queue in its settings hash: 'n_scheduled' (its SCHEDULED jobs), 'n_blocked'
+-- (BLOCKED), 'n_lined' (QUEUED in a concurrency key's line), changed where a job enters or leaves
+-- what they count.
 local function count(ns, queue, field, by)
-  if by ~= 0 then redis.call('HINCRBY', queue_key(ns.P, queue), field, by) end
+  if by ~= 0 then add_count(queue_key(ns.P, queue), field, by) end
 end
 
 -- Counts a job of `queue` that ended in `state` in the hour's `P ended:<queue>:<hour>` hash, field
--- "<minute of the hour>:<state>" (kept 8 days).
+-- "<minute of the hour>:<state>", kept 8 days (the longest window GetQueueStats counts is 7).
 local function count_ended(ns, queue, state, now)
   now = tonumber(now)
-  local k = ended_key(ns.P, queue, math.floor(now / 3600000))
-  if redis.call('HINCRBY', k, math.floor(now / 60000) % 60 .. ':' .. state, 1) == 1 then
-    redis.call('EXPIRE', k, 691200)
+  add_count(ended_key(ns.P, queue, math.floor(now / 3600000)), math.floor(now / 60000) % 60 .. ':' .. state, 1,
+    691200)
+end
+
+local function flush_counts()
+  for _, key in ipairs(counted) do
+    local c = counts[key]
+    for _, field in ipairs(c) do
+      if c[field] ~= 0 and redis.call('HINCRBY', key, field, c[field]) == c[field] and c.ttl then
+        redis.call('EXPIRE', key, c.ttl)
+      end
+    end
   end
 end
 
@@ -246,7 +273,7 @@ local function key_next(ns, queue, key, now)
     return
   end
   count(ns, queue, 'n_lined', -redis.call('ZREM', line, id))
-  redis.call('PERSIST', hk)
+  if l.rate_n then redis.call('PERSIST', hk) end  -- an idle key's bucket may have been set to expire
   redis.call('HSET', hk, 'head', id)
   local jk = job_key(ns.P, id)
   local tokens = key_tokens(l, h[3], h[4], now)

@@ -6,9 +6,10 @@
 --   KEYS[13+5i] idempotency string (any key when the job has no idempotency key), KEYS[14+5i] kinds
 --   set of its queue, KEYS[15+5i] unique string (any key when the job has no unique key: then
 --   untouched)
--- Each stored job is listed in its queue's jobs zset (by its seq, for ListJobs), which forgets the
--- jobs that expired: each call checks as many entries as it stores, twice over, from where the last
--- one stopped (the queue's 'trim_at'), round and round.
+-- Each stored job is listed in its queue's jobs zset, scored now * 1000 + seq % 1000 (submission
+-- order, for ListJobs), which forgets the jobs that expired: each call looks at as many entries as
+-- it stores, among those older than the shortest retention of its jobs in that queue (younger ones
+-- cannot have expired), from where the last call stopped (the queue's 'trim_at'), round and round.
 -- ARGV[1] now ms, ARGV[2] idempotency ttl s, ARGV[3] most queues with waiting jobs, ARGV[4] most
 --   kinds with waiting jobs per queue, ARGV[5] key prefix, ARGV[6] ack timeout ms (stored as the
 --   job's 'ack': how long a worker has to start it once dispatched), ARGV[7] most placements per
@@ -124,7 +125,8 @@ local function depend(id, deps)
 end
 
 local pending, pending_keys = {}, {}  -- per pending zset: score, id pairs
-local listed, listed_queues = {}, {}  -- per queue: seq, id pairs for its jobs zset
+local listed, listed_queues = {}, {}  -- per queue: score, id pairs for its jobs zset
+local horizon = {}  -- per queue: the shortest retention (s) of the call's jobs
 local keyed = {}  -- the concurrency keys that had jobs stored in line: {queue, key}
 local later = {}  -- indexes of the jobs stored SCHEDULED
 for _, i in ipairs(fresh) do
@@ -137,8 +139,9 @@ for _, i in ipairs(fresh) do
     listed[queue] = {}
     listed_queues[#listed_queues + 1] = queue
   end
-  table.insert(listed[queue], seq)
+  table.insert(listed[queue], tonumber(now) * 1000 + seq % 1000)
   table.insert(listed[queue], id)
+  horizon[queue] = math.min(horizon[queue] or math.huge, tonumber(ARGV[a + 10]))
   redis.call('HSET', KEYS[k], 'spec', ARGV[a + 1], 'queue', queue, 'kind', kind, 'prio', prio,
     'seq', seq, 'state', QUEUED, 'attempt', 0, 'max_attempts', ARGV[a + 5], 'timeout_ms', ARGV[a + 6],
     'worker', '', 'lease', 0, 'created', now, 'updated', now, 'ack', ARGV[6], 'backoff', ARGV[a + 9],
@@ -199,13 +202,15 @@ for _, queue in ipairs(listed_queues) do
   redis.call('SADD', KEYS[NS_KEYS + 2], queue)
   local qk = queue_key(ns.P, queue)
   local from = redis.call('HGET', qk, 'trim_at') or '0'
-  local rows = redis.call('ZRANGEBYSCORE', jobs, '(' .. from, '+inf', 'WITHSCORES', 'LIMIT', 0, #listed[queue])
+  local older = string.format('(%.0f', (tonumber(now) - horizon[queue] * 1000) * 1000)
+  local rows = redis.call('ZRANGEBYSCORE', jobs, '(' .. from, older, 'WITHSCORES', 'LIMIT', 0, #listed[queue] / 2)
   local gone = {}
   for r = 1, #rows, 2 do
     if redis.call('EXISTS', job_key(ns.P, rows[r])) == 0 then gone[#gone + 1] = rows[r] end
   end
   call_chunked('ZREM', jobs, gone, 1000)
-  redis.call('HSET', qk, 'trim_at', #rows / 2 < #listed[queue] and '0' or rows[#rows])
+  local at = #rows < #listed[queue] and '0' or rows[#rows]
+  if at ~= from then redis.call('HSET', qk, 'trim_at', at) end
 end
 for _, qk in ipairs(keyed) do key_next(ns, qk[1], qk[2], now) end
 
