@@ -14,6 +14,8 @@ COPY protocol/ protocol/
 COPY common/ common/
 COPY gateway/ gateway/
 COPY worker/ worker/
+COPY jobgate_client/ jobgate_client/
+COPY jobgate_cli/ jobgate_cli/
 RUN pip install . && rm -rf /src
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin jobgate

@@ -53,7 +53,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check protocol common gateway worker devtools tests bench
+	$(VENV)/bin/ruff check protocol common gateway worker devtools jobgate_client jobgate_cli tests bench
 	$(VENV)/bin/buf lint proto
 
 typecheck: $(STAMP)

@@ -290,11 +290,10 @@ class Executor:
             return Result(job_pb2.JOB_STATE_FAILED, error_code="FATAL", error_message=str(exc)[:4096])
         except Exception as exc:  # a handler's failure is the job's outcome
             log.warning(
-                "job_id=%s kind=%s attempt=%d of %d handler raised %s: %s",
+                "job_id=%s kind=%s attempt=%d handler raised %s: %s",
                 d.job_id,
                 d.spec.kind,
                 d.attempt,
-                d.spec.max_attempts,
                 type(exc).__name__,
                 exc,
                 exc_info=exc,

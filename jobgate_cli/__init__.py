@@ -1,0 +1,1 @@
+"""The ``jobgate`` command line tool (``jobgate_cli.app``)."""
