@@ -126,7 +126,9 @@ async def submit(store: GatewayCalls, reqs: Sequence[scheduler_pb2.SubmitJobRequ
             fleet.note(placed.placements)
 
 
-async def run_shape(url: str, redis_pid: int, shape: Shape, jobs: int, batch: int, backlog: int) -> dict[str, float]:
+async def run_shape(
+    url: str, redis_pid: int, shape: Shape, jobs: int, batch: int, backlog: int, settle_s: float = SETTLE_S
+) -> dict[str, float]:
     """Redis CPU µs per job for ``jobs`` jobs of ``shape``, submitted ``batch`` at a time."""
     redis = redis_client(url, 30)
     await redis.flushall()
@@ -144,7 +146,7 @@ async def run_shape(url: str, redis_pid: int, shape: Shape, jobs: int, batch: in
         if shape.keys:
             await store.set_limits(QUEUE, QueueLimitValues(max_running_per_key=2))
         await _backlog(store, fleet, shape, backlog)
-        await asyncio.sleep(SETTLE_S)  # Redis finishes growing its tables before the measurement
+        await asyncio.sleep(settle_s)  # Redis finishes growing its tables before the measurement
         calls0 = await _commands(redis)
         t0, cpu0 = time.perf_counter(), cpu_s(redis_pid)
         sent = 0
@@ -204,6 +206,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=200, help="jobs per submit call (default 200)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported (default 3)")
     parser.add_argument("--backlog", type=int, default=BACKLOG, help="jobs that cannot run (default 100000)")
+    parser.add_argument("--settle-s", type=float, default=SETTLE_S, help="pause before each measurement (default 2)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     server = RedisProcess().start()
@@ -211,7 +214,7 @@ def main() -> int:
         found: dict[str, list[dict[str, float]]] = defaultdict(list)
         for r in range(args.rounds):
             for shape in SHAPES:
-                measured = run_shape(server.url, server.pid, shape, args.jobs, args.batch, args.backlog)
+                measured = run_shape(server.url, server.pid, shape, args.jobs, args.batch, args.backlog, args.settle_s)
                 found[shape.name].append(asyncio.run(measured))
                 print(f"round {r + 1}: {shape.name}: {found[shape.name][-1]}", file=sys.stderr, flush=True)
     finally:

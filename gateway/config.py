@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from common import tracing
 from common.settings import (
     check_listen,
     check_redis_wait,
@@ -129,6 +130,11 @@ class GatewaySettings:
     metrics_listen: str = setting("", "host:port serving Prometheus metrics at /metrics; empty turns them off")
     log_level: str = setting("INFO", "log level")
     log_format: str = setting("text", "text or json (one object per line)")
+    tracing: bool = setting(
+        False,
+        "OpenTelemetry spans for submits, carried in each job to its worker (needs jobgate[otel]; exported"
+        " with OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT)",
+    )
     auth_tokens: str = setting(
         "",
         "bearer tokens, entries 'name token [queues]' separated by ';'; never logged",
@@ -222,6 +228,8 @@ class GatewaySettings:
             raise ValueError("max_ping_strikes must not be negative (0 = no limit)")
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be 'text' or 'json'")
+        if self.tracing and not tracing.available():
+            raise ValueError("tracing needs OpenTelemetry: pip install 'jobgate[otel]'")
         check_listen("listen", self.listen)
         check_listen("metrics_listen", self.metrics_listen, optional=True)
         if self.idempotency_ttl_s > self.retention_s:

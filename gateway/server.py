@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 
+from common import tracing
 from common.metrics import serve
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from protocol.calls import Durability
@@ -100,6 +101,8 @@ class Gateway:
 
 async def start(settings: GatewaySettings) -> Gateway:
     """Starts the gateway and returns it; the server is listening when this returns."""
+    if settings.tracing:
+        tracing.setup("jobgate-gateway")
     keys = Keys(settings.namespace, settings.redis_shards)
     redis = redis_client(settings.redis_url, settings.redis_timeout_s)
     store = GatewayCalls(
@@ -144,6 +147,7 @@ async def start(settings: GatewaySettings) -> Gateway:
         max_message_bytes=settings.max_message_bytes,
         metrics=metrics,
         schedules=schedules,
+        tracing=settings.tracing,
     )
 
     options = [

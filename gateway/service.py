@@ -6,13 +6,15 @@ This is the only gateway module that speaks gRPC status codes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
+from common import tracing
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 from protocol.coalesce import Coalescer
 from protocol.codec import BLOCKED, CANCELLED, QUEUED, SCHEDULED, TERMINAL, event_from_hash
@@ -47,6 +49,7 @@ from .validation import (
     schedule_page_position,
     schedule_page_token,
     stats_queues,
+    with_trace_context,
 )
 
 log = logging.getLogger(__name__)
@@ -133,8 +136,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         max_message_bytes: int = 4 << 20,
         metrics: GatewayMetrics | None = None,
         schedules: ScheduleCalls | None = None,
+        tracing: bool = False,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
+        self.tracing = tracing  # a span per submit, its context stored in the jobs (common/tracing.py)
         self.schedules = schedules or ScheduleCalls(store.redis, store.keys, store.durability)
         # A batched WatchResults response stays well under what the server may send in one message.
         self.batch_bytes = max_message_bytes // 2
@@ -161,8 +166,27 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> scheduler_pb2.SubmitJobResponse:
         prepared = prepare(request, self.limits)
         auth.current().check(prepared.spec.queue, "queue")
-        job = await self._submit_one(prepared)
+        with self._traced(context, [prepared]) as [traced]:
+            job = await self._submit_one(traced)
         return scheduler_pb2.SubmitJobResponse(job=job)
+
+    @contextlib.contextmanager
+    def _traced(self, context: grpc.aio.ServicerContext, prepared: list[PreparedJob]) -> Iterator[list[PreparedJob]]:
+        """With tracing on, a ``jobgate submit`` span around the body, continuing the caller's trace,
+        and the jobs with that span's context in their spec; else the jobs as they are."""
+        if not self.tracing:
+            yield prepared
+            return
+        first = prepared[0]
+        attributes: dict[str, str | int] = {
+            "jobgate.queue": first.spec.queue,
+            "jobgate.kind": first.spec.kind,
+            "jobgate.job_id": first.id,
+        }
+        if len(prepared) > 1:
+            attributes["jobgate.jobs"] = len(prepared)
+        with tracing.submit_span(context.invocation_metadata(), "jobgate submit", attributes) as carried:
+            yield [with_trace_context(p, carried) for p in prepared]
 
     async def _submit_one(self, prepared: PreparedJob) -> job_pb2.Job:
         """Submits one job, in a script call shared with the single submits that arrive with it.
@@ -193,7 +217,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
             batch = prepare_batch_options(request.batch, prepared, self.limits, self.store.keys)
             if request.batch.HasField("callback"):
                 principal.check(request.batch.callback.queue or "default", "batch.callback.queue")
-        jobs, placed = await self.store.submit(prepared, batch)
+        with self._traced(context, prepared) as traced:
+            jobs, placed = await self.store.submit(traced, batch)
         self.metrics.submitted.inc(len(jobs))
         self.scheduler.record(placed)
         self._note_due(prepared)
@@ -455,16 +480,19 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.RunJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_pb2.RunJobResponse]:
         with self.admission.stream():
-            async for response in self._run_job(request):
+            async for response in self._run_job(request, context):
                 yield response
 
-    async def _run_job(self, request: scheduler_pb2.RunJobRequest) -> AsyncIterator[scheduler_pb2.RunJobResponse]:
+    async def _run_job(
+        self, request: scheduler_pb2.RunJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.RunJobResponse]:
         prepared = prepare(request.job, self.limits, "job.")
         auth.current().check(prepared.spec.queue, "job.queue")
         watcher = Watcher(job_ids=[prepared.id], terminal_only=False, buffer=self.stream_buffer)
         self.hub.add(watcher)  # before the job exists: no event can slip past
         try:
-            job = await self._submit_one(prepared)
+            with self._traced(context, [prepared]) as [traced]:
+                job = await self._submit_one(traced)
             if job.id != prepared.id:  # idempotent repeat: follow the original job
                 self.hub.remove(watcher)
                 watcher = Watcher(job_ids=[job.id], terminal_only=False, buffer=self.stream_buffer)

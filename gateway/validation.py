@@ -206,6 +206,15 @@ def page_position(token: str, field: str = "page_token") -> tuple[int, str] | No
     raise InvalidArgument(f"{field}: not a token this listing returned")
 
 
+def with_trace_context(job: PreparedJob, carried: Mapping[str, str]) -> PreparedJob:
+    """``job`` with ``carried`` (a trace context) in its spec. Its request digest stays the one of
+    the request without it, so that a retry from another trace is still the same request."""
+    spec = job_pb2.JobSpec()
+    spec.CopyFrom(job.spec)
+    spec.trace_context.update(carried)
+    return replace(job, spec=spec, spec_bytes=spec.SerializeToString(deterministic=True))
+
+
 def jobs_page_token(seq: int) -> str:
     """The opaque token of a position in ListJobs (the seq of the last job it read)."""
     return _token(f"j:{seq}")

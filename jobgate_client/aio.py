@@ -21,6 +21,11 @@ from .models import Batch, Event, Job, JobState, Limits, Page, QueueStats, Sched
 
 T = TypeVar("T")
 
+try:  # with OpenTelemetry installed, every call carries the caller's trace context
+    from opentelemetry import propagate
+except ImportError:
+    propagate = None  # type: ignore[assignment]
+
 RETRIED = (grpc.StatusCode.UNAVAILABLE,)
 MAX_BATCH = 1000  # jobs per SubmitJobs call (the gateway's default max_batch)
 
@@ -135,6 +140,14 @@ class Client:
         self._submits = _Coalescer(self) if coalesce else None
 
     # --- plumbing ---------------------------------------------------------------------------
+    def _meta(self) -> tuple[tuple[str, str], ...]:
+        """The call's metadata: the token, and the current trace context (W3C traceparent)."""
+        if propagate is None:
+            return self._metadata
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return self._metadata + tuple(carrier.items())
+
     def _open(self, target: str) -> grpc.aio.Channel:
         if self._credentials is not None:
             return grpc.aio.secure_channel(target, self._credentials, options=self._options)
@@ -179,7 +192,7 @@ class Client:
             attempt += 1
             channel = self._channel
             try:
-                return await rpc(self.stub)(request, timeout=deadline_s or self.timeout, metadata=self._metadata)
+                return await rpc(self.stub)(request, timeout=deadline_s or self.timeout, metadata=self._meta())
             except grpc.aio.AioRpcError as err:
                 if not safe or err.code() not in RETRIED or attempt >= self.retry.attempts:
                     raise from_rpc_error(err) from None
@@ -233,7 +246,7 @@ class Client:
         deadline = None
         while True:
             channel = self._channel
-            call = self.stub.RunJob(scheduler_pb2.RunJobRequest(job=req), metadata=self._metadata)
+            call = self.stub.RunJob(scheduler_pb2.RunJobRequest(job=req), metadata=self._meta())
             try:
                 async for reply in call:
                     deadline = None
@@ -279,7 +292,7 @@ class Client:
                 job_ids=left, queue=queue, kinds=list(kinds), batch_id=batch_id, include_progress=progress
             )
             channel = self._channel
-            call = self.stub.WatchResults(req, metadata=self._metadata)
+            call = self.stub.WatchResults(req, metadata=self._meta())
             try:
                 async for reply in call:
                     deadline = None

@@ -22,9 +22,12 @@ from typing import Any
 import pytest
 import yaml
 
+from devtools.devstack import Stack
 from devtools.servers import free_port
 from gateway.config import GatewaySettings
 from worker.config import WorkerSettings
+
+from .processes import metrics_env, scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose.yaml"
@@ -114,6 +117,63 @@ def test_redis_keeps_an_append_only_file_on_a_named_volume(services: dict[str, d
     assert "redis-cli" in redis["healthcheck"]["test"]
     volume = next(v.split(":")[0] for v in redis["volumes"] if v.split(":")[1] == "/data")
     assert volume in yaml.safe_load(COMPOSE.read_text())["volumes"]
+
+
+MONITORING = ROOT / "docs" / "monitoring"
+
+
+def test_prometheus_scrapes_the_gateway_and_every_worker_replica(services: dict[str, dict[str, Any]]) -> None:
+    prometheus = services["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]  # only with --profile monitoring
+    mount = next(v for v in prometheus["volumes"] if v.endswith(":/etc/prometheus/prometheus.yml:ro"))
+    config = yaml.safe_load((ROOT / mount.split(":")[0]).read_text())
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    gateway_port = environment(services["gateway"])["JOBGATE_METRICS_LISTEN"].rsplit(":", 1)[1]
+    assert jobs["jobgate-gateway"]["static_configs"][0]["targets"] == [f"gateway:{gateway_port}"]
+    [dns] = jobs["jobgate-worker"]["dns_sd_configs"]  # every replica, however many --scale made
+    worker_port = environment(services["worker"])["JOBGATE_METRICS_LISTEN"].split()[0].rsplit(":", 1)[1]
+    assert dns["names"] == ["worker"] and str(dns["port"]) == worker_port
+
+
+def test_the_grafana_dashboard_queries_only_metrics_a_running_stack_serves(stack: Stack) -> None:
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    named = {m for q in queries for m in re.findall(r"\bjobgate_[a-z_]+", q)}
+    assert len(dashboard["panels"]) >= 8 and len(named) >= 12
+    gateway_port, worker_port = free_port(), free_port()
+    _, address = stack.start_gateway(env=metrics_env(gateway_port))
+    stack.start_worker(env=metrics_env(worker_port))
+    for kind in ("echo", "fail"):  # so that the labelled series exist
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "jobgate_cli",
+                "--gateway",
+                address,
+                "submit",
+                kind,
+                "--max-attempts",
+                "1",
+                "--wait",
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    subprocess.run(  # a job that waits (no worker serves its queue), for the gauge of waiting jobs
+        [sys.executable, "-m", "jobgate_cli", "--gateway", address, "submit", "echo", "--queue", "parked"],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    deadline = time.monotonic() + 30  # the gateway's census of waiting jobs runs every few seconds
+    while True:
+        served = {name for port in (gateway_port, worker_port) for name, _ in scrape(port)}
+        if named <= served or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert named <= served, f"the dashboard queries metrics nobody serves: {sorted(named - served)}"
 
 
 def test_compose_file_names_only_real_settings() -> None:

@@ -37,7 +37,9 @@ def test_help_gives_every_flag_its_meaning_default_and_environment_variable(modu
     assert shown
     for f in shown:
         flag, var = "--" + f.name.replace("_", "-"), "JOBGATE_" + f.name.upper()
-        match = re.search(rf"{flag} [A-Z_]+ (.*?) \(default: ([^;]*); env {var}\)", text)
+        switch = isinstance(getattr(settings, f.name), bool)  # a switch takes no value
+        shape = rf", --no-{flag[2:]}" if switch else " [A-Z_]+"
+        match = re.search(rf"{flag}{shape} (.*?) \(default: ([^;]*); env {var}\)", text)
         assert match, f"{flag} is not listed with a meaning, a default and {var}"
         meaning, default = match.groups()
         assert meaning.strip() and meaning == f.metadata["help"], f"{flag}: meaning {meaning!r}"

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from common import tracing
 from common.settings import (
     check_listen,
     check_redis_wait,
@@ -78,6 +79,11 @@ class WorkerSettings:
     metrics_listen: str = setting("", "host:port serving Prometheus metrics at /metrics; empty turns them off")
     log_level: str = setting("INFO", "log level")
     log_format: str = setting("text", "text or json")
+    tracing: bool = setting(
+        False,
+        "OpenTelemetry spans for each attempt, continuing the trace its gateway stored in the job (needs"
+        " jobgate[otel]; exported with OTLP/HTTP to OTEL_EXPORTER_OTLP_ENDPOINT)",
+    )
 
     def __repr__(self) -> str:
         return settings_repr(self)
@@ -132,4 +138,6 @@ class WorkerSettings:
         check_listen("metrics_listen", self.metrics_listen, optional=True)
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be 'text' or 'json'")
+        if self.tracing and not tracing.available():
+            raise ValueError("tracing needs OpenTelemetry: pip install 'jobgate[otel]'")
         return self

@@ -19,6 +19,7 @@ from typing import Any
 
 from google.protobuf.struct_pb2 import Value
 
+from common import tracing
 from jobgate.v1 import job_pb2, relay_pb2
 from protocol.coalesce import Coalescer
 from protocol.codec import events_message, python_to_value, value_to_python
@@ -160,7 +161,14 @@ class Executor:
             log.info("job_id=%s kind=%s attempt=%d started", d.job_id, d.spec.kind, d.attempt)
             running.started = True
             self.metrics.running.inc()
-            result = await self._run_handler(running)
+            if self.settings.tracing and d.spec.trace_context:
+                attributes = {"jobgate.job_id": d.job_id, "jobgate.attempt": d.attempt, "jobgate.queue": d.spec.queue}
+                with tracing.run_span(d.spec.trace_context, d.spec.kind, attributes) as span:
+                    result = await self._run_handler(running)
+                    state = _STATE_NAMES[result.state].removeprefix("JOB_STATE_")
+                    tracing.end_run(span, state, result.error_code, result.error_message)
+            else:
+                result = await self._run_handler(running)
             await self._finish(running, result)
         except Exception:
             # The job stays placed here; the gateway places it again if this worker goes away.

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
+from common import tracing
 from common.metrics import serve
 from jobgate.v1 import relay_pb2
 from protocol.calls import Durability
@@ -64,6 +65,8 @@ class Worker:
     async def run(self, settings: WorkerSettings) -> None:
         """Runs until :meth:`stop`; then drains in-flight jobs and hands the rest back."""
         self._stop = asyncio.Event()
+        if settings.tracing:
+            tracing.setup("jobgate-worker")
         self.worker_id = settings.worker_id or default_worker_id()
         runtime = _Runtime(self.registry, settings, self.worker_id, self._stop)
         await runtime.run()
