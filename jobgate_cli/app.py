@@ -1,10 +1,10 @@
-"""``jobgate``: submit, follow and inspect jobs from a terminal.
+"""jobgate: submit, follow and inspect jobs from a terminal.
 
-Every command talks to one gateway (``--gateway``, or JOBGATE_GATEWAY; 127.0.0.1:50051 by default)
+Every command talks to one gateway (--gateway, or JOBGATE_GATEWAY; 127.0.0.1:50051 by default)
 through the Python client. Output is for people (tables, colour when the terminal has it) unless
-``--json`` asks for one JSON document per line, for scripts.
+--json asks for one JSON document per line, for scripts.
 
-Exit codes: 0 done (for ``submit --wait`` and ``run``: the job SUCCEEDED); 1 the job FAILED or was
+Exit codes: 0 done (for submit --wait and run: the job SUCCEEDED); 1 the job FAILED or was
 CANCELLED; 2 a usage error (a bad flag, malformed JSON); 3 the gateway refused the call (a bad
 field, not found, not allowed: the message says why); 4 no gateway answered (UNAVAILABLE) or a
 deadline passed; 130 interrupted (Ctrl-C).
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import dataclasses
+import enum
 import json
 import os
 import signal
@@ -24,6 +26,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import json_format
+from google.protobuf.message import Message
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -109,50 +113,26 @@ def _short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def job_dict(job: Job) -> dict[str, Any]:
-    """A job as JSON-ready values."""
-    return {
-        "id": job.id,
-        "queue": job.queue,
-        "kind": job.kind,
-        "state": job.state.name if job.state else None,
-        "attempt": job.attempt,
-        "max_attempts": job.max_attempts,
-        "worker_id": job.worker_id,
-        "args": job.args,
-        "result": job.result,
-        "error": {"code": job.error.code, "message": job.error.message} if job.error else None,
-        "created_at": job.created_at.isoformat() if job.created_at else None,
-        "started_at": job.started_at.isoformat() if job.started_at else None,
-        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-        "due_at": job.due_at.isoformat() if job.due_at else None,
-        "waiting_reason": job.waiting_reason,
-        "progress": {"fraction": job.progress.fraction, "message": job.progress.message} if job.progress else None,
-        "attempts": [
-            {
-                "attempt": a.attempt,
-                "worker_id": a.worker_id,
-                "state": a.state.name if a.state else None,
-                "error": {"code": a.error.code, "message": a.error.message} if a.error else None,
-            }
-            for a in job.attempts
-        ],
-    }
-
-
-def event_dict(e: Event) -> dict[str, Any]:
-    return {
-        "job_id": e.job_id,
-        "queue": e.queue,
-        "kind": e.kind,
-        "state": e.state.name if e.state else None,
-        "attempt": e.attempt,
-        "worker_id": e.worker_id,
-        "result": e.result,
-        "error": {"code": e.error.code, "message": e.error.message} if e.error else None,
-        "progress": {"fraction": e.progress.fraction, "message": e.progress.message} if e.progress else None,
-        "time": e.time.isoformat() if e.time else None,
-    }
+def plain(value: Any) -> Any:
+    """A client value (a Job, an Event, QueueStats, ...) as JSON-ready values: states by name,
+    times in ISO 8601, durations in seconds, bytes in base64, messages as protobuf's JSON."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "raw"}
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, Message):
+        return json_format.MessageToDict(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
 
 
 def jobs_table(jobs: Sequence[Job], title: str = "") -> Table:
@@ -299,7 +279,7 @@ class Cli:
         job = await self.client.submit(a.kind, _json_arg(a.args), **_job_options(a))
         if not a.wait:
             if a.json:
-                self.emit(job_dict(job))
+                self.emit(plain(job))
             else:
                 self.console.print(Text.assemble("submitted ", (job.id, "bold"), " ", _state(job.state)))
             return EXIT_OK
@@ -309,7 +289,7 @@ class Cli:
         outcome: Event | None = None
         if self.args.json:
             async for e in self.client.watch([job.id], progress=True):
-                self.emit(event_dict(e))
+                self.emit(plain(e))
                 outcome = e if e.terminal else outcome
         else:
             with Progress(
@@ -342,7 +322,7 @@ class Cli:
         outcome: Event | None = None
         async for e in self.client.run(a.kind, _json_arg(a.args), **_job_options(a)):
             if a.json:
-                self.emit(event_dict(e))
+                self.emit(plain(e))
             elif e.progress:
                 self.console.print(f"  {e.progress.fraction:.0%} {e.progress.message}")
             elif e.terminal:
@@ -355,7 +335,7 @@ class Cli:
     async def get(self) -> int:
         job = await self.client.get(self.args.id)
         if self.args.json:
-            self.emit(job_dict(job))
+            self.emit(plain(job))
         else:
             self.console.print(job_panel(job))
         return EXIT_OK
@@ -363,7 +343,7 @@ class Cli:
     async def cancel(self) -> int:
         job = await self.client.cancel(self.args.id)
         if self.args.json:
-            self.emit(job_dict(job))
+            self.emit(plain(job))
         elif job.state is JobState.CANCELLED:
             self.console.print(Text.assemble("cancelled ", (job.id, "bold")))
         else:
@@ -373,7 +353,7 @@ class Cli:
     async def retry(self) -> int:
         job = await self.client.retry_job(self.args.id)
         if self.args.json:
-            self.emit(job_dict(job))
+            self.emit(plain(job))
         else:
             self.console.print(Text.assemble("queued again ", (job.id, "bold"), " ", _state(job.state)))
         return EXIT_OK
@@ -388,7 +368,7 @@ class Cli:
                 break
         if a.json:
             for job in found:
-                self.emit(job_dict(job))
+                self.emit(plain(job))
         else:
             self.console.print(jobs_table(found, f"{a.queue}: {len(found)} job(s), newest first"))
         return EXIT_OK
@@ -399,7 +379,7 @@ class Cli:
         stream = self.client.watch(a.ids, queue=a.queue, kinds=a.kind)
         if a.json:
             async for e in stream:
-                self.emit(event_dict(e))
+                self.emit(plain(e))
             return EXIT_OK
 
         def render() -> Table:
@@ -423,7 +403,7 @@ class Cli:
         found = await self.client.workers()
         if self.args.json:
             for w in found:
-                self.emit({**dataclasses.asdict(w), "last_seen": w.last_seen.isoformat() if w.last_seen else None})
+                self.emit(plain(w))
         else:
             self.console.print(workers_table(found))
         return EXIT_OK
@@ -432,7 +412,7 @@ class Cli:
         stats = await self.client.queue_stats(self.args.queues)
         if self.args.json:
             for s in stats:
-                self.emit(_stats_dict(s))
+                self.emit(plain(s))
         else:
             self.console.print(queues_table(stats))
         return EXIT_OK
@@ -466,17 +446,7 @@ class Cli:
             found = await self.client.schedules()
         if a.json:
             for s in found:
-                self.emit(
-                    {
-                        "name": s.name,
-                        "cron": s.cron,
-                        "interval_s": s.interval.total_seconds() if s.interval else None,
-                        "kind": s.job.kind,
-                        "queue": s.job.queue or "default",
-                        "paused": s.paused,
-                        "next_runs": [t.isoformat() for t in s.next_runs],
-                    }
-                )
+                self.emit(plain(s))
         else:
             self.console.print(schedules_table(found))
         return EXIT_OK
@@ -506,26 +476,6 @@ class Cli:
                 live.update(await frame(), refresh=True)
                 await asyncio.sleep(a.interval)
         return EXIT_OK
-
-
-def _stats_dict(s: QueueStats) -> dict[str, Any]:
-    return {
-        "queue": s.queue,
-        "waiting": s.waiting,
-        "scheduled": s.scheduled,
-        "running": s.running,
-        "blocked": s.blocked,
-        "succeeded": s.succeeded,
-        "failed": s.failed,
-        "cancelled": s.cancelled,
-        "window_s": s.window.total_seconds(),
-        "dead_letters": s.dead_letters,
-        "ended_per_minute": list(s.ended_per_minute),
-        "oldest_waiting_s": s.oldest_waiting_age.total_seconds() if s.oldest_waiting_age else None,
-        "paused": s.paused,
-        "workers": s.workers,
-        "slots": s.slots,
-    }
 
 
 def _json_arg(text: str | None) -> Any:
