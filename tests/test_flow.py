@@ -4,6 +4,7 @@ real Redis."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -428,6 +429,37 @@ async def test_a_key_rate_limit_spaces_that_keys_starts_and_not_the_others(
         assert t - starts[0] >= (i - 2) * 500 - 50, (i, [s - starts[0] for s in starts])
     assert starts[-1] - starts[0] >= 1900
     assert max(jobs[j].started_at.ToMilliseconds() for j in other) - starts[0] < 900  # y has its own bucket
+
+
+@pytest.mark.gateway(worker=("--queues", "paced", "--concurrency", "4"))
+async def test_a_keyed_retry_that_comes_due_while_its_key_has_no_start_left_waits_for_one(
+    client: Client, redis: Redis, keys: Keys
+) -> None:
+    rate = scheduler_pb2.RateLimit(count=1, period=Duration(seconds=2))
+    limits = scheduler_pb2.QueueLimits(rate_per_key=rate)
+    await client.stub.SetQueueLimits(scheduler_pb2.SetQueueLimitsRequest(queue="paced", limits=limits), timeout=5)
+    retry = job_pb2.RetryPolicy(initial_backoff=Duration(nanos=100_000_000))
+    first = (await client.submit("fail", queue="paced", concurrency_key="k", max_attempts=2, retry=retry)).job.id
+
+    async def waits_for_a_start() -> bool:  # its retry came due with the key's one start spent
+        job = (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=first), timeout=5)).job
+        return len(job.attempts) == 1 and job.state == S.JOB_STATE_SCHEDULED and "rate_per_key" in job.waiting_reason
+
+    await eventually(waits_for_a_start, timeout=10, what="the retry waiting for the key's next start")
+    second = (await client.submit("echo", queue="paced", concurrency_key="k")).job.id
+    done = await client.wait_results([first, second], timeout=30)  # the key is never stuck
+    assert (done[first].state, done[first].attempt, done[second].state) == (
+        S.JOB_STATE_FAILED,
+        2,
+        S.JOB_STATE_SUCCEEDED,
+    )
+    jobs = {j: (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=j), timeout=5)).job for j in (first, second)}
+    starts = sorted(
+        [a.started_at.ToMilliseconds() for a in jobs[first].attempts] + [jobs[second].started_at.ToMilliseconds()]
+    )
+    assert all(b - a >= 1900 for a, b in itertools.pairwise(starts)), starts  # one start per 2 s
+    stats = (await client.stub.GetQueueStats(scheduler_pb2.GetQueueStatsRequest(queues=["paced"]), timeout=5)).queues
+    assert (stats[0].scheduled, stats[0].waiting) == (0, 0)
 
 
 @pytest.mark.gateway(worker=("--concurrency", "1"))

@@ -273,7 +273,7 @@ local function key_next(ns, queue, key, now)
     return
   end
   count(ns, queue, 'n_lined', -redis.call('ZREM', line, id))
-  if l.rate_n then redis.call('PERSIST', hk) end  -- an idle key's bucket may have been set to expire
+  if h[3] then redis.call('PERSIST', hk) end  -- a key with a bucket may have been set to expire while idle
   redis.call('HSET', hk, 'head', id)
   local jk = job_key(ns.P, id)
   local tokens = key_tokens(l, h[3], h[4], now)
@@ -337,7 +337,9 @@ unbook = function(ns, queue, id, key, now)
   end
 end
 
--- Put a placed job back in its queue. `interrupted` is true when it had started running
+-- Put a placed job back in its queue; returns its queue and its state: QUEUED, or SCHEDULED when
+-- it is the head of a concurrency key with no start left in its bucket (key_next scheduled it and
+-- published its SCHEDULED event). `interrupted` is true when it had started running
 -- on purpose-stopped worker (hand-back), which does not use up an attempt.
 local function requeue(ns, jk, job_id, now, interrupted)
   local j = redis.call('HMGET', jk, 'queue', 'prio', 'seq', 'attempt', 'kind', 'group', 'ckey')
@@ -349,14 +351,14 @@ local function requeue(ns, jk, job_id, now, interrupted)
     key_wait(ns, jk, job_id, j[1], j[7])
     unbook(ns, j[1], job_id, j[7], now)
     key_next(ns, j[1], j[7], now)
-    return j[1]
+    return j[1], tonumber(redis.call('HGET', jk, 'state'))  -- SCHEDULED when its key has no start left
   end
   local group = j[6] or j[5]
   unbook(ns, j[1], job_id, nil, now)
   redis.call('ZADD', pending_key(ns.P, j[1], group), pending_score(tonumber(j[2]), tonumber(j[3])), job_id)
   redis.call('SADD', kinds_key(ns.P, j[1]), group)
   redis.call('SADD', ns.queues, j[1])  -- placement may have dropped the emptied queue
-  return j[1]
+  return j[1], QUEUED
 end
 
 -- Record a terminal state and start the job's retention clock: its 'ttl' field, or for FAILED its
@@ -437,9 +439,11 @@ resolve_dependents = function(ns, id, state, now)
             schedule_job(ns, jk, d, j[2], due, now)
             events[#events + 1] = pb_events_of(d, fields, SCHEDULED, tonumber(now), due)
           else
-            requeue(ns, jk, d, now, false)
-            redis.call('HDEL', jk, 'due')
-            events[#events + 1] = pb_events_of(d, fields, QUEUED, tonumber(now))
+            local _, st = requeue(ns, jk, d, now, false)
+            if st == QUEUED then
+              redis.call('HDEL', jk, 'due')
+              events[#events + 1] = pb_events_of(d, fields, QUEUED, tonumber(now))
+            end
           end
         end
       else

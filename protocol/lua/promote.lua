@@ -6,22 +6,28 @@
 --   entry of '' (call again)
 local ns, now, limit = namespace(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local due = redis.call('ZRANGEBYSCORE', ns.delayed, '-inf', now, 'LIMIT', 0, limit)
-local queues, seen, events = {}, {}, {}
+local queues, seen, events, stale = {}, {}, {}, {}
 for _, id in ipairs(due) do
   local jk = job_key(ns.P, id)
   local j = redis.call('HMGET', jk, 'state', 'queue', 'kind', 'attempt')
   if tonumber(j[1]) == SCHEDULED then
+    -- out of the delayed zset first: a concurrency key with no start left schedules it again
+    redis.call('ZREM', ns.delayed, id)
     count(ns, j[2], 'n_scheduled', -1)
-    local queue = requeue(ns, jk, id, now, false)
-    redis.call('HDEL', jk, 'due', 'err_code', 'err_msg')  -- a retry's failure stays in its history
-    events[#events + 1] = pb_events_of(id, {queue = j[2], kind = j[3], attempt = tonumber(j[4])}, QUEUED, now)
-    if not seen[queue] then
-      seen[queue] = true
-      queues[#queues + 1] = queue
+    local queue, state = requeue(ns, jk, id, now, false)
+    if state == QUEUED then
+      redis.call('HDEL', jk, 'due', 'err_code', 'err_msg')  -- a retry's failure stays in its history
+      events[#events + 1] = pb_events_of(id, {queue = j[2], kind = j[3], attempt = tonumber(j[4])}, QUEUED, now)
+      if not seen[queue] then
+        seen[queue] = true
+        queues[#queues + 1] = queue
+      end
     end
+  else
+    stale[#stale + 1] = id
   end
 end
-call_chunked('ZREM', ns.delayed, due, 1000)
+call_chunked('ZREM', ns.delayed, stale, 1000)
 publish_parts(ns.results, events)
 if #due == limit and redis.call('ZCOUNT', ns.delayed, '-inf', now) > 0 then queues[#queues + 1] = '' end
 return queues

@@ -25,6 +25,8 @@ redis.call('PERSIST', jk)
 redis.call('HDEL', jk, 'err_code', 'err_msg', 'finished', 'result', 'output', 'recorded', 'due', 'cancel')
 redis.call('HSET', jk, 'base', attempt, 'max_attempts', attempt + allowed - base)
 redis.call('ZREM', failed_key(ns.P, j[2]), id)
-requeue(ns, jk, id, now, false)
-publish_parts(ns.results, {pb_events_of(id, {queue = j[2], kind = j[3], attempt = attempt}, QUEUED, now)})
+local _, queued = requeue(ns, jk, id, now, false)
+if queued == QUEUED then  -- else its concurrency key has no start left: SCHEDULED, and said so
+  publish_parts(ns.results, {pb_events_of(id, {queue = j[2], kind = j[3], attempt = attempt}, QUEUED, now)})
+end
 return {1, j[2]}
