@@ -122,7 +122,7 @@ def test_top_and_watch_refresh_in_place_in_a_terminal(address: str, tmux: str) -
     first = wait_screen(tmux, "jobgate top")
     assert "workers 1" in first and "slots 0/4 busy" in first
     for _ in range(3):
-        jobgate(address, "submit", "sleep", '{"seconds": 30}')
+        jobgate(address, "submit", "sleep", '{"seconds": 8}')
     busy = wait_screen(tmux, "slots 3/4 busy")
     assert "│ default │" in busy and busy.count("jobgate top") == 1  # redrawn in place, not scrolled
     subprocess.run(["tmux", "send-keys", "-t", tmux, "C-c", ""], check=True, timeout=10)

@@ -149,12 +149,15 @@ def test_ctrl_c_stops_the_running_demo_and_every_process_it_started() -> None:
                 for p in started
                 if Path(f"/proc/{p}").exists()
             }
+            for pid in left:  # each runs in a session of its own: the demo's kill would not reach them
+                os.kill(pid, signal.SIGKILL)
             pytest.fail(
                 f"the demo did not stop within 60 s after Ctrl-C; still running: {left}; output:\n{''.join(lines)}"
             )
     finally:
         if demo.poll() is None:
             demo.kill()
+            demo.wait(timeout=10)
     output = "".join(lines) + rest
     assert demo.returncode == 0, output
     pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", output)]

@@ -735,13 +735,17 @@ local function assign(ns, queue, waiting, cands, free, most, now)
       local key = pending_key(ns.P, queue, kind)
       local first = redis.call('ZRANGE', key, 0, limit - 1, 'WITHSCORES')
       if first[1] then
-        heads[kind] = {key = key, ids = first, pos = 1, score = tonumber(first[2]), taken = {}}
+        -- with `more`, jobs past the last one read may wait too: nothing is put in after it
+        heads[kind] = {key = key, ids = first, pos = 1, score = tonumber(first[2]), taken = {},
+          more = #first == 2 * limit, last = tonumber(first[#first])}
       end
     end
   end
-  -- A key's next head, lined up while this call places its jobs, joins the chosen ones in order.
+  -- A key's next head, lined up while this call places its jobs, joins the chosen ones in order
+  -- (unless jobs this call has not read may come before it: then a later call places it).
   local function insert(group, id, score)
     local h = heads[group]
+    if h and h.more and score > h.last then return end
     if not h then
       h = {key = pending_key(ns.P, queue, group), ids = {}, pos = 1, taken = {}}
       heads[group] = h
