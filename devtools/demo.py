@@ -200,7 +200,13 @@ def _run(args: argparse.Namespace, stack: Stack, signals: Signals) -> int:
             worker = stack.start_worker("--concurrency", str(WORKER_CONCURRENCY))
         print(f"worker {worker.worker_id} started (pid {worker.pid})")
     if args.jobs:
-        done = asyncio.run(submit_and_watch(address, args.jobs))
+        with signals.held():  # a signal raised while the event loop is being built would leave it half made
+            runner = asyncio.Runner()
+            runner.get_loop()
+        try:
+            done = runner.run(submit_and_watch(address, args.jobs))
+        finally:
+            runner.close()
         if done != args.jobs:
             print(stack.logs(), file=sys.stderr)
             return 1
