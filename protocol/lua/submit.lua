@@ -127,7 +127,7 @@ end
 local pending, pending_keys = {}, {}  -- per pending zset: score, id pairs
 local listed, listed_queues = {}, {}  -- per queue: score, id pairs for its jobs zset
 local horizon = {}  -- per queue: the shortest retention (s) of the call's jobs
-local keyed = {}  -- the concurrency keys that had jobs stored in line: {queue, key}
+local keyed, keyed_seen = {}, {}  -- the concurrency keys that had jobs stored in line: {queue, key}, once each
 local later = {}  -- indexes of the jobs stored SCHEDULED
 for _, i in ipairs(fresh) do
   local k, a = NS_KEYS + 3 + 5 * i, B + A * i
@@ -175,7 +175,10 @@ for _, i in ipairs(fresh) do
     later[i] = true
   elseif ckey ~= '' then
     count(ns, queue, 'n_lined', redis.call('ZADD', ckey_jobs_key(ns.P, queue, ckey), pending_score(prio, seq), id))
-    keyed[#keyed + 1] = {queue, ckey}
+    if not keyed_seen[queue .. ':' .. ckey] then
+      keyed_seen[queue .. ':' .. ckey] = true
+      keyed[#keyed + 1] = {queue, ckey}
+    end
   else
     local members = pending[KEYS[k + 1]]
     if not members then
