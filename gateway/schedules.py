@@ -11,6 +11,8 @@ the next gateway's submit answers with the job already stored.
 from __future__ import annotations
 
 import logging
+import re
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -44,6 +46,7 @@ MIN_INTERVAL_MS = 1000
 DEFAULT_GRACE_MS = 60_000
 NEXT_SHOWN = 5  # next ticks GetSchedule shows
 DUE_PER_PASS = 100  # schedules handled per pass (more wait for the next)
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 RUN_ONCE = scheduler_pb2.MISFIRE_POLICY_RUN_ONCE
 SKIP_MISSED = scheduler_pb2.MISFIRE_POLICY_SKIP
@@ -168,6 +171,17 @@ def _zone(name: str, field: str) -> ZoneInfo:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
         raise InvalidArgument(f"{field}: unknown time zone {name!r} (an IANA name such as Europe/Paris)") from None
+
+
+def trigger_request(spec: scheduler_pb2.ScheduleSpec, request_id: str) -> scheduler_pb2.SubmitJobRequest:
+    """The job a TriggerSchedule call submits: the schedule's template with the idempotency key
+    ``schedule:<name>:manual:<request_id>`` (a fresh id when none is given). Raises InvalidArgument."""
+    if request_id and not REQUEST_ID_RE.fullmatch(request_id):
+        raise InvalidArgument("request_id: must be 1-64 characters from [A-Za-z0-9_.:-]")
+    req = scheduler_pb2.SubmitJobRequest()
+    req.CopyFrom(spec.job)
+    req.idempotency_key = f"schedule:{spec.name}:manual:{request_id or uuid.uuid4().hex}"
+    return req
 
 
 def schedule_message(stored: StoredSchedule, shown: int) -> scheduler_pb2.Schedule:

@@ -17,7 +17,7 @@ import grpc
 from common import tracing
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 from protocol.coalesce import Coalescer
-from protocol.codec import BLOCKED, CANCELLED, QUEUED, SCHEDULED, TERMINAL, event_from_hash
+from protocol.codec import BLOCKED, CANCELLED, QUEUED, SCHEDULED, TERMINAL, event_from_hash, timestamp
 from protocol.connection import now_ms
 from protocol.errors import AlreadyExists, InvalidArgument, JobgateError, NotFound
 from protocol.gateway_calls import GatewayCalls, PreparedJob
@@ -29,7 +29,14 @@ from .batches import prepare_batch_options
 from .hub import Hub
 from .metrics import GatewayMetrics
 from .scheduler import Scheduler
-from .schedules import NEXT_SHOWN, prepare_schedule, schedule_message, schedule_name, timing_of
+from .schedules import (
+    NEXT_SHOWN,
+    prepare_schedule,
+    schedule_message,
+    schedule_name,
+    timing_of,
+    trigger_request,
+)
 from .streams import Admission, Follower, Watcher, chunks
 from .validation import (
     Limits,
@@ -447,6 +454,23 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         if not await self.schedules.delete(name):
             raise NotFound(f"name: no schedule {name!r}")
         return scheduler_pb2.DeleteScheduleResponse()
+
+    @unary
+    async def TriggerSchedule(
+        self, request: scheduler_pb2.TriggerScheduleRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.TriggerScheduleResponse:
+        name = schedule_name(request.name)
+        current = await self._schedule(name, 0)  # NOT_FOUND, PERMISSION_DENIED
+        prepared = prepare(trigger_request(current.spec, request.request_id), self.limits, "job.")
+        asked = now_ms()
+        with self._traced(context, [prepared]) as [traced]:
+            job = await self._submit_one(traced)
+        if job.created_at.ToMilliseconds() >= asked - 1:  # not a retry answered with its earlier job
+            now = now_ms()
+            run = scheduler_pb2.ScheduleRun(tick=timestamp(asked), job_id=job.id, time=timestamp(now), manual=True)
+            if not await self.schedules.record(name, job.id, run.SerializeToString()):
+                raise NotFound(f"name: no schedule {name!r}")
+        return scheduler_pb2.TriggerScheduleResponse(job=job, schedule=await self._schedule(name, 1))
 
     async def _schedule(self, name: str, shown: int) -> scheduler_pb2.Schedule:
         """The schedule, with up to ``shown`` next ticks. Raises NotFound, or PermissionDenied for a

@@ -72,7 +72,9 @@ EXAMPLES = {
     "queues": "jobgate queues",
     "pause": "jobgate pause emails",
     "resume": "jobgate resume emails",
-    "schedules": "jobgate schedules\n  jobgate schedules pause nightly-report",
+    "schedules": (
+        "jobgate schedules\n  jobgate schedules pause nightly-report\n  jobgate schedules trigger nightly-report"
+    ),
     "top": "jobgate top --interval 1",
 }
 
@@ -115,7 +117,8 @@ def _short(value: Any, width: int = 60) -> str:
 
 def plain(value: Any) -> Any:
     """A client value (a Job, an Event, QueueStats, ...) as JSON-ready values: states by name,
-    times in ISO 8601, durations in seconds, bytes in base64, messages as protobuf's JSON."""
+    times in ISO 8601, durations in seconds, bytes in base64, messages as protobuf's JSON (with the
+    proto's field names, as the rest)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "raw"}
     if isinstance(value, enum.Enum):
@@ -127,7 +130,7 @@ def plain(value: Any) -> Any:
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
     if isinstance(value, Message):
-        return json_format.MessageToDict(value)
+        return json_format.MessageToDict(value, preserving_proto_field_name=True)
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -440,6 +443,12 @@ class Cli:
             if a.action == "delete":
                 await self.client.delete_schedule(a.name)
                 return self._said(f"schedule {a.name} deleted", False) if not a.json else EXIT_OK
+            if a.action == "trigger":
+                job = await self.client.trigger_schedule(a.name)
+                if a.json:
+                    self.emit(plain(job))
+                    return EXIT_OK
+                return self._said(f"schedule {a.name} triggered: job {job.id} {job.state}", False)
             act = {"pause": self.client.pause_schedule, "resume": self.client.resume_schedule}[a.action]
             found = [await act(a.name)]
         else:
@@ -580,9 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("queues", nargs="*", help="queue names (default: every queue)")
     for name, text in (("pause", "Pause a queue: jobs are stored, none placed."), ("resume", "Resume a paused queue.")):
         command(name, text).add_argument("queue", help="the queue")
-    p = command("schedules", "List periodic schedules, or pause, resume or delete one.")
-    p.add_argument("action", nargs="?", default="list", choices=["list", "pause", "resume", "delete"])
-    p.add_argument("name", nargs="?", help="the schedule (for pause, resume, delete)")
+    p = command("schedules", "List periodic schedules, or pause, resume, trigger (run now) or delete one.")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "pause", "resume", "trigger", "delete"])
+    p.add_argument("name", nargs="?", help="the schedule (for pause, resume, trigger, delete)")
     p = command("top", "A live view of queues, rates, workers and slots, refreshed in place.")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     p.add_argument("--iterations", type=int, default=0, help="stop after this many refreshes (default: never)")

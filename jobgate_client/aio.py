@@ -423,6 +423,12 @@ class Client:
         req = scheduler_pb2.ResumeScheduleRequest(name=name)
         return Schedule.from_pb((await self._call(lambda s: s.ResumeSchedule, req, safe=True)).schedule)
 
+    async def trigger_schedule(self, name: str, request_id: str = "") -> Job:
+        """Submits a schedule's job now, outside its timing (paused or not); returns the job. Calls
+        with the same ``request_id`` submit one job between them."""
+        req = scheduler_pb2.TriggerScheduleRequest(name=name, request_id=request_id)
+        return Job.from_pb((await self._call(lambda s: s.TriggerSchedule, req, safe=bool(request_id))).job)
+
     async def delete_schedule(self, name: str) -> None:
         await self._call(lambda s: s.DeleteSchedule, scheduler_pb2.DeleteScheduleRequest(name=name), safe=False)
 

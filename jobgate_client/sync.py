@@ -123,5 +123,8 @@ class SyncClient:
     def resume_schedule(self, name: str) -> Schedule:
         return self._run(self.aio.resume_schedule(name))
 
+    def trigger_schedule(self, name: str, request_id: str = "") -> Job:
+        return self._run(self.aio.trigger_schedule(name, request_id))
+
     def delete_schedule(self, name: str) -> None:
         self._run(self.aio.delete_schedule(name))

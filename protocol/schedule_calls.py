@@ -47,6 +47,11 @@ class ScheduleCalls(Calls):
         gateway did, or the schedule was paused or deleted meanwhile (nothing changes)."""
         return await self._periodic("advance", name, tick, next_ms, job_id, run) == 1
 
+    async def record(self, name: str, job_id: str, run: bytes) -> bool:
+        """Records a run outside the timing (TriggerSchedule) without moving the next tick; False
+        when there is no such schedule."""
+        return await self._periodic("record", name, job_id, run) == 1
+
     async def pause(self, name: str) -> bool:
         """False when there is no such schedule."""
         return await self._periodic("pause", name) == 1

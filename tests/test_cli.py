@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from devtools.devstack import Stack
+from jobgate.v1 import scheduler_pb2
+from jobgate_client import SyncClient, job_request
 
 JOBGATE = Path(sys.executable).parent / "jobgate"
 
@@ -83,7 +85,15 @@ def test_listings_queues_and_their_actions(address: str) -> None:
     workers = lines(jobgate(address, "--json", "workers"))
     assert len(workers) == 1 and workers[0]["slots"] == 4
     assert "busy" in jobgate(address, "workers").stdout
-    assert jobgate(address, "schedules").returncode == 0
+    with SyncClient(address) as client:
+        spec = scheduler_pb2.ScheduleSpec(name="nightly", cron="@daily", job=job_request("echo", {"n": 7}))
+        client.create_schedule(spec)
+    listed_schedules = jobgate(address, "schedules")
+    assert listed_schedules.returncode == 0 and "nightly" in listed_schedules.stdout
+    [triggered] = lines(jobgate(address, "--json", "schedules", "trigger", "nightly"))
+    assert triggered["kind"] == "echo" and triggered["args"] == {"n": 7}
+    [schedule] = lines(jobgate(address, "--json", "schedules"))
+    assert schedule["recent_runs"][0]["job_id"] == triggered["id"]
     missing = jobgate(address, "schedules", "pause", "no-such-schedule")
     assert missing.returncode == 3 and "NOT_FOUND" in missing.stderr
 

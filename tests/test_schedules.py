@@ -222,6 +222,7 @@ async def test_schedule_names_are_unique_and_unknown_names_are_not_found(client:
         (client.stub.PauseSchedule, S.PauseScheduleRequest(name="nope")),
         (client.stub.ResumeSchedule, S.ResumeScheduleRequest(name="nope")),
         (client.stub.DeleteSchedule, S.DeleteScheduleRequest(name="nope")),
+        (client.stub.TriggerSchedule, S.TriggerScheduleRequest(name="nope")),
     ):
         code, details = await status_of(call(req, timeout=5))
         assert code == grpc.StatusCode.NOT_FOUND and details.startswith("name:"), details
@@ -229,6 +230,40 @@ async def test_schedule_names_are_unique_and_unknown_names_are_not_found(client:
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     code, _ = await status_of(client.stub.ListSchedules(S.ListSchedulesRequest(page_token="x"), timeout=5))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_trigger_runs_a_paused_schedules_job_now_once_per_request_id_and_leaves_its_ticks(
+    client: Client, redis: Redis, keys: Keys
+) -> None:
+    await create(client, every("hourly", Duration(seconds=3600), job=request("echo", {"n": 1})))
+    await client.stub.PauseSchedule(S.PauseScheduleRequest(name="hourly"), timeout=5)
+    before = await get(client, "hourly")
+    asked = int(time.time() * 1000)
+    first = await client.stub.TriggerSchedule(S.TriggerScheduleRequest(name="hourly", request_id="r-1"), timeout=5)
+    assert first.job.spec.kind == "echo" and first.job.spec.args.struct_value.fields["n"].number_value == 1
+    assert first.job.spec.idempotency_key == "schedule:hourly:manual:r-1"
+    again = await client.stub.TriggerSchedule(S.TriggerScheduleRequest(name="hourly", request_id="r-1"), timeout=5)
+    assert again.job.id == first.job.id  # a retry: the same job, recorded once
+    other = await client.stub.TriggerSchedule(S.TriggerScheduleRequest(name="hourly"), timeout=5)
+    assert other.job.id != first.job.id
+    done = await client.wait_results([first.job.id, other.job.id], timeout=20)
+    assert {e.state for e in done.values()} == {job_pb2.JOB_STATE_SUCCEEDED}
+
+    after = await get(client, "hourly")
+    assert after.paused and not after.next_fire_times  # still paused: a trigger is not a resume
+    runs = list(after.recent_runs)
+    assert [(r.job_id, r.manual, r.skipped) for r in runs] == [(other.job.id, True, ""), (first.job.id, True, "")]
+    assert asked <= ms(runs[1].tick) <= ms(runs[1].time) <= int(time.time() * 1000)
+    assert await redis.hget(keys.schedule("hourly"), "last_job") == other.job.id.encode()
+    await client.stub.ResumeSchedule(S.ResumeScheduleRequest(name="hourly"), timeout=5)
+    resumed = await get(client, "hourly")
+    assert (ms(resumed.next_fire_times[0]) - ms(before.created_at)) % 3_600_000 == 0  # its own ticks
+
+    for request_id in ("bad id", "x" * 65, "ü"):
+        reply = client.stub.TriggerSchedule(S.TriggerScheduleRequest(name="hourly", request_id=request_id), timeout=5)
+        code, details = await status_of(reply)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("request_id:"), details
+    assert len((await get(client, "hourly")).recent_runs) == 2  # refusals record nothing
 
 
 async def test_three_gateways_submit_exactly_one_job_per_tick_while_one_is_killed(

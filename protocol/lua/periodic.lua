@@ -14,6 +14,8 @@
 --   pause: returns 1 paused (or already paused), 0 missing
 --   resume: ARGV[3] the next tick ms; returns 1 resumed (or was not paused: nothing changes), 0 missing
 --   delete: returns 1 deleted, 0 missing
+--   record: ARGV[3] job id, ARGV[4] ScheduleRun bytes (a run outside the timing, TriggerSchedule):
+--     returns 1 recorded (the next tick does not change), 0 missing
 local names, due, hash, runs = KEYS[NS_KEYS + 1], KEYS[NS_KEYS + 2], KEYS[NS_KEYS + 3], KEYS[NS_KEYS + 4]
 local op, name = ARGV[1], ARGV[2]
 local RUNS_KEPT = 10
@@ -33,6 +35,11 @@ if op == 'advance' then
   if ARGV[5] ~= '' then redis.call('HSET', hash, 'last_job', ARGV[5]) end
   redis.call('ZADD', due, ARGV[4], name)
   redis.call('LPUSH', runs, ARGV[6])
+  redis.call('LTRIM', runs, 0, RUNS_KEPT - 1)
+  return 1
+elseif op == 'record' then
+  redis.call('HSET', hash, 'last_job', ARGV[3])
+  redis.call('LPUSH', runs, ARGV[4])
   redis.call('LTRIM', runs, 0, RUNS_KEPT - 1)
   return 1
 elseif op == 'pause' then

@@ -110,6 +110,11 @@ class SchedulerServiceStub:
                 request_serializer=jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleRequest.SerializeToString,
                 response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleResponse.FromString,
                 _registered_method=True)
+        self.TriggerSchedule = channel.unary_unary(
+                '/jobgate.v1.SchedulerService/TriggerSchedule',
+                request_serializer=jobgate_dot_v1_dot_scheduler__pb2.TriggerScheduleRequest.SerializeToString,
+                response_deserializer=jobgate_dot_v1_dot_scheduler__pb2.TriggerScheduleResponse.FromString,
+                _registered_method=True)
         self.PauseQueue = channel.unary_unary(
                 '/jobgate.v1.SchedulerService/PauseQueue',
                 request_serializer=jobgate_dot_v1_dot_scheduler__pb2.PauseQueueRequest.SerializeToString,
@@ -272,6 +277,16 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TriggerSchedule(self, request, context):
+        """Submits a schedule's job now, once, outside its timing, whether the schedule is paused or not:
+        its next ticks stay as they were and its overlap policy does not apply (the caller asked). The
+        run is recorded in `recent_runs` with `manual` set. Errors: INVALID_ARGUMENT, NOT_FOUND,
+        PERMISSION_DENIED, and those of SubmitJob for the job (e.g. RESOURCE_EXHAUSTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PauseQueue(self, request, context):
         """Pauses a queue: its jobs are still accepted and stored, but none is placed until it is resumed;
         jobs already placed run on. The pause is kept in Redis: it holds for every gateway, across
@@ -403,6 +418,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.DeleteSchedule,
                     request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleRequest.FromString,
                     response_serializer=jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleResponse.SerializeToString,
+            ),
+            'TriggerSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.TriggerSchedule,
+                    request_deserializer=jobgate_dot_v1_dot_scheduler__pb2.TriggerScheduleRequest.FromString,
+                    response_serializer=jobgate_dot_v1_dot_scheduler__pb2.TriggerScheduleResponse.SerializeToString,
             ),
             'PauseQueue': grpc.unary_unary_rpc_method_handler(
                     servicer.PauseQueue,
@@ -841,6 +861,33 @@ class SchedulerService:
             '/jobgate.v1.SchedulerService/DeleteSchedule',
             jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleRequest.SerializeToString,
             jobgate_dot_v1_dot_scheduler__pb2.DeleteScheduleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TriggerSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobgate.v1.SchedulerService/TriggerSchedule',
+            jobgate_dot_v1_dot_scheduler__pb2.TriggerScheduleRequest.SerializeToString,
+            jobgate_dot_v1_dot_scheduler__pb2.TriggerScheduleResponse.FromString,
             options,
             channel_credentials,
             insecure,
