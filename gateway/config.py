@@ -128,6 +128,14 @@ class GatewaySettings:
         10.0, "time unary calls in progress get on shutdown, seconds (streams end at once with UNAVAILABLE)"
     )
     metrics_listen: str = setting("", "host:port serving Prometheus metrics at /metrics; empty turns them off")
+    dashboard_listen: str = setting(
+        "",
+        "host:port serving the web dashboard (HTTPS with the TLS settings; the same tokens as gRPC calls);"
+        " empty turns it off",
+    )
+    dashboard_read_only: bool = setting(
+        False, "the dashboard shows everything but changes nothing (no cancel, retry, pause, resume, run now)"
+    )
     log_level: str = setting("INFO", "log level")
     log_format: str = setting("text", "text or json (one object per line)")
     tracing: bool = setting(
@@ -232,6 +240,7 @@ class GatewaySettings:
             raise ValueError("tracing needs OpenTelemetry: pip install 'jobgate[otel]'")
         check_listen("listen", self.listen)
         check_listen("metrics_listen", self.metrics_listen, optional=True)
+        check_listen("dashboard_listen", self.dashboard_listen, optional=True)
         if self.idempotency_ttl_s > self.retention_s:
             raise ValueError("idempotency_ttl_s must not exceed retention_s (a key would outlive its job)")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +18,7 @@ from redis.asyncio import Redis
 
 from common import tracing
 from common.metrics import serve
+from dashboard.server import Dashboard, DashboardMetrics, ssl_context
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from protocol.calls import Durability
 from protocol.connection import bounded, longest_call_s, redis_client
@@ -56,6 +59,8 @@ class Gateway:
     service: SchedulerService
     authenticator: Authenticator | None = None
     metrics_server: Any | None = None
+    dashboard: Dashboard | None = None
+    private_dir: str = ""  # holds the unix socket the dashboard calls the gateway through
 
     def reload_tokens(self) -> None:
         """Reads the token settings again (SIGHUP): the file's current entries replace the old ones.
@@ -79,6 +84,8 @@ class Gateway:
         """
         grace = self.settings.grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         self.service.close_streams()
         # Let the streams send their status before the server itself stops: a stream still writing
         # when it does can reach its client as CANCELLED instead.
@@ -97,6 +104,8 @@ class Gateway:
         await bounded(self.redis.aclose(), self.settings.redis_timeout_s, "closing Redis connections")
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+        if self.private_dir:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
 
 
 async def start(settings: GatewaySettings) -> Gateway:
@@ -187,8 +196,25 @@ async def start(settings: GatewaySettings) -> Gateway:
     )
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}")
+    private_dir = tempfile.mkdtemp(prefix="jobgate-gateway-") if settings.dashboard_listen else ""  # mode 0700
+    if private_dir and not server.add_insecure_port(f"unix:{private_dir}/grpc.sock"):
+        raise OSError(f"cannot listen on a unix socket in {private_dir}")
     await server.start()
     metrics_server = serve(settings.metrics_listen, metrics.registry) if settings.metrics_listen else None
+    dashboard = None
+    if settings.dashboard_listen:
+        dashboard = Dashboard(
+            f"unix:{private_dir}/grpc.sock",
+            read_only=settings.dashboard_read_only,
+            auth=settings.auth_enabled,
+            metrics=DashboardMetrics(metrics.registry),
+        )
+        tls = (
+            ssl_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+            if settings.tls_enabled
+            else None
+        )
+        await dashboard.start(settings.dashboard_listen, tls, grace_s=settings.grace_s)
 
     stop_event = asyncio.Event()
     tasks = [
@@ -215,6 +241,8 @@ async def start(settings: GatewaySettings) -> Gateway:
         service,
         authenticator,
         metrics_server,
+        dashboard,
+        private_dir,
     )
 
 

@@ -90,6 +90,8 @@ def test_gateway_listens_on_all_interfaces_and_uses_the_redis_service(services: 
     assert env["JOBGATE_LISTEN"] == "0.0.0.0:50051"
     assert env["JOBGATE_REDIS_URL"] == "redis://redis:6379/0"
     assert "50051:50051" in [str(p) for p in gateway["ports"]]
+    assert env["JOBGATE_DASHBOARD_LISTEN"] == "0.0.0.0:8080"
+    assert "127.0.0.1:8080:8080" in [str(p) for p in gateway["ports"]]  # the dashboard acts: this host only
     assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
     assert gateway.get("init") is True
     assert modules_run(gateway["healthcheck"]["test"]) == ["gateway.healthcheck"]
