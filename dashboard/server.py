@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 S = scheduler_pb2
 RPC_TIMEOUT_S = 10.0
 OVERVIEW_TTL_S = 2.0  # how long one read of queue stats and workers serves every browser of a token
+CERT_CHECK_S = 5.0  # how often the TLS files are checked for a renewal
 PING_S = 10.0  # a comment on an event stream this often, so proxies and the browser keep it open
 MAX_SCHEDULES = 1000  # schedules one page of the dashboard lists
 MAX_PAGE = 200  # jobs per page of a listing
@@ -130,6 +132,7 @@ class Dashboard:
         self._overviews: dict[str, tuple[float, asyncio.Future[dict[str, Any]]]] = {}
         self.app = web.Application(middlewares=[self._guard])
         self.runner: web.AppRunner | None = None
+        self._reloader: asyncio.Task[None] | None = None
         self.port = 0
         r = self.app.router
         r.add_get("/", self._page)
@@ -146,8 +149,12 @@ class Dashboard:
         r.add_post("/api/schedules/{name}/{action:pause|resume|trigger}", self._schedule_action)
 
     # --- lifecycle --------------------------------------------------------------------------
-    async def start(self, listen: str, ssl_context: ssl.SSLContext | None = None, grace_s: float = 5.0) -> int:
-        """Serves on ``host:port``; returns the port. Raises OSError when it cannot listen."""
+    async def start(self, listen: str, tls: Certificates | None = None, grace_s: float = 5.0) -> int:
+        """Serves on ``host:port`` (HTTPS with ``tls``); returns the port. Raises OSError when it
+        cannot listen."""
+        ssl_context = tls.context if tls is not None else None
+        if tls is not None:
+            self._reloader = asyncio.create_task(tls.follow(self.closing), name="dashboard-certificates")
         host, _, port = listen.rpartition(":")
         self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=grace_s)
         await self.runner.setup()
@@ -161,6 +168,9 @@ class Dashboard:
     async def stop(self) -> None:
         """Ends the event streams, stops serving and closes the channel."""
         self.closing.set()
+        if self._reloader is not None:
+            self._reloader.cancel()
+            await asyncio.gather(self._reloader, return_exceptions=True)
         if self.runner is not None:
             await self.runner.cleanup()
         await self.channel.close(grace=None)
@@ -183,7 +193,7 @@ class Dashboard:
             response = web.json_response({"error": mapped.message, "code": mapped.code}, status=mapped.status)
         except web.HTTPException as http:  # no such route or method
             response = web.json_response({"error": http.reason, "code": "HTTP"}, status=http.status)
-        if request.path.startswith("/api/") and not response.prepared:
+        if request.path.startswith("/api/"):
             self.metrics.requests.labels(str(response.status)).inc()
         if not response.prepared:
             response.headers.update(SECURITY_HEADERS)
@@ -411,12 +421,47 @@ async def _replies(call: Any) -> AsyncIterator[S.WatchResultsResponse]:
         yield reply
 
 
-def ssl_context(cert_file: str, key_file: str, client_ca_file: str = "") -> ssl.SSLContext:
-    """HTTPS with the gateway's certificate; with a client CA, browsers must present a certificate
-    it signed, as gRPC clients must."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert_file, key_file)
-    if client_ca_file:
-        context.load_verify_locations(client_ca_file)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
+class Certificates:
+    """The dashboard's HTTPS context, from the gateway's TLS files; :meth:`follow` loads them again
+    into the same context when they change, so new connections get a renewed certificate."""
+
+    def __init__(self, cert_file: str, key_file: str, client_ca_file: str = "") -> None:
+        self.files = (cert_file, key_file, client_ca_file)
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._load()
+        if client_ca_file:
+            self.context.verify_mode = ssl.CERT_REQUIRED
+        self._stamp = self._stat()
+
+    def _load(self) -> None:
+        cert_file, key_file, client_ca_file = self.files
+        self.context.load_cert_chain(cert_file, key_file)
+        if client_ca_file:
+            self.context.load_verify_locations(client_ca_file)
+
+    def _stat(self) -> tuple[tuple[int, int] | None, ...]:
+        out: list[tuple[int, int] | None] = []
+        for name in self.files:
+            try:
+                st = os.stat(name) if name else None
+            except OSError:
+                st = None
+            out.append((st.st_mtime_ns, st.st_size) if st else None)
+        return tuple(out)
+
+    async def follow(self, stop: asyncio.Event, every_s: float = CERT_CHECK_S) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=every_s)
+            stamp = self._stat()
+            if stamp == self._stamp:
+                continue
+            self._stamp = stamp
+            try:
+                # a pair that does not match raises before the context changes
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(*self.files[:2])
+                self._load()
+            except (OSError, ValueError, ssl.SSLError) as exc:
+                log.error("dashboard: TLS files changed but cannot be used (%s); serving the previous ones", exc)
+                continue
+            log.info("dashboard: TLS files changed: serving the new certificate to new connections")

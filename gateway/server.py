@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from common import tracing
 from common.metrics import serve
-from dashboard.server import Dashboard, DashboardMetrics, ssl_context
+from dashboard.server import Certificates, Dashboard, DashboardMetrics
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from protocol.calls import Durability
 from protocol.connection import bounded, longest_call_s, redis_client
@@ -210,11 +210,17 @@ async def start(settings: GatewaySettings) -> Gateway:
             metrics=DashboardMetrics(metrics.registry),
         )
         tls = (
-            ssl_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+            Certificates(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
             if settings.tls_enabled
             else None
         )
-        await dashboard.start(settings.dashboard_listen, tls, grace_s=settings.grace_s)
+        try:
+            await dashboard.start(settings.dashboard_listen, tls, grace_s=settings.grace_s)
+        except OSError:
+            await dashboard.stop()
+            await server.stop(0)
+            shutil.rmtree(private_dir, ignore_errors=True)
+            raise
 
     stop_event = asyncio.Event()
     tasks = [

@@ -74,6 +74,8 @@ async def test_the_api_shows_and_changes_what_the_token_may_and_nothing_else(
             name="hourly-report", cron="@hourly", job=job_request("echo", queue="reports")
         )
         await admin.create_schedule(schedule)
+        cleanup = scheduler_pb2.ScheduleSpec(name="cleanup", cron="@daily", job=job_request("echo"))
+        await admin.create_schedule(cleanup)  # of the default queue: not the reporter's
 
     assert await get(http, f"{url}/api/info") == (200, {"auth": True, "readOnly": False})
     for path in ("/api/overview", f"/api/jobs/{ok.id}", "/api/jobs?queue=default", "/api/schedules"):
@@ -142,6 +144,8 @@ async def test_the_api_shows_and_changes_what_the_token_may_and_nothing_else(
     assert triggered["schedule"]["recentRuns"][0] == {**triggered["schedule"]["recentRuns"][0], "manual": True}
     assert (await post(http, f"{url}/api/schedules/hourly-report/pause", ADMIN))[1]["schedule"]["paused"] is True
     assert (await post(http, f"{url}/api/schedules/nope/pause", ADMIN))[0] == 404
+    assert (await post(http, f"{url}/api/schedules/cleanup/trigger", REPORTER))[0] == 403
+    assert not (await get(http, f"{url}/api/schedules/cleanup", ADMIN))[1]["schedule"].get("recentRuns")
 
     async with http.get(f"{url}/") as r:
         page_html = await r.text()

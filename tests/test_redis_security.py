@@ -132,6 +132,8 @@ async def test_everything_works_over_tls_as_the_minimal_acl_user(
 
     await eventually(ticked, what="a schedule's first tick")
     assert [s.spec.name for s in (await client.stub.ListSchedules(scheduler_pb2.ListSchedulesRequest())).schedules]
+    triggered = await client.stub.TriggerSchedule(scheduler_pb2.TriggerScheduleRequest(name="s"), timeout=5)
+    assert triggered.schedule.recent_runs[0].manual
     await client.stub.DeleteSchedule(scheduler_pb2.DeleteScheduleRequest(name="s"), timeout=5)
 
     # Cancel a running job, then lose a worker mid-job: the job moves to another worker.

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 import trustme
 
 from devtools.devstack import Stack
+from devtools.servers import free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
-from .helpers import FAST, code_of, request
+from .helpers import FAST, code_of, eventually, request
 
 
 @dataclass
@@ -104,6 +107,44 @@ async def test_mutual_tls_needs_a_client_certificate_from_the_client_ca(tls_stac
         assert await refused(channel) == grpc.StatusCode.UNAUTHENTICATED
         event = await outcome(channel, (("authorization", f"Bearer {'k' * 32}"),))
         assert event.state == job_pb2.JOB_STATE_SUCCEEDED
+
+
+async def test_the_dashboard_serves_https_with_the_gateways_files_and_follows_their_renewal(
+    tls_stack: Stack, pki: Pki
+) -> None:
+    tls_stack.credentials = pki.client_credentials(cert_from=pki.client_ca)
+    port = free_port()
+    env = {**pki.server_env(mutual=True), "JOBGATE_DASHBOARD_LISTEN": f"127.0.0.1:{port}"}
+    tls_stack.start_gateway(env=env)
+    url = f"https://localhost:{port}/api/info"
+
+    def trusting(ca: trustme.CA, client_cert: bool = True) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        if client_cert:
+            pki.client_ca.issue_cert("browser@example.com").configure_cert(context)
+        return context
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        async with http.get(url, ssl=trusting(pki.server_ca)) as r:
+            assert r.status == 200 and (await r.json())["auth"] is False
+        with pytest.raises(aiohttp.ClientError):  # no client certificate: mutual TLS
+            await http.get(url, ssl=trusting(pki.server_ca, client_cert=False))
+        with pytest.raises(aiohttp.ClientError):  # plaintext
+            await http.get(f"http://localhost:{port}/api/info")
+        renewed = trustme.CA()  # a certificate from another CA replaces the files
+        cert = renewed.issue_cert("localhost", "127.0.0.1")
+        pki.write("server.pem", b"".join(p.bytes() for p in cert.cert_chain_pems))
+        pki.write("server.key", cert.private_key_pem.bytes())
+
+        async def serves_renewed() -> bool:
+            try:
+                async with http.get(url, ssl=trusting(renewed)) as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await eventually(serves_renewed, timeout=20, what="the renewed certificate on the dashboard")
 
 
 def test_the_container_health_check_speaks_tls(tls_stack: Stack, pki: Pki) -> None:

@@ -453,6 +453,7 @@ function renderWorkers() {
 
 // --- jobs ----------------------------------------------------------------------------------------
 async function renderJobs() {
+  const shown = location.hash;
   const { query } = params();
   const queues = app.overview ? app.overview.queues.map((q) => q.queue) : [];
   const queue = query.get("queue") || queues[0] || "default";
@@ -495,6 +496,7 @@ async function renderJobs() {
   if (token) q.set("pageToken", token);
   try {
     const page = await api(`/api/jobs?${q}`);
+    if (app.view !== "jobs" || location.hash !== shown) return; // the person went elsewhere meanwhile
     const jobs = page.jobs || [];
     const rows = jobs.map((job) => jobRow(job));
     const pager = el(
