@@ -149,16 +149,20 @@ class Dashboard:
         r.add_post("/api/schedules/{name}/{action:pause|resume|trigger}", self._schedule_action)
 
     # --- lifecycle --------------------------------------------------------------------------
-    async def start(self, listen: str, tls: Certificates | None = None, grace_s: float = 5.0) -> int:
-        """Serves on ``host:port`` (HTTPS with ``tls``); returns the port. Raises OSError when it
-        cannot listen."""
+    async def start(
+        self, listen: str, tls: Certificates | None = None, grace_s: float = 5.0, reuse_port: bool = False
+    ) -> int:
+        """Serves on ``host:port`` (HTTPS with ``tls``; sharing the port with the other gateway
+        processes with ``reuse_port``); returns the port. Raises OSError when it cannot listen."""
         ssl_context = tls.context if tls is not None else None
         if tls is not None:
             self._reloader = asyncio.create_task(tls.follow(self.closing), name="dashboard-certificates")
         host, _, port = listen.rpartition(":")
         self.runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=grace_s)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host.strip("[]"), int(port), ssl_context=ssl_context)
+        site = web.TCPSite(
+            self.runner, host.strip("[]"), int(port), ssl_context=ssl_context, reuse_port=reuse_port or None
+        )
         await site.start()
         addresses = self.runner.addresses
         self.port = int(addresses[0][1]) if addresses else int(port)

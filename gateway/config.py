@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -19,6 +20,8 @@ from common.settings import (
 from protocol.keys import Keys
 
 from .validation import Limits, parse_queue_settings
+
+MAX_PROCESSES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,11 @@ class GatewaySettings:
         " same in every gateway and worker",
     )
     listen: str = setting("127.0.0.1:50051", "gRPC listen address, host:port (the Docker image sets 0.0.0.0:50051)")
+    processes: int = setting(
+        1,
+        "gateway processes serving listen together (1-64; Linux, SO_REUSEPORT): forked before any server"
+        " starts, each on a core of its own; process i serves metrics on metrics_listen's port + i",
+    )
     namespace: str = setting(
         "jobgate", "key prefix, 1-32 characters from [A-Za-z0-9_.-]; gateways and workers must share it"
     )
@@ -162,6 +170,22 @@ class GatewaySettings:
     def __repr__(self) -> str:
         return settings_repr(self)
 
+    def _check_processes(self) -> None:
+        if not 1 <= self.processes <= MAX_PROCESSES:
+            raise ValueError(f"processes must be from 1 to {MAX_PROCESSES}")
+        if self.processes > 1:
+            if not hasattr(os, "fork") or not hasattr(socket, "SO_REUSEPORT"):
+                raise ValueError("processes above 1 need fork and SO_REUSEPORT (Linux)")
+            if self.metrics_listen and int(self.metrics_listen.rpartition(":")[2]) + self.processes > 65536:
+                raise ValueError("processes: metrics_listen's port + processes - 1 must be a port (at most 65535)")
+
+    def for_process(self, index: int) -> GatewaySettings:
+        """The settings of process ``index`` (from 0) of ``processes``: its own metrics port."""
+        if not self.metrics_listen or not index:
+            return self
+        host, _, port = self.metrics_listen.rpartition(":")
+        return replace(self, metrics_listen=f"{host}:{int(port) + index}")
+
     @property
     def auth_enabled(self) -> bool:
         return bool(self.auth_tokens or self.auth_tokens_file)
@@ -241,6 +265,7 @@ class GatewaySettings:
         check_listen("listen", self.listen)
         check_listen("metrics_listen", self.metrics_listen, optional=True)
         check_listen("dashboard_listen", self.dashboard_listen, optional=True)
+        self._check_processes()
         if self.idempotency_ttl_s > self.retention_s:
             raise ValueError("idempotency_ttl_s must not exceed retention_s (a key would outlive its job)")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -171,6 +171,8 @@ async def start(settings: GatewaySettings) -> Gateway:
         ("grpc.http2.min_ping_interval_without_data_ms", settings.min_ping_interval_ms),
         ("grpc.http2.max_ping_strikes", settings.max_ping_strikes),
     ]
+    if settings.processes > 1:  # several processes on one address: the kernel spreads connections over them
+        options.append(("grpc.so_reuseport", 1))
     interceptors: list[grpc.aio.ServerInterceptor] = []
     authenticator = None
     if settings.auth_enabled:
@@ -215,7 +217,9 @@ async def start(settings: GatewaySettings) -> Gateway:
             else None
         )
         try:
-            await dashboard.start(settings.dashboard_listen, tls, grace_s=settings.grace_s)
+            await dashboard.start(
+                settings.dashboard_listen, tls, grace_s=settings.grace_s, reuse_port=settings.processes > 1
+            )
         except OSError:
             await dashboard.stop()
             await server.stop(0)
