@@ -10,7 +10,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: all install system-tools run test test-fast screenshots proto lint typecheck bench bench-processes bench-cluster bench-due bench-limits soak clean
+.PHONY: all install system-tools run test test-fast screenshots proto lint typecheck bench bench-curves bench-processes bench-cluster bench-due bench-limits soak clean
 
 all: install
 
@@ -101,6 +101,10 @@ $(BENCH_STAMP): $(BENCH_PY) bench/requirements.txt pyproject.toml
 
 bench: $(BENCH_STAMP)
 	$(BENCH_PY) -m bench.run $(BENCH_ARGS)
+
+# CPU per job as queues, open streams and stored jobs grow: writes docs/CURVES.md (docs/bench/curve-*.svg).
+bench-curves: $(STAMP)
+	$(PY) -m bench.curves --report
 
 # One gateway of 1, then 2 processes on one address: jobs/s and CPU per job (docs/SCALING.md).
 bench-processes: $(STAMP)

@@ -299,7 +299,8 @@ Produced by `make bench` (`bench/run.py`) on {ctx.when}, jobgate at {ctx.commit}
 - The peers run from `.bench-venv` (`bench/requirements.txt`), never from jobgate's dependencies;
   their versions and settings are under [Systems and settings](#systems-and-settings).
 
-Where jobgate's time goes: [PERFORMANCE.md](PERFORMANCE.md).
+Where jobgate's time goes: [PERFORMANCE.md](PERFORMANCE.md); what a job costs as queues, streams and stored
+jobs grow: [CURVES.md](CURVES.md).
 
 ## Targets
 

@@ -97,7 +97,9 @@ class GatewaySettings:
     ack_timeout_ms: int = setting(5_000, "time a worker has to acknowledge a dispatch before the job is placed again")
     tick_ms: int = setting(500, "interval of the placement pass over every queue and of reaping lost workers")
     reconcile_ms: int = setting(
-        5_000, "a stream following job_ids re-reads their stored state after this long without an event"
+        5_000,
+        "a stream following job_ids re-reads their stored state after this long without an event, then after"
+        " twice as long, and so on up to 8 times this (an event starts over)",
     )
     retention_s: int = setting(
         86_400,

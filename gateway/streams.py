@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Iterator
+import random
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 
 from jobgate.v1 import job_pb2
-from protocol.codec import RUNNING, TERMINAL, event_from_hash
+from protocol.coalesce import Coalescer
+from protocol.codec import RUNNING, TERMINAL, Fields, event_from_hash
 from protocol.errors import NotFound, ResourceExhausted, Unavailable
 from protocol.gateway_calls import GatewayCalls
 
 from . import auth
 from .metrics import GatewayMetrics
+
+RECONCILE_BACKOFF = 8  # a quiet stream re-reads after reconcile_s, 2x, 4x, then every 8x
+READS_AT_ONCE = 1000  # job ids per call that reads stored jobs for streams
 
 
 class Watcher:
@@ -138,21 +143,41 @@ class Follower:
         self.admission = admission
         self.stream_buffer = stream_buffer
         self.reconcile_s = reconcile_s
+        # The streams' reads of stored jobs that come together go out together: thousands of streams
+        # opened at once (clients coming back after a restart) make one call, not thousands.
+        self._reads: Coalescer[Sequence[str], list[Fields]] = Coalescer(
+            self._read_many, most=READS_AT_ONCE, size=len, most_bytes=READS_AT_ONCE
+        )
+
+    async def _read_many(self, requests: Sequence[Sequence[str]]) -> list[list[Fields]]:
+        flat = [job_id for ids in requests for job_id in ids]
+        rows = await self.store.get_fields(flat)
+        out, at = [], 0
+        for ids in requests:
+            out.append(rows[at : at + len(ids)])
+            at += len(ids)
+        return out
 
     async def follow(self, watcher: Watcher, most: int = 1) -> AsyncIterator[list[job_pb2.JobEvent]]:
         """Events for a watcher until it is finished, in lists of what arrived together (up to about
-        ``most``, more when stored state is re-read); re-reads stored state when events may be lost."""
+        ``most``, more when stored state is re-read); re-reads stored state when events may be lost:
+        after ``reconcile_s`` without an event, then after twice as long, and so on up to
+        RECONCILE_BACKOFF times ``reconcile_s`` (an event starts over), so that many quiet streams
+        cost Redis little."""
+        quiet = self.reconcile_s
         while not watcher.finished:
             self.check_open(watcher)
             if not watcher.events.empty():  # no timer when an event is already there
                 event = watcher.events.get_nowait()
             else:
-                try:
-                    async with asyncio.timeout(self.reconcile_s):
+                try:  # not all at once: streams opened together spread their re-reads
+                    async with asyncio.timeout(quiet * random.uniform(0.75, 1.25)):
                         event = await watcher.events.get()
+                    quiet = self.reconcile_s
                 except TimeoutError:
                     event = None
                     watcher.stale = bool(watcher.job_ids)
+                    quiet = min(quiet * 2, self.reconcile_s * RECONCILE_BACKOFF)
             self.check_open(watcher)
             arrived: list[job_pb2.JobEvent] = []
             while True:
@@ -188,7 +213,7 @@ class Follower:
         ids = sorted(watcher.remaining)
         principal = auth.current()
         out = []
-        for jid, fields in zip(ids, await self.store.get_fields(ids), strict=True):
+        for jid, fields in zip(ids, await self._reads.call(ids), strict=True):
             if not fields:
                 if missing_is_error:
                     raise NotFound(f"job_ids: no job {jid}")

@@ -1,0 +1,230 @@
+"""``python -m bench.curves``: what a job costs as the work around it grows.
+
+One gateway and two workers (64 slots each, the built-in ``echo``) run the benchmark's batched
+load (``SubmitJobs`` of 1,000) beside more and more of one thing, and the CPU each process used
+per job is read from /proc:
+
+- queues: 1 to 1,000 queues, each but the load's holding 10 jobs of a kind no worker runs;
+- streams: 0 to 10,000 open ``WatchResults`` streams, each following one waiting job of another
+  queue (as clients follow their own jobs);
+- stored: 0 to 1,000,000 finished jobs kept in Redis (run through the system before measuring).
+
+Each curve starts a Redis of its own. ``--report`` writes docs/CURVES.md and its charts (SVG, drawn
+here: no plotting library needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+
+from bench.profile import cpu_s
+from bench.systems.jobgate import ENV, Jobgate
+from devtools.servers import RedisProcess, command
+from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+IDLE_KIND = "nobody.runs.this"
+FILL = 50_000  # stored jobs run through the system per call
+CURVES = {
+    "queues": [1, 10, 100, 1000],
+    "streams": [0, 100, 1000, 10_000],
+    "stored": [0, 10_000, 100_000, 1_000_000],
+}
+LABELS = {
+    "queues": "queues (each holding waiting jobs)",
+    "streams": "open WatchResults streams",
+    "stored": "finished jobs stored in Redis",
+}
+GROUPS = ("gateway", "workers", "redis")
+
+
+class Setup:
+    """Brings a running system to one point of a curve, and undoes what must be undone."""
+
+    def __init__(self, system: Jobgate) -> None:
+        self.system = system
+        self.channels: list[grpc.aio.Channel] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def queues(self, n: int) -> None:
+        async def fill() -> None:
+            stub = self.system._stub()
+            for q in range(n - 1):
+                jobs = [scheduler_pb2.SubmitJobRequest(kind=IDLE_KIND, queue=f"held{q}") for _ in range(10)]
+                await stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=jobs), timeout=30)
+
+        self.system._run(fill())
+
+    def streams(self, n: int) -> None:
+        async def open_streams() -> None:
+            stub = self.system._stub()
+            ids: list[str] = []
+            for first in range(0, n, 1000):
+                jobs = [
+                    scheduler_pb2.SubmitJobRequest(kind=IDLE_KIND, queue="followed")
+                    for _ in range(min(1000, n - first))
+                ]
+                reply = await stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=jobs), timeout=30)
+                ids += [j.id for j in reply.jobs]
+            per_channel = 90  # under HTTP/2's usual 100 concurrent streams per connection
+            self.channels = [
+                grpc.aio.insecure_channel(self.system.address, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range((n + per_channel - 1) // per_channel)
+            ]
+
+            async def follow(i: int, job_id: str) -> None:
+                s = scheduler_pb2_grpc.SchedulerServiceStub(self.channels[i // per_channel])
+                async for _ in s.WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=[job_id])):
+                    pass
+
+            self.tasks = [asyncio.create_task(follow(i, j)) for i, j in enumerate(ids)]
+            await asyncio.sleep(2 + n / 2000)  # the calls reach the gateway
+
+        self.system._run(open_streams())
+
+    def stored(self, n: int) -> None:
+        for first in range(0, n, FILL):  # in parts: the measuring stream holds one part's outcomes
+            self.system.batched(min(FILL, n - first))
+
+    def undo(self) -> None:
+        async def close() -> None:
+            for t in self.tasks:
+                t.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            for c in self.channels:
+                await c.close()
+            await asyncio.sleep(1)  # gRPC's own callbacks of the closed calls run before the loop ends
+
+        if self.tasks or self.channels:
+            self.system._run(close())
+
+
+def point(redis: RedisProcess, curve: str, n: int, jobs: int) -> dict[str, float]:
+    """CPU µs per job of each kind of process for ``jobs`` batched jobs at point ``n``."""
+    system = Jobgate(redis.url)
+    setup = Setup(system)
+    try:
+        system.start(2, {**ENV, "JOBGATE_MAX_STREAMS": "20000"})
+        assert system.stack
+        getattr(setup, curve)(n)
+        pids = {
+            "gateway": [system.gateway_pid],
+            "workers": [w.pid for w in system.stack.workers],
+            "redis": [redis.pid],
+        }
+        before = {g: sum(cpu_s(p) for p in ps) for g, ps in pids.items()}
+        rate = system.batched(jobs)
+        out = {g: (sum(cpu_s(p) for p in ps) - before[g]) / jobs * 1e6 for g, ps in pids.items()}
+        out["jobs/s"] = rate
+        return out
+    finally:
+        setup.undo()
+        system.stop()
+
+
+def svg(curve: str, points: list[int], series: dict[str, list[float]]) -> str:
+    """A line chart: CPU µs per job (y) against the curve's points (x, on a log scale but for 0)."""
+    width, height, left, bottom, top, right = 560, 300, 56, 40, 24, 120
+    colors = {"gateway": "#1f6feb", "workers": "#16a34a", "redis": "#d97706", "total": "#1f2328"}
+    highest = max(max(v) for v in series.values()) * 1.1 or 1
+    xs = [left + (width - left - right) * i / max(1, len(points) - 1) for i in range(len(points))]
+
+    def y(v: float) -> float:
+        return height - bottom - (height - bottom - top) * v / highest
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" font-family="sans-serif" '
+        'font-size="11">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{left}" y="14" font-size="13">CPU µs per job against {LABELS[curve]}</text>',
+    ]
+    for frac in (0, 0.25, 0.5, 0.75, 1):
+        v = highest * frac
+        parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.0f}</text>')
+    for x, p in zip(xs, points, strict=True):
+        parts.append(f'<text x="{x:.1f}" y="{height - bottom + 16}" text-anchor="middle">{p:,}</text>')
+    for i, (name, values) in enumerate(series.items()):
+        path = " ".join(f"{x:.1f},{y(v):.1f}" for x, v in zip(xs, values, strict=True))
+        parts.append(f'<polyline fill="none" stroke="{colors[name]}" stroke-width="2" points="{path}"/>')
+        for x, v in zip(xs, values, strict=True):
+            parts.append(f'<circle cx="{x:.1f}" cy="{y(v):.1f}" r="3" fill="{colors[name]}"/>')
+        ly = top + 14 + 16 * i
+        parts.append(f'<rect x="{width - right + 12}" y="{ly - 8}" width="12" height="3" fill="{colors[name]}"/>')
+        parts.append(f'<text x="{width - right + 30}" y="{ly - 3}">{name}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def report(results: dict[str, dict[int, list[dict[str, float]]]], rounds: int, jobs: int) -> str:
+    lines = [
+        "# Cost as work grows",
+        "",
+        f"`make bench-curves` (`python -m bench.curves --report`), {datetime.now(UTC):%Y-%m-%d}, on this",
+        f"project's 2-core machine: the batched load ({jobs:,} jobs, `SubmitJobs` of 1,000, one gateway, two",
+        "workers of 64 slots, `echo`) beside more and more of one thing, CPU µs per job of each process",
+        f"from /proc, medians of {rounds} round(s). The target: the total within 20% of the curve's smallest",
+        "point. Runs of one configuration differ by up to a fifth on this machine.",
+        "",
+    ]
+    for curve, by_point in results.items():
+        points = sorted(by_point)
+        med = {p: {k: statistics.median(r[k] for r in by_point[p]) for k in by_point[p][0]} for p in points}
+        for p in points:
+            med[p]["total"] = sum(med[p][g] for g in GROUPS)
+        series = {g: [med[p][g] for p in points] for g in (*GROUPS, "total")}
+        (ROOT / "docs" / "bench" / f"curve-{curve}.svg").write_text(svg(curve, points, series))
+        smallest = min(med[p]["total"] for p in points)
+        lines += [f"## {LABELS[curve].capitalize()}", "", f"![{curve}](bench/curve-{curve}.svg)", ""]
+        lines += ["| point | jobs/s | gateway | workers | Redis | total | vs smallest | verdict |"]
+        lines += ["|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for p in points:
+            m = med[p]
+            ratio = m["total"] / smallest
+            verdict = "within 20%" if ratio <= 1.2 else "bends"
+            lines.append(
+                f"| {p:,} | {m['jobs/s']:,.0f} | {m['gateway']:.0f} | {m['workers']:.0f} | {m['redis']:.0f} |"
+                f" {m['total']:.0f} | {ratio:.2f}× | {verdict} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.curves", description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=20_000, help="jobs measured per point (default 20,000)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds per point (default 1)")
+    parser.add_argument("--curves", default=",".join(CURVES), help="which curves (default: all)")
+    parser.add_argument("--report", action="store_true", help="write docs/CURVES.md and docs/bench/curve-*.svg")
+    args = parser.parse_args()
+    results: dict[str, dict[int, list[dict[str, float]]]] = {}
+    for curve in args.curves.split(","):
+        redis = RedisProcess().start()
+        try:
+            for _ in range(args.rounds):
+                for n in CURVES[curve]:
+                    began = time.monotonic()
+                    got = point(redis, curve, n, args.jobs)
+                    results.setdefault(curve, {}).setdefault(n, []).append(got)
+                    total = sum(got[g] for g in GROUPS)
+                    took = time.monotonic() - began
+                    print(f"{curve:<8} {n:>9,}: {got['jobs/s']:8,.0f} jobs/s, {total:5.0f} µs/job ({took:.0f} s)")
+                    command(redis.port, "FLUSHALL")  # the next point starts from an empty Redis
+        finally:
+            redis.stop()
+    text = report(results, args.rounds, args.jobs)
+    if args.report:
+        (ROOT / "docs" / "CURVES.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
