@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from common import gc_tuning
 from common.logs import configure_logging
 
 from .config import GatewaySettings
@@ -37,6 +38,7 @@ async def main(settings: GatewaySettings) -> None:
 
 def serve(settings: GatewaySettings) -> None:
     """Runs one gateway in this process until it is told to stop."""
+    gc_tuning.tune()
     try:
         import uvloop
     except ImportError:

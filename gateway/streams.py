@@ -22,6 +22,7 @@ from .metrics import GatewayMetrics
 
 RECONCILE_BACKOFF = 8  # a quiet stream re-reads after reconcile_s, 2x, 4x, then every 8x
 READS_AT_ONCE = 1000  # job ids per call that reads stored jobs for streams
+REREAD_GATHER_S = 0.05  # how long a re-read waits for others to go with it
 
 
 class Watcher:
@@ -148,6 +149,15 @@ class Follower:
         self._reads: Coalescer[Sequence[str], list[Fields]] = Coalescer(
             self._read_many, most=READS_AT_ONCE, size=len, most_bytes=READS_AT_ONCE
         )
+        # Re-reads are a safety net, never in a hurry: each call waits REREAD_GATHER_S for more, so
+        # however many quiet streams there are, they cost a few calls a second.
+        self._rereads: Coalescer[Sequence[str], list[Fields]] = Coalescer(
+            self._reread_many, most=READS_AT_ONCE, size=len, most_bytes=READS_AT_ONCE
+        )
+
+    async def _reread_many(self, requests: Sequence[Sequence[str]]) -> list[list[Fields]]:
+        await asyncio.sleep(REREAD_GATHER_S)
+        return await self._read_many(requests)
 
     async def _read_many(self, requests: Sequence[Sequence[str]]) -> list[list[Fields]]:
         flat = [job_id for ids in requests for job_id in ids]
@@ -184,7 +194,7 @@ class Follower:
                 if event is None:
                     if watcher.stale and watcher.job_ids:
                         watcher.stale = False
-                        arrived.extend(await self.stored_terminal(watcher, missing_is_error=False))
+                        arrived.extend(await self.stored_terminal(watcher, missing_is_error=False, reread=True))
                 elif watcher.delivered(event):
                     arrived.append(event)
                 if len(arrived) >= most or watcher.events.empty():
@@ -206,14 +216,17 @@ class Follower:
         if watcher.overflowed:
             raise ResourceExhausted(f"stream fell more than {self.stream_buffer} events behind; reconnect and resume")
 
-    async def stored_terminal(self, watcher: Watcher, *, missing_is_error: bool) -> list[job_pb2.JobEvent]:
-        """Terminal events of the watcher's outstanding jobs, read from Redis (and marked delivered).
-        Raises PermissionDenied for a job outside the caller's queues: the first read comes before
-        anything is streamed."""
+    async def stored_terminal(
+        self, watcher: Watcher, *, missing_is_error: bool, reread: bool = False
+    ) -> list[job_pb2.JobEvent]:
+        """Terminal events of the watcher's outstanding jobs, read from Redis (and marked delivered);
+        a ``reread`` goes out with the others of the next REREAD_GATHER_S. Raises PermissionDenied
+        for a job outside the caller's queues: the first read comes before anything is streamed."""
         ids = sorted(watcher.remaining)
         principal = auth.current()
         out = []
-        for jid, fields in zip(ids, await self._reads.call(ids), strict=True):
+        reads = self._rereads if reread else self._reads
+        for jid, fields in zip(ids, await reads.call(ids), strict=True):
             if not fields:
                 if missing_is_error:
                     raise NotFound(f"job_ids: no job {jid}")

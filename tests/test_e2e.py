@@ -12,7 +12,7 @@ from google.protobuf.duration_pb2 import Duration
 from redis.asyncio import Redis
 
 from devtools.devstack import Stack
-from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
+from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2, scheduler_pb2_grpc
 from protocol.keys import Keys
 
 from .helpers import Client, eventually, request, start_gateway, value, wait_streams_open
@@ -297,3 +297,42 @@ async def test_run_job_repeated_with_its_idempotency_key_follows_the_original_jo
     assert first[-1].state == S.JOB_STATE_SUCCEEDED
     assert [(e.job_id, e.state) for e in again] == [(first[-1].job_id, S.JOB_STATE_SUCCEEDED)]
     assert value(again[0].result) == {"once": True}
+
+
+async def script_calls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+async def test_a_thousand_quiet_streams_reread_their_jobs_in_few_calls_and_submits_go_on(
+    stack: Stack, client_for: Callable[[str], Client], redis: Redis
+) -> None:
+    _, address, metrics_port = start_gateway(stack, env={"JOBGATE_RECONCILE_MS": "200"})
+    client = client_for(address, metrics_port)
+    stack.start_worker()
+    held = scheduler_pb2.SubmitJobsRequest(jobs=[request("nobody.runs.this") for _ in range(1000)])
+    ids = [j.id for j in (await client.stub.SubmitJobs(held, timeout=10)).jobs]
+    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(12)]
+
+    async def follow(i: int, job_id: str) -> None:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(channels[i % len(channels)])
+        async for _ in stub.WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=[job_id])):
+            pass
+
+    streams = [asyncio.create_task(follow(i, j)) for i, j in enumerate(ids)]
+    try:
+        await wait_streams_open(metrics_port, len(ids), timeout=60)
+        before = await script_calls(redis)
+        await asyncio.sleep(3)  # each stream re-reads its job about 3 times meanwhile (0.2, 0.6, 1.4 s...)
+        calls = await script_calls(redis) - before
+        # one call per stream re-read would be about 3,000; together they take a few dozen
+        assert calls < 300, calls
+        job_id = (await client.submit("echo", {"still": "served"})).job.id
+        done = await client.wait_results([job_id], timeout=20)
+        assert done[job_id].state == job_pb2.JOB_STATE_SUCCEEDED
+    finally:
+        for task in streams:
+            task.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+        for channel in channels:
+            await channel.close()

@@ -10,6 +10,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from common import gc_tuning
 from common.logs import configure_logging
 
 from .config import WorkerSettings
@@ -61,6 +62,7 @@ def cli(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"worker: {exc}")
     configure_logging(settings.log_level, settings.log_format)
     log.info("starting with %r", settings)
+    gc_tuning.tune()
     try:
         import uvloop
     except ImportError:
