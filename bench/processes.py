@@ -17,7 +17,6 @@ import asyncio
 import os
 import statistics
 import time
-from pathlib import Path
 
 import grpc
 
@@ -26,20 +25,10 @@ from bench.systems.base import chunks
 from bench.systems.jobgate import ENV, Jobgate, echo
 from devtools.servers import RedisProcess
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
+from tests.processes import children_of
 
 CONNECTIONS = 8
 SUBMITTERS = 32
-
-
-def children_of(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return out
 
 
 class Spread(Jobgate):
@@ -70,7 +59,7 @@ class Spread(Jobgate):
         super().stop()
 
     def gateway_pids(self) -> list[int]:
-        return children_of(self.gateway_pid) if self.processes > 1 else [self.gateway_pid]
+        return sorted(children_of(self.gateway_pid)) if self.processes > 1 else [self.gateway_pid]
 
     def batched_spread(self, n: int) -> float:
         async def submit() -> None:

@@ -18,6 +18,20 @@ from typing import Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 
+
+def children_of(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            # /proc/<pid>/stat: "pid (comm) state ppid ...", and comm may hold spaces.
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 # A sample by its name and its labels (sorted): ("jobgate_gateway_rpcs_total", (("code", "OK"), ...)).
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -17,6 +17,8 @@ import pytest
 
 from devtools import demo
 
+from .processes import children_of
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -38,18 +40,6 @@ def processes_marked(mark: str) -> set[int]:
             if entry.name.isdigit() and needle in (entry / "environ").read_bytes().split(b"\0"):
                 found.add(int(entry.name))
         except OSError:  # gone meanwhile, or not ours
-            continue
-    return found
-
-
-def children_of(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        try:
-            # /proc/<pid>/stat: "pid (comm) state ppid ...", and comm may hold spaces.
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.add(int(entry.name))
-        except (OSError, IndexError, ValueError):
             continue
     return found
 

@@ -19,21 +19,10 @@ from devtools.servers import free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .helpers import request
-from .processes import scrape
+from .processes import children_of, scrape
 
 RPCS = "jobgate_gateway_rpcs_total"
 RUN_JOB = ("method", "RunJob")
-
-
-def children_of(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.add(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
 
 
 def gone(pids: set[int], timeout_s: float = 20) -> bool:
