@@ -41,6 +41,7 @@ CERT_CHECK_S = 5.0  # how often the TLS files are checked for a renewal
 PING_S = 10.0  # a comment on an event stream this often, so proxies and the browser keep it open
 MAX_SCHEDULES = 1000  # schedules one page of the dashboard lists
 MAX_PAGE = 200  # jobs per page of a listing
+PAGE_CALLS = 10  # ListJobs calls that one page of a listing may take
 STATIC = ("index.html", "app.js", "style.css", "favicon.svg")
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -281,7 +282,19 @@ class Dashboard:
             page_token=q.get("pageToken", ""),
         )
         req.states.extend(state_names([s for v in q.getall("state", []) for s in v.split(",") if s]))
-        return web.json_response(as_json(await self._call(self.stub.ListJobs, req, self._meta(request))))
+        # ListJobs reads a bounded stretch of the queue per call, so a narrow filter can give short
+        # pages: ask again for what is missing (at most PAGE_CALLS calls), so that a page is full
+        # whenever the queue holds enough matching jobs near it.
+        meta, wanted = self._meta(request), req.page_size
+        reply = await self._call(self.stub.ListJobs, req, meta)
+        jobs, calls = list(reply.jobs), 1
+        while len(jobs) < wanted and reply.next_page_token and calls < PAGE_CALLS:
+            req.page_token, req.page_size = reply.next_page_token, wanted - len(jobs)
+            reply = await self._call(self.stub.ListJobs, req, meta)
+            jobs += reply.jobs
+            calls += 1
+        out = S.ListJobsResponse(jobs=jobs, next_page_token=reply.next_page_token)
+        return web.json_response(as_json(out))
 
     async def _get_job(self, request: web.Request) -> web.StreamResponse:
         req = S.GetJobRequest(id=request.match_info["id"])

@@ -163,6 +163,10 @@ async def test_read_only_shows_everything_and_changes_nothing(stack: Stack, http
         await client.wait([failed.id])
         assert await get(http, f"{url}/api/info") == (200, {"auth": False, "readOnly": True})
         assert (await get(http, f"{url}/api/jobs/{failed.id}"))[0] == 200
+        # a page is full even when the jobs it asks for are older than what one ListJobs call reads
+        await client.wait([j.id for j in await client.submit_many(job_request("echo") for _ in range(30))])
+        status, page = await get(http, f"{url}/api/jobs?queue=default&state=FAILED&pageSize=1")
+        assert status == 200 and [j["id"] for j in page["jobs"]] == [failed.id], page
         for path in (f"jobs/{failed.id}/retry", "queues/default/pause", "schedules/any/trigger"):
             status, body = await post(http, f"{url}/api/{path}")
             assert status == 403 and body["code"] == "READ_ONLY", (path, body)
