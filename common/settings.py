@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
@@ -50,6 +51,23 @@ def read_file(name: str, path: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as exc:
         raise ValueError(f"{name}: cannot read {path}: {exc.strerror}") from None
+
+
+# What a file looked like when last looked at: (modified ns, size), None for a missing one.
+FileStamp = tuple[int, int] | None
+
+
+def file_stamps(*paths: str) -> tuple[FileStamp, ...]:
+    """The stamp of each file (None for an empty path or a file that cannot be read): comparing two
+    tells whether files that a setting names have changed (certificate renewals)."""
+    out: list[FileStamp] = []
+    for path in paths:
+        try:
+            st = os.stat(path) if path else None
+        except OSError:
+            st = None
+        out.append((st.st_mtime_ns, st.st_size) if st else None)
+    return tuple(out)
 
 
 def settings_repr(settings: DataclassInstance) -> str:

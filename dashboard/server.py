@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -30,6 +29,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from common.settings import FileStamp, file_stamps
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -456,15 +456,8 @@ class Certificates:
         if client_ca_file:
             self.context.load_verify_locations(client_ca_file)
 
-    def _stat(self) -> tuple[tuple[int, int] | None, ...]:
-        out: list[tuple[int, int] | None] = []
-        for name in self.files:
-            try:
-                st = os.stat(name) if name else None
-            except OSError:
-                st = None
-            out.append((st.st_mtime_ns, st.st_size) if st else None)
-        return tuple(out)
+    def _stat(self) -> tuple[FileStamp, ...]:
+        return file_stamps(*self.files)
 
     async def follow(self, stop: asyncio.Event, every_s: float = CERT_CHECK_S) -> None:
         while not stop.is_set():

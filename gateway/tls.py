@@ -6,19 +6,18 @@ takes effect without a restart. Connections already open keep the certificate th
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import threading
 
 import grpc
 
-from common.settings import read_file
+from common.settings import FileStamp, file_stamps, read_file
 
 from .config import GatewaySettings
 
 log = logging.getLogger(__name__)
 
-Stamp = tuple[tuple[int, int] | None, ...]
+Stamp = tuple[FileStamp, ...]
 
 
 class CertificateFiles:
@@ -68,11 +67,4 @@ class CertificateFiles:
         )
 
     def _stat(self) -> Stamp:
-        out: list[tuple[int, int] | None] = []
-        for path in (self.cert_file, self.key_file, self.client_ca_file):
-            try:
-                st = os.stat(path) if path else None
-            except OSError:
-                st = None
-            out.append((st.st_mtime_ns, st.st_size) if st else None)
-        return tuple(out)
+        return file_stamps(self.cert_file, self.key_file, self.client_ca_file)
