@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, cast
@@ -73,6 +74,11 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+
+    @property
+    def body(self) -> dict[str, str]:
+        """The JSON an answer or an ``error`` event carries."""
+        return {"error": self.message, "code": self.code}
 
     @classmethod
     def of(cls, err: grpc.aio.AioRpcError) -> ApiError:
@@ -192,12 +198,12 @@ class Dashboard:
                 self._check_post(request)
             response = await handler(request)
         except ApiError as exc:
-            response = web.json_response({"error": exc.message, "code": exc.code}, status=exc.status)
+            response = web.json_response(exc.body, status=exc.status)
         except grpc.aio.AioRpcError as err:
             mapped = ApiError.of(err)
-            response = web.json_response({"error": mapped.message, "code": mapped.code}, status=mapped.status)
+            response = web.json_response(mapped.body, status=mapped.status)
         except web.HTTPException as http:  # no such route or method
-            response = web.json_response({"error": http.reason, "code": "HTTP"}, status=http.status)
+            response = web.json_response(ApiError(http.status, "HTTP", http.reason).body, status=http.status)
         if request.path.startswith("/api/"):
             self.metrics.requests.labels(str(response.status)).inc()
         if not response.prepared:
@@ -234,9 +240,8 @@ class Dashboard:
         return self._file(name)
 
     def _file(self, name: str) -> web.Response:
-        body = resources.files("dashboard.static").joinpath(name).read_bytes()
         kinds = {"html": "text/html", "js": "text/javascript", "css": "text/css", "svg": "image/svg+xml"}
-        return web.Response(body=body, content_type=kinds[name.rsplit(".", 1)[1]], charset="utf-8")
+        return web.Response(body=static_file(name), content_type=kinds[name.rsplit(".", 1)[1]], charset="utf-8")
 
     # --- reads --------------------------------------------------------------------------------
     async def _info(self, request: web.Request) -> web.StreamResponse:
@@ -374,13 +379,17 @@ class Dashboard:
         self.metrics.streams.inc()
         lock = asyncio.Lock()
 
-        async def send(event: str, data: Any) -> None:
-            async with lock:
-                await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+        async def write(text: str) -> None:
+            async with lock:  # the pumps write whole events, never into each other's
+                await response.write(text.encode())
 
+        async def send(event: str, data: Any) -> None:
+            await write(f"event: {event}\ndata: {json.dumps(data)}\n\n")
+
+        side = _ping(write) if job_id else self._pump_overview(meta, send)
         tasks = [
             asyncio.create_task(self._pump_events(call, send, bool(job_id))),
-            asyncio.create_task(self._pump_overview(meta, send, job_id, response, lock)),
+            asyncio.create_task(side),
             asyncio.create_task(self.closing.wait()),
         ]
         try:
@@ -395,7 +404,7 @@ class Dashboard:
 
     async def _pump_events(self, call: Any, send: Callable[[str, Any], Awaitable[None]], one_job: bool) -> None:
         try:
-            async for reply in _replies(call):
+            async for reply in call:
                 for event in [*reply.events] or [reply.event]:
                     await send("job", as_json(event))
             if one_job:
@@ -404,38 +413,36 @@ class Dashboard:
             if err.code() != grpc.StatusCode.CANCELLED:
                 exc = ApiError.of(err)
                 with contextlib.suppress(ConnectionError):
-                    await send("error", {"error": exc.message, "code": exc.code})
+                    await send("error", exc.body)
         except ConnectionError:
             pass  # the browser went away
 
-    async def _pump_overview(
-        self,
-        meta: Metadata,
-        send: Callable[[str, Any], Awaitable[None]],
-        job_id: str,
-        response: web.StreamResponse,
-        lock: asyncio.Lock,
-    ) -> None:
+    async def _pump_overview(self, meta: Metadata, send: Callable[[str, Any], Awaitable[None]]) -> None:
         try:
             while True:
-                if job_id:
-                    async with lock:
-                        await response.write(b": ping\n\n")
-                    await asyncio.sleep(PING_S)
-                    continue
                 try:
                     await send("overview", await self.overview(meta))
                 except grpc.aio.AioRpcError as err:
-                    exc = ApiError.of(err)
-                    await send("error", {"error": exc.message, "code": exc.code})
+                    await send("error", ApiError.of(err).body)
                 await asyncio.sleep(OVERVIEW_TTL_S)
         except ConnectionError:
             pass  # the browser went away
 
 
-async def _replies(call: Any) -> AsyncIterator[S.WatchResultsResponse]:
-    async for reply in call:
-        yield reply
+async def _ping(write: Callable[[str], Awaitable[None]]) -> None:
+    """A comment every PING_S on a stream that has no overviews, so that proxies keep it open."""
+    try:
+        while True:
+            await write(": ping\n\n")
+            await asyncio.sleep(PING_S)
+    except ConnectionError:
+        pass  # the browser went away
+
+
+@functools.cache
+def static_file(name: str) -> bytes:
+    """One of the pages' files (read once: they do not change while the gateway runs)."""
+    return resources.files("dashboard.static").joinpath(name).read_bytes()
 
 
 class Certificates:

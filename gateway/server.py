@@ -199,14 +199,15 @@ async def start(settings: GatewaySettings) -> Gateway:
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}")
     private_dir = tempfile.mkdtemp(prefix="jobgate-gateway-") if settings.dashboard_listen else ""  # mode 0700
-    if private_dir and not server.add_insecure_port(f"unix:{private_dir}/grpc.sock"):
+    private_target = f"unix:{private_dir}/grpc.sock"  # the dashboard's way in
+    if private_dir and not server.add_insecure_port(private_target):
         raise OSError(f"cannot listen on a unix socket in {private_dir}")
     await server.start()
     metrics_server = serve(settings.metrics_listen, metrics.registry) if settings.metrics_listen else None
     dashboard = None
     if settings.dashboard_listen:
         dashboard = Dashboard(
-            f"unix:{private_dir}/grpc.sock",
+            private_target,
             read_only=settings.dashboard_read_only,
             auth=settings.auth_enabled,
             metrics=DashboardMetrics(metrics.registry),
