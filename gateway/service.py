@@ -465,7 +465,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         asked = now_ms()
         with self._traced(context, [prepared]) as [traced]:
             job = await self._submit_one(traced)
-        if job.created_at.ToMilliseconds() >= asked - 1:  # not a retry answered with its earlier job
+        if job.id == traced.id:  # stored now, not a retry answered with the job its first call stored
             now = now_ms()
             run = scheduler_pb2.ScheduleRun(tick=timestamp(asked), job_id=job.id, time=timestamp(now), manual=True)
             if not await self.schedules.record(name, job.id, run.SerializeToString()):
