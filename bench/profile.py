@@ -60,6 +60,7 @@ def main() -> int:
     parser.add_argument("load", choices=("batched", "unary", "latency"))
     parser.add_argument("--jobs", type=int, default=20_000, help="jobs (latency: round trips, 1/10 of this)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--payload", type=int, default=0, help="batched: bytes of payload per job (echoed back)")
     parser.add_argument("--py-spy", action="store_true", help="also sample the gateway and a worker with py-spy")
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args()
@@ -84,7 +85,7 @@ def main() -> int:
         before = {name: cpu_s(pid) for name, pid in pids.items()}
         began = time.perf_counter()
         if args.load == "batched":
-            jobs, figure = args.jobs, f"{system.batched(args.jobs):,.0f} jobs/s"
+            jobs, figure = args.jobs, f"{system.batched(args.jobs, args.payload):,.0f} jobs/s"
         elif args.load == "unary":
             jobs, figure = args.jobs // 4, f"{system.unary(args.jobs // 4, 32):,.0f} jobs/s"
         else:

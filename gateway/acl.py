@@ -34,7 +34,7 @@ COMMANDS = (
     "evalsha", "script|load", "wait",
     # what the scripts run, and the gateway's reads (tests/test_redis_security.py checks the scripts')
     "get", "set", "incrby", "del", "exists", "expire",
-    "hget", "hmget", "hgetall", "hset", "hdel", "hincrby",
+    "hget", "hmget", "hgetall", "hset", "hdel", "hincrby", "hstrlen",
     "sadd", "srem", "smembers", "scard", "sismember",
     "zadd", "zrem", "zrange", "zrangebyscore", "zcard", "zcount",
     # dead letters, retries and schedules: expiry lifted by RetryJob, failed jobs trimmed and listed

@@ -17,6 +17,7 @@ from jobgate.v1 import relay_pb2
 
 from .calls import Calls, by_shard, per_shard
 from .connection import now_ms
+from .errors import redis_errors
 from .keys import Keys
 from .replies import Finished, Heartbeat, Settled, placements, settled
 
@@ -187,6 +188,18 @@ class WorkerCalls(Calls):
             placements(flat),
             list(relay_pb2.DispatchJobs.FromString(taken).jobs) if taken else [],
         )
+
+    async def specs(self, job_ids: Sequence[str]) -> list[bytes | None]:
+        """The stored specs (JobSpec bytes) of placed jobs whose DispatchJob left them out
+        (``spec_omitted``): plain HGETs, one pipeline per shard, so that large specs never pass
+        through a script. None for a job that no longer exists."""
+        return await per_shard(self.keys, job_ids, self.keys.job_shard, self._specs)
+
+    async def _specs(self, k: Keys, job_ids: list[str]) -> list[bytes | None]:
+        async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(k.job(job_id), "spec")
+            return list(await pipe.execute())
 
     async def progress(self, worker_id: str, reports: Sequence[Report]) -> int:
         """Records the progress of running jobs and publishes it; returns how many reports were

@@ -56,10 +56,13 @@ async def test_namespaces_on_every_shard_run_jobs_end_to_end(
         for primary, stack in stacks:
             client = client_for(stack.start_gateway()[1])
             jobs = [request("echo", {"i": i}) for i in range(50)]
+            # large ones too: their specs and outputs are read with plain HGETs, not through scripts
+            jobs += [request("echo", payload=bytes([i]) * 10_000) for i in range(5)]
             reply = await client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=jobs), timeout=10)
             ids = [j.id for j in reply.jobs]
             events = await client.wait_results(ids)
             assert {i: e.state for i, e in events.items()} == dict.fromkeys(ids, S.JOB_STATE_SUCCEEDED)
+            assert [events[i].output for i in ids[50:]] == [bytes([i]) * 10_000 for i in range(5)]
             run = scheduler_pb2.RunJobRequest(job=request("echo"))
             states = [r.event.state async for r in client.stub.RunJob(run, timeout=10)]
             assert states[0] == S.JOB_STATE_QUEUED and states[-1] == S.JOB_STATE_SUCCEEDED

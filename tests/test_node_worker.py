@@ -73,7 +73,10 @@ async def test_node_worker_runs_and_fails_jobs_and_leaves_cleanly_on_sigterm(
 
     upper = (await client.submit("node.upper", {"text": "hello"})).job.id
     failing = (await client.submit("node.fail", {})).job.id
-    events = await client.wait_results([upper, failing], timeout=20)
+    # a spec over 4 KiB is not carried in the dispatch (spec_omitted): the worker reads it itself
+    large = (await client.submit("node.upper", {"text": "abc" * 3000})).job.id
+    events = await client.wait_results([upper, failing, large], timeout=20)
+    assert value(events[large].result) == {"text": "ABC" * 3000, "by": "node"}, events[large]
 
     ok = events[upper]
     assert ok.state == job_pb2.JOB_STATE_SUCCEEDED, ok

@@ -162,24 +162,46 @@ async def test_submit_places_at_once_and_publishes_what_protobuf_reads_as_the_st
 
 async def test_placements_too_big_for_one_message_go_out_in_several(redis: Redis, keys: Keys) -> None:
     """Redis cuts off a subscriber whose buffer passes 32 MB: no message may grow with the batch."""
-    store = GatewayCalls(redis, keys, idempotency_ttl_s=600, place_most=100)
-    await beat(store, "w1", slots=4)
+    store = GatewayCalls(redis, keys, idempotency_ttl_s=600, place_most=400)
+    await beat(store, "w1", slots=300)
     async with redis.pubsub() as ps:
         await ps.subscribe(keys.dispatch_channel("w1"), keys.results_channel())
         for _ in range(2):
             await ps.get_message(timeout=1)
-        batch = [prepare(request("echo", payload=bytes([i]) * 600_000), LIMITS) for i in range(3)]
-        batch.append(prepare(request("echo"), LIMITS))
+        batch = [prepare(request("echo", payload=bytes([i % 256]) * 4000), LIMITS) for i in range(300)]
         jobs, placed = await store.submit(batch)
-        assert all(p.reached for p in placed.placements) and len(placed.placements) == 4
+        assert all(p.reached for p in placed.placements) and len(placed.placements) == 300
         got: list[relay_pb2.DispatchJob] = []
-        for _ in range(3):  # 600 KB alone; 600 KB + 600 KB would pass 1 MB; the last with the small one
+        for _ in range(2):  # 300 specs of 4 KB: 1.2 MB, over the 1 MB a message may hold
             msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1)
-            assert len(msg["data"]) < 1_300_000
-            sent = relay_pb2.WorkerMessage.FromString(msg["data"])
-            got += [sent.dispatch] if sent.WhichOneof("body") == "dispatch" else list(sent.dispatches.jobs)
+            assert len(msg["data"]) < 1_100_000
+            got += relay_pb2.WorkerMessage.FromString(msg["data"]).dispatches.jobs
         assert [d.job_id for d in got] == [j.id for j in jobs]
-        assert [len(d.spec.payload) for d in got] == [600_000, 600_000, 600_000, 0]
+        assert [d.spec.payload for d in got] == [bytes([i % 256]) * 4000 for i in range(300)]
+
+
+async def test_a_spec_over_4_kib_is_left_out_of_its_dispatch_for_the_worker_to_read(
+    store: GatewayCalls, redis: Redis
+) -> None:
+    """Large values are costly inside scripts: dispatches, and the jobs finish_many takes, carry
+    specs of up to 4 KiB; a larger one is marked spec_omitted, read by the worker with HGET."""
+    k, calls = store.keys, worker_calls(store)
+    await beat(store, "w1", slots=1)
+    small = await submit(store, payload=b"s" * 4000)
+    large = await submit(store, payload=b"L" * 5000)
+    async with redis.pubsub() as ps:
+        await ps.subscribe(k.dispatch_channel("w1"))
+        await ps.get_message(timeout=1)
+        [a] = await place(store)
+        d = relay_pb2.WorkerMessage.FromString((await ps.get_message(timeout=1))["data"]).dispatch
+    assert (d.job_id, d.spec_omitted, d.spec.payload) == (small, False, b"s" * 4000)
+    await start(store, a)
+    done = await calls.finish_many("w1", "i1", [outcome(a, S.JOB_STATE_SUCCEEDED)], take={a.job_id})
+    [took] = done.taken
+    assert (took.job_id, took.spec_omitted, took.HasField("spec")) == (large, True, False)
+    [spec] = await calls.specs([large])
+    assert spec is not None and job_pb2.JobSpec.FromString(spec).payload == b"L" * 5000
+    assert await calls.specs(["0" * 32]) == [None]
 
 
 def one_event(job_id: str, state: int) -> bytes:

@@ -91,6 +91,7 @@ class Executor:
         self.reporter = ProgressReporter(calls, worker_id, settings.progress_interval_ms / 1000, self.call_s)
         self.starts: Coalescer[Start, int] = Coalescer(self._start_many)
         self.finishes: Coalescer[Outcome, int] = Coalescer(self._finish_many, size=lambda o: o.size)
+        self.spec_reads: Coalescer[str, bytes | None] = Coalescer(self._read_specs)
 
     def held(self) -> list[tuple[str, asyncio.Task[None] | None]]:
         """The jobs this worker holds now, with their tasks."""
@@ -108,6 +109,7 @@ class Executor:
     async def aclose(self) -> None:
         await self.starts.aclose()
         await self.finishes.aclose()
+        await self.spec_reads.aclose()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # --- placements ----------------------------------------------------------------------
@@ -156,6 +158,8 @@ class Executor:
                     log.warning("job_id=%s no free slot in time; leaving the dispatch unacknowledged", d.job_id)
                     return
                 log.warning("job_id=%s no free slot in time; running it beyond the concurrency", d.job_id)
+            if d.spec_omitted and not await self._read_spec(d):
+                return
             if not taken and (self.draining or not await self._start(d)):
                 return
             log.info("job_id=%s kind=%s attempt=%d started", d.job_id, d.spec.kind, d.attempt)
@@ -230,6 +234,21 @@ class Executor:
                     )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    async def _read_spec(self, d: relay_pb2.DispatchJob) -> bool:
+        """Fills in the spec a DispatchJob left out (too large to carry) from the job hash; False,
+        with nothing to run, when the job no longer exists."""
+        raw = await self._retrying("spec read", d.job_id, lambda: self.spec_reads.call(d.job_id))
+        if raw is None:
+            log.warning("job_id=%s dropped a dispatch of a job that no longer exists", d.job_id)
+            return False
+        d.spec.ParseFromString(raw)
+        return True
+
+    async def _read_specs(self, job_ids: Sequence[str]) -> list[bytes | None]:
+        """One read of the specs of placements that arrived together without them."""
+        async with asyncio.timeout(self.call_s):
+            return await self.calls.specs(job_ids)
 
     async def _start(self, d: relay_pb2.DispatchJob) -> bool:
         start = Start(d.job_id, d.lease, events_message([self._event(d, job_pb2.JOB_STATE_RUNNING)]))

@@ -53,7 +53,7 @@ end
 -- by message (proto/jobgate/v1/relay.proto and job.proto); tests/test_protocol_contract.py checks
 -- them against the generated descriptors, and the tests parse the messages with protobuf.
 local PB = {
-  DispatchJob = {job_id = 1, lease = 2, attempt = 3, spec = 4, timeout_ms = 5, ack_deadline = 6},
+  DispatchJob = {job_id = 1, lease = 2, attempt = 3, spec = 4, timeout_ms = 5, ack_deadline = 6, spec_omitted = 7},
   DispatchJobs = {jobs = 1},
   WorkerMessage = {dispatch = 1, dispatches = 3},
   JobEvent = {job_id = 1, queue = 2, kind = 3, state = 4, attempt = 5, worker_id = 6, error = 9, time = 10,
@@ -87,10 +87,21 @@ local function pb_timestamp(ms)  -- google.protobuf.Timestamp
   local nanos = (ms % 1000) * 1000000
   return pb_int(PB.Timestamp.seconds, (ms - ms % 1000) / 1000) .. pb_int(PB.Timestamp.nanos, nanos)
 end
--- A DispatchJob; `ack_by` (ms) is left out (nil) for a job started on the worker's behalf.
+-- Specs larger than this (bytes) are not carried in a DispatchJob: its spec_omitted is set instead
+-- and the worker reads the spec itself. Every copy of a value inside a script costs about 1.4 µs
+-- per KB (a plain HGET's reply a tenth of that), and a dispatch copies its spec several times.
+local SPEC_INLINE_BYTES = 4096
+-- The spec a DispatchJob of job hash `jk` carries, or false when it is too large to carry.
+local function spec_to_carry(jk)
+  if redis.call('HSTRLEN', jk, 'spec') > SPEC_INLINE_BYTES then return false end
+  return redis.call('HGET', jk, 'spec')
+end
+-- A DispatchJob; `spec` false: left out (spec_omitted); `ack_by` (ms) is left out (nil) for a job
+-- started on the worker's behalf.
 local function pb_dispatch(id, lease, attempt, spec, timeout_ms, ack_by)
   local f = PB.DispatchJob
-  local d = pb_bytes(f.job_id, id) .. pb_int(f.lease, lease) .. pb_int(f.attempt, attempt) .. pb_bytes(f.spec, spec)
+  local carried = spec and pb_bytes(f.spec, spec) or pb_int(f.spec_omitted, 1)
+  local d = pb_bytes(f.job_id, id) .. pb_int(f.lease, lease) .. pb_int(f.attempt, attempt) .. carried
     .. pb_int(f.timeout_ms, timeout_ms)
   if ack_by then d = d .. pb_bytes(f.ack_deadline, pb_timestamp(ack_by)) end
   return d
@@ -725,8 +736,8 @@ end
 -- some candidate handles, in priority then submission order, each on the least loaded candidate
 -- that handles its kind. Each chosen job gets the next lease, leaves its pending zset and is
 -- booked on its worker (job set, busy slots). The caller writes the job's new state.
--- Returns the placements in order, {id, worker, lease, attempt (of the coming start), kind, spec,
--- timeout_ms, ack (the job's ack timeout ms, or nil)}.
+-- Returns the placements in order, {id, worker, lease, attempt (of the coming start), kind, spec
+-- (false when too large to carry: spec_to_carry), timeout_ms, ack (the job's ack timeout ms, or nil)}.
 local function assign(ns, queue, waiting, cands, free, most, now)
   local limit = math.min(most, free)
   local heads = {}  -- per kind: the first waiting jobs, as many as can be placed
@@ -773,17 +784,18 @@ local function assign(ns, queue, waiting, cands, free, most, now)
       head.taken[#head.taken + 1] = id
       head.pos = head.pos + 2
       head.score = tonumber(head.ids[head.pos + 1])
-      local j = redis.call('HMGET', job_key(ns.P, id), 'state', 'attempt', 'spec', 'timeout_ms', 'ack', 'ckey')
-      if j[1] and tonumber(j[1]) == QUEUED and (not j[6] or key_take(ns, queue, j[6], id, now)) then
+      local jk = job_key(ns.P, id)
+      local j = redis.call('HMGET', jk, 'state', 'attempt', 'ckey', 'timeout_ms', 'ack')
+      if j[1] and tonumber(j[1]) == QUEUED and (not j[3] or key_take(ns, queue, j[3], id, now)) then
         lease = lease + 1
         c.used = c.used + 1
         free = free - 1
         placed[#placed + 1] = {id = id, worker = c.id, lease = lease, attempt = tonumber(j[2]) + 1, kind = group_of(kind).kind,
-          spec = j[3], timeout_ms = tonumber(j[4]), ack = tonumber(j[5])}
+          spec = spec_to_carry(jk), timeout_ms = tonumber(j[4]), ack = tonumber(j[5])}
         if not books[c.id] then books[c.id] = {} end
         table.insert(books[c.id], id)
-        if j[6] then
-          local group, score, next_id = key_next(ns, queue, j[6], now)
+        if j[3] then
+          local group, score, next_id = key_next(ns, queue, j[3], now)
           if next_id then insert(group, next_id, score) end
         end
       end  -- else: expired or already moved on (so it was not waiting any more), or over its key's limits

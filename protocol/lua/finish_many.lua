@@ -101,9 +101,11 @@ for i, t in ipairs(taken) do
   out[i] = t.d
 end
 for _, id in ipairs(again) do
-  local j = redis.call('HMGET', job_key(ns.P, id), 'state', 'worker', 'lease', 'attempt', 'spec', 'timeout_ms')
+  local jk = job_key(ns.P, id)
+  local j = redis.call('HMGET', jk, 'state', 'worker', 'lease', 'attempt', 'timeout_ms')
   if tonumber(j[1]) == RUNNING and j[2] == worker then
-    out[#out + 1] = pb_bytes(PB.DispatchJobs.jobs, pb_dispatch(id, tonumber(j[3]), tonumber(j[4]), j[5], tonumber(j[6])))
+    local spec = spec_to_carry(jk)
+    out[#out + 1] = pb_bytes(PB.DispatchJobs.jobs, pb_dispatch(id, tonumber(j[3]), tonumber(j[4]), spec, tonumber(j[5])))
   end
 end
 return {codes, placements, table.concat(out)}

@@ -104,7 +104,7 @@ const root = new protobuf.Root();
 root.resolvePath = (_origin, target) => path.join(ROOT, 'proto', target);
 root.loadSync(['jobgate/v1/job.proto', 'jobgate/v1/relay.proto'], { keepCase: true });
 const T = Object.fromEntries(
-  ['JobEvents', 'WorkerMessage', 'WorkerStatus', 'Progress'].map((n) => [n, root.lookupType(`jobgate.v1.${n}`)]),
+  ['JobEvents', 'WorkerMessage', 'WorkerStatus', 'Progress', 'JobSpec'].map((n) => [n, root.lookupType(`jobgate.v1.${n}`)]),
 );
 const Value = root.lookupType('google.protobuf.Value');
 const encode = (type, obj) => Buffer.from(type.encode(type.fromObject(obj)).finish());
@@ -273,6 +273,11 @@ const jobEvent = (d, state, extra = {}) => ({
 
 async function execute(d, job) {
   const lease = job.lease.toString(); // the plain decimal, compared as a string by the scripts
+  if (d.spec_omitted) { // too large to carry in the dispatch: read from the job hash, plainly (step 4)
+    const raw = await retrying('spec read', d.job_id, () => redis.sendCommand(['HGET', K.job(d.job_id), 'spec'], BINARY));
+    if (!raw) return log(`job_id=${d.job_id} dropped a dispatch of a job that no longer exists`);
+    d.spec = T.JobSpec.toObject(T.JobSpec.decode(raw), { oneofs: true, longs: String });
+  }
   const running = encode(T.JobEvents, { events: [jobEvent(d, RUNNING)] });
   const k = K.ofJob(d.job_id); // start and finish go to the shard the job id names
   const started = await retrying('start', d.job_id, () =>

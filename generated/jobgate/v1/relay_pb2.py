@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from jobgate.v1 import job_pb2 as jobgate_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16jobgate/v1/relay.proto\x12\njobgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14jobgate/v1/job.proto\"\xa6\x01\n\x0b\x44ispatchJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05lease\x18\x02 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12!\n\x04spec\x18\x04 \x01(\x0b\x32\x13.jobgate.v1.JobSpec\x12\x12\n\ntimeout_ms\x18\x05 \x01(\x03\x12\x30\n\x0c\x61\x63k_deadline\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x0c\x44ispatchJobs\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.jobgate.v1.DispatchJob\"*\n\tCancelJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05lease\x18\x02 \x01(\x03\"\x9d\x01\n\rWorkerMessage\x12+\n\x08\x64ispatch\x18\x01 \x01(\x0b\x32\x17.jobgate.v1.DispatchJobH\x00\x12\'\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x15.jobgate.v1.CancelJobH\x00\x12.\n\ndispatches\x18\x03 \x01(\x0b\x32\x18.jobgate.v1.DispatchJobsH\x00\x42\x06\n\x04\x62ody\"1\n\tJobEvents\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.jobgate.v1.JobEvent\"\xac\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12/\n\x06\x63hange\x18\x02 \x01(\x0e\x32\x1f.jobgate.v1.WorkerStatus.Change\"X\n\x06\x43hange\x12\x16\n\x12\x43HANGE_UNSPECIFIED\x10\x00\x12\x11\n\rCHANGE_JOINED\x10\x01\x12\x12\n\x0e\x43HANGE_LEAVING\x10\x02\x12\x0f\n\x0b\x43HANGE_LEFT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16jobgate/v1/relay.proto\x12\njobgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14jobgate/v1/job.proto\"\xbc\x01\n\x0b\x44ispatchJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05lease\x18\x02 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12!\n\x04spec\x18\x04 \x01(\x0b\x32\x13.jobgate.v1.JobSpec\x12\x12\n\ntimeout_ms\x18\x05 \x01(\x03\x12\x30\n\x0c\x61\x63k_deadline\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cspec_omitted\x18\x07 \x01(\x08\"5\n\x0c\x44ispatchJobs\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.jobgate.v1.DispatchJob\"*\n\tCancelJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05lease\x18\x02 \x01(\x03\"\x9d\x01\n\rWorkerMessage\x12+\n\x08\x64ispatch\x18\x01 \x01(\x0b\x32\x17.jobgate.v1.DispatchJobH\x00\x12\'\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x15.jobgate.v1.CancelJobH\x00\x12.\n\ndispatches\x18\x03 \x01(\x0b\x32\x18.jobgate.v1.DispatchJobsH\x00\x42\x06\n\x04\x62ody\"1\n\tJobEvents\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.jobgate.v1.JobEvent\"\xac\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12/\n\x06\x63hange\x18\x02 \x01(\x0e\x32\x1f.jobgate.v1.WorkerStatus.Change\"X\n\x06\x43hange\x12\x16\n\x12\x43HANGE_UNSPECIFIED\x10\x00\x12\x11\n\rCHANGE_JOINED\x10\x01\x12\x12\n\x0e\x43HANGE_LEAVING\x10\x02\x12\x0f\n\x0b\x43HANGE_LEFT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jobgate.v1.relay_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DISPATCHJOB']._serialized_start=94
-  _globals['_DISPATCHJOB']._serialized_end=260
-  _globals['_DISPATCHJOBS']._serialized_start=262
-  _globals['_DISPATCHJOBS']._serialized_end=315
-  _globals['_CANCELJOB']._serialized_start=317
-  _globals['_CANCELJOB']._serialized_end=359
-  _globals['_WORKERMESSAGE']._serialized_start=362
-  _globals['_WORKERMESSAGE']._serialized_end=519
-  _globals['_JOBEVENTS']._serialized_start=521
-  _globals['_JOBEVENTS']._serialized_end=570
-  _globals['_WORKERSTATUS']._serialized_start=573
-  _globals['_WORKERSTATUS']._serialized_end=745
-  _globals['_WORKERSTATUS_CHANGE']._serialized_start=657
-  _globals['_WORKERSTATUS_CHANGE']._serialized_end=745
+  _globals['_DISPATCHJOB']._serialized_end=282
+  _globals['_DISPATCHJOBS']._serialized_start=284
+  _globals['_DISPATCHJOBS']._serialized_end=337
+  _globals['_CANCELJOB']._serialized_start=339
+  _globals['_CANCELJOB']._serialized_end=381
+  _globals['_WORKERMESSAGE']._serialized_start=384
+  _globals['_WORKERMESSAGE']._serialized_end=541
+  _globals['_JOBEVENTS']._serialized_start=543
+  _globals['_JOBEVENTS']._serialized_end=592
+  _globals['_WORKERSTATUS']._serialized_start=595
+  _globals['_WORKERSTATUS']._serialized_end=767
+  _globals['_WORKERSTATUS_CHANGE']._serialized_start=679
+  _globals['_WORKERSTATUS_CHANGE']._serialized_end=767
 # @@protoc_insertion_point(module_scope)

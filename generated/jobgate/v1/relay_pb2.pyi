@@ -12,20 +12,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DispatchJob(_message.Message):
-    __slots__ = ("job_id", "lease", "attempt", "spec", "timeout_ms", "ack_deadline")
+    __slots__ = ("job_id", "lease", "attempt", "spec", "timeout_ms", "ack_deadline", "spec_omitted")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     ACK_DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_OMITTED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     lease: int
     attempt: int
     spec: _job_pb2.JobSpec
     timeout_ms: int
     ack_deadline: _timestamp_pb2.Timestamp
-    def __init__(self, job_id: _Optional[str] = ..., lease: _Optional[int] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., ack_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    spec_omitted: bool
+    def __init__(self, job_id: _Optional[str] = ..., lease: _Optional[int] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., timeout_ms: _Optional[int] = ..., ack_deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., spec_omitted: _Optional[bool] = ...) -> None: ...
 
 class DispatchJobs(_message.Message):
     __slots__ = ("jobs",)
