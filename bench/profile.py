@@ -1,7 +1,7 @@
 """``python -m bench.profile``: where jobgate's time goes, per process, under one kind of load.
 
 Starts the same stack as the benchmark (a private Redis, one gateway, workers), runs one
-measurement of the benchmark's jobgate adapter (``batched``, ``unary`` or ``latency``) and
+measurement of the benchmark's jobgate adapter (``batched``, ``unary``, ``client`` or ``latency``) and
 reports, for Redis, the gateway, each worker and the submitting client, the CPU time each used
 per job (from /proc, so it counts only that process, whatever else the machine runs). With
 ``--py-spy`` (``pip install py-spy``) it also samples the gateway and the first worker while
@@ -57,7 +57,7 @@ def hot_spots(raw: Path, top: int) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
-    parser.add_argument("load", choices=("batched", "unary", "latency"))
+    parser.add_argument("load", choices=("batched", "unary", "client", "latency"))
     parser.add_argument("--jobs", type=int, default=20_000, help="jobs (latency: round trips, 1/10 of this)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--payload", type=int, default=0, help="batched: bytes of payload per job (echoed back)")
@@ -88,6 +88,8 @@ def main() -> int:
             jobs, figure = args.jobs, f"{system.batched(args.jobs, args.payload):,.0f} jobs/s"
         elif args.load == "unary":
             jobs, figure = args.jobs // 4, f"{system.unary(args.jobs // 4, 32):,.0f} jobs/s"
+        elif args.load == "client":
+            jobs, figure = args.jobs // 2, f"{system.client_unary(args.jobs // 2, 32):,.0f} jobs/s"
         else:
             jobs = args.jobs // 10
             trips = sorted(system.round_trips(jobs))

@@ -58,8 +58,8 @@ class Plan:
     sweep_workers: tuple[int, ...] = (1, 2, 4)
     payloads: dict[int, int] = field(default_factory=lambda: {100: 5_000, 10_000: 5_000, 100_000: 1_000})
     queued: int = 10_000
-    streams: int = 1_000
-    channels: int = 10
+    streams: int = 10_000
+    channels: int = 100
     relay: int = 20_000  # messages through the bare relay, unbatched (pipelined: 4 times as many)
     floor_calls: int = 8_000  # unary calls against gRPC alone
     floor_trips: int = 1_000
@@ -162,13 +162,14 @@ class Bench:
     def round(self, r: int) -> None:
         p = self.plan
         print(f"round {r}", flush=True)
-        main: dict[str, Callable[[System], float]] = {
-            "batched": lambda s: s.batched(p.batched),
-            "unary": lambda s: s.unary(p.unary, p.clients),
-            **self._trips(),
-            **{f"payload:{b}": _payload(b, n) for b, n in p.payloads.items()},
-        }
         for name in self.systems:
+            main: dict[str, Callable[[System], float]] = {
+                "batched": lambda s: s.batched(p.batched),
+                "unary": lambda s: s.unary(p.unary, p.clients),
+                **({"client": _client_unary(p.unary, p.clients)} if name == "jobgate" else {}),
+                **self._trips(),
+                **{f"payload:{b}": _payload(b, n) for b, n in p.payloads.items()},
+            }
             before = len(self.results.values(name, "batched"))
             self.session(name, f"round {r}, main", lambda s: s.start(p.workers), main)
             batched = self.results.values(name, "batched")
@@ -229,6 +230,18 @@ class Bench:
 
 def _payload(size: int, n: int) -> Callable[[System], float]:
     return lambda s: s.batched(n, size)
+
+
+def _client_unary(n: int, clients: int) -> Callable[[System], float]:
+    """jobgate's unary shape through its Python client's ``submit``."""
+
+    def measure(system: System) -> float:
+        from bench.systems.jobgate import Jobgate
+
+        assert isinstance(system, Jobgate)
+        return system.client_unary(n, clients)
+
+    return measure
 
 
 def _sweep(n: int) -> Callable[[System], float]:
@@ -322,6 +335,7 @@ def summary(results: Results, plan: Plan) -> str:
     columns = [
         ("batched/s", "batched"),
         ("unary/s", "unary"),
+        ("client/s", "client"),
         ("p50_ms", "p50"),
         ("p99_ms", "p99"),
         *((f"w{w}/s", f"workers:{w}") for w in plan.sweep_workers),

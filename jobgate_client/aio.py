@@ -12,12 +12,11 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar, cast
 
 import grpc
-from google.protobuf import json_format
 
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 from .errors import InvalidArgument, JobgateError, Unavailable, from_rpc_error
-from .models import Batch, Event, Job, JobState, Limits, Page, QueueStats, Schedule, Worker, seconds
+from .models import Batch, Event, Job, JobState, Limits, Page, QueueStats, Schedule, Worker, seconds, to_value
 
 T = TypeVar("T")
 
@@ -78,7 +77,7 @@ def job_request(
         depends_on=list(depends_on),
     )
     if args is not None:
-        json_format.ParseDict(args, req.args)
+        to_value(args, req.args)
     if timeout is not None:
         req.timeout.FromTimedelta(seconds(timeout))
     if run_at is not None:

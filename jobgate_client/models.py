@@ -42,19 +42,61 @@ def state_of(value: int) -> JobState | None:
 def to_python(value: struct_pb2.Value, present: bool = True) -> Any:
     """A google.protobuf.Value as the JSON value it holds (None when absent). JSON numbers travel as
     doubles: a whole one comes back as an int, as json.loads would give it."""
-    if not present or value.WhichOneof("kind") is None:
+    if not present:
         return None
-    return _whole(json_format.MessageToDict(value))
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return {k: to_python(v) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [to_python(v) for v in value.list_value.values]
+    if kind == "number_value":
+        n = value.number_value
+        return int(n) if n.is_integer() and abs(n) < 2**53 else n
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    return None  # null_value, or unset
 
 
-def _whole(v: Any) -> Any:
-    if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
-        return int(v)
-    if isinstance(v, dict):
-        return {k: _whole(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_whole(x) for x in v]
-    return v
+class _NotPlain(Exception):
+    """A value to_value leaves to json_format (which says what is wrong with it, if anything)."""
+
+
+def to_value(obj: Any, value: struct_pb2.Value) -> None:
+    """Sets ``value`` to the JSON value ``obj``, as ``json_format.ParseDict`` would (whose errors a
+    value of another kind gets), without its per-field overhead."""
+    try:
+        _set_value(obj, value)
+    except (_NotPlain, TypeError, ValueError, OverflowError):
+        value.Clear()
+        json_format.ParseDict(obj, value)
+
+
+def _set_value(obj: Any, value: struct_pb2.Value) -> None:
+    kind = type(obj)
+    if obj is None:
+        value.null_value = struct_pb2.NULL_VALUE
+    elif kind is bool:
+        value.bool_value = obj
+    elif kind is int or kind is float:
+        value.number_value = obj
+    elif kind is str:
+        value.string_value = obj
+    elif kind is dict:
+        value.struct_value.SetInParent()
+        fields = value.struct_value.fields
+        for k, v in obj.items():
+            if type(k) is not str:
+                raise _NotPlain
+            _set_value(v, fields[k])
+    elif kind is list:
+        value.list_value.SetInParent()
+        values = value.list_value.values
+        for v in obj:
+            _set_value(v, values.add())
+    else:
+        raise _NotPlain
 
 
 def to_datetime(ts: timestamp_pb2.Timestamp, present: bool) -> datetime | None:

@@ -37,7 +37,7 @@ def test_quick_benchmark_run_completes_with_plausible_figures_and_leaves_docs_al
     assert "FAILED" not in result.stdout, output
 
     figures = summary_row(result.stdout, "jobgate")
-    for throughput in ("batched/s", "unary/s", "w1/s", "w2/s", "w4/s", "100B/s", "10000B/s", "100000B/s"):
+    for throughput in ("batched/s", "unary/s", "client/s", "w1/s", "w2/s", "w4/s", "100B/s", "10000B/s", "100000B/s"):
         assert figures.get(throughput, 0) > 0, (throughput, output)
     assert 0 < figures["p50_ms"] <= figures["p99_ms"], output
     assert figures["bytes/job"] > 0, output

@@ -7,6 +7,7 @@ import threading
 from collections.abc import AsyncIterator
 
 import pytest
+from google.protobuf import json_format, struct_pb2
 
 from devtools.devstack import Stack
 from jobgate_client import (
@@ -19,6 +20,7 @@ from jobgate_client import (
     Unauthenticated,
     job_request,
 )
+from jobgate_client.models import to_python, to_value
 
 from .helpers import start_gateway
 from .processes import scrape
@@ -145,3 +147,28 @@ async def test_the_client_sends_its_token(stack: Stack) -> None:
     async with Client(address) as anonymous:
         with pytest.raises(Unauthenticated):
             await anonymous.submit("echo")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [None, True, 0, -1.5, 2**60, "é", [], {}, [1, "a", None, [{}]], {"a": {"b": [True, 2.5]}}, (1, 2), {1: 2}, {1, 2},
+     2**1100, float("inf")],
+)  # fmt: skip
+def test_args_become_the_value_json_format_makes_of_them_and_come_back_as_json(args: object) -> None:
+    """The client's own conversion of args (no json_format per field) builds what json_format would,
+    or fails as it does; values come back as json.loads would give them (whole numbers as ints)."""
+    expected, wanted_error = struct_pb2.Value(), None
+    try:
+        json_format.ParseDict(args, expected)
+    except Exception as exc:  # noqa: BLE001 - the error the client must raise too
+        wanted_error = type(exc)
+    got = struct_pb2.Value()
+    if wanted_error is not None:
+        with pytest.raises(wanted_error):
+            to_value(args, got)
+        return
+    to_value(args, got)
+    assert got == expected
+    plain = json_format.MessageToDict(expected) if expected.WhichOneof("kind") != "number_value" else None
+    if plain is not None and not isinstance(args, tuple):
+        assert to_python(got) == args

@@ -19,6 +19,7 @@ import grpc
 from bench.systems.base import BATCH_BYTES, WAIT_S, System, chunks, rate
 from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
+from jobgate_client import Client as JobgateClient
 from tests.processes import wait_until
 
 SLOTS = 64  # per worker: jobs one worker runs at once
@@ -56,7 +57,8 @@ class Jobgate(System):
     name = "jobgate"
     packages = ("jobgate", "grpcio", "protobuf", "redis", "hiredis", "uvloop")
     submitter = (
-        "batched: `SubmitJobs` per chunk, every chunk in flight at once; unary: `SubmitJob` from asyncio tasks; "
+        "batched: `SubmitJobs` per chunk, every chunk in flight at once; unary: `SubmitJob` from asyncio tasks, "
+        "and the Python client's `submit` (jobgate_client) from as many; "
         "results: one `WatchResults` stream (`max_batch` 1,000) counts completions; round trip: `RunJob`"
     )
 
@@ -148,6 +150,22 @@ class Jobgate(System):
 
         async def submit() -> None:
             await asyncio.gather(*(one_client(c) for c in range(clients)))
+
+        return self._run(self._throughput(n, submit))
+
+    def client_unary(self, n: int, clients: int) -> float:
+        """The unary shape through the Python client (jobgate_client): ``submit`` from ``clients``
+        concurrent tasks, each submit awaited before the next, as an application would call it.
+        The client sends the submits that meet in flight together (one SubmitJobs per round trip)."""
+
+        async def submit() -> None:
+            async with JobgateClient(self.address, timeout=30) as client:
+
+                async def one_client(first: int) -> None:
+                    for i in range(first, n, clients):
+                        await client.submit("echo", {"i": i})
+
+                await asyncio.gather(*(one_client(c) for c in range(clients)))
 
         return self._run(self._throughput(n, submit))
 
