@@ -211,9 +211,10 @@ place. It counts everything the system keeps in Redis for a job it has accepted.
 {memory}
 {_chart(ctx, "memory", "Redis memory per queued job")}
 The gateway's resident memory (`VmRSS` in `/proc/<pid>/status`), freshly started with default
-settings and one worker, before and with {p["streams"]:,} `WatchResults` streams open over
-{p["channels"]} client connections ({per_channel} streams each: HTTP/2 caps concurrent streams per
-connection). Every stream has received one completion before the second reading.
+settings (but `max_streams` a little above the streams opened) and one worker, before and with
+{p["streams"]:,} `WatchResults` streams open over {p["channels"]} client connections (about {per_channel}
+streams each: HTTP/2 caps concurrent streams per connection). Every stream has received a completion
+before the second reading.
 
 {rss}
 """

@@ -59,7 +59,7 @@ class Plan:
     payloads: dict[int, int] = field(default_factory=lambda: {100: 5_000, 10_000: 5_000, 100_000: 1_000})
     queued: int = 10_000
     streams: int = 10_000
-    channels: int = 100
+    channels: int = 112  # about 90 streams per connection: under HTTP/2's usual cap of 100
     relay: int = 20_000  # messages through the bare relay, unbatched (pipelined: 4 times as many)
     floor_calls: int = 8_000  # unary calls against gRPC alone
     floor_trips: int = 1_000
@@ -183,7 +183,7 @@ class Bench:
                     name, f"round {r}, workers={w}", lambda s, w=w: s.start(w), {f"workers:{w}": _sweep(p.sweep)}
                 )
         if "jobgate" in self.systems:
-            self.session("jobgate", f"round {r}, streams", _start_plain, self._streams())
+            self.session("jobgate", f"round {r}, streams", _start_plain(p.streams), self._streams())
         self.machine(r)
 
     def machine(self, r: int) -> None:
@@ -248,9 +248,11 @@ def _sweep(n: int) -> Callable[[System], float]:
     return lambda s: s.batched(n)
 
 
-def _start_plain(system: System) -> None:
-    """jobgate as an operator runs it: default settings (but quiet logs), one worker."""
-    system.start(1, env={"JOBGATE_LOG_LEVEL": "WARNING"})
+def _start_plain(streams: int) -> Callable[[System], None]:
+    """jobgate as an operator runs it, with one worker: default settings, but quiet logs and room
+    for ``streams`` open streams and a few more (``max_streams`` is 10,000 by default)."""
+    env = {"JOBGATE_LOG_LEVEL": "WARNING", "JOBGATE_MAX_STREAMS": str(max(streams + 100, 10_000))}
+    return lambda system: system.start(1, env=env)
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -170,6 +170,12 @@ async def start(settings: GatewaySettings) -> Gateway:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", settings.min_ping_interval_ms),
         ("grpc.http2.max_ping_strikes", settings.max_ping_strikes),
+        # Calls that arrive faster than the event loop takes them wait in gRPC's core, which by
+        # default cancels them beyond 1,000 waiting (3,000 at once): thousands of streams opened
+        # together (clients reconnecting after a restart) would be cut with CANCELLED. max_streams
+        # already bounds the streams; unary calls the gateway takes as fast as they come.
+        ("grpc.server.max_pending_requests", max(1000, settings.max_streams)),
+        ("grpc.server.max_pending_requests_hard_limit", max(3000, 3 * settings.max_streams)),
     ]
     if settings.processes > 1:  # several processes on one address: the kernel spreads connections over them
         options.append(("grpc.so_reuseport", 1))

@@ -49,6 +49,32 @@ async def test_streams_over_max_streams_are_refused_and_freed_slots_are_reused(
         call.cancel()
 
 
+async def test_thousands_of_streams_opened_at_once_are_all_taken(stack: Stack) -> None:
+    """Clients reconnecting together after a restart open their streams at once: calls arriving
+    faster than the gateway takes them wait for it, none is cut with CANCELLED (gRPC's core does
+    that beyond 1,000 waiting calls unless told otherwise)."""
+    _, address, metrics_port = start_gateway(stack)
+    n, per_connection = 3000, 90  # under HTTP/2's usual cap of 100 streams per connection
+    channels = [
+        grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(-(-n // per_connection))
+    ]
+    calls = [
+        scheduler_pb2_grpc.SchedulerServiceStub(channels[i // per_connection]).WatchResults(
+            scheduler_pb2.WatchResultsRequest(kinds=["nothing"]), timeout=60
+        )
+        for i in range(n)
+    ]
+    try:
+        await wait_streams_open(metrics_port, n, timeout=40)
+        ended = [c for c in calls if c.done()]
+        assert not ended, [await c.code() for c in ended[:5]]
+    finally:
+        for c in calls:
+            c.cancel()
+        await asyncio.gather(*(ch.close() for ch in channels))
+
+
 async def test_an_idle_stream_survives_server_keepalive_pings(stack: Stack) -> None:
     """A WatchResults stream that sees nothing for many keepalive periods stays open, with the
     client itself pinging at the slowest rate the gateway allows."""

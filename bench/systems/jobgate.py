@@ -207,21 +207,25 @@ class Jobgate(System):
             grpc.aio.insecure_channel(self.address, options=[("grpc.use_local_subchannel_pool", 1)])
             for _ in range(channels)
         ]
-        got = asyncio.Semaphore(0)
+        reached: set[int] = set()  # the streams that have received a completion
 
-        async def watch(channel: grpc.aio.Channel) -> None:
-            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+        async def watch(i: int) -> None:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(opened[i % channels])
             async for _ in stub.WatchResults(scheduler_pb2.WatchResultsRequest(kinds=["echo"]), timeout=WAIT_S):
-                got.release()
+                reached.add(i)
 
-        tasks = [asyncio.create_task(watch(opened[s % channels])) for s in range(streams)]
+        tasks = [asyncio.create_task(watch(i)) for i in range(streams)]
         try:
-            await asyncio.sleep(1.0)  # let the calls reach the gateway before the probe job runs
-            async with asyncio.timeout(60):
-                async for _ in self._stub().RunJob(scheduler_pb2.RunJobRequest(job=echo(0)), timeout=30):
-                    pass
-                for _ in range(streams):
-                    await got.acquire()
+            # A stream that registers after a probe job's completion misses it: probe until every
+            # stream has had one (a failed stream ends its task, and the wait below says so).
+            async with asyncio.timeout(120):
+                while len(reached) < streams:
+                    if failed := [t for t in tasks if t.done()]:
+                        failed[0].result()
+                        raise RuntimeError(f"{len(failed)} of {streams} streams ended")
+                    async for _ in self._stub().RunJob(scheduler_pb2.RunJobRequest(job=echo(0)), timeout=30):
+                        pass
+                    await asyncio.sleep(0.5)
             return rss_mb(self.gateway_pid)
         finally:
             for t in tasks:
