@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from google.protobuf.message import DecodeError
 from redis.asyncio import Redis
@@ -135,9 +135,15 @@ class Hub:
 
     # --- routing --------------------------------------------------------------------------
     async def handle(self, batch: list[dict[str, object]]) -> None:
-        """Routes one batch of raw pub/sub messages. Malformed messages are logged and dropped."""
+        """Routes one batch of raw pub/sub messages. Malformed messages are logged and dropped.
+
+        Every gateway process receives every event, most of them of jobs no stream here follows:
+        those cost a look at their state, no more. The queues whose slots terminal events freed
+        are handed on once per batch; an event's job id and state are checked only where the
+        event is used (a watcher's, or a terminal one to verify)."""
         status = self.keys.workers_channel().encode()
         to_verify: dict[str, job_pb2.JobEvent] = {}
+        freed: set[str] = set()
         self.metrics.messages.inc(len(batch))
         for msg in batch:
             data = msg.get("data")
@@ -146,32 +152,47 @@ class Hub:
             if msg.get("channel") == status:
                 self._worker_status(data)
                 continue
-            events, dropped = parse_events(data)
-            if dropped:
-                self.metrics.dropped.inc(dropped)
+            events = parse_events(data)
+            if events is None:
+                self.metrics.dropped.inc()
+                continue
             for event in events:
-                if self._route(event, to_verify) and len(to_verify) >= MAX_BATCH:
+                if self._route(event, to_verify, freed) and len(to_verify) >= MAX_BATCH:
                     await self._forward_verified(list(to_verify))  # bounded bursts: watchers drain in between
                     to_verify.clear()
+        for queue in freed:
+            if QUEUE_RE.fullmatch(queue):
+                self.on_slot_freed(queue)
         if to_verify:
             await self._forward_verified(list(to_verify))
 
-    def _route(self, event: job_pb2.JobEvent, to_verify: dict[str, job_pb2.JobEvent]) -> bool:
-        """Hands a progress event to its watchers; a terminal one frees its queue's slot and, when
-        someone may want it, goes to ``to_verify`` (returns True then) to be checked first."""
-        if event.state in TERMINAL:
-            if QUEUE_RE.fullmatch(event.queue):
-                self.on_slot_freed(event.queue)
-            if self.by_job.get(event.job_id) or self.broad:
-                to_verify[event.job_id] = event
+    def _route(self, event: job_pb2.JobEvent, to_verify: dict[str, job_pb2.JobEvent], freed: set[str]) -> bool:
+        """Hands a progress event to its watchers; a terminal one notes its queue's freed slot and,
+        when someone may want it, goes to ``to_verify`` (returns True then) to be checked first."""
+        state = event.state
+        if state in TERMINAL:
+            freed.add(event.queue)
+            job_id = event.job_id
+            if (job_id in self.by_job or self.broad) and job_id not in to_verify:
+                if not JOB_ID_RE.fullmatch(job_id):
+                    self._bad(event)
+                    return False
+                to_verify[job_id] = event
                 return True
             return False
-        if event.state == SCHEDULED and event.HasField("due_at"):  # a retry's backoff: promote then
+        if state == SCHEDULED and event.HasField("due_at"):  # a retry's backoff: promote then
             self.on_due(event.due_at.ToMilliseconds())
-        if event.job_id in self.by_job:  # only watchers of job ids take progress; most jobs have none
+        if self.by_job and event.job_id in self.by_job:  # only watchers of job ids take progress
+            if state not in _KNOWN_STATES:
+                self._bad(event)
+                return False
             for w in self._interested(event):
                 w.push(event)
         return False
+
+    def _bad(self, event: job_pb2.JobEvent) -> None:
+        log.warning("dropped a result event with a bad job id or state")
+        self.metrics.dropped.inc()
 
     async def _forward_verified(self, job_ids: list[str]) -> None:
         for job_id, fields in zip(job_ids, await self.store.get_fields(job_ids), strict=True):
@@ -199,19 +220,16 @@ class Hub:
             self.on_worker_change()
 
 
-def parse_events(data: bytes) -> tuple[list[job_pb2.JobEvent], int]:
-    """The events of a JobEvents message from the result channel, and how many were dropped (logged):
-    a malformed or empty message counts as one, an event with a bad job id or state as one each."""
+def parse_events(data: bytes) -> Sequence[job_pb2.JobEvent] | None:
+    """The events of a JobEvents message from the result channel; None (logged) for a malformed
+    or empty message. Their job ids and states are the router's to check, where they are used."""
     msg = relay_pb2.JobEvents()
     try:
         msg.ParseFromString(data)
     except DecodeError:
         log.warning("dropped a malformed result message (%d bytes)", len(data))
-        return [], 1
+        return None
     if not msg.events:
         log.warning("dropped a result message with no events (%d bytes)", len(data))
-        return [], 1
-    events = [e for e in msg.events if JOB_ID_RE.fullmatch(e.job_id) and e.state in _KNOWN_STATES]
-    if len(events) < len(msg.events):
-        log.warning("dropped %d result event(s) with a bad job id or state", len(msg.events) - len(events))
-    return events, len(msg.events) - len(events)
+        return None
+    return msg.events
