@@ -1,9 +1,10 @@
 """``python -m bench.grpc_floor``: what Python gRPC alone costs, as a floor under jobgate's figures.
 
 Serves jobgate's own ``SchedulerService`` from a separate process with handlers that do nothing
-(``SubmitJob`` answers at once; ``RunJob`` streams four events, as a real one does) and drives it
-with the benchmark's client shapes: unary calls from 32 concurrent asyncio tasks, and sequential
-``RunJob`` calls. No Redis, no workers: whatever jobgate adds comes on top of these numbers.
+(``SubmitJob`` answers at once; ``RunJob`` streams four events, as a real one does; ``WatchResults``
+sends one event and stays open) and drives it with the benchmark's client shapes: unary calls from
+32 concurrent asyncio tasks, sequential ``RunJob`` calls, and the server's memory with 10,000 open
+streams. No Redis, no workers: whatever jobgate adds comes on top of these numbers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from bench.systems.jobgate import rss_mb
 from devtools.servers import free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -39,6 +41,12 @@ class Nothing(scheduler_pb2_grpc.SchedulerServiceServicer):
     ) -> AsyncIterator[scheduler_pb2.RunJobResponse]:
         for state in STATES:
             yield scheduler_pb2.RunJobResponse(event=job_pb2.JobEvent(job_id="0" * 32, kind="echo", state=state))
+
+    async def WatchResults(  # noqa: N802 - the RPC's name
+        self, request: scheduler_pb2.WatchResultsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.WatchResultsResponse]:
+        yield scheduler_pb2.WatchResultsResponse(event=job_pb2.JobEvent(job_id="0" * 32, kind="echo"))
+        await asyncio.Event().wait()  # open until the client goes
 
 
 async def serve(address: str) -> None:
@@ -96,14 +104,66 @@ def floor(calls: int, trips: int, rounds: int = 1) -> list[tuple[float, float, f
         server.join(timeout=10)
 
 
+async def _open_streams(address: str, pid: int, streams: int, channels: int) -> float:
+    """Opens ``streams`` WatchResults streams over ``channels`` connections, a thousand at a time,
+    each until it has had its one message; the server's VmRSS (MB) with all of them open."""
+    opened = [
+        grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(channels)
+    ]
+    got: set[int] = set()
+
+    async def watch(i: int) -> None:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(opened[i % channels])
+        async for _ in stub.WatchResults(scheduler_pb2.WatchResultsRequest(), timeout=600):
+            got.add(i)
+
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        async with asyncio.timeout(120):
+            await asyncio.wait_for(opened[0].channel_ready(), 30)
+            while len(tasks) < streams:
+                tasks += [asyncio.create_task(watch(i)) for i in range(len(tasks), min(len(tasks) + 1000, streams))]
+                while len(got) < len(tasks):
+                    if failed := [t for t in tasks if t.done()]:
+                        failed[0].result()
+                        raise RuntimeError(f"{len(failed)} streams ended")
+                    await asyncio.sleep(0.05)
+        return rss_mb(pid)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in opened:
+            await c.close()
+
+
+def stream_rss(streams: int, channels: int) -> float:
+    """The VmRSS (MB) of a server with handlers that do nothing but hold ``streams`` WatchResults
+    streams open (each sent one message), over ``channels`` connections: what Python gRPC alone
+    takes for them, under the gateway's figure."""
+    address = f"127.0.0.1:{free_port()}"
+    server = multiprocessing.get_context("spawn").Process(target=run_server, args=(address,), daemon=True)
+    server.start()
+    try:
+        assert server.pid is not None
+        return asyncio.run(_open_streams(address, server.pid, streams, channels))
+    finally:
+        server.terminate()
+        server.join(timeout=10)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.grpc_floor", description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=8000)
     parser.add_argument("--trips", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=10_000, help="open streams for the memory figure (0: skip)")
     args = parser.parse_args()
     for r, (rate, p50, p99) in enumerate(floor(args.calls, args.trips, args.rounds)):
         print(f"round {r + 1}: unary {rate:,.0f} calls/s (32 tasks); RunJob p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    if args.streams:
+        rss = stream_rss(args.streams, -(-args.streams // 90))
+        print(f"VmRSS with {args.streams:,} open WatchResults streams: {rss:.1f} MB")
     return 0
 
 

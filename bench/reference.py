@@ -32,7 +32,8 @@ STOP = b"stop"
 PIPELINE = 1000  # publishes per pipeline, pipelined run
 WAIT_S = 60.0
 MESSAGE = b"x" * 100
-NAMES = ("relay_unbatched", "relay_pipelined", "grpc_unary", "grpc_p50", "grpc_p99")  # what measures() returns
+# what measures() returns
+NAMES = ("relay_unbatched", "relay_pipelined", "grpc_unary", "grpc_p50", "grpc_p99", "grpc_rss_streams")
 
 
 async def _next(pubsub: PubSub, timeout_s: float) -> bytes | None:
@@ -123,8 +124,11 @@ def relay_rate(url: str, n: int, pipelined: bool) -> float:
     return asyncio.run(_drive(url, n, pipelined))
 
 
-def measures(redis_url: str, relay_n: int, calls: int, trips: int) -> dict[str, Callable[[], float]]:
-    """Named measurements, in order; the gRPC figures come from one run of ``grpc_floor.floor``."""
+def measures(
+    redis_url: str, relay_n: int, calls: int, trips: int, streams: int = 10_000, channels: int = 112
+) -> dict[str, Callable[[], float]]:
+    """Named measurements, in order; the gRPC figures come from one run of ``grpc_floor.floor``,
+    and the memory one from ``grpc_floor.stream_rss`` with ``streams`` open over ``channels``."""
     figures: list[float] = []
 
     def unary() -> float:
@@ -138,6 +142,7 @@ def measures(redis_url: str, relay_n: int, calls: int, trips: int) -> dict[str, 
         "grpc_unary": unary,
         "grpc_p50": lambda: figures[1],
         "grpc_p99": lambda: figures[2],
+        "grpc_rss_streams": lambda: grpc_floor.stream_rss(streams, channels),
     }
 
 

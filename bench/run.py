@@ -190,7 +190,8 @@ class Bench:
         """The machine's own pace this round (bench/reference.py), under the name ``MACHINE``."""
         flush(self.redis_url)
         p = self.plan
-        for step, measure in reference.measures(self.redis_url, p.relay, p.floor_calls, p.floor_trips).items():
+        figures = reference.measures(self.redis_url, p.relay, p.floor_calls, p.floor_trips, p.streams, p.channels)
+        for step, measure in figures.items():
             try:
                 with limit(LIMIT_S):
                     value = measure()

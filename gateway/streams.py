@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 
 from jobgate.v1 import job_pb2
@@ -23,6 +24,50 @@ from .metrics import GatewayMetrics
 RECONCILE_BACKOFF = 8  # a quiet stream re-reads after reconcile_s, 2x, 4x, then every 8x
 READS_AT_ONCE = 1000  # job ids per call that reads stored jobs for streams
 REREAD_GATHER_S = 0.05  # how long a re-read waits for others to go with it
+
+
+class EventBuffer:
+    """A bounded FIFO of one stream's events with one waiting reader: the part of
+    :class:`asyncio.Queue` a watcher uses. A Queue holds three deques from the start (items, getters,
+    putters), each with its own 0.5 KB block; one deque and a future made only while waiting cost
+    the gateway about 3 KB less per open stream (30 MB at 10,000 streams)."""
+
+    __slots__ = ("_items", "_maxsize", "_waiter")
+
+    def __init__(self, maxsize: int) -> None:
+        self._items: deque[job_pb2.JobEvent | None] = deque()
+        self._maxsize = maxsize
+        self._waiter: asyncio.Future[None] | None = None
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def full(self) -> bool:
+        return len(self._items) >= self._maxsize
+
+    def put_nowait(self, event: job_pb2.JobEvent | None) -> None:
+        """Appends ``event``; raises asyncio.QueueFull when ``maxsize`` are waiting."""
+        if self.full():
+            raise asyncio.QueueFull
+        self._items.append(event)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def get_nowait(self) -> job_pb2.JobEvent | None:
+        """The oldest event; raises asyncio.QueueEmpty when there is none."""
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items.popleft()
+
+    async def get(self) -> job_pb2.JobEvent | None:
+        """The oldest event, once there is one (one reader at a time)."""
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
 
 
 class Watcher:
@@ -48,7 +93,7 @@ class Watcher:
         self.queues = queues  # the queues the caller may see (None: all)
         self.terminal_only = terminal_only
         self.progress = progress and bool(self.job_ids)  # with terminal_only: progress events too
-        self.events: asyncio.Queue[job_pb2.JobEvent | None] = asyncio.Queue(maxsize=buffer)
+        self.events = EventBuffer(buffer)
         self.overflowed = False
         self.stale = False  # set when events may have been missed: re-read stored state
         self.missed = False  # set when events may have been missed and cannot be re-read (no job ids)

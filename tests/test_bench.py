@@ -46,7 +46,14 @@ def test_quick_benchmark_run_completes_with_plausible_figures_and_leaves_docs_al
 
     machine = next(line for line in result.stdout.splitlines() if line.startswith("machine:"))
     pace = dict(item.rsplit(" ", 1) for item in machine.removeprefix("machine:").strip().split(", "))
-    assert set(pace) == {"relay_unbatched", "relay_pipelined", "grpc_unary", "grpc_p50", "grpc_p99"}, output
+    assert set(pace) == {
+        "relay_unbatched",
+        "relay_pipelined",
+        "grpc_unary",
+        "grpc_p50",
+        "grpc_p99",
+        "grpc_rss_streams",
+    }, output
     assert all(float(v.replace(",", "")) > 0 for v in pace.values()), output
     assert float(pace["grpc_p50"]) <= float(pace["grpc_p99"].replace(",", "")), output
 
