@@ -7,16 +7,20 @@ per job is read from /proc:
 - queues: 1 to 1,000 queues, each but the load's holding 10 jobs of a kind no worker runs;
 - streams: 0 to 10,000 open ``WatchResults`` streams, each following one waiting job of another
   queue (as clients follow their own jobs);
-- stored: 0 to 1,000,000 finished jobs kept in Redis (run through the system before measuring).
+- stored: 0 to 1,000,000 finished jobs kept in Redis (run through the system before measuring);
+- workers: 2 to 200 workers of 64 slots each instead of the two, run as lightweight workers
+  (``bench.fleet``: many ``worker.Worker`` on one event loop) in two processes.
 
 Each curve starts a Redis of its own. ``--report`` writes docs/CURVES.md and its charts (SVG, drawn
-here: no plotting library needed).
+here: no plotting library needed), with the figures of the curves this run measured and, for the
+others, those of earlier runs (kept in docs/bench/curves.json).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import time
 from datetime import UTC, datetime
@@ -26,8 +30,10 @@ import grpc
 
 from bench.profile import cpu_s
 from bench.systems.jobgate import ENV, Jobgate
+from devtools.devstack import Service
 from devtools.servers import RedisProcess, command
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
+from tests.processes import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 IDLE_KIND = "nobody.runs.this"
@@ -36,12 +42,17 @@ CURVES = {
     "queues": [1, 10, 100, 1000],
     "streams": [0, 100, 1000, 10_000],
     "stored": [0, 10_000, 100_000, 1_000_000],
+    "workers": [2, 20, 200],
 }
 LABELS = {
     "queues": "queues (each holding waiting jobs)",
     "streams": "open WatchResults streams",
     "stored": "finished jobs stored in Redis",
+    "workers": "workers (64 slots each, in two processes)",
 }
+FLEET_SLOTS = 64  # per worker on the workers curve, as the other curves' two workers
+FLEET_PROCESSES = 2
+SAVED = ROOT / "docs" / "bench" / "curves.json"
 GROUPS = ("gateway", "workers", "redis")
 
 
@@ -89,6 +100,20 @@ class Setup:
 
         self.system._run(open_streams())
 
+    def workers(self, n: int) -> None:
+        stack = self.system.stack
+        assert stack is not None
+        per = [n // FLEET_PROCESSES + (i < n % FLEET_PROCESSES) for i in range(FLEET_PROCESSES)]
+        for i, count in enumerate(c for c in per if c):
+            fleet = Service(
+                f"fleet-{i}",
+                ["-m", "bench.fleet", "--workers", str(count), "--concurrency", str(FLEET_SLOTS)],
+                {**stack.env, "JOBGATE_WORKER_ID": f"fleet{i}"},
+                stack.log_dir,
+            )
+            stack.workers.append(fleet)  # stopped with the stack
+        wait_until(lambda: self.system._live_workers() == n, 60, f"{n} workers registered", interval_s=0.2)
+
     def stored(self, n: int) -> None:
         for first in range(0, n, FILL):  # in parts: the measuring stream holds one part's outcomes
             self.system.batched(min(FILL, n - first))
@@ -111,9 +136,11 @@ def point(redis: RedisProcess, curve: str, n: int, jobs: int) -> dict[str, float
     system = Jobgate(redis.url)
     setup = Setup(system)
     try:
-        system.start(2, {**ENV, "JOBGATE_MAX_STREAMS": "20000"})
+        system.start(0 if curve == "workers" else 2, {**ENV, "JOBGATE_MAX_STREAMS": "20000"})
         assert system.stack
         getattr(setup, curve)(n)
+        if curve == "workers":
+            system.round_trips(20)  # warm-up, as start() does with its own workers
         pids = {
             "gateway": [system.gateway_pid],
             "workers": [w.pid for w in system.stack.workers],
@@ -228,6 +255,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=20_000, help="jobs measured per point (default 20,000)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds per point (default 1)")
     parser.add_argument("--curves", default=",".join(CURVES), help="which curves (default: all)")
+    parser.add_argument("--points", default="", help="only these points of the curves, comma-separated")
     parser.add_argument("--report", action="store_true", help="write docs/CURVES.md and docs/bench/curve-*.svg")
     args = parser.parse_args()
     results: dict[str, dict[int, list[dict[str, float]]]] = {}
@@ -235,7 +263,7 @@ def main() -> int:
         redis = RedisProcess().start()
         try:
             for _ in range(args.rounds):
-                for n in CURVES[curve]:
+                for n in [p for p in CURVES[curve] if not args.points or str(p) in args.points.split(",")]:
                     began = time.monotonic()
                     got = point(redis, curve, n, args.jobs)
                     results.setdefault(curve, {}).setdefault(n, []).append(got)
@@ -245,6 +273,11 @@ def main() -> int:
                     command(redis.port, "FLUSHALL")  # the next point starts from an empty Redis
         finally:
             redis.stop()
+    if args.report:
+        saved = json.loads(SAVED.read_text()) if SAVED.exists() else {}
+        saved.update({c: {str(n): runs for n, runs in by.items()} for c, by in results.items()})
+        SAVED.write_text(json.dumps(saved, indent=1) + "\n")
+        results = {c: {int(n): runs for n, runs in saved[c].items()} for c in CURVES if c in saved}
     text = report(results, args.rounds, args.jobs)
     if args.report:
         (ROOT / "docs" / "CURVES.md").write_text(text)

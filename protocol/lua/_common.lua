@@ -719,9 +719,22 @@ local function fits(c, g)
   return true
 end
 
--- The least loaded candidate with a free slot that can run jobs of `group`.
-local function pick(cands, group)
+-- A pass hands a worker consecutive jobs while its load stays under the least loaded candidate's
+-- plus this share of its slots: placements go out in runs, so that a worker's start and finish
+-- calls carry several jobs however many workers serve the queue, and loads stay within it.
+local STICK = 0.25
+-- Whether candidate `c` may take the next job of a run: a free slot, and its load under `floor`
+-- (the least load among the candidates) plus STICK.
+local function sticks(c, g, floor)
+  return c.used < c.slots and c.used / c.slots < floor + STICK and fits(c, g)
+end
+-- The candidate with a free slot that can run jobs of `group`: `last` (the one placed on last)
+-- while it sticks, else the least loaded. `floors` keeps, per group, the least load the last look
+-- over every candidate found: loads only grow during a pass, so `last` sticks against it too, and
+-- a pass looks over every candidate once per run, not once per job.
+local function pick(cands, group, last, floors)
   local g = group_of(group)
+  if last and floors and floors[group] and sticks(last, g, floors[group]) then return last end
   local best, best_load = nil, 2
   for _, c in ipairs(cands) do
     if c.used < c.slots and fits(c, g) then
@@ -729,6 +742,8 @@ local function pick(cands, group)
       if load < best_load then best, best_load = c, load end
     end
   end
+  if floors then floors[group] = best_load end
+  if last and best and last ~= best and sticks(last, g, best_load) then return last end
   return best
 end
 
@@ -768,7 +783,7 @@ local function assign(ns, queue, waiting, cands, free, most, now)
     table.insert(h.ids, i + 3, score)
     if not h.full then h.score = tonumber(h.ids[h.pos + 1]) end
   end
-  local placed, books = {}, {}
+  local placed, books, last, floors = {}, {}, nil, {}
   local lease = tonumber(redis.call('GET', ns.lease) or '0')
   while #placed < most and free > 0 do
     local kind, head = nil, nil
@@ -776,7 +791,7 @@ local function assign(ns, queue, waiting, cands, free, most, now)
       if h.score and (not head or h.score < head.score) then kind, head = k, h end
     end
     if not head then break end
-    local c = pick(cands, kind)
+    local c = pick(cands, kind, last, floors)
     if not c then
       head.score, head.full = nil, true  -- its workers are full now
     else
@@ -788,6 +803,7 @@ local function assign(ns, queue, waiting, cands, free, most, now)
       local j = redis.call('HMGET', jk, 'state', 'attempt', 'ckey', 'timeout_ms', 'ack')
       if j[1] and tonumber(j[1]) == QUEUED and (not j[3] or key_take(ns, queue, j[3], id, now)) then
         lease = lease + 1
+        last = c
         c.used = c.used + 1
         free = free - 1
         placed[#placed + 1] = {id = id, worker = c.id, lease = lease, attempt = tonumber(j[2]) + 1, kind = group_of(kind).kind,
