@@ -219,20 +219,20 @@ class Follower:
         after ``reconcile_s`` without an event, then after twice as long, and so on up to
         RECONCILE_BACKOFF times ``reconcile_s`` (an event starts over), so that many quiet streams
         cost Redis little."""
-        quiet = self.reconcile_s
+        quiet, spread = self.reconcile_s, 0.5  # the first wait over a whole reconcile_s, later ones ±25%
         while not watcher.finished:
             self.check_open(watcher)
             if not watcher.events.empty():  # no timer when an event is already there
                 event = watcher.events.get_nowait()
             else:
                 try:  # not all at once: streams opened together spread their re-reads
-                    async with asyncio.timeout(quiet * random.uniform(0.75, 1.25)):
+                    async with asyncio.timeout(quiet * random.uniform(1 - spread, 1 + spread)):
                         event = await watcher.events.get()
-                    quiet = self.reconcile_s
+                    quiet, spread = self.reconcile_s, 0.25
                 except TimeoutError:
                     event = None
                     watcher.stale = bool(watcher.job_ids)
-                    quiet = min(quiet * 2, self.reconcile_s * RECONCILE_BACKOFF)
+                    quiet, spread = min(quiet * 2, self.reconcile_s * RECONCILE_BACKOFF), 0.25
             self.check_open(watcher)
             arrived: list[job_pb2.JobEvent] = []
             while True:
