@@ -99,7 +99,8 @@ class GatewaySettings:
     reconcile_ms: int = setting(
         5_000,
         "a stream following job_ids re-reads their stored state after this long without an event, then after"
-        " twice as long, and so on up to 8 times this (an event starts over)",
+        " twice as long, and so on up to 8 times this (an event starts over); each wait is jittered, the first"
+        " between half and one and a half times this",
     )
     retention_s: int = setting(
         86_400,
