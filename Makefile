@@ -10,7 +10,7 @@ BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
 BENCH_ARGS ?=
 
-.PHONY: all install system-tools run test test-fast screenshots proto lint typecheck bench bench-curves bench-processes bench-cluster bench-due bench-limits soak clean
+.PHONY: all install system-tools run test test-slow test-all screenshots proto lint typecheck bench bench-curves bench-processes bench-cluster bench-due bench-limits soak clean
 
 all: install
 
@@ -67,11 +67,14 @@ proto: $(STAMP)
 run: $(STAMP)
 	$(PY) -m devtools.demo
 
+# The suite but the slow fault-injection tests (marked `slow`); CI runs both (.ci/run).
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -m "not slow"
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 -m slow
+
+test-all: test test-slow
 
 # Refreshes the dashboard's screenshots in docs/dashboard/ from its browser test.
 screenshots: $(STAMP)

@@ -23,6 +23,7 @@ def summary_row(stdout: str, system: str) -> dict[str, float]:
     return {title: float(cell) for title, cell in zip(titles, row[1:], strict=True) if cell != "-"}
 
 
+@pytest.mark.slow
 def test_quick_benchmark_run_completes_with_plausible_figures_and_leaves_docs_alone() -> None:
     report_before = REPORT.read_bytes() if REPORT.exists() else None
     result = subprocess.run(
@@ -79,6 +80,7 @@ def test_the_cluster_benchmark_measures_one_redis_and_every_node_of_a_cluster() 
     assert float(namespace[-1]) > 1, output  # the namespace's shard ran its commands
 
 
+@pytest.mark.slow
 def test_the_due_lag_benchmark_follows_every_delayed_job_to_its_start() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bench.due_lag", "--jobs", "300", "--ahead-s", "2", "--out", "-"],
