@@ -194,22 +194,29 @@ def report(results: dict[str, dict[int, list[dict[str, float]]]], rounds: int, j
     lines = [
         "# Cost as work grows",
         "",
-        f"`make bench-curves` (`python -m bench.curves --report`), {datetime.now(UTC):%Y-%m-%d}, on this",
-        f"project's 2-core machine: the batched load ({jobs:,} jobs, `SubmitJobs` of 1,000, one gateway, two",
-        "workers of 64 slots, `echo`) beside more and more of one thing, CPU µs per job of each process",
+        "`make bench-curves` (`python -m bench.curves --report`; `--curves` measures some of them again),",
+        f"on this project's 2-core machine: the batched load ({jobs:,} jobs, `SubmitJobs` of 1,000, one gateway,",
+        "two workers of 64 slots, `echo`) beside more and more of one thing, CPU µs per job of each process",
         f"from /proc, medians of {rounds} round(s). The target: the total within 20% of the curve's smallest",
-        "point. Runs of one configuration differ by up to a fifth on this machine.",
+        "point. Runs of one configuration differ by up to a fifth on this machine, and its pace from one",
+        "day to the next by more: compare points within a curve, each measured on one day.",
         "",
     ]
     for curve, by_point in results.items():
         points = sorted(by_point)
-        med = {p: {k: statistics.median(r[k] for r in by_point[p]) for k in by_point[p][0]} for p in points}
+        med = {
+            p: {k: statistics.median(r[k] for r in by_point[p]) for k in by_point[p][0] if k != "measured"}
+            for p in points
+        }
+        dates = sorted({str(r.get("measured", "")) for runs in by_point.values() for r in runs} - {""})
         for p in points:
             med[p]["total"] = sum(med[p][g] for g in GROUPS)
         series = {g: [med[p][g] for p in points] for g in (*GROUPS, "total")}
         (ROOT / "docs" / "bench" / f"curve-{curve}.svg").write_text(svg(curve, points, series))
         smallest = min(med[p]["total"] for p in points)
         lines += [f"## {LABELS[curve][0].upper()}{LABELS[curve][1:]}", "", f"![{curve}](bench/curve-{curve}.svg)", ""]
+        if dates:
+            lines += [f"Measured {', '.join(dates)}.", ""]
         lines += ["| point | jobs/s | gateway | workers | Redis | total | vs smallest | verdict |"]
         lines += ["|---:|---:|---:|---:|---:|---:|---:|---|"]
         for p in points:
@@ -290,6 +297,11 @@ def main() -> int:
             redis.stop()
     if args.report:
         saved = json.loads(SAVED.read_text()) if SAVED.exists() else {}
+        today = f"{datetime.now(UTC):%Y-%m-%d}"
+        for by in results.values():
+            for runs in by.values():
+                for run in runs:
+                    run["measured"] = today  # type: ignore[assignment]  # a date among the figures
         saved.update({c: {str(n): runs for n, runs in by.items()} for c, by in results.items()})
         SAVED.write_text(json.dumps(saved, indent=1) + "\n")
         results = {c: {int(n): runs for n, runs in saved[c].items()} for c in CURVES if c in saved}

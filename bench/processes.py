@@ -58,6 +58,11 @@ class Spread(Jobgate):
                 self.runner.run(channel.close())
         super().stop()
 
+    def _stub(self) -> scheduler_pb2_grpc.SchedulerServiceStub:
+        """The measuring stream and probes go over the first of the spread connections: with one
+        connection, every call of the run is on one process and the other serves none."""
+        return self.stubs[0] if self.stubs else super()._stub()
+
     def gateway_pids(self) -> list[int]:
         return sorted(children_of(self.gateway_pid)) if self.processes > 1 else [self.gateway_pid]
 

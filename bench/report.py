@@ -352,6 +352,25 @@ jobs grow: [CURVES.md](CURVES.md).
 
 {_table(["target", "measured (jobgate, median)", "verdict"], target_rows)}
 
+What stands between jobgate and the targets it misses ([PERFORMANCE.md](PERFORMANCE.md) has the
+measurements):
+
+- **Memory with 10,000 streams**: gRPC alone takes more than the target (the reference below);
+  what the gateway adds is its per-stream state and layers of async generators, about 9 KB a stream.
+- **`RunJob`**: the call waits on four script calls one after another (submit with placement, the
+  worker's start and finish, the gateway's check of the outcome), each also running the scripts'
+  shared prelude (about 31 µs), and two pub/sub hops; the floor has none of them. Loading the
+  scripts once as Redis functions, and fewer hops (a worker's start folded into its dispatch), are
+  the next steps.
+- **One job per call**: a raw `SubmitJob` costs the gateway what gRPC costs per call plus about as
+  much again (validation, the submit call, the outcome's check); through the Python client, 32
+  submitters wait on one 32-job call at a time, so the rate is 32 over that call's round trip under
+  load (about 7 ms here): cheaper validation and submit calls shorten it.
+- **Batched and 10 KB**: CPU per job of Redis's scripts (a `redis.call` costs a few µs; a job makes
+  about twenty) and of the gateway's Python; a job's spec and result still pass through the
+  submit and finish scripts, copied at about 1.4 µs per KB, where keys of their own would keep them
+  out.
+
 {_machine(results)}
 {_figures(results, ctx)}
 {_systems(results, ctx)}
