@@ -105,7 +105,7 @@ $(BENCH_STAMP): $(BENCH_PY) bench/requirements.txt pyproject.toml
 bench: $(BENCH_STAMP)
 	$(BENCH_PY) -m bench.run $(BENCH_ARGS)
 
-# CPU per job as queues, open streams and stored jobs grow: writes docs/CURVES.md (docs/bench/curve-*.svg).
+# CPU per job as queues, open streams, stored jobs and workers grow: writes docs/CURVES.md (docs/bench/curve-*.svg).
 bench-curves: $(STAMP)
 	$(PY) -m bench.curves --report
 
