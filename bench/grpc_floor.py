@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from bench.streams import Streams
 from bench.systems.jobgate import rss_mb
 from devtools.servers import free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -107,34 +108,14 @@ def floor(calls: int, trips: int, rounds: int = 1) -> list[tuple[float, float, f
 async def _open_streams(address: str, pid: int, streams: int, channels: int) -> float:
     """Opens ``streams`` WatchResults streams over ``channels`` connections, a thousand at a time,
     each until it has had its one message; the server's VmRSS (MB) with all of them open."""
-    opened = [
-        grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(channels)
-    ]
-    got: set[int] = set()
-
-    async def watch(i: int) -> None:
-        stub = scheduler_pb2_grpc.SchedulerServiceStub(opened[i % channels])
-        async for _ in stub.WatchResults(scheduler_pb2.WatchResultsRequest(), timeout=600):
-            got.add(i)
-
-    tasks: list[asyncio.Task[None]] = []
-    try:
-        async with asyncio.timeout(120):
-            await asyncio.wait_for(opened[0].channel_ready(), 30)
-            while len(tasks) < streams:
-                tasks += [asyncio.create_task(watch(i)) for i in range(len(tasks), min(len(tasks) + 1000, streams))]
-                while len(got) < len(tasks):
-                    if failed := [t for t in tasks if t.done()]:
-                        failed[0].result()
-                        raise RuntimeError(f"{len(failed)} streams ended")
-                    await asyncio.sleep(0.05)
+    async with Streams(address, channels, scheduler_pb2.WatchResultsRequest()) as held, asyncio.timeout(120):
+        await asyncio.wait_for(held.opened[0].channel_ready(), 30)
+        while len(held.tasks) < streams:
+            held.open(min(1000, streams - len(held.tasks)))
+            while not held.all_reached:
+                held.check()
+                await asyncio.sleep(0.05)
         return rss_mb(pid)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for c in opened:
-            await c.close()
 
 
 def stream_rss(streams: int, channels: int) -> float:

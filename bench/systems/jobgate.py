@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from bench.streams import Streams
 from bench.systems.base import BATCH_BYTES, WAIT_S, System, chunks, rate
 from devtools.devstack import Stack
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -202,37 +203,17 @@ class Jobgate(System):
         return before, self._run(self._streams_open_rss(streams, channels))
 
     async def _streams_open_rss(self, streams: int, channels: int) -> float:
-        # A channel of its own per connection: channels with equal arguments share a subchannel.
-        opened = [
-            grpc.aio.insecure_channel(self.address, options=[("grpc.use_local_subchannel_pool", 1)])
-            for _ in range(channels)
-        ]
-        reached: set[int] = set()  # the streams that have received a completion
-
-        async def watch(i: int) -> None:
-            stub = scheduler_pb2_grpc.SchedulerServiceStub(opened[i % channels])
-            async for _ in stub.WatchResults(scheduler_pb2.WatchResultsRequest(kinds=["echo"]), timeout=WAIT_S):
-                reached.add(i)
-
-        tasks = [asyncio.create_task(watch(i)) for i in range(streams)]
-        try:
+        request = scheduler_pb2.WatchResultsRequest(kinds=["echo"])
+        async with Streams(self.address, channels, request) as held, asyncio.timeout(120):
+            held.open(streams)
             # A stream that registers after a probe job's completion misses it: probe until every
-            # stream has had one (a failed stream ends its task, and the wait below says so).
-            async with asyncio.timeout(120):
-                while len(reached) < streams:
-                    if failed := [t for t in tasks if t.done()]:
-                        failed[0].result()
-                        raise RuntimeError(f"{len(failed)} of {streams} streams ended")
-                    async for _ in self._stub().RunJob(scheduler_pb2.RunJobRequest(job=echo(0)), timeout=30):
-                        pass
-                    await asyncio.sleep(0.5)
+            # stream has had one.
+            while not held.all_reached:
+                held.check()
+                async for _ in self._stub().RunJob(scheduler_pb2.RunJobRequest(job=echo(0)), timeout=30):
+                    pass
+                await asyncio.sleep(0.5)
             return rss_mb(self.gateway_pid)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for c in opened:
-                await c.close()
 
     # --- plumbing -------------------------------------------------------------------------------
     def _stub(self) -> scheduler_pb2_grpc.SchedulerServiceStub:
