@@ -111,7 +111,9 @@ async def test_a_token_limited_to_queues_cannot_touch_other_queues(
         stub.GetQueueStats(scheduler_pb2.GetQueueStatsRequest(queues=["invoices", "payroll"]), metadata=billing),
     ]
     assert [await code_of(c) for c in denied] == [grpc.StatusCode.PERMISSION_DENIED] * len(denied)
-    assert await stored_keys(redis, namespace) == before  # nothing stored
+    # nothing stored (the gateway's own passes may meanwhile forget a set emptied before: the queues
+    # that hold waiting jobs, once the payroll job has left its queue)
+    assert set(await stored_keys(redis, namespace)) <= set(before)
     assert await running()  # nothing cancelled
     every = await stub.GetQueueStats(scheduler_pb2.GetQueueStatsRequest(), metadata=billing, timeout=5)
     assert [q.queue for q in every.queues] == []  # payroll is known, and not its to see
