@@ -161,16 +161,22 @@ class Calls:
             ]
             left = [(f, name, k) for f, k in zip(out, job_keys, strict=True) for name, v in f.items() if type(v) is int]
             if left:  # large fields, answered by their length: read them plainly
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for _, name, key in left:
-                        pipe.hget(key, name)
-                    values = await pipe.execute()
+                values = await self.hgets([(key, name) for _, name, key in left])
                 for (f, name, _), value in zip(left, values, strict=True):
                     if value:
                         f[name] = value
                     else:  # gone since (expired, or retried): as if missing
                         del f[name]
         return cast(list[Fields], out)
+
+    async def hgets(self, fields: Sequence[tuple[str, str | bytes]]) -> list[bytes | None]:
+        """Hash fields as (key, field) pairs, with plain HGETs in one pipeline: how large values
+        (specs, results) are read, never through a script. The keys must share a slot on a cluster
+        (one shard's). None for a missing field."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, name in fields:
+                pipe.hget(key, name)
+            return list(await pipe.execute())
 
     async def publish_settled(self, settled: Sequence[Settled]) -> None:
         """Publishes the stored state of jobs a script just changed (for RunJob and watchers)."""

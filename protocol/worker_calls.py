@@ -196,10 +196,8 @@ class WorkerCalls(Calls):
         return await per_shard(self.keys, job_ids, self.keys.job_shard, self._specs)
 
     async def _specs(self, k: Keys, job_ids: list[str]) -> list[bytes | None]:
-        async with redis_errors(), self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hget(k.job(job_id), "spec")
-            return list(await pipe.execute())
+        async with redis_errors():
+            return await self.hgets([(k.job(job_id), "spec") for job_id in job_ids])
 
     async def progress(self, worker_id: str, reports: Sequence[Report]) -> int:
         """Records the progress of running jobs and publishes it; returns how many reports were
