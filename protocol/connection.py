@@ -26,21 +26,60 @@ from .errors import CONNECTION_ERRORS
 log = logging.getLogger(__name__)
 
 
+LARGE = 16 * 1024  # an argument this long goes to the socket as it is, never copied into the command
+RUN = 64 * 1024  # hiredis packs the arguments between large ones in runs of up to this many bytes
+SIZED = (bytes, str)
+
+
+def pack_command(args: tuple[Any, ...]) -> list[bytes | memoryview]:
+    """The RESP encoding of one command, in pieces to write one after another.
+
+    hiredis packs a command into one new buffer; past a few hundred KB that costs far more than the
+    copy (fresh pages of a large allocation, measured at 0.6 ms for 1 MB against 2 µs for a
+    128 KB one). So a command with large arguments is sent as runs of small ones packed by hiredis
+    (each at most ``RUN`` bytes) with the large ones between them as they are. Raises TypeError for
+    an argument Redis cannot take.
+    """
+    sizes = [len(a) if isinstance(a, SIZED) else 0 for a in args]
+    if max(sizes) <= LARGE and sum(sizes) <= RUN:
+        return [hiredis.pack_command(args)]
+    pieces: list[bytes | memoryview] = [b"*%d\r\n" % len(args)]
+    start = run = 0
+
+    def pack_run(end: int) -> None:
+        if end > start:
+            packed = hiredis.pack_command(args[start:end])
+            pieces.append(memoryview(packed)[len(b"*%d\r\n" % (end - start)) :])
+
+    for i, size in enumerate(sizes):
+        if size > LARGE:
+            pack_run(i)
+            value = args[i].encode() if isinstance(args[i], str) else args[i]
+            pieces += (b"$%d\r\n" % len(value), value, b"\r\n")
+            start, run = i + 1, 0
+        elif (run := run + size) > RUN:
+            pack_run(i + 1)
+            start, run = i + 1, 0
+    pack_run(len(args))
+    return pieces
+
+
 @cache
 def _packing_with_hiredis(cls: type[AbstractConnection]) -> type[AbstractConnection]:
-    """``cls`` with commands packed by hiredis (C) instead of redis-py's Python packer, which
-    copies its growing buffer for every argument: a batch script call carries thousands of them."""
+    """``cls`` with commands packed by :func:`pack_command` (hiredis, in C) instead of redis-py's
+    Python packer, which takes several times as long for a batch script call's thousands of
+    arguments."""
 
     class Packed(cls):  # type: ignore[valid-type, misc]
-        def pack_command(self, *args: Any) -> list[bytes]:
+        def pack_command(self, *args: Any) -> list[bytes | memoryview]:
             try:
                 if isinstance(args[0], str):  # e.g. "SCRIPT LOAD": the server expects separate words
                     args = (*args[0].encode().split(), *args[1:])
                 elif b" " in args[0]:
                     args = (*args[0].split(), *args[1:])
-                return [hiredis.pack_command(args)]
+                return pack_command(args)
             except TypeError:  # a value Redis cannot take: redis-py's packer raises its own error
-                packed: list[bytes] = super().pack_command(*args)
+                packed: list[bytes | memoryview] = super().pack_command(*args)
                 return packed
 
     Packed.__name__ = Packed.__qualname__ = f"Hiredis{cls.__name__}"
@@ -87,6 +126,8 @@ def redis_client(url: str, timeout_s: float) -> Redis:
         nodes, kwargs = cluster_options(url)
         options.pop("retry_on_error")  # the cluster client retries connection errors itself, on a fresh topology
         cluster = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options, **kwargs)
+        node_options = cluster.nodes_manager.connection_kwargs  # the nodes it finds are made with these
+        node_options["connection_class"] = _packing_with_hiredis(node_options["connection_class"])
         # Typed as Redis: the calls jobgate makes (scripts, pipelines of one slot, pub/sub, PUBLISH)
         # have the same shape on both; Calls.durably treats WAIT apart (it must reach the key's node).
         return cast(Redis, cluster)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
+import hiredis
 import pytest
 from redis.asyncio import Redis
 
 from gateway.validation import Limits, prepare, prepare_batch
 from jobgate.v1 import job_pb2, relay_pb2
-from protocol.connection import now_ms
+from protocol.connection import LARGE, RUN, now_ms, pack_command, redis_client
 from protocol.errors import ResourceExhausted
 from protocol.gateway_calls import GatewayCalls
 from protocol.keys import Keys
@@ -566,3 +568,31 @@ async def test_a_finishing_worker_takes_waiting_jobs_started_within_its_budget_a
     done = Placement(waiting[0], "w1", took.lease, 1, True)
     assert (await finish(store, done))[0] == 1
     assert await finish_taking_one() == Finished([2], [], [])
+
+
+async def test_values_of_every_size_reach_redis_byte_for_byte_through_the_processes_client(redis_url: str) -> None:
+    """The client gateways and workers use packs commands itself (large arguments go out as they
+    are, the rest through hiredis): every size around its thresholds, alone, with others, through
+    a script and in a pipeline, arrives as it was sent, and packs as hiredis would pack it whole."""
+    rng = random.Random(7)
+    sizes = [0, 1, LARGE - 1, LARGE, LARGE + 1, RUN - 1, RUN + 1, 3 * RUN, 1 << 20, 3 << 20]
+    values = [rng.randbytes(n) for n in sizes]
+    words = ("é" * (LARGE // 2 + 5), "é" * (LARGE + 5))  # over LARGE as bytes; the second as characters too
+    args: tuple[Any, ...] = ("EVALSHA", "0" * 40, 2, "k", 7, 1.5, *words, *values, *([b"x" * 900] * 300))
+    assert b"".join(pack_command(args)) == hiredis.pack_command(args)
+    client = redis_client(redis_url, timeout_s=5)
+    try:
+        echo = client.register_script("return ARGV")
+        assert await echo(keys=[], args=values) == values
+        async with client.pipeline(transaction=False) as pipe:
+            for i, v in enumerate(values):
+                pipe.set(f"packing:{i}", v)
+                pipe.get(f"packing:{i}")
+            assert (await pipe.execute())[1::2] == values
+        await client.hset("packing:h", mapping={str(i): v for i, v in enumerate(values)})
+        assert await client.hmget("packing:h", [str(i) for i in range(len(values))]) == values
+    finally:
+        await client.delete("packing:h", *(f"packing:{i}" for i in range(len(values))))
+        await client.aclose()
+    cluster = redis_client("redis+cluster://127.0.0.1:1", timeout_s=1)  # connects on first use only
+    assert cluster.nodes_manager.connection_kwargs["connection_class"].__name__ == "HiredisConnection"  # type: ignore[attr-defined]
