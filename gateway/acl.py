@@ -30,11 +30,12 @@ COMMANDS = (
     # pub/sub: dispatch, results and worker-status channels
     "publish", "subscribe", "unsubscribe",
     # jobgate's Lua scripts: loaded (again after a Redis restart), then run by digest; WAIT after
-    # those that record a submit or an outcome, with redis_wait_replicas
-    "evalsha", "script|load", "wait",
+    # those that record a submit or an outcome, with redis_wait_replicas; large values written
+    # beside a script call, in one MULTI/EXEC with it
+    "evalsha", "script|load", "wait", "multi", "exec",
     # what the scripts run, and the gateway's reads (tests/test_redis_security.py checks the scripts')
     "get", "set", "incrby", "del", "exists", "expire",
-    "hget", "hmget", "hgetall", "hset", "hdel", "hincrby", "hstrlen",
+    "hget", "hmget", "hgetall", "hset", "hdel", "hincrby", "hstrlen", "hexists",
     "sadd", "srem", "smembers", "scard", "sismember",
     "zadd", "zrem", "zrange", "zrangebyscore", "zcard", "zcount",
     # dead letters, retries and schedules: expiry lifted by RetryJob, failed jobs trimmed and listed

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
 
-from .calls import NO_WAIT, Calls, Durability, by_shard
+from .calls import NO_WAIT, SCRIPT_FIELD_BYTES, Calls, Durability, by_shard
 from .codec import Fields, job_from_hash
 from .connection import now_ms
 from .errors import (
@@ -205,8 +205,13 @@ class GatewayCalls(Calls):
         keys = [*k.namespace_keys(), k.batch(batch[0]) if batch else k.prefix + "batch:none", k.known_queues()]
         args: list[Any] = [now, self.idempotency_ttl_s, self.max_queues, self.max_kinds]
         args += [k.prefix, self.ack_timeout_ms, self.place_most, batch[0] if batch else "", batch[1] if batch else ""]
+        apart: list[tuple[str, str, bytes]] = []  # specs written beside the call (see submit.lua)
         for job in jobs:
             spec = job.spec
+            spec_arg = job.spec_bytes
+            if len(spec_arg) > SCRIPT_FIELD_BYTES and self.writes_apart:
+                apart.append((k.job(job.id), "spec", spec_arg))
+                spec_arg = b""
             keys += [
                 k.job(job.id),
                 k.pending(spec.queue, job.group or spec.kind),
@@ -216,7 +221,7 @@ class GatewayCalls(Calls):
             ]
             args += [
                 job.id,
-                job.spec_bytes,
+                spec_arg,
                 spec.queue,
                 spec.kind,
                 spec.priority,
@@ -233,7 +238,7 @@ class GatewayCalls(Calls):
                 job.spec.concurrency_key,
             ]
         async with redis_errors():
-            reply = await self.durably(self.scripts.submit, keys, args)
+            reply = await self.durably(self.scripts.submit, keys, args, apart)
         status = int(reply[0])
         if status < 0:
             index = int(reply[1])

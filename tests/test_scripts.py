@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from gateway.validation import Limits, prepare, prepare_batch
 from jobgate.v1 import job_pb2, relay_pb2
 from protocol.connection import LARGE, RUN, now_ms, pack_command, redis_client
-from protocol.errors import ResourceExhausted
+from protocol.errors import AlreadyExists, ResourceExhausted
 from protocol.gateway_calls import GatewayCalls
 from protocol.keys import Keys
 from protocol.replies import Finished, Heartbeat, Placed, Placement
@@ -204,6 +204,52 @@ async def test_a_spec_over_4_kib_is_left_out_of_its_dispatch_for_the_worker_to_r
     [spec] = await calls.specs([large])
     assert spec is not None and job_pb2.JobSpec.FromString(spec).payload == b"L" * 5000
     assert await calls.specs(["0" * 32]) == [None]
+
+
+async def test_a_spec_over_4_kib_is_written_beside_its_submit_and_never_left_behind_by_a_job_not_stored(
+    store: GatewayCalls, redis: Redis, keys: Keys
+) -> None:
+    """A large spec reaches the job hash with a plain HSET in one transaction with the submit
+    script, never as one of its arguments; refused calls, idempotent repeats and a script Redis had
+    forgotten leave no hash of it behind, and a resent call leaves the job as it is."""
+    big = {"payload": b"B" * 6000}
+    await redis.config_set("slowlog-log-slower-than", 0)
+    try:
+        await redis.slowlog_reset()
+        prepared = prepare(request(idempotency_key="i1", **big), LIMITS)
+        [job], _ = await store.submit([prepared])
+        log = [entry[3] for entry in await redis.execute_command("SLOWLOG", "GET", 20)]  # newest first
+    finally:
+        await redis.config_set("slowlog-log-slower-than", 10_000)
+    assert job_pb2.JobSpec.FromString(await redis.hget(keys.job(job.id), "spec")) == prepared.spec
+    commands = [c[0].upper() for c in log]
+    spec_write = [c[:3] for c in log].index([b"HSET", keys.job(job.id).encode(), b"spec"])
+    assert commands.index(b"EVALSHA") < spec_write < commands.index(b"MULTI")  # newest first
+    assert b"more bytes" in log[spec_write][3]  # SLOWLOG shortens long arguments
+    assert not any(b"more bytes" in arg for arg in log[commands.index(b"EVALSHA")])
+    before = sorted(await redis.keys(f"{keys.prefix}*"))
+    # The same request again (new ids): answered with the original job, nothing added.
+    [again], _ = await store.submit([prepare(request(idempotency_key="i1", **big), LIMITS)])
+    assert again.id == job.id
+    assert sorted(await redis.keys(f"{keys.prefix}*")) == before
+    # A call refused for a later job stores none of its jobs, large spec or not.
+    await submit(store, unique_key="u1")
+    before = sorted(await redis.keys(f"{keys.prefix}*"))
+    refused = prepare_batch([request(**big), request(unique_key="u1")], LIMITS)
+    with pytest.raises(AlreadyExists):
+        await store.submit(refused)
+    assert sorted(await redis.keys(f"{keys.prefix}*")) == before
+    # Resent after a lost reply: the job stays as it is.
+    [same], _ = await store.submit([prepared])
+    assert same.id == job.id
+    assert sorted(await redis.keys(f"{keys.prefix}*")) == before
+    # After Redis forgot the scripts, the transaction's HSET runs without the script: the call is
+    # made again at once, and stores the job.
+    await redis.script_flush()
+    fresh = prepare(request(**big), LIMITS)
+    [stored], _ = await store.submit([fresh])
+    assert int(await field(redis, keys, keys.job(stored.id), "state")) == S.JOB_STATE_QUEUED
+    assert job_pb2.JobSpec.FromString(await redis.hget(keys.job(stored.id), "spec")) == fresh.spec
 
 
 def one_event(job_id: str, state: int) -> bytes:

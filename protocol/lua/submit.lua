@@ -16,7 +16,7 @@
 --   queue (0: place none), ARGV[8] batch id or '' (with one, the new jobs of the call form a batch:
 --   its hash counts them, each job's 'batch' field names it; see count_in_batch), ARGV[9] the
 --   batch's callback (SubmitJobRequest bytes) or '',
---   then 16 per job i: ARGV[10+16i] job id, spec (JobSpec bytes), queue, kind, priority, max attempts,
+--   then 16 per job i: ARGV[10+16i] job id, spec (JobSpec bytes; '' when it came apart: see below), queue, kind, priority, max attempts,
 --   timeout ms, request digest or '', due ms (0: at once; a job due later is stored SCHEDULED in the
 --   delayed zset instead of its queue), backoff ("initial,max,multiplier", ms: see backoff_ms),
 --   retention s (how long it is kept once finished: its 'ttl'), dead-letter retention s (once
@@ -39,11 +39,30 @@
 --   ended: it waits in their dependents sets), 4 when one of them has already ended FAILED or
 --   CANCELLED (it is FAILED at once, DEPENDENCY_FAILED); with all of them SUCCEEDED it is stored as
 --   any other (1).
+-- A spec over 4 KiB comes apart, so that it never enters Lua (every byte that does costs about a
+-- ns): the caller writes it into the job hash's 'spec' field itself, in the same MULTI/EXEC just
+-- before this call, and passes ''. A stored job is one whose hash has a 'state'; a job this call
+-- does not store (refused, or an idempotent repeat of another) leaves no hash behind.
 local ns = namespace(ARGV[5])
 local n = (#KEYS - NS_KEYS - 2) / 5
+local A, B = 16, 10  -- ARGV entries per job, from ARGV[B]
+
+local function drop_unstored()
+  for i = 0, n - 1 do
+    if ARGV[B + A * i + 1] == '' then
+      local jk = KEYS[NS_KEYS + 3 + 5 * i]
+      if redis.call('HEXISTS', jk, 'state') == 0 then redis.call('DEL', jk) end
+    end
+  end
+end
+
+local function refuse(reply)
+  drop_unstored()
+  return reply
+end
+
 local now, idem_ttl = ARGV[1], tonumber(ARGV[2])
 local max_queues, max_kinds = tonumber(ARGV[3]), tonumber(ARGV[4])
-local A, B = 16, 10  -- ARGV entries per job, from ARGV[B]
 local out = {0, {}, {}}
 local fresh = {}  -- indexes of the jobs to store
 local seen_queues, queue_count = {}, nil  -- queues and kinds checked once per call
@@ -55,28 +74,28 @@ for i = 0, n - 1 do
   local id, queue, kind, rdigest = ARGV[a], ARGV[a + 2], ARGV[a + 3], ARGV[a + 7]
   if ARGV[a + 13] ~= '' then kind = ARGV[a + 13] end  -- its placement group counts as a kind
   local code, stored_id = 1, id
-  -- Every request gets fresh job ids, so an existing hash means this call is a resend.
-  if redis.call('EXISTS', KEYS[k]) == 0 then
+  -- Every request gets fresh job ids, so a stored job means this call is a resend.
+  if redis.call('HEXISTS', KEYS[k], 'state') == 0 then
     local existing = rdigest ~= '' and redis.call('GET', KEYS[k + 2])
     if existing then
       local old_id, old = string.match(existing, '^(%S+) (%S+)$')
-      if old ~= rdigest then return {-2, i, old_id or ''} end
+      if old ~= rdigest then return refuse({-2, i, old_id or ''}) end
       code, stored_id = 2, old_id
     else
       fresh[#fresh + 1] = i
       for dep in string.gmatch(ARGV[a + 14], '[^,]+') do
-        if redis.call('EXISTS', job_key(ns.P, dep)) == 0 then return {-6, i, dep} end
+        if redis.call('HEXISTS', job_key(ns.P, dep), 'state') == 0 then return refuse({-6, i, dep}) end
       end
       local unique = ARGV[a + 12]
       if unique ~= '' then
         local holder = seen_unique[unique] or redis.call('GET', KEYS[k + 4])
-        if holder then return {-5, i, holder} end
+        if holder then return refuse({-5, i, holder}) end
         seen_unique[unique] = id
       end
       if not seen_queues[queue] then
         if redis.call('SISMEMBER', ns.queues, queue) == 0 then
           queue_count = (queue_count or redis.call('SCARD', ns.queues)) + 1
-          if queue_count > max_queues then return {-3, i} end
+          if queue_count > max_queues then return refuse({-3, i}) end
         end
         seen_queues[queue] = true
       end
@@ -84,7 +103,7 @@ for i = 0, n - 1 do
       if not seen_kinds[qk] then
         if redis.call('SISMEMBER', KEYS[k + 3], kind) == 0 then
           kind_counts[queue] = (kind_counts[queue] or redis.call('SCARD', KEYS[k + 3])) + 1
-          if kind_counts[queue] > max_kinds then return {-4, i} end
+          if kind_counts[queue] > max_kinds then return refuse({-4, i}) end
         end
         seen_kinds[qk] = true
       end
@@ -142,7 +161,8 @@ for _, i in ipairs(fresh) do
   table.insert(listed[queue], tonumber(now) * 1000 + seq % 1000)
   table.insert(listed[queue], id)
   horizon[queue] = math.min(horizon[queue] or math.huge, tonumber(ARGV[a + 10]))
-  redis.call('HSET', KEYS[k], 'spec', ARGV[a + 1], 'queue', queue, 'kind', kind, 'prio', prio,
+  local spec = ARGV[a + 1]  -- '': written apart (then 'queue' is set twice instead)
+  redis.call('HSET', KEYS[k], spec ~= '' and 'spec' or 'queue', spec ~= '' and spec or queue, 'queue', queue, 'kind', kind, 'prio', prio,
     'seq', seq, 'state', QUEUED, 'attempt', 0, 'max_attempts', ARGV[a + 5], 'timeout_ms', ARGV[a + 6],
     'worker', '', 'lease', 0, 'created', now, 'updated', now, 'ack', ARGV[6], 'backoff', ARGV[a + 9],
     'ttl', ARGV[a + 10], 'dttl', ARGV[a + 11])
@@ -216,6 +236,7 @@ for _, queue in ipairs(listed_queues) do
   if at ~= from then redis.call('HSET', qk, 'trim_at', at) end
 end
 for _, qk in ipairs(keyed) do key_next(ns, qk[1], qk[2], now) end
+if #fresh < n then drop_unstored() end  -- idempotent repeats of earlier jobs
 
 local placed_queues = {}
 if tonumber(ARGV[7]) <= 0 then fresh = {} end
