@@ -34,7 +34,7 @@ COMMANDS = (
     # beside a script call, in one MULTI/EXEC with it
     "evalsha", "script|load", "wait", "multi", "exec",
     # what the scripts run, and the gateway's reads (tests/test_redis_security.py checks the scripts')
-    "get", "set", "incrby", "del", "exists", "expire",
+    "get", "set", "incrby", "del", "exists", "expire", "rename", "pttl", "pexpire",
     "hget", "hmget", "hgetall", "hset", "hdel", "hincrby", "hstrlen", "hexists",
     "sadd", "srem", "smembers", "scard", "sismember",
     "zadd", "zrem", "zrange", "zrangebyscore", "zcard", "zcount",

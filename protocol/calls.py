@@ -25,11 +25,19 @@ from .scripts import Scripts
 # What event_from_hash reads of a job hash: these as they are, then those that may be large.
 EVENT_FIELDS = (
     b"state", b"queue", b"kind", b"attempt", b"worker", b"err_code", b"err_msg", b"updated", b"created", b"due",
+    b"big_result", b"big_output",
 )  # fmt: skip
 LARGE_EVENT_FIELDS = (b"result", b"output")
 # A large field longer than this comes with a plain HGET after the read_events call, not through it
 # (a value copied into a script costs ten times what a plain reply does).
 SCRIPT_FIELD_BYTES = 4096
+# A result or output over SCRIPT_FIELD_BYTES is written apart, at Keys.staged (which expires after
+# STAGED_MS if no finish takes it), and its finish call's result argument is APART followed by 'r'
+# and/or 'o' (no encoded Value starts with a NUL byte); see record_outcome in the Lua prelude.
+APART = b"\0"
+STAGED_MS = 3_600_000
+# The hash fields that mark a value kept apart (in Keys.job_apart), and the field each stands for.
+APART_MARKS = {b"big_result": b"result", b"big_output": b"output"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +104,7 @@ class Calls:
 
     @property
     def writes_apart(self) -> bool:
-        """Whether large values may be written beside a script call (``durably``'s ``fields``):
+        """Whether large values may be written beside a script call (``durably``'s ``before``):
         on one server or a Sentinel's primary; a cluster's calls carry them as arguments."""
         return not self.sharded
 
@@ -105,24 +113,24 @@ class Calls:
         script: AsyncScript,
         keys: Sequence[Any],
         args: Sequence[Any],
-        fields: Sequence[tuple[str, str, bytes]] = (),
+        before: Sequence[tuple[Any, ...]] = (),
     ) -> Any:
         """Runs a script whose writes someone is told of (a submit, an outcome). With
         ``durability.replicas``, the script and a WAIT go in one pipeline to the node that serves the
         keys, so that WAIT runs on the connection that made the writes, and NotReplicated is raised
         when fewer replicas than that confirmed them in time (the writes stand on the primary).
 
-        ``fields`` (key, field, value), only where ``writes_apart``: hash fields written with plain
-        HSETs just before the script, in one MULTI/EXEC with it, so that large values reach Redis
-        without entering Lua (about 1 ns a byte there); the script decides what stays of them.
+        ``before``, only where ``writes_apart``: commands (large values written with plain SET or
+        HSET) run just before the script, in one MULTI/EXEC with it, so that those values reach
+        Redis without entering Lua (about 1 ns a byte there); the script decides what stays of them.
         Redis errors propagate."""
         d = self.durability
-        if d.replicas <= 0 and not fields:
+        if d.replicas <= 0 and not before:
             return await script(keys=keys, args=args)
         for loaded in (False, True):
             try:
-                if fields:
-                    reply, confirmed = await self._in_transaction(script, keys, args, fields)
+                if before:
+                    reply, confirmed = await self._in_transaction(script, keys, args, before)
                 else:
                     reply, confirmed = await self._with_wait(script, keys, args)
             except NoScriptError:  # Redis restarted or failed over: load it (once) and run it again
@@ -139,18 +147,18 @@ class Calls:
         raise AssertionError("unreachable")
 
     async def _in_transaction(
-        self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any], fields: Sequence[tuple[str, str, bytes]]
+        self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any], before: Sequence[tuple[Any, ...]]
     ) -> tuple[Any, Any]:
-        """The script's reply after HSETs of ``fields``, in one MULTI/EXEC, and WAIT's reply (None
-        without durability), from one pipeline on one connection. A script Redis does not have
-        (NOSCRIPT) fails inside the transaction after the HSETs ran: the caller loads it and runs
-        the same transaction again, which the script then sees through."""
+        """The script's reply after the commands ``before``, in one MULTI/EXEC, and WAIT's reply
+        (None without durability), from one pipeline on one connection. A script Redis does not
+        have (NOSCRIPT) fails inside the transaction after those commands ran: the caller loads it
+        and runs the same transaction again, which the script then sees through."""
         d = self.durability
         assert not self.sharded
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.execute_command("MULTI")
-            for key, name, value in fields:
-                pipe.execute_command("HSET", key, name, value)
+            for command in before:
+                pipe.execute_command(*command)
             pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
             pipe.execute_command("EXEC")
             if d.replicas > 0:
@@ -159,7 +167,7 @@ class Calls:
         for r in replies:  # a refused MULTI or queued command, or EXECABORT
             if isinstance(r, Exception):
                 raise r
-        done = replies[len(fields) + 2]
+        done = replies[len(before) + 2]
         for r in done:  # an error of a command inside: NOSCRIPT, or one the script raised
             if isinstance(r, Exception):
                 raise r
@@ -205,23 +213,45 @@ class Calls:
             out: list[dict[bytes, Any]] = [
                 {k: v for k, v in zip(names, row, strict=True) if v is not None} for row in rows
             ]
-            left = [(f, name, k) for f, k in zip(out, job_keys, strict=True) for name, v in f.items() if type(v) is int]
-            if left:  # large fields, answered by their length: read them plainly
-                values = await self.hgets([(key, name) for _, name, key in left])
-                for (f, name, _), value in zip(left, values, strict=True):
+            # large fields, answered by their length, and results kept apart: read them plainly
+            reads: list[tuple[dict[bytes, Any], bytes, str, bytes | None]] = []  # field None: a GET of the key
+            for f, job_id, key in zip(out, job_ids, job_keys, strict=True):
+                reads += [(f, name, key, name) for name, v in f.items() if type(v) is int]
+                for mark, name in APART_MARKS.items():
+                    if f.pop(mark, None):
+                        reads.append((f, name, self.keys.job_apart(job_id, name.decode()), None))
+            if reads:
+                values = await self.hgets([(key, field) for _, _, key, field in reads])
+                for (f, name, _, _), value in zip(reads, values, strict=True):
                     if value:
                         f[name] = value
                     else:  # gone since (expired, or retried): as if missing
-                        del f[name]
+                        f.pop(name, None)
         return cast(list[Fields], out)
 
-    async def hgets(self, fields: Sequence[tuple[str, str | bytes]]) -> list[bytes | None]:
-        """Hash fields as (key, field) pairs, with plain HGETs in one pipeline: how large values
-        (specs, results) are read, never through a script. The keys must share a slot on a cluster
-        (one shard's). None for a missing field."""
+    async def values_apart(self, jobs: Sequence[tuple[str, dict[bytes, Any]]]) -> None:
+        """Fills in the results and outputs kept apart from their job hashes (marked by APART_MARKS;
+        see record_outcome in the prelude) of ``jobs``, (id, fields as HGETALL read them) pairs:
+        plain GETs in one pipeline. A value gone since (the job expired, or was retried) stays
+        missing."""
+        apart = [(f, name, job_id) for job_id, f in jobs for mark, name in APART_MARKS.items() if f.pop(mark, None)]
+        if not apart:
+            return
+        values = await self.hgets([(self.keys.job_apart(job_id, name.decode()), None) for _, name, job_id in apart])
+        for (f, name, _), value in zip(apart, values, strict=True):
+            if value:
+                f[name] = value
+
+    async def hgets(self, fields: Sequence[tuple[str, str | bytes | None]]) -> list[bytes | None]:
+        """Hash fields as (key, field) pairs, with plain HGETs in one pipeline (a plain GET of the
+        key for the field None): how large values (specs, results) are read, never through a
+        script. The keys must share a slot on a cluster (one shard's). None for a missing field."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for key, name in fields:
-                pipe.hget(key, name)
+                if name is None:
+                    pipe.get(key)
+                else:
+                    pipe.hget(key, name)
             return list(await pipe.execute())
 
     async def publish_settled(self, settled: Sequence[Settled]) -> None:

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
 
 from .calls import NO_WAIT, SCRIPT_FIELD_BYTES, Calls, Durability, by_shard
-from .codec import Fields, job_from_hash
+from .codec import job_from_hash
 from .connection import now_ms
 from .errors import (
     AlreadyExists,
@@ -205,12 +205,12 @@ class GatewayCalls(Calls):
         keys = [*k.namespace_keys(), k.batch(batch[0]) if batch else k.prefix + "batch:none", k.known_queues()]
         args: list[Any] = [now, self.idempotency_ttl_s, self.max_queues, self.max_kinds]
         args += [k.prefix, self.ack_timeout_ms, self.place_most, batch[0] if batch else "", batch[1] if batch else ""]
-        apart: list[tuple[str, str, bytes]] = []  # specs written beside the call (see submit.lua)
+        apart: list[tuple[Any, ...]] = []  # specs written beside the call (see submit.lua)
         for job in jobs:
             spec = job.spec
             spec_arg = job.spec_bytes
             if len(spec_arg) > SCRIPT_FIELD_BYTES and self.writes_apart:
-                apart.append((k.job(job.id), "spec", spec_arg))
+                apart.append(("HSET", k.job(job.id), "spec", spec_arg))
                 spec_arg = b""
             keys += [
                 k.job(job.id),
@@ -291,7 +291,8 @@ class GatewayCalls(Calls):
     async def get(self, job_id: str) -> job_pb2.Job:
         """The stored job. Raises NotFound, Unavailable."""
         async with redis_errors():
-            fields = cast(Fields, await self.redis.hgetall(self.keys.job(job_id)))
+            fields = cast(dict[bytes, Any], await self.redis.hgetall(self.keys.job(job_id)))
+            await self.values_apart([(job_id, fields)])
         if not fields:
             raise NotFound(f"id: no job {job_id}")
         return job_from_hash(job_id, fields)
@@ -576,6 +577,7 @@ class GatewayCalls(Calls):
                     for jid in ids:
                         pipe.hgetall(self.keys.job(jid))
                     hashes = await pipe.execute()
+                await self.values_apart(list(zip(ids, hashes, strict=True)))
                 gone = []
                 for jid, fields in zip(ids, hashes, strict=True):
                     if fields and int(fields.get(b"state", 0)) == job_pb2.JOB_STATE_FAILED:
@@ -633,6 +635,7 @@ class GatewayCalls(Calls):
                 for job in out:
                     pipe.hgetall(self.keys.job(job.id))
                 hashes = await pipe.execute()
+            await self.values_apart([(job.id, h) for job, h in zip(out, hashes, strict=True)])
         found = [job_from_hash(job.id, h) for job, h in zip(out, hashes, strict=True) if h]
         return found, before
 

@@ -129,6 +129,12 @@ class Keys:
     def job(self, job_id: str) -> str:  # hash (in the shard the id names)
         return f"{self._prefix(self.job_shard(job_id))}job:{job_id}"
 
+    def job_apart(self, job_id: str, field: str) -> str:  # string: a result or output over 4 KiB, apart
+        return f"{self.job(job_id)}:{field}"
+
+    def staged(self, job_id: str, field: str, lease: int) -> str:  # string: such a value before its finish
+        return f"{self.job(job_id)}:{field}:{lease}"
+
     def pending(self, queue: str, kind: str) -> str:  # zset: job id -> priority/sequence score
         return f"{self._prefix(self.queue_shard(queue))}pending:{queue}:{kind}"
 

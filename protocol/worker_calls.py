@@ -15,7 +15,7 @@ from typing import Any
 
 from jobgate.v1 import relay_pb2
 
-from .calls import Calls, by_shard, per_shard
+from .calls import APART, SCRIPT_FIELD_BYTES, STAGED_MS, Calls, by_shard, per_shard
 from .connection import now_ms
 from .errors import redis_errors
 from .keys import Keys
@@ -179,10 +179,21 @@ class WorkerCalls(Calls):
     ) -> Finished:
         keys = [*k.namespace_keys(), *k.own_keys(worker_id)]
         args: list[Any] = [k.prefix, worker_id, instance, now_ms(), PLACE_MOST, DEFAULT_ACK_MS, take]
+        apart: list[tuple[Any, ...]] = []  # values written beside the call (record_outcome in the prelude)
         for o in outcomes:
             keys.append(k.job(o.job_id))
-            args += (o.job_id, o.lease, o.state, o.result, o.output, o.error_code, o.error_message, o.event)
-        codes, flat, taken = await self.durably(self.scripts.finish_many, keys, args)
+            result, output = o.result, o.output
+            if (len(result) > SCRIPT_FIELD_BYTES or len(output) > SCRIPT_FIELD_BYTES) and self.writes_apart:
+                flags = b""
+                if result:
+                    apart.append(("SET", k.staged(o.job_id, "result", o.lease), result, "PX", STAGED_MS))
+                    flags += b"r"
+                if len(output) > SCRIPT_FIELD_BYTES:
+                    apart.append(("SET", k.staged(o.job_id, "output", o.lease), output, "PX", STAGED_MS))
+                    flags, output = flags + b"o", b""
+                result = APART + flags
+            args += (o.job_id, o.lease, o.state, result, output, o.error_code, o.error_message, o.event)
+        codes, flat, taken = await self.durably(self.scripts.finish_many, keys, args, apart)
         return Finished(
             [int(c) for c in codes],
             placements(flat),

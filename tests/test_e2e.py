@@ -39,6 +39,35 @@ async def test_run_job_streams_every_lifecycle_event_until_the_terminal_one(clie
     assert states == [S.JOB_STATE_QUEUED, S.JOB_STATE_DISPATCHED, S.JOB_STATE_RUNNING, S.JOB_STATE_SUCCEEDED]
 
 
+async def test_large_values_come_back_whole_from_every_read(client: Client, redis: Redis, keys: Keys) -> None:
+    """Specs, results and outputs over 4 KiB are stored beside their script calls (a result or an
+    output in a key of its own): RunJob, GetJob, ListJobs and a late WatchResults all give them
+    back as they were."""
+    args = {"text": "r" * 20_000, "n": 7.5}
+    with_args = request("echo", args, payload=b"p" * 9_000)  # echo returns its args as the result
+    with_payload = request("echo", payload=b"o" * 30_000)  # and, without args, its payload as the output
+    done = []
+    for job in (with_args, with_payload):
+        events = [r.event async for r in client.stub.RunJob(scheduler_pb2.RunJobRequest(job=job), timeout=20)]
+        done.append(events[-1])
+    assert [e.state for e in done] == [S.JOB_STATE_SUCCEEDED] * 2
+    want = [(args, b""), (None, b"o" * 30_000)]
+
+    def got(e: job_pb2.JobEvent | job_pb2.Job) -> tuple[object, bytes]:
+        return (value(e.result) if e.HasField("result") else None, e.output)
+
+    assert [got(e) for e in done] == want
+    for e, field in zip(done, ("result", "output"), strict=True):
+        assert await redis.hget(keys.job(e.job_id), f"big_{field}") == b"1"
+        assert 0 < await redis.pttl(keys.job_apart(e.job_id, field)) <= await redis.pttl(keys.job(e.job_id))
+    jobs = [(await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=e.job_id))).job for e in done]
+    assert [got(j) for j in jobs] == want and jobs[0].spec.payload == b"p" * 9_000
+    listed = {j.id: j for j in (await client.stub.ListJobs(scheduler_pb2.ListJobsRequest(queue="default"))).jobs}
+    assert [got(listed[e.job_id]) for e in done] == want
+    late = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=[e.job_id for e in done]), timeout=20)
+    assert sorted([got(r.event) async for r in late], key=repr) == sorted(want, key=repr)
+
+
 async def test_binary_payload_comes_back_as_output(client: Client) -> None:
     reply = await client.submit("echo", payload=b"\x00\xffbinary")
     event = (await client.wait_results([reply.job.id]))[reply.job.id]

@@ -36,7 +36,8 @@ async def test_the_lua_key_functions_name_every_derived_key_as_protocol_keys_doe
     local P, q, kind, id, w = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
     return {job_key(P, id), pending_key(P, q, kind), kinds_key(P, q), qworkers_key(P, q), worker_key(P, w),
       worker_jobs_key(P, w), dispatch_channel(P, w), failed_key(P, q), queue_key(P, q), running_key(P, q),
-      batch_key(P, id), ckey_key(P, q, 'c:1/x'), ckey_jobs_key(P, q, 'c:1/x'), jobs_key(P, q), ended_key(P, q, 493)}
+      batch_key(P, id), ckey_key(P, q, 'c:1/x'), ckey_jobs_key(P, q, 'c:1/x'), jobs_key(P, q), ended_key(P, q, 493),
+      apart_key(P, id, 'output'), staged_key(P, id, 'result', '12')}
     """
     got = await run_lua(redis, body, [], [keys.prefix, queue, kind, job, worker])
     assert [g.decode() for g in got] == [
@@ -55,6 +56,8 @@ async def test_the_lua_key_functions_name_every_derived_key_as_protocol_keys_doe
         keys.concurrency_line(queue, "c:1/x"),
         keys.jobs(queue),
         keys.ended(queue, 493),
+        keys.job_apart(job, "output"),
+        keys.staged(job, "result", 12),
     ]
 
 

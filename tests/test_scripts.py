@@ -9,6 +9,7 @@ from typing import Any
 
 import hiredis
 import pytest
+from google.protobuf import struct_pb2
 from redis.asyncio import Redis
 
 from gateway.validation import Limits, prepare, prepare_batch
@@ -250,6 +251,61 @@ async def test_a_spec_over_4_kib_is_written_beside_its_submit_and_never_left_beh
     [stored], _ = await store.submit([fresh])
     assert int(await field(redis, keys, keys.job(stored.id), "state")) == S.JOB_STATE_QUEUED
     assert job_pb2.JobSpec.FromString(await redis.hget(keys.job(stored.id), "spec")) == fresh.spec
+
+
+async def test_results_and_outputs_over_4_kib_are_kept_apart_taken_only_by_the_finish_that_records_them(
+    store: GatewayCalls, redis: Redis, keys: Keys
+) -> None:
+    """A large result or output is SET apart by the worker, in one transaction with its finish call
+    (a small result beside a large output too): the call that records the outcome renames each to
+    a key of its own (expiring with the job); a repeat after a lost reply, a stale finish and a
+    finish of a job that is gone leave nothing; a retry of the job drops them; a script Redis had
+    forgotten is loaded and the transaction sent again."""
+    calls = worker_calls(store)
+    big, small = struct_pb2.Value(string_value="R" * 6000).SerializeToString(), b"\x1a\x01x"
+    out = b"O" * 5000
+
+    def done(p: Placement, result: bytes = big, output: bytes = out) -> Outcome:
+        return Outcome(p.job_id, p.lease, S.JOB_STATE_FAILED, result, output, "BOOM", "", b"")
+
+    async def stored(p: Placement) -> tuple[Any, ...]:
+        k = keys.job(p.job_id)
+        return (
+            *(await redis.hmget(k, "result", "big_result", "output", "big_output")),
+            *[await redis.get(keys.job_apart(p.job_id, f)) for f in ("result", "output")],
+        )
+
+    await beat(store, "w1", slots=4)
+    for _ in range(4):
+        await submit(store, max_attempts=1)
+    a, b, c, d = await place(store)
+    for p in (a, b, c, d):
+        assert await start(store, p) == 1
+    await redis.script_flush()  # the first transaction meets NOSCRIPT after its SETs ran
+    assert (await calls.finish_many("w1", "i1", [done(a), done(c, small), done(d, big, b"o")])).codes == [1, 1, 1]
+    assert await stored(a) == (None, b"1", None, b"1", big, out)
+    assert await stored(c) == (None, b"1", None, b"1", small, out)
+    assert await stored(d) == (None, b"1", b"o", None, big, None)
+    for field in ("result", "output"):
+        assert 0 < await redis.pttl(keys.job_apart(a.job_id, field)) <= await redis.pttl(keys.job(a.job_id))
+    fields = await store.get_fields([a.job_id, c.job_id])
+    assert [(f[b"result"], f[b"output"]) for f in fields] == [(big, out), (small, out)]
+    assert not any(mark in f for f in fields for mark in (b"big_result", b"big_output"))
+    job = await store.get(a.job_id)
+    assert (job.result, job.output) == (struct_pb2.Value.FromString(big), out)
+    before = {key: await redis.dump(key) for key in await redis.keys(f"{keys.prefix}*")}
+    assert (await calls.finish_many("w1", "i1", [done(a)])).codes == [2]  # sent again after a lost reply
+    stale = Placement(b.job_id, "w1", b.lease + 1000, 1, True)
+    assert (await calls.finish_many("w1", "i1", [done(stale)])).codes == [0]
+    gone = Placement("0" * 32, "w1", 1, 1, True)
+    assert (await calls.finish_many("w1", "i1", [done(gone)])).codes == [-1]
+    after = {key: await redis.dump(key) for key in await redis.keys(f"{keys.prefix}*")}
+    assert after == before  # nothing staged is left, nothing recorded changed
+    # Small values stay in the hash; RetryJob drops values kept apart.
+    assert (await calls.finish_many("w1", "i1", [done(b, small, b"o")])).codes == [1]
+    assert await stored(b) == (small, None, b"o", None, None, None)
+    await store.retry(a.job_id)
+    assert await stored(a) == (None,) * 6
 
 
 def one_event(job_id: str, state: int) -> bytes:

@@ -22,6 +22,11 @@ local function namespace(P)
     workers = KEYS[6], results = KEYS[7], delayed = KEYS[8]}
 end
 local function job_key(P, id) return P .. 'job:' .. id end  -- hash
+-- string: a job's result or output ('result', 'output') over 4 KiB, kept apart from its hash
+-- (whose 'big_result' or 'big_output' is then '1')
+local function apart_key(P, id, field) return P .. 'job:' .. id .. ':' .. field end
+-- string: such a value as a worker wrote it for one placement, before its finish call took it
+local function staged_key(P, id, field, lease) return P .. 'job:' .. id .. ':' .. field .. ':' .. lease end
 local function pending_key(P, queue, kind) return P .. 'pending:' .. queue .. ':' .. kind end  -- zset
 local function kinds_key(P, queue) return P .. 'kinds:' .. queue end  -- set
 local function qworkers_key(P, queue) return P .. 'qworkers:' .. queue end  -- set
@@ -561,7 +566,30 @@ end
 -- the job's queue; and, with 2, the id of the job finish_many started in its slot (its 'refill'
 -- field), if any; and, with 1 for a failure that is retried (see RETRIED), the JobEvents of its
 -- SCHEDULED event, to be published in place of the worker's.
+-- Values written apart: a result argument that starts with a NUL byte (which no encoded Value
+-- does) is not a result but says which of the result and the output the worker SET apart, at
+-- staged_key for its lease, so that they never enter Lua: 'r' the result, 'o' the output (the
+-- output argument is then ''). A recorded outcome renames them to apart_key (expiring with the
+-- job) and marks the hash 'big_result' or 'big_output'; any other answer deletes them; a missing
+-- one counts as empty.
+local APART_FIELDS = {r = 'result', o = 'output'}
+local record_outcome_of
+
 local function record_outcome(ns, jk, worker_id, now, o, id)
+  if string.byte(o.result, 1) ~= 0 then return record_outcome_of(ns, jk, worker_id, now, o, id) end
+  local staged = {}
+  for flag in string.gmatch(string.sub(o.result, 2), '.') do
+    local field = APART_FIELDS[flag]
+    local key = field and staged_key(ns.P, id, field, o.lease)
+    if key and redis.call('EXISTS', key) == 1 then staged[field] = key end
+  end
+  o.result, o.staged = '', staged
+  local code, queue, refill, retry_event = record_outcome_of(ns, jk, worker_id, now, o, id)
+  for _, key in pairs(o.staged) do redis.call('DEL', key) end  -- not taken
+  return code, queue, refill, retry_event
+end
+
+record_outcome_of = function(ns, jk, worker_id, now, o, id)
   local j = redis.call('HMGET', jk, 'state', 'lease', 'worker', 'queue', 'recorded', 'ttl', 'cancel', 'refill',
     'attempt', 'max_attempts', 'started', 'backoff', 'kind', 'dttl', 'unique', 'batch', 'dependents', 'ckey')
   if not j[1] then return -1 end
@@ -581,8 +609,19 @@ local function record_outcome(ns, jk, worker_id, now, o, id)
     return 1, j[4], nil, pb_events_of(id, {queue = j[4], kind = j[13], attempt = attempt, worker = worker_id,
       err_code = o.code, err_msg = o.message}, SCHEDULED, tonumber(now), due)
   end
-  finish_job(ns, jk, id, j[4], o.state, o.code, o.message, now,
-    {'result', o.result, 'output', o.output, 'recorded', recorded}, {j[6], j[7], j[14], j[15], j[16], j[17], j[18]})
+  local fields = {'result', o.result, 'output', o.output, 'recorded', recorded}
+  if o.staged and o.staged.result then fields[1], fields[2] = 'big_result', '1' end
+  if o.staged and o.staged.output then fields[3], fields[4] = 'big_output', '1' end
+  finish_job(ns, jk, id, j[4], o.state, o.code, o.message, now, fields, {j[6], j[7], j[14], j[15], j[16], j[17], j[18]})
+  if o.staged then
+    local ttl = redis.call('PTTL', jk)
+    for field, key in pairs(o.staged) do
+      local kept = apart_key(ns.P, id, field)
+      redis.call('RENAME', key, kept)
+      if ttl > 0 then redis.call('PEXPIRE', kept, ttl) else redis.call('PERSIST', kept) end
+    end
+    o.staged = {}
+  end
   return 1, j[4]
 end
 

@@ -2,7 +2,8 @@
 -- KEYS[1..8] the namespace's keys (see the prelude), KEYS[9] worker hash, KEYS[10] worker jobs set,
 --   KEYS[11] job hash
 -- ARGV[1] key prefix, ARGV[2] job id, ARGV[3] lease, ARGV[4] worker id, ARGV[5] terminal state,
--- ARGV[6] now ms, ARGV[7] result (google.protobuf.Value bytes), ARGV[8] output bytes,
+-- ARGV[6] now ms, ARGV[7] result (google.protobuf.Value bytes, or a NUL byte
+-- and flags when values were written apart: see record_outcome in the prelude), ARGV[8] output bytes,
 -- ARGV[9] error code, ARGV[10] error message, ARGV[11] JobEvents bytes holding the terminal event
 -- A FAILED outcome with code HANDLER_ERROR or TIMEOUT, attempts left and no cancel requested is
 -- recorded as a retry instead: the job is SCHEDULED after its backoff, and the script publishes its

@@ -12,7 +12,8 @@
 -- ARGV[1] key prefix, ARGV[2] worker id, ARGV[3] instance token of the worker's registration,
 --   ARGV[4] now ms, ARGV[5] most placements per queue (0: place none), ARGV[6] ack timeout ms for a
 --   job stored without one, ARGV[7] most jobs to start and return (0: dispatch them instead),
---   then 8 per job i, from a = 8i: job id, lease, terminal state, result (Value bytes), output
+--   then 8 per job i, from a = 8i: job id, lease, terminal state, result (Value bytes, or a NUL byte
+--   and flags when values were written apart: see record_outcome in the prelude), output
 --   bytes, error code, error message, JobEvents bytes holding its terminal event
 -- returns {codes, placements, taken}: codes an array with finish's code (1 recorded, 2 already
 --   recorded, 0 stale, -1 missing) for each job, in order; placements a flat array as schedule

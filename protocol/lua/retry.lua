@@ -22,7 +22,9 @@ end
 local attempt, allowed, base = tonumber(j[4]), tonumber(j[5]), tonumber(j[6] or '0')
 if j[8] then count_in_batch(ns, j[8], state, now, -1) end  -- pending again (a done batch stays done)
 redis.call('PERSIST', jk)
-redis.call('HDEL', jk, 'err_code', 'err_msg', 'finished', 'result', 'output', 'recorded', 'due', 'cancel')
+redis.call('HDEL', jk, 'err_code', 'err_msg', 'finished', 'result', 'big_result', 'output', 'big_output', 'recorded',
+  'due', 'cancel')
+redis.call('DEL', apart_key(ns.P, id, 'result'), apart_key(ns.P, id, 'output'))
 redis.call('HSET', jk, 'base', attempt, 'max_attempts', attempt + allowed - base)
 redis.call('ZREM', failed_key(ns.P, j[2]), id)
 local _, queued = requeue(ns, jk, id, now, false)
