@@ -23,7 +23,7 @@ from devtools.servers import find_redis_server, free_port, wait_for
 from gateway.acl import COMMANDS, setuser
 from jobgate.v1 import job_pb2, scheduler_pb2
 
-from .helpers import FAST, NPM_TIMEOUT_S, Client, NodeWorker, eventually, request
+from .helpers import FAST, NPM_TIMEOUT_S, Client, NodeWorker, eventually, request, value
 
 pytestmark = pytest.mark.slow
 NAMESPACE = "secure"
@@ -115,6 +115,13 @@ async def test_everything_works_over_tls_as_the_minimal_acl_user(
     events = await client.wait_results([*ids, failing])
     assert [events[i].state for i in ids] == [job_pb2.JOB_STATE_SUCCEEDED] * 20
     assert events[failing].state == job_pb2.JOB_STATE_FAILED
+    # Values over 4 KiB are written beside their script calls and kept apart, with commands of their own.
+    large = [request("echo", {"text": "r" * 6000}), request("echo", payload=b"o" * 6000)]
+    large_ids = [j.id for j in (await client.stub.SubmitJobs(
+        scheduler_pb2.SubmitJobsRequest(jobs=large), timeout=10
+    )).jobs]  # fmt: skip
+    done = await client.wait_results(large_ids)
+    assert value(done[large_ids[0]].result) == {"text": "r" * 6000} and done[large_ids[1]].output == b"o" * 6000
 
     # Dead letters, a retry, a paused queue and a schedule use commands of their own.
     listed = await client.stub.ListFailedJobs(scheduler_pb2.ListFailedJobsRequest(), timeout=5)
