@@ -105,8 +105,9 @@ class Calls:
     @property
     def writes_apart(self) -> bool:
         """Whether large values may be written beside a script call (``durably``'s ``before``):
-        on one server or a Sentinel's primary; a cluster's calls carry them as arguments."""
-        return not self.sharded
+        always but on a cluster with ``durability.replicas`` (where the script and WAIT go in a
+        pipeline of their own, so large values are arguments there)."""
+        return not self.sharded or self.durability.replicas <= 0
 
     async def durably(
         self,
@@ -154,7 +155,14 @@ class Calls:
         have (NOSCRIPT) fails inside the transaction after those commands ran: the caller loads it
         and runs the same transaction again, which the script then sees through."""
         d = self.durability
-        assert not self.sharded
+        if self.sharded:  # the cluster client's own transaction, on the node of the keys' slot
+            assert d.replicas <= 0
+            async with self.redis.pipeline(transaction=True) as cluster_pipe:
+                for command in before:
+                    cluster_pipe.execute_command(*command)
+                cluster_pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                answered = await cluster_pipe.execute()  # raises the first error
+            return answered[-1], None
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.execute_command("MULTI")
             for command in before:

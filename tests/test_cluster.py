@@ -84,26 +84,32 @@ async def test_one_namespace_spreads_its_queues_over_every_primary_with_redis_sh
 ) -> None:
     """With redis_shards, the queues of one namespace live on different nodes, each with its shard
     channels; one worker serves a queue on each, and the ACL user of ``python -m gateway.acl
-    --cluster`` covers every shard."""
+    --cluster`` covers every shard. Without redis_wait_replicas, large specs and outputs are
+    written beside their script calls in the cluster client's own transactions, on each node."""
     namespace, queues = spread_namespace(cluster)
     for port in cluster.ports:
         with SyncRedis(port=port) as node:
             node.execute_command(*setuser(namespace, namespace, PASSWORD, cluster=True).split())
     url = cluster.url.replace("redis+cluster://", f"redis+cluster://{namespace}:{PASSWORD}@")
-    stack = Stack(url, namespace, env={**DURABLE, "JOBGATE_REDIS_SHARDS": str(SHARDS)})
+    stack = Stack(url, namespace, env={**FAST, "JOBGATE_REDIS_SHARDS": str(SHARDS)})
     keys = Keys(namespace, SHARDS)
     try:
         stack.start_worker(env={"JOBGATE_QUEUES": ",".join(queues.values()), "JOBGATE_CONCURRENCY": "9"})
         client = client_for(stack.start_gateway()[1])
         jobs = [request("echo", {"i": i}, queue=q) for i in range(20) for q in queues.values()]
-        reply = await client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=jobs), timeout=10)
+        large = [request("echo", payload=bytes([i]) * 10_000, queue=q) for i, q in enumerate(queues.values())]
+        reply = await client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=jobs + large), timeout=10)
         ids = [j.id for j in reply.jobs]
         events = await client.wait_results(ids)
         assert {i: e.state for i, e in events.items()} == dict.fromkeys(ids, S.JOB_STATE_SUCCEEDED)
+        large_ids = ids[len(jobs) :]
+        assert [events[i].output for i in large_ids] == [bytes([i]) * 10_000 for i in range(len(large))]
         for primary, queue in queues.items():  # each queue's jobs on the node serving its shard
             with SyncRedis(port=primary) as node:
                 mine = [j.id for j in reply.jobs if j.spec.queue == queue]
                 assert node.exists(*(keys.job(i) for i in mine)) == len(mine), (primary, queue)
+                [kept] = [i for i in large_ids if i in mine]  # its output in a key of its own there
+                assert node.hget(keys.job(kept), "big_output") == b"1" and node.exists(keys.job_apart(kept, "output"))
         for port in cluster.ports:  # nothing the scripts or the clients sent was denied
             with SyncRedis(port=port) as node:
                 assert node.acl_log() == [], port
