@@ -105,11 +105,13 @@ async def test_waiting_for_a_replica_acknowledges_only_submits_the_promoted_repl
     with pytest.raises(NotReplicated, match="1 replica"):
         await calls.submit([prepare(request("echo", args={"n": 1}), LIMITS)])  # stored, not acknowledged
     await pair.attached()
-    [job], _ = await calls.submit([prepare(request("echo", args={"n": 2}), LIMITS)])
+    large = b"P" * 6000  # a spec over 4 KiB: written beside the submit call, WAIT after the transaction
+    [job], _ = await calls.submit([prepare(request("echo", args={"n": 2}, payload=large), LIMITS)])
     promoted = await pair.fail_over()
     async with promoted:
         stored = await gateway_calls(promoted, Durability()).get(job.id)
     assert stored.state == S.JOB_STATE_QUEUED and stored.spec.args.struct_value.fields["n"].number_value == 2
+    assert stored.spec.payload == large
 
 
 async def test_waiting_for_a_replica_records_an_outcome_only_once_the_replica_holds_it(
@@ -124,7 +126,8 @@ async def test_waiting_for_a_replica_records_an_outcome_only_once_the_replica_ho
         [job], _ = await gateway.submit([prepare(request("echo"), LIMITS)])
         [p] = (await gateway.schedule("default", ack_timeout_ms=60_000, most=1)).placements
     assert await worker.start_many("w1", "i1", [Start(job.id, p.lease, b"")]) == [1]
-    outcome = Outcome(job.id, p.lease, S.JOB_STATE_SUCCEEDED, b"", b"done", "", "", b"")
+    done = b"d" * 6000  # an output over 4 KiB: kept apart, WAIT after the transaction
+    outcome = Outcome(job.id, p.lease, S.JOB_STATE_SUCCEEDED, b"", done, "", "", b"")
     await pair.detach()
     with pytest.raises(NotReplicated):
         await worker.finish_many("w1", "i1", [outcome], take=())
@@ -134,7 +137,7 @@ async def test_waiting_for_a_replica_records_an_outcome_only_once_the_replica_ho
     promoted = await pair.fail_over()
     async with promoted:
         stored = await gateway_calls(promoted, Durability()).get(job.id)
-    assert (stored.state, stored.output) == (S.JOB_STATE_SUCCEEDED, b"done")
+    assert (stored.state, stored.output) == (S.JOB_STATE_SUCCEEDED, done)
 
 
 @pytest.fixture
