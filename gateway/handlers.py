@@ -61,10 +61,22 @@ def rebuild(
             built: grpc.RpcMethodHandler = build(
                 wrap(behaviour),
                 request_deserializer=deserializer or handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=passing_bytes(handler.response_serializer),
             )
             return built
     return handler
+
+
+def passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """``serialize``, except that a response the handler encoded itself (bytes) is sent as it is
+    (WatchResults encodes its batches: gateway.streams.watch_responses)."""
+    if serialize is None:
+        return None
+
+    def serializer(response: Any) -> bytes:
+        return response if response.__class__ is bytes else serialize(response)
+
+    return serializer
 
 
 class HandlerCache:

@@ -37,7 +37,7 @@ from .schedules import (
     timing_of,
     trigger_request,
 )
-from .streams import Admission, Follower, Watcher, chunks
+from .streams import Admission, Follower, Watcher, watch_responses
 from .validation import (
     Limits,
     job_id,
@@ -545,14 +545,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
     @streaming
     async def WatchResults(
         self, request: scheduler_pb2.WatchResultsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[scheduler_pb2.WatchResultsResponse]:
+    ) -> AsyncIterator[scheduler_pb2.WatchResultsResponse | bytes]:
         with self.admission.stream():
             async for response in self._watch_results(request):
                 yield response
 
     async def _watch_results(
         self, request: scheduler_pb2.WatchResultsRequest
-    ) -> AsyncIterator[scheduler_pb2.WatchResultsResponse]:
+    ) -> AsyncIterator[scheduler_pb2.WatchResultsResponse | bytes]:
         if len(request.job_ids) > self.limits.max_watch_ids:
             raise InvalidArgument(f"job_ids: at most {self.limits.max_watch_ids} ids, got {len(request.job_ids)}")
         ids = [job_id(j, f"job_ids[{i}]") for i, j in enumerate(request.job_ids)]
@@ -581,11 +581,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         try:
             if ids:
                 stored = await self.follower.stored_terminal(watcher, missing_is_error=True)
-                for events in chunks(stored, most, self.batch_bytes):
-                    yield _watch_response(events, request.max_batch)
+                for response in watch_responses(stored, request.max_batch, self.batch_bytes):
+                    yield response
             async for arrived in self.follower.follow(watcher, most):
-                for events in chunks(arrived, most, self.batch_bytes):
-                    yield _watch_response(events, request.max_batch)
+                for response in watch_responses(arrived, request.max_batch, self.batch_bytes):
+                    yield response
         finally:
             self.hub.remove(watcher)
 
@@ -599,10 +599,3 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         if not fields:
             raise NotFound(f"{field}: no job {jid}")
         principal.check_job(fields.get(b"queue", b"").decode(), jid, field)
-
-
-def _watch_response(events: list[job_pb2.JobEvent], max_batch: int) -> scheduler_pb2.WatchResultsResponse:
-    if max_batch > 1:
-        return scheduler_pb2.WatchResultsResponse(events=events)
-    [event] = events
-    return scheduler_pb2.WatchResultsResponse(event=event)

@@ -12,7 +12,7 @@ import random
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 
-from jobgate.v1 import job_pb2
+from jobgate.v1 import job_pb2, scheduler_pb2
 from protocol.coalesce import Coalescer
 from protocol.codec import RUNNING, TERMINAL, Fields, event_from_hash
 from protocol.errors import NotFound, ResourceExhausted, Unavailable
@@ -287,17 +287,46 @@ class Follower:
         return out
 
 
-def chunks(events: list[job_pb2.JobEvent], most: int, most_bytes: int) -> Iterator[list[job_pb2.JobEvent]]:
-    """``events`` in runs of at most ``most``, and of at most ``most_bytes`` encoded (an event
-    bigger than that goes alone)."""
-    chunk: list[job_pb2.JobEvent] = []
-    size = 0
+# WatchResultsResponse.events: field 2, length-delimited (one byte of tag for fields 1-15)
+EVENTS_TAG = bytes([scheduler_pb2.WatchResultsResponse.DESCRIPTOR.fields_by_name["events"].number << 3 | 2])
+
+
+def watch_responses(
+    events: list[job_pb2.JobEvent], max_batch: int, most_bytes: int
+) -> Iterator[scheduler_pb2.WatchResultsResponse | bytes]:
+    """What a WatchResults stream sends for ``events``: with ``max_batch`` over 1, responses of at
+    most that many events and of at most ``most_bytes`` encoded (an event bigger than that goes
+    alone), each already encoded (the gateway's handlers send bytes as they are); else one
+    response per event.
+
+    A batch is encoded event by event and joined, which is byte for byte what
+    ``WatchResultsResponse(events=...)`` serializes to: protobuf (upb) copies every event into such
+    a response and serializes a large one several times slower than its parts (10 KB outputs: 7 µs
+    an event against 0.6)."""
+    if max_batch <= 1:
+        for event in events:
+            yield scheduler_pb2.WatchResultsResponse(event=event)
+        return
+    parts: list[bytes] = []
+    count = size = 0
     for event in events:
-        n = event.ByteSize() + 8  # the event and its field header
-        if chunk and (len(chunk) == most or size + n > most_bytes):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(event)
+        body = event.SerializeToString()
+        n = len(body) + 8  # the event and its field header, at most
+        if count and (count == max_batch or size + n > most_bytes):
+            yield b"".join(parts)
+            parts, count, size = [], 0, 0
+        parts += (EVENTS_TAG, varint(len(body)), body)
+        count += 1
         size += n
-    if chunk:
-        yield chunk
+    if count:
+        yield b"".join(parts)
+
+
+def varint(n: int) -> bytes:
+    """``n`` (not negative) as a protobuf varint."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)

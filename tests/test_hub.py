@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.streams import Watcher
-from jobgate.v1 import job_pb2
+from gateway.streams import Watcher, varint, watch_responses
+from jobgate.v1 import job_pb2, scheduler_pb2
 
 S = job_pb2
 A, B, C = "a" * 32, "b" * 32, "c" * 32
@@ -112,3 +112,30 @@ def test_waking_a_full_watcher_does_not_overflow_it() -> None:
     w.mark_missed()
     assert w.stale and not w.overflowed
     assert queued(w) == [event(A)]
+
+
+def test_watch_responses_are_encoded_as_protobuf_encodes_them_within_their_limits() -> None:
+    """A WatchResults batch is encoded event by event (cheaper for large outputs): the bytes are
+    those of WatchResultsResponse(events=...), with at most max_batch events and at most the byte
+    limit a response (an event over it alone); with max_batch 1, one response object per event."""
+    events = [
+        job_pb2.JobEvent(job_id=f"{i:032x}", state=job_pb2.JOB_STATE_SUCCEEDED, output=b"o" * size)
+        for i, size in enumerate([0, 10, 200, 20_000, 5, 150_000, 1, 2, 3, 4])
+    ]
+    batches = list(watch_responses(events, 3, 30_000))
+    assert all(isinstance(b, bytes) for b in batches)
+    decoded = [scheduler_pb2.WatchResultsResponse.FromString(b) for b in batches]
+    assert [len(d.events) for d in decoded] == [3, 2, 1, 3, 1]  # 3 at most; 20 KB + 5 B fit; 150 KB alone
+    assert [e for d in decoded for e in d.events] == events
+    for b, d in zip(batches, decoded, strict=True):
+        assert b == scheduler_pb2.WatchResultsResponse(events=d.events).SerializeToString()
+    singles = list(watch_responses(events[:2], 1, 30_000))
+    assert singles == [scheduler_pb2.WatchResultsResponse(event=e) for e in events[:2]]
+    assert [varint(n) for n in (0, 1, 127, 128, 300, 1 << 21)] == [
+        b"\x00",
+        b"\x01",
+        b"\x7f",
+        b"\x80\x01",
+        b"\xac\x02",
+        b"\x80\x80\x80\x01",
+    ]
