@@ -68,8 +68,8 @@ def rebuild(
 
 
 def passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
-    """``serialize``, except that a response the handler encoded itself (bytes) is sent as it is
-    (WatchResults encodes its batches: gateway.streams.watch_responses)."""
+    """``serialize``, except that a response the handler encoded itself (bytes, see
+    :class:`Encoded`) is sent as it is."""
     if serialize is None:
         return None
 
@@ -77,6 +77,36 @@ def passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], b
         return response if response.__class__ is bytes else serialize(response)
 
     return serializer
+
+
+class Encoded:
+    """A response of repeated messages encoded part by part, for a handler to return as bytes:
+    byte for byte what protobuf serializes the whole message to, when the parts are added in field
+    number order. protobuf (upb) copies every message put in a repeated field and serializes a
+    large response several times slower than its parts (10 KB outputs: 7 µs a part against 0.6)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0  # bytes so far
+
+    def add(self, number: int, body: bytes) -> None:
+        """Field ``number`` (1-15, length-delimited) holding ``body``: an encoded message or a string."""
+        head = bytes([number << 3 | 2]) + varint(len(body))
+        self.parts += (head, body)
+        self.size += len(head) + len(body)
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def varint(n: int) -> bytes:
+    """``n`` (not negative) as a protobuf varint."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 class HandlerCache:

@@ -26,6 +26,7 @@ from protocol.schedule_calls import ScheduleCalls
 
 from . import auth
 from .batches import prepare_batch_options
+from .handlers import Encoded
 from .hub import Hub
 from .metrics import GatewayMetrics
 from .scheduler import Scheduler
@@ -59,6 +60,8 @@ from .validation import (
     with_trace_context,
 )
 
+SUBMITTED_JOBS = scheduler_pb2.SubmitJobsResponse.DESCRIPTOR.fields_by_name["jobs"].number
+SUBMITTED_BATCH = scheduler_pb2.SubmitJobsResponse.DESCRIPTOR.fields_by_name["batch_id"].number
 log = logging.getLogger(__name__)
 
 MAX_WATCH_BATCH = 1000  # completions per WatchResults response
@@ -212,9 +215,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         return results
 
     @unary
-    async def SubmitJobs(
-        self, request: scheduler_pb2.SubmitJobsRequest, context: grpc.aio.ServicerContext
-    ) -> scheduler_pb2.SubmitJobsResponse:
+    async def SubmitJobs(self, request: scheduler_pb2.SubmitJobsRequest, context: grpc.aio.ServicerContext) -> bytes:
         prepared = prepare_batch(list(request.jobs), self.limits)
         principal = auth.current()
         for i, p in enumerate(prepared):
@@ -229,7 +230,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.metrics.submitted.inc(len(jobs))
         self.scheduler.record(placed)
         self._note_due(prepared)
-        return scheduler_pb2.SubmitJobsResponse(jobs=jobs, batch_id=batch[0] if batch else "")
+        reply = Encoded()  # a SubmitJobsResponse: its jobs carry their specs, payloads included
+        for job in jobs:
+            reply.add(SUBMITTED_JOBS, job.SerializeToString())
+        if batch:
+            reply.add(SUBMITTED_BATCH, batch[0].encode())
+        return bytes(reply)
 
     @unary
     async def GetBatch(

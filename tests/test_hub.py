@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.streams import Watcher, varint, watch_responses
+from gateway.handlers import Encoded, varint
+from gateway.streams import Watcher, watch_responses
 from jobgate.v1 import job_pb2, scheduler_pb2
 
 S = job_pb2
@@ -139,3 +140,17 @@ def test_watch_responses_are_encoded_as_protobuf_encodes_them_within_their_limit
         b"\xac\x02",
         b"\x80\x80\x80\x01",
     ]
+
+
+def test_a_response_encoded_part_by_part_is_what_protobuf_encodes() -> None:
+    """SubmitJobs answers its jobs encoded one by one (Encoded): the same bytes as the message."""
+    jobs = [
+        job_pb2.Job(id=f"{i:032x}", spec=job_pb2.JobSpec(kind="echo", payload=b"p" * n))
+        for i, n in enumerate((0, 9, 300))
+    ]
+    reply = Encoded()
+    for job in jobs:
+        reply.add(1, job.SerializeToString())
+    reply.add(2, ("b" * 200).encode())
+    want = scheduler_pb2.SubmitJobsResponse(jobs=jobs, batch_id="b" * 200).SerializeToString()
+    assert bytes(reply) == want and reply.size == len(want)
