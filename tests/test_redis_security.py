@@ -192,6 +192,14 @@ def test_the_minimal_acl_user_cannot_reach_beyond_its_namespace(secure_redis: Se
     assert len(denials(secure_redis.admin)) == len(refused)
 
 
+def test_the_rules_security_md_prints_are_those_the_acl_command_prints() -> None:
+    """SECURITY.md shows the least ACL user for the namespace `jobgate`: it must be what
+    ``python -m gateway.acl --namespace jobgate --user jobgate`` prints (it wraps the one line)."""
+    doc = (Path(__file__).parent.parent / "docs" / "SECURITY.md").read_text()
+    block = doc.split("ACL SETUSER jobgate on ><password>", 1)[1].split("```", 1)[0]
+    assert "ACL SETUSER jobgate on ><password> " + " ".join(block.split()) == setuser("jobgate", "jobgate")
+
+
 def test_acl_cli_prints_rules_for_a_namespace() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "gateway.acl", "--namespace", "prod", "--user", "jg"],
