@@ -13,8 +13,10 @@ from redis import Redis as SyncRedis
 from devtools.devstack import Stack
 from devtools.servers import ClusterProcess
 from gateway.acl import setuser
+from gateway.validation import Limits, prepare
 from jobgate.v1 import job_pb2, scheduler_pb2
 from protocol.connection import redis_client
+from protocol.gateway_calls import GatewayCalls
 from protocol.keys import Keys
 
 from .chaos import Checker, checking
@@ -24,6 +26,7 @@ from .test_chaos import accepted_again, under_load
 pytestmark = pytest.mark.slow
 S = job_pb2
 PASSWORD = "cluster-secret-1"
+LIMITS = Limits(max_payload_bytes=1 << 20, default_timeout_ms=60_000, max_batch=100, max_watch_ids=100)
 DURABLE = {**FAST, "JOBGATE_REDIS_WAIT_REPLICAS": "1", "JOBGATE_REDIS_WAIT_TIMEOUT_MS": "1000"}
 
 
@@ -74,6 +77,28 @@ async def test_namespaces_on_every_shard_run_jobs_end_to_end(
     finally:
         for _, stack in stacks:
             stack.stop()
+
+
+async def test_a_large_spec_goes_beside_its_submit_in_a_cluster_transaction_even_after_the_nodes_forgot_the_scripts(
+    cluster: ClusterProcess,
+) -> None:
+    """Without redis_wait_replicas, a cluster's submit of a spec over 4 KiB is the cluster client's
+    own MULTI/EXEC; NOSCRIPT inside it (a restarted or promoted node has no scripts) loads the
+    script and sends the transaction again."""
+    client = redis_client(cluster.url, 10)
+    keys = Keys("apart")
+    try:
+        for port in cluster.ports:
+            with SyncRedis(port=port) as node:
+                node.script_flush()
+        calls = GatewayCalls(client, keys, idempotency_ttl_s=60, place_most=0)
+        assert calls.writes_apart
+        prepared = prepare(request("echo", payload=b"P" * 6000), LIMITS)
+        [job], _ = await calls.submit([prepared])
+        assert await client.hget(keys.job(job.id), "spec") == prepared.spec_bytes
+        assert (await calls.get(job.id)).state == S.JOB_STATE_QUEUED
+    finally:
+        await client.aclose()
 
 
 SHARDS = 6
