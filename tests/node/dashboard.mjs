@@ -83,7 +83,8 @@ async function main() {
     await page.goto(URL_);
     await page.locator('#token').fill('not-the-token-0123456789');
     await page.locator('form.signin button').click();
-    await page.waitForSelector('form.signin p.muted', WAIT);
+    // the refusal re-renders the form: type the right token only then, or a late refusal signs out again
+    await page.waitForSelector('form.signin p.muted:has-text("authorization: Bearer")', WAIT);
     await page.locator('#token').fill(env.TOKEN);
     await page.locator('form.signin button').click();
 
