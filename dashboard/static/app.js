@@ -112,12 +112,14 @@ function headers(extra = {}) {
 }
 
 async function api(path, { method = "GET", body } = {}) {
+  const token = app.token; // the token this request carries
   const init = { method, headers: headers(method === "POST" ? { "Content-Type": "application/json" } : {}) };
   if (method === "POST") init.body = JSON.stringify(body || {});
   const response = await fetch(path, init);
   const data = await response.json().catch(() => ({}));
   if (response.status === 401) {
-    signIn(data.error || "This gateway needs a token.");
+    // a refusal of a token since replaced (signed in again meanwhile) signs nobody out
+    if (token === app.token) signIn(data.error || "This gateway needs a token.");
     throw new ApiError(401, data);
   }
   if (!response.ok) throw new ApiError(response.status, data);
