@@ -146,7 +146,11 @@ class GatewayCalls(Calls):
         jobs = self._with_shard_ids(jobs)
         results: list[job_pb2.Job | JobgateError | None] = [None] * len(jobs)
         calls: list[Placed] = []
-        await asyncio.gather(*(self._submit_each_shard(jobs, idx, results, calls) for idx in self._by_shard(jobs)))
+        groups = self._by_shard(jobs)
+        if len(groups) == 1:  # no task to gather: one turn of the event loop less
+            await self._submit_each_shard(jobs, groups[0], results, calls)
+        else:
+            await asyncio.gather(*(self._submit_each_shard(jobs, idx, results, calls) for idx in groups))
         return [r for r in results if r is not None], calls
 
     async def _submit_each_shard(

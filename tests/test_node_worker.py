@@ -98,6 +98,12 @@ async def test_node_worker_runs_and_fails_jobs_and_leaves_cleanly_on_sigterm(
     stored = (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=seen[-1].job_id), timeout=5)).job
     assert stored.progress == reports[-1]
 
+    # the scripts' counts (written at the end of each call, as PROTOCOL.md wraps a script) count
+    # what this worker finished: 3 succeeded, 1 failed
+    reply = await client.stub.GetQueueStats(scheduler_pb2.GetQueueStatsRequest(queues=["default"]), timeout=5)
+    [stats] = reply.queues
+    assert (stats.succeeded, stats.failed, sum(stats.ended_by_minute)) == (3, 1, 4), stats
+
     worker.proc.send_signal(signal.SIGTERM)
     try:
         code = await asyncio.to_thread(worker.proc.wait, EXIT_TIMEOUT_S)

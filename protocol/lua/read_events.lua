@@ -1,4 +1,5 @@
 -- read_events: what a JobEvent is built from, for several jobs in one call (a read; changes nothing).
+-- Sent alone, without the prelude (protocol/scripts.py ALONE): it must use none of its helpers.
 -- KEYS: the job hashes. ARGV[1] the most bytes of a large field returned here, ARGV[2] how many of
 --   the field names that follow are read as they are (n), then those n names, then the names of
 --   fields that may be large (a result, an output).

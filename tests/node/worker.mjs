@@ -136,11 +136,13 @@ const sub = redis.duplicate().on('error', (e) => {
 });
 const BINARY = { typeMapping: { [RESP_TYPES.BLOB_STRING]: Buffer } };
 
-// Every script is the prelude, a newline and the script's text; EVALSHA, loading it on NOSCRIPT.
+// Every script is the prelude, then the script's text run as a function, then flush_counts (which
+// writes the counts the call kept); EVALSHA, loading it on NOSCRIPT.
 const prelude = readFileSync(path.join(ROOT, 'protocol/lua/_common.lua'), 'utf8');
 const scripts = {};
 for (const name of ['heartbeat', 'start', 'finish', 'leave', 'progress']) {
-  const text = prelude + '\n' + readFileSync(path.join(ROOT, `protocol/lua/${name}.lua`), 'utf8');
+  const body = readFileSync(path.join(ROOT, `protocol/lua/${name}.lua`), 'utf8');
+  const text = `${prelude}\nlocal function body()\n${body}\nend\nlocal reply = body()\nflush_counts()\nreturn reply\n`;
   scripts[name] = { text, sha: createHash('sha1').update(text).digest('hex') };
 }
 async function script(name, keys, args) {
