@@ -166,10 +166,17 @@ def _policies(req: scheduler_pb2.ScheduleSpec, spec: scheduler_pb2.ScheduleSpec)
     spec.misfire_grace.FromMilliseconds(grace)
 
 
+ZONE_NAME_MAX = 64  # the longest IANA time zone name has 32 characters
+
+
 def _zone(name: str, field: str) -> ZoneInfo:
+    if len(name) > ZONE_NAME_MAX:
+        raise InvalidArgument(
+            f"{field}: at most {ZONE_NAME_MAX} characters (an IANA name such as Europe/Paris), got {len(name)}"
+        )
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name the file system refuses
         raise InvalidArgument(f"{field}: unknown time zone {name!r} (an IANA name such as Europe/Paris)") from None
 
 

@@ -71,9 +71,17 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
+# The longest status message sent: messages quote what a request got wrong, and a status message
+# travels in a header, which gRPC clients refuse past 16 KiB (8 KiB by default in some).
+MAX_STATUS_MESSAGE = 1024
+
+
 def _abort_code(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, JobgateError):
-        return grpc.StatusCode[exc.code], exc.message
+        message = exc.message
+        if len(message) > MAX_STATUS_MESSAGE:
+            message = f"{message[:MAX_STATUS_MESSAGE]}… ({len(message) - MAX_STATUS_MESSAGE} more characters)"
+        return grpc.StatusCode[exc.code], message
     log.exception("unexpected error in a request handler")
     return grpc.StatusCode.INTERNAL, "internal error"
 

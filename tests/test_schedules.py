@@ -175,6 +175,10 @@ BAD_SCHEDULES: list[tuple[dict[str, Any], str]] = [
     ({"interval": None, "cron": "0 * * * *", "time_zone": "Mars/Olympus"}, "schedule.time_zone"),
     ({"interval": None, "cron": "0 * * * *", "time_zone": "../../etc/passwd"}, "schedule.time_zone"),
     ({"time_zone": "UTC"}, "schedule.time_zone"),  # with an interval
+    # longer than any IANA name (a name the file system refuses to look up, too)
+    ({"interval": None, "cron": "0 * * * *", "time_zone": "x" * 5000}, "schedule.time_zone"),
+    # quoted in the message, which is cut short: a status message travels in a header of at most 16 KiB
+    ({"interval": None, "cron": "\0" * 20_000}, "schedule.cron"),
     ({"interval": Duration()}, "schedule.interval"),
     ({"interval": Duration(nanos=500_000_000)}, "schedule.interval"),
     ({"interval": Duration(seconds=-5)}, "schedule.interval"),
@@ -208,7 +212,8 @@ async def test_a_bad_schedule_is_refused_naming_the_field_and_stores_nothing(
                 getattr(spec, name).CopyFrom(value)
         reply = client.stub.CreateSchedule(S.CreateScheduleRequest(schedule=spec), timeout=5)
         code, details = await status_of(reply)
-        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field + ":"), (fields, details)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field + ":"), (fields, details[:200])
+        assert len(details) <= 1100, (fields, len(details))
     assert not await redis.exists(keys.schedules(), keys.schedules_due())
 
 
