@@ -88,9 +88,15 @@ local function pb_bytes(field, s)  -- fields 1-15, length-delimited wire type
   if s == '' then return '' end
   return string.char(field * 8 + 2) .. pb_varint(#s) .. s
 end
+local timestamps = {}  -- encoded by ms, for this call: most of a call's events carry its `now`
 local function pb_timestamp(ms)  -- google.protobuf.Timestamp
-  local nanos = (ms % 1000) * 1000000
-  return pb_int(PB.Timestamp.seconds, (ms - ms % 1000) / 1000) .. pb_int(PB.Timestamp.nanos, nanos)
+  local ts = timestamps[ms]
+  if not ts then
+    local nanos = (ms % 1000) * 1000000
+    ts = pb_int(PB.Timestamp.seconds, (ms - ms % 1000) / 1000) .. pb_int(PB.Timestamp.nanos, nanos)
+    timestamps[ms] = ts
+  end
+  return ts
 end
 -- Specs larger than this (bytes) are not carried in a DispatchJob: its spec_omitted is set instead
 -- and the worker reads the spec itself. Every copy of a value inside a script costs about 1.4 µs
@@ -131,14 +137,18 @@ end
 
 -- History. Each attempt that ends appends a jobgate.v1.Attempt to the job hash's 'history' field,
 -- encoded as field 13 of a Job, so the field parses as a Job whose `attempts` are the history.
-local function record_attempt(jk, attempt, worker, started, now, state, code, message)
+-- `history` (the field's value, or nil) with the attempt that ended appended: the new value.
+local function with_attempt(history, attempt, worker, started, now, state, code, message)
   local a = PB.Attempt
   local rec = pb_int(a.attempt, attempt) .. pb_bytes(a.worker_id, worker or '')
     .. pb_bytes(a.started_at, started and started ~= '' and pb_timestamp(tonumber(started)) or '')
     .. pb_bytes(a.finished_at, pb_timestamp(now)) .. pb_int(a.state, state)
     .. pb_bytes(a.error, pb_error(code, message))
-  local history = redis.call('HGET', jk, 'history') or ''
-  redis.call('HSET', jk, 'history', history .. pb_bytes(PB.Job.attempts, rec))
+  return (history or '') .. pb_bytes(PB.Job.attempts, rec)
+end
+local function record_attempt(jk, attempt, worker, started, now, state, code, message)
+  local history = redis.call('HGET', jk, 'history')
+  redis.call('HSET', jk, 'history', with_attempt(history, attempt, worker, started, now, state, code, message))
 end
 
 -- Retries. A failure with one of these codes, with attempts left, is retried after a backoff.
@@ -182,10 +192,21 @@ end
 
 -- Counts a job of `queue` that ended in `state` in the hour's `P ended:<queue>:<hour>` hash, field
 -- "<minute of the hour>:<state>", kept 8 days (the longest window GetQueueStats counts is 7).
+local ended = {}  -- per queue and state: the key and field of the last `now` counted, for this call
 local function count_ended(ns, queue, state, now)
-  now = tonumber(now)
-  add_count(ended_key(ns.P, queue, math.floor(now / 3600000)), math.floor(now / 60000) % 60 .. ':' .. state, 1,
-    691200)
+  local by_state = ended[queue]
+  if not by_state then
+    by_state = {}
+    ended[queue] = by_state
+  end
+  local e = by_state[state]
+  if not e or e.now ~= now then
+    local ms = tonumber(now)
+    e = {now = now, key = ended_key(ns.P, queue, math.floor(ms / 3600000)),
+      field = math.floor(ms / 60000) % 60 .. ':' .. state}
+    by_state[state] = e
+  end
+  add_count(e.key, e.field, 1, 691200)
 end
 
 local function flush_counts()
@@ -407,7 +428,10 @@ end
 
 local resolve_dependents  -- defined below finish_job, which calls it
 
-local function finish_job(ns, jk, id, queue, state, code, message, now, more, known)
+-- With `unbooked` (a table), a job without a concurrency key is not taken off its queue's running
+-- set here: its id is added to unbooked[queue], for the caller to remove with the others at once
+-- (before anything reads the set).
+local function finish_job(ns, jk, id, queue, state, code, message, now, more, known, unbooked)
   local fields = {'state', state, 'err_code', code, 'err_msg', message, 'finished', now, 'updated', now}
   if more then
     for _, v in ipairs(more) do fields[#fields + 1] = v end
@@ -415,7 +439,16 @@ local function finish_job(ns, jk, id, queue, state, code, message, now, more, kn
   redis.call('HSET', jk, unpack(fields))
   count_ended(ns, queue, state, now)
   known = known or redis.call('HMGET', jk, 'ttl', 'cancel', 'dttl', 'unique', 'batch', 'dependents', 'ckey')
-  unbook(ns, queue, id, known[7], now)
+  if unbooked and not known[7] then
+    local ids = unbooked[queue]
+    if not ids then
+      ids = {}
+      unbooked[queue] = ids
+    end
+    ids[#ids + 1] = id
+  else
+    unbook(ns, queue, id, known[7], now)
+  end
   if known[2] then redis.call('HDEL', jk, 'cancel') end
   if known[4] then
     local uk = unique_key(ns.P, known[4])
@@ -560,7 +593,8 @@ local function start_job(ns, jk, lease, worker_id, instance, now)
 end
 
 -- A worker records one outcome (the finish and finish_many scripts; contract in finish.lua).
--- `o` holds lease, state (a number), result, output, code, message.
+-- `o` holds lease, state (a number), result, output, code, message, and optionally `unbooked`
+-- (see finish_job: the caller then takes the recorded jobs off their running sets itself).
 -- Returns 1 recorded (its event is to be published and the caller releases its slot), 2 already
 -- recorded by this placement, 0 stale, -1 missing, -2 not a terminal state (nothing written); and
 -- the job's queue; and, with 2, the id of the job finish_many started in its slot (its 'refill'
@@ -591,7 +625,8 @@ end
 
 record_outcome_of = function(ns, jk, worker_id, now, o, id)
   local j = redis.call('HMGET', jk, 'state', 'lease', 'worker', 'queue', 'recorded', 'ttl', 'cancel', 'refill',
-    'attempt', 'max_attempts', 'started', 'backoff', 'kind', 'dttl', 'unique', 'batch', 'dependents', 'ckey')
+    'attempt', 'max_attempts', 'started', 'backoff', 'kind', 'dttl', 'unique', 'batch', 'dependents', 'ckey',
+    'history')
   if not j[1] then return -1 end
   if not is_terminal(o.state) then return -2 end
   -- 'recorded' names the lease and state of the outcome this script wrote last ("<lease>:<state>";
@@ -601,18 +636,20 @@ record_outcome_of = function(ns, jk, worker_id, now, o, id)
   if j[2] ~= o.lease or j[3] ~= worker_id then return 0 end
   if tonumber(j[1]) ~= RUNNING then return 0 end
   local attempt = tonumber(j[9])
-  record_attempt(jk, attempt, worker_id, j[11], tonumber(now), o.state, o.code, o.message)
+  -- the attempt goes into the history with the outcome's own write
+  local history = with_attempt(j[19], attempt, worker_id, j[11], tonumber(now), o.state, o.code, o.message)
   if o.state == FAILED and RETRIED[o.code] and j[7] ~= '1' and attempt < tonumber(j[10]) then
     local due = tonumber(now) + backoff_ms(id, attempt, j[12])
-    redis.call('HSET', jk, 'err_code', o.code, 'err_msg', o.message, 'recorded', recorded)
+    redis.call('HSET', jk, 'err_code', o.code, 'err_msg', o.message, 'recorded', recorded, 'history', history)
     schedule_job(ns, jk, id, j[4], due, now)
     return 1, j[4], nil, pb_events_of(id, {queue = j[4], kind = j[13], attempt = attempt, worker = worker_id,
       err_code = o.code, err_msg = o.message}, SCHEDULED, tonumber(now), due)
   end
-  local fields = {'result', o.result, 'output', o.output, 'recorded', recorded}
+  local fields = {'result', o.result, 'output', o.output, 'recorded', recorded, 'history', history}
   if o.staged and o.staged.result then fields[1], fields[2] = 'big_result', '1' end
   if o.staged and o.staged.output then fields[3], fields[4] = 'big_output', '1' end
-  finish_job(ns, jk, id, j[4], o.state, o.code, o.message, now, fields, {j[6], j[7], j[14], j[15], j[16], j[17], j[18]})
+  finish_job(ns, jk, id, j[4], o.state, o.code, o.message, now, fields, {j[6], j[7], j[14], j[15], j[16], j[17], j[18]},
+    o.unbooked)
   if o.staged then
     local ttl = redis.call('PTTL', jk)
     for field, key in pairs(o.staged) do

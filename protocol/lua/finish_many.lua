@@ -40,14 +40,20 @@ local function take_jobs(queue, most, out, taken)
   local placed = assign(ns, queue, waiting, cands, free, most, now)
   spend_tokens(ns, queue, tokens, #placed, now)
   local events, ts = {}, pb_timestamp(now)
+  local e = PB.JobEvent
+  local dispatched, running = pb_int(e.state, DISPATCHED), pb_int(e.state, RUNNING)
+  local tail = pb_bytes(e.worker_id, worker) .. pb_bytes(e.time, ts)
   for _, p in ipairs(placed) do
     redis.call('HSET', job_key(ns.P, p.id), 'state', RUNNING, 'worker', p.worker,
       'lease', string.format('%.0f', p.lease), 'attempt', p.attempt, 'started', now, 'updated', now)
     taken[#taken + 1] = {id = p.id, d = pb_bytes(PB.DispatchJobs.jobs,
       pb_dispatch(p.id, p.lease, p.attempt, p.spec, p.timeout_ms))}
     p.reached = true
-    events[#events + 1] = pb_bytes(PB.JobEvents.events, pb_event(p.id, queue, p.kind, DISPATCHED, p.attempt, p.worker, ts))
-    events[#events + 1] = pb_bytes(PB.JobEvents.events, pb_event(p.id, queue, p.kind, RUNNING, p.attempt, p.worker, ts))
+    -- its DISPATCHED and RUNNING events, as pb_event encodes them (they differ in state only)
+    local head = pb_bytes(e.job_id, p.id) .. pb_bytes(e.queue, queue) .. pb_bytes(e.kind, p.kind)
+    local rest = pb_int(e.attempt, p.attempt) .. tail
+    events[#events + 1] = pb_bytes(PB.JobEvents.events, head .. dispatched .. rest)
+    events[#events + 1] = pb_bytes(PB.JobEvents.events, head .. running .. rest)
   end
   report_placements(placed, out)
   publish_parts(ns.results, events)
@@ -60,11 +66,12 @@ for i = 1, jobs do
   end
 end
 local codes, events, freed, seen, finished, again = {}, {}, {}, {}, {}, {}
+local unbooked = {}  -- per queue, the recorded jobs to take off its running set
 for i = 1, jobs do
   local a = 8 * i
   local code, queue, refill, retry_event = record_outcome(ns, KEYS[OWN_KEYS + i], worker, ARGV[4], {
     lease = ARGV[a + 1], state = tonumber(ARGV[a + 2]), result = ARGV[a + 3],
-    output = ARGV[a + 4], code = ARGV[a + 5], message = ARGV[a + 6]}, ARGV[a])
+    output = ARGV[a + 4], code = ARGV[a + 5], message = ARGV[a + 6], unbooked = unbooked}, ARGV[a])
   codes[i] = code
   if code == 2 and refill then again[#again + 1] = refill end
   if code == 1 then
@@ -76,6 +83,7 @@ for i = 1, jobs do
     end
   end
 end
+for queue, ids in pairs(unbooked) do call_chunked('SREM', running_key(ns.P, queue), ids, 1000) end
 release_slots(ns, worker, finished)
 publish_parts(ns.results, events)
 local placements, most, take = {}, tonumber(ARGV[5]), math.min(tonumber(ARGV[7]), #finished)
