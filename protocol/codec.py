@@ -145,18 +145,16 @@ def event_from_hash(job_id: str, fields: Fields) -> job_pb2.JobEvent:
         output=fields.get(b"output", b""),
     )
     _fill_outcome(event, fields)
-    event.time.CopyFrom(timestamp(_int(fields, b"updated")))
-    event.created_at.CopyFrom(timestamp(_int(fields, b"created")))
+    event.time.FromMilliseconds(_int(fields, b"updated"))  # in place: no Timestamp to copy
+    event.created_at.FromMilliseconds(_int(fields, b"created"))
     if due := _int(fields, b"due"):
-        event.due_at.CopyFrom(timestamp(due))
+        event.due_at.FromMilliseconds(due)
     return event
 
 
 def _fill_outcome(msg: job_pb2.Job | job_pb2.JobEvent, fields: Fields) -> None:
     if raw := fields.get(b"result"):
-        value = Value()
-        value.ParseFromString(raw)
-        msg.result.CopyFrom(value)
+        msg.result.ParseFromString(raw)
     if code := _str(fields, b"err_code"):
         msg.error.code = code
         msg.error.message = _str(fields, b"err_msg")
