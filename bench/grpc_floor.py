@@ -14,7 +14,9 @@ import asyncio
 import multiprocessing
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 
@@ -23,6 +25,7 @@ from bench.systems.jobgate import rss_mb
 from devtools.servers import free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
 
+T = TypeVar("T")
 STATES = (
     job_pb2.JOB_STATE_QUEUED,
     job_pb2.JOB_STATE_DISPATCHED,
@@ -92,6 +95,19 @@ async def measure(
         return rate, took[len(took) // 2], took[int(len(took) * 0.99)]
 
 
+def in_child(fn: Callable[..., T], *args: Any, timeout_s: float = 900) -> T:
+    """``fn(*args)`` run in a process of its own. The clients below run there, not in the
+    benchmark's process: grpc.aio keeps a poller per process, and once one of their event loops had
+    closed, it raised in the benchmark's later loops on every completion (tens of thousands of
+    tracebacks on stderr, in the process measuring the system that came next)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result(timeout=timeout_s)
+
+
+def _measure_rounds(address: str, calls: int, trips: int, rounds: int) -> list[tuple[float, float, float]]:
+    return [asyncio.run(measure(address, calls, 32, trips)) for _ in range(rounds)]
+
+
 def floor(calls: int, trips: int, rounds: int = 1) -> list[tuple[float, float, float]]:
     """Per round, unary calls/s (32 asyncio tasks) and ``RunJob`` p50 and p99 (ms), against one
     server process with handlers that do nothing."""
@@ -99,7 +115,7 @@ def floor(calls: int, trips: int, rounds: int = 1) -> list[tuple[float, float, f
     server = multiprocessing.get_context("spawn").Process(target=run_server, args=(address,), daemon=True)
     server.start()
     try:
-        return [asyncio.run(measure(address, calls, 32, trips)) for _ in range(rounds)]
+        return in_child(_measure_rounds, address, calls, trips, rounds)
     finally:
         server.terminate()
         server.join(timeout=10)
@@ -118,6 +134,10 @@ async def _open_streams(address: str, pid: int, streams: int, channels: int) -> 
         return rss_mb(pid)
 
 
+def _streams_rss(address: str, pid: int, streams: int, channels: int) -> float:
+    return asyncio.run(_open_streams(address, pid, streams, channels))
+
+
 def stream_rss(streams: int, channels: int) -> float:
     """The VmRSS (MB) of a server with handlers that do nothing but hold ``streams`` WatchResults
     streams open (each sent one message), over ``channels`` connections: what Python gRPC alone
@@ -127,7 +147,7 @@ def stream_rss(streams: int, channels: int) -> float:
     server.start()
     try:
         assert server.pid is not None
-        return asyncio.run(_open_streams(address, server.pid, streams, channels))
+        return in_child(_streams_rss, address, server.pid, streams, channels)
     finally:
         server.terminate()
         server.join(timeout=10)

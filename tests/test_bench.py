@@ -119,3 +119,26 @@ def test_the_flow_control_benchmark_runs_every_shape_to_the_last_job() -> None:
     assert len(rows) == 7 and rows[0][1].strip() == "plain" and rows[0][4].strip() == f"1.00{times}", output
     for row in rows:
         assert float(row[2]) > 5 and float(row[3]) > 0 and float(row[5].replace(",", "")) > 0, output
+
+
+@pytest.mark.slow
+def test_the_grpc_floor_leaves_the_benchmark_process_clean_for_the_system_measured_next(
+    redis_url: str, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The machine's references run before the next round's first system, jobgate: their gRPC
+    clients must leave nothing in the benchmark's process that works while jobgate is measured
+    (grpc.aio once raised 'Event loop is closed' there on every completion, with a traceback)."""
+    from bench import grpc_floor
+    from bench.systems.jobgate import Jobgate
+
+    [(rate, p50, p99)] = grpc_floor.floor(200, 20)
+    assert rate > 0 and 0 < p50 <= p99
+    assert grpc_floor.stream_rss(50, 1) > 0
+    system = Jobgate(redis_url)
+    try:
+        system.start(1)
+        assert system.batched(500) > 0
+    finally:
+        system.stop()
+    err = capfd.readouterr().err + caplog.text  # asyncio reports a callback's exception through logging
+    assert "Event loop is closed" not in err and "Exception in callback" not in err, err[-2000:]
