@@ -40,6 +40,11 @@ STAGED_MS = 3_600_000
 APART_MARKS = {b"big_result": b"result", b"big_output": b"output"}
 
 
+# A value read plainly (see Calls._read_plainly): the fields it goes into, under which name, from
+# which key, and the hash field there (None: the key's own value).
+_PlainRead = tuple[dict[bytes, Any], bytes, str, bytes | None]
+
+
 @dataclass(frozen=True, slots=True)
 class Durability:
     """How many replicas must hold a write before the call that made it returns (Redis WAIT), and
@@ -222,19 +227,11 @@ class Calls:
                 {k: v for k, v in zip(names, row, strict=True) if v is not None} for row in rows
             ]
             # large fields, answered by their length, and results kept apart: read them plainly
-            reads: list[tuple[dict[bytes, Any], bytes, str, bytes | None]] = []  # field None: a GET of the key
+            reads: list[_PlainRead] = []
             for f, job_id, key in zip(out, job_ids, job_keys, strict=True):
                 reads += [(f, name, key, name) for name, v in f.items() if type(v) is int]
-                for mark, name in APART_MARKS.items():
-                    if f.pop(mark, None):
-                        reads.append((f, name, self.keys.job_apart(job_id, name.decode()), None))
-            if reads:
-                values = await self.hgets([(key, field) for _, _, key, field in reads])
-                for (f, name, _, _), value in zip(reads, values, strict=True):
-                    if value:
-                        f[name] = value
-                    else:  # gone since (expired, or retried): as if missing
-                        f.pop(name, None)
+                reads += self._apart_reads(job_id, f)
+            await self._read_plainly(reads)
         return cast(list[Fields], out)
 
     async def values_apart(self, jobs: Sequence[tuple[str, dict[bytes, Any]]]) -> None:
@@ -242,13 +239,29 @@ class Calls:
         see record_outcome in the prelude) of ``jobs``, (id, fields as HGETALL read them) pairs:
         plain GETs in one pipeline. A value gone since (the job expired, or was retried) stays
         missing."""
-        apart = [(f, name, job_id) for job_id, f in jobs for mark, name in APART_MARKS.items() if f.pop(mark, None)]
-        if not apart:
+        await self._read_plainly([read for job_id, f in jobs for read in self._apart_reads(job_id, f)])
+
+    def _apart_reads(self, job_id: str, fields: dict[bytes, Any]) -> list[_PlainRead]:
+        """The reads of the values of job ``job_id`` kept apart, which ``fields`` marks (the marks
+        are taken out)."""
+        return [
+            (fields, name, self.keys.job_apart(job_id, name.decode()), None)
+            for mark, name in APART_MARKS.items()
+            if fields.pop(mark, None)
+        ]
+
+    async def _read_plainly(self, reads: Sequence[_PlainRead]) -> None:
+        """Reads each (fields, name, key, hash field or None for the key's value) with one pipeline
+        and puts the value into fields[name]; a value gone since (expired, or retried) leaves
+        ``name`` out, as if it had never been written."""
+        if not reads:
             return
-        values = await self.hgets([(self.keys.job_apart(job_id, name.decode()), None) for _, name, job_id in apart])
-        for (f, name, _), value in zip(apart, values, strict=True):
+        values = await self.hgets([(key, field) for _, _, key, field in reads])
+        for (f, name, _, _), value in zip(reads, values, strict=True):
             if value:
                 f[name] = value
+            else:
+                f.pop(name, None)
 
     async def hgets(self, fields: Sequence[tuple[str, str | bytes | None]]) -> list[bytes | None]:
         """Hash fields as (key, field) pairs, with plain HGETs in one pipeline (a plain GET of the
