@@ -9,6 +9,7 @@ arrive together come in one response). Round trips are ``RunJob`` calls, one aft
 from __future__ import annotations
 
 import asyncio
+import atexit
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -44,6 +45,21 @@ def echo(i: int, payload: int = 0) -> scheduler_pb2.SubmitJobRequest:
 def is_probe(event: job_pb2.JobEvent) -> bool:
     fields = event.result.struct_value.fields
     return "i" in fields and fields["i"].number_value == PROBE
+
+
+_RUNNER: asyncio.Runner | None = None
+
+
+def shared_runner() -> asyncio.Runner:
+    """The event loop every jobgate measurement of this process runs on, kept until the process
+    exits. grpc.aio binds its poller to a loop for as long as any of its objects lives; with a new
+    loop per system, a poller left bound to a closed one raised "Event loop is closed" with a
+    traceback on every completion while later systems were measured in this process."""
+    global _RUNNER  # one per process, on purpose
+    if _RUNNER is None:
+        _RUNNER = asyncio.Runner()
+        atexit.register(_RUNNER.close)
+    return _RUNNER
 
 
 def rss_mb(pid: int) -> float:
@@ -84,7 +100,7 @@ class Jobgate(System):
         _, self.address = self.stack.start_gateway()
         for _ in range(workers):
             self.stack.start_worker("--concurrency", str(SLOTS))
-        self.runner = asyncio.Runner()
+        self.runner = shared_runner()
         self.channel = self.runner.run(self._open())
         self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
         wait_until(lambda: self._live_workers() == workers, 30, f"{workers} jobgate workers", interval_s=0.1)
@@ -104,10 +120,8 @@ class Jobgate(System):
         return self._run(count())
 
     def stop(self) -> None:
-        if self.runner:
-            if self.channel:
-                self.runner.run(self.channel.close())
-            self.runner.close()
+        if self.runner and self.channel:
+            self.runner.run(self.channel.close())
         if self.stack:
             self.stack.stop()
         self.runner = self.channel = self.stub = self.stack = None
