@@ -368,9 +368,17 @@ measurements):
   submitters wait on one 32-job call at a time, so the rate is 32 over that call's round trip under
   load: cheaper validation and submit calls shorten it.
 - **Batched and 10 KB**: CPU per job of Redis's scripts (a `redis.call` costs a microsecond or two;
-  a job makes about twenty) and of the gateway's Python. Large values no longer enter the scripts
-  (written beside their calls); a 10 KB job still costs the gateway about 50 µs more than a small
-  one, in protobuf copies of its payload and output and Python's per-command work.
+  a job makes about twenty) and of the gateway's Python; on two cores the stack now uses both while
+  a backlog drains. Large values no longer enter the scripts (written beside their calls); a 10 KB
+  job still costs the gateway about 50 µs more than a small one, in protobuf copies of its payload
+  and output and Python's per-command work. 10 KB sits at the line: 1.70× in the last run on a fast
+  day, 2.00× on the slow day of 2026-12-05.
+- **100 KB payloads**: ahead of the fastest peer on a fast day (1.37×), behind on a slow one:
+  jobgate's 100 KB rate moves more with the machine than the peers' (426-736 jobs/s between the
+  rounds of the 2026-12-05 run, Dramatiq's 640-684). A 100 KB job's payload and output pass through
+  gRPC twice and through Redis four times (stored, read by the worker, written back, read by the
+  gateway).
+- **`RunJob` p99** met on that slow day only because the floor's own p99 was high (2.45 ms).
 
 {_machine(results)}
 {_figures(results, ctx)}
