@@ -15,6 +15,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from protocol.codec import varint
+
 Behaviour = Callable[..., Any]
 
 
@@ -97,16 +99,6 @@ class Encoded:
 
     def __bytes__(self) -> bytes:
         return b"".join(self.parts)
-
-
-def varint(n: int) -> bytes:
-    """``n`` (not negative) as a protobuf varint."""
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 class HandlerCache:

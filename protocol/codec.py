@@ -38,12 +38,18 @@ def events_message(events: Iterable[job_pb2.JobEvent]) -> bytes:
     for event in events:
         data = event.SerializeToString()
         out.append(0x0A)
-        n = len(data)
-        while n > 0x7F:
-            out.append((n & 0x7F) | 0x80)
-            n >>= 7
-        out.append(n)
+        out += varint(len(data))
         out += data
+    return bytes(out)
+
+
+def varint(n: int) -> bytes:
+    """``n`` (not negative) as a protobuf varint."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
     return bytes(out)
 
 
@@ -118,13 +124,13 @@ def job_from_hash(job_id: str, fields: Fields) -> job_pb2.Job:
     )
     job.spec.ParseFromString(fields.get(b"spec", b""))
     _fill_outcome(job, fields)
-    job.created_at.CopyFrom(timestamp(_int(fields, b"created")))
+    job.created_at.FromMilliseconds(_int(fields, b"created"))  # in place, as event_from_hash
     if started := _int(fields, b"started"):
-        job.started_at.CopyFrom(timestamp(started))
+        job.started_at.FromMilliseconds(started)
     if finished := _int(fields, b"finished"):
-        job.finished_at.CopyFrom(timestamp(finished))
+        job.finished_at.FromMilliseconds(finished)
     if due := _int(fields, b"due"):
-        job.due_at.CopyFrom(timestamp(due))
+        job.due_at.FromMilliseconds(due)
     if history := fields.get(b"history"):  # encoded as a Job's `attempts` field (see lua/_common.lua)
         job.attempts.extend(job_pb2.Job.FromString(history).attempts)
     if progress := fields.get(b"progress"):

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.handlers import Encoded, varint
+from gateway.handlers import Encoded
 from gateway.streams import Watcher, watch_responses
 from jobgate.v1 import job_pb2, scheduler_pb2
+from protocol.codec import varint
 
 S = job_pb2
 A, B, C = "a" * 32, "b" * 32, "c" * 32
