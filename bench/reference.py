@@ -8,6 +8,9 @@ different machines (or one machine on a busy day) can be compared.
   to last message received.
 - Python gRPC alone (``bench.grpc_floor``): unary calls per second from 32 asyncio tasks and
   ``RunJob`` round trips against handlers that do nothing.
+- gRPC in front of the unbatched relay (``bench.relay_floor``): the same client shapes against
+  handlers that hand each job to the relay process with one PUBLISH and, for ``RunJob``, wait for it
+  to come back on the result channel: a gateway and a worker that store nothing.
 
 ``python -m bench.reference`` prints them.
 """
@@ -33,7 +36,17 @@ PIPELINE = 1000  # publishes per pipeline, pipelined run
 WAIT_S = 60.0
 MESSAGE = b"x" * 100
 # what measures() returns
-NAMES = ("relay_unbatched", "relay_pipelined", "grpc_unary", "grpc_p50", "grpc_p99", "grpc_rss_streams")
+NAMES = (
+    "relay_unbatched",
+    "relay_pipelined",
+    "grpc_unary",
+    "grpc_p50",
+    "grpc_p99",
+    "grpc_rss_streams",
+    "relayed_unary",
+    "relayed_p50",
+    "relayed_p99",
+)
 
 
 async def _next(pubsub: PubSub, timeout_s: float) -> bytes | None:
@@ -128,12 +141,21 @@ def measures(
     redis_url: str, relay_n: int, calls: int, trips: int, streams: int = 10_000, channels: int = 112
 ) -> dict[str, Callable[[], float]]:
     """Named measurements, in order; the gRPC figures come from one run of ``grpc_floor.floor``,
-    and the memory one from ``grpc_floor.stream_rss`` with ``streams`` open over ``channels``."""
+    the memory one from ``grpc_floor.stream_rss`` with ``streams`` open over ``channels``, and the
+    relayed ones from one run of ``relay_floor.relay_floor``."""
     figures: list[float] = []
+    relayed: list[float] = []
 
     def unary() -> float:
         [(rate, p50, p99)] = grpc_floor.floor(calls, trips)
         figures[:] = [rate, p50, p99]
+        return rate
+
+    def relayed_unary() -> float:
+        from bench.relay_floor import relay_floor  # it imports this module
+
+        [(rate, p50, p99)] = relay_floor(redis_url, calls, trips)
+        relayed[:] = [rate, p50, p99]
         return rate
 
     return {
@@ -143,6 +165,9 @@ def measures(
         "grpc_p50": lambda: figures[1],
         "grpc_p99": lambda: figures[2],
         "grpc_rss_streams": lambda: grpc_floor.stream_rss(streams, channels),
+        "relayed_unary": relayed_unary,
+        "relayed_p50": lambda: relayed[1],
+        "relayed_p99": lambda: relayed[2],
     }
 
 

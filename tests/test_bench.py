@@ -54,9 +54,13 @@ def test_quick_benchmark_run_completes_with_plausible_figures_and_leaves_docs_al
         "grpc_p50",
         "grpc_p99",
         "grpc_rss_streams",
+        "relayed_unary",
+        "relayed_p50",
+        "relayed_p99",
     }, output
     assert all(float(v.replace(",", "")) > 0 for v in pace.values()), output
     assert float(pace["grpc_p50"]) <= float(pace["grpc_p99"].replace(",", "")), output
+    assert float(pace["relayed_p50"]) <= float(pace["relayed_p99"].replace(",", "")), output
 
 
 @pytest.mark.slow
