@@ -22,7 +22,7 @@ import grpc
 
 from bench.profile import cpu_s
 from bench.systems.base import chunks
-from bench.systems.jobgate import ENV, Jobgate, echo
+from bench.systems.jobgate import BASIC, ENV, Jobgate, echo
 from devtools.servers import RedisProcess
 from jobgate.v1 import scheduler_pb2, scheduler_pb2_grpc
 from tests.processes import children_of
@@ -71,7 +71,7 @@ class Spread(Jobgate):
             await asyncio.gather(
                 *(
                     self.stubs[c % self.connections].SubmitJobs(
-                        scheduler_pb2.SubmitJobsRequest(jobs=[echo(i) for i in part]), timeout=60
+                        scheduler_pb2.SubmitJobsRequest(jobs=[echo(i) for i in part], view=BASIC), timeout=60
                     )
                     for c, part in enumerate(chunks(n, 0))
                 )

@@ -41,6 +41,8 @@ from .schedules import (
 from .streams import Admission, Follower, Watcher, watch_responses
 from .validation import (
     Limits,
+    basic_view,
+    in_basic_view,
     job_id,
     job_states,
     jobs_page_position,
@@ -225,6 +227,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
     @unary
     async def SubmitJobs(self, request: scheduler_pb2.SubmitJobsRequest, context: grpc.aio.ServicerContext) -> bytes:
         prepared = prepare_batch(list(request.jobs), self.limits)
+        basic = basic_view(request.view)
         principal = auth.current()
         for i, p in enumerate(prepared):
             principal.check(p.spec.queue, f"jobs[{i}].queue")
@@ -240,7 +243,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self._note_due(prepared)
         reply = Encoded()  # a SubmitJobsResponse: its jobs carry their specs, payloads included
         for job in jobs:
-            reply.add(SUBMITTED_JOBS, job.SerializeToString())
+            reply.add(SUBMITTED_JOBS, (in_basic_view(job) if basic else job).SerializeToString())
         if batch:
             reply.add(SUBMITTED_BATCH, batch[0].encode())
         return bytes(reply)
@@ -350,8 +353,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         queue = queue_name(request.queue)
         size = page_size(request.page_size)
         after = page_position(request.page_token)
+        basic = basic_view(request.view)
         auth.current().check(queue, "queue")
         jobs = await self.store.failed_jobs(queue, size + 1, after)
+        if basic:
+            jobs = [in_basic_view(job) for job in jobs]
         response = scheduler_pb2.ListFailedJobsResponse(jobs=jobs[:size])
         if len(jobs) > size:
             last = jobs[size - 1]
@@ -367,8 +373,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         kind = kind_name(request.kind) if request.kind else ""
         size = page_size(request.page_size)
         before = jobs_page_position(request.page_token)
+        basic = basic_view(request.view)
         auth.current().check(queue, "queue")
         jobs, next_seq = await self.store.list_jobs(queue, states, kind, size, before)
+        if basic:
+            jobs = [in_basic_view(job) for job in jobs]
         response = scheduler_pb2.ListJobsResponse(jobs=jobs)
         if next_seq is not None:
             response.next_page_token = jobs_page_token(next_seq)

@@ -239,6 +239,23 @@ def job_states(values: Sequence[int], field: str = "states") -> frozenset[int]:
     return frozenset(values)
 
 
+def basic_view(value: int, field: str = "view") -> bool:
+    """Whether a response is to carry jobs in JOB_VIEW_BASIC (else whole). Raises InvalidArgument
+    for a value that is not a JobView."""
+    if value not in scheduler_pb2.JobView.values():
+        raise InvalidArgument(f"{field}: {value} is not a JobView")
+    return value == scheduler_pb2.JOB_VIEW_BASIC
+
+
+def in_basic_view(job: job_pb2.Job) -> job_pb2.Job:
+    """``job`` without its inputs and outputs (JOB_VIEW_BASIC), changed in place."""
+    job.spec.ClearField("args")
+    job.spec.ClearField("payload")
+    job.ClearField("result")
+    job.ClearField("output")
+    return job
+
+
 MAX_STATS_QUEUES = 1000
 
 

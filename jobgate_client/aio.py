@@ -214,9 +214,25 @@ class Client:
         reqs = [_keyed(r) for r in requests]
         out: list[Job] = []
         for first in range(0, len(reqs), MAX_BATCH):
-            call = scheduler_pb2.SubmitJobsRequest(jobs=reqs[first : first + MAX_BATCH])
-            reply = await self._call(lambda s: s.SubmitJobs, call, safe=True)
-            out += [Job.from_pb(j) for j in reply.jobs]
+            out += await self._submit_jobs(reqs[first : first + MAX_BATCH])
+        return out
+
+    async def _submit_jobs(self, reqs: Sequence[scheduler_pb2.SubmitJobRequest]) -> list[Job]:
+        """One SubmitJobs call. Its reply leaves out what the requests carry (JOB_VIEW_BASIC: their
+        args and payload do not travel back) and the jobs get them from the requests: what was
+        stored, since a repeat of an idempotency key answers with the job of the same request. A
+        job that has already SUCCEEDED (such a repeat) is read whole, for its result."""
+        call = scheduler_pb2.SubmitJobsRequest(jobs=reqs, view=scheduler_pb2.JOB_VIEW_BASIC)
+        reply = await self._call(lambda s: s.SubmitJobs, call, safe=True)
+        out = []
+        for req, job in zip(reqs, reply.jobs, strict=True):
+            if job.state == job_pb2.JOB_STATE_SUCCEEDED:
+                out.append(await self.get(job.id))
+                continue
+            if req.HasField("args"):
+                job.spec.args.CopyFrom(req.args)
+            job.spec.payload = req.payload
+            out.append(Job.from_pb(job))
         return out
 
     async def get(self, job_id: str) -> Job:
@@ -480,10 +496,9 @@ class _Coalescer:
         try:
             if len(batch) == 1:
                 reply = await client._call(lambda s: s.SubmitJob, batch[0][0], safe=True)
-                jobs = [reply.job]
+                jobs = [Job.from_pb(reply.job)]
             else:
-                call = scheduler_pb2.SubmitJobsRequest(jobs=[r for r, _ in batch])
-                jobs = list((await client._call(lambda s: s.SubmitJobs, call, safe=True)).jobs)
+                jobs = await client._submit_jobs([r for r, _ in batch])
         except JobgateError as exc:
             if len(batch) == 1 or isinstance(exc, Unavailable):
                 for _, future in batch:
@@ -496,7 +511,7 @@ class _Coalescer:
                 _settle(future, error=exc)
             raise
         for (_, future), job in zip(batch, jobs, strict=True):
-            _settle(future, value=Job.from_pb(job))
+            _settle(future, value=job)
 
 
 def _settle(future: asyncio.Future[Job], *, value: Job | None = None, error: BaseException | None = None) -> None:

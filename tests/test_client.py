@@ -97,6 +97,25 @@ async def test_concurrent_submits_go_out_together_and_each_gets_its_own_answer(j
     assert all(not isinstance(m, Exception) and m.args == {"i": i} for i, m in enumerate(mixed) if i != 3)
 
 
+async def test_submitted_jobs_come_back_with_their_inputs_and_a_finished_repeat_with_its_result(
+    jobs: tuple[Client, int],
+) -> None:
+    """The client asks SubmitJobs for JOB_VIEW_BASIC (a large payload does not travel back) and
+    gives each job the inputs it sent; a repeat of an idempotency key whose job has finished comes
+    back whole, result included."""
+    client, _ = jobs
+    first = await client.submit_many([job_request("echo", {"n": 1}, payload=b"x" * 200_000, idempotency_key="k1")])
+    assert [(j.args, len(j.payload), j.state) for j in first] == [({"n": 1}, 200_000, JobState.QUEUED)]
+    together = await asyncio.gather(*(client.submit("echo", {"n": n}, payload=b"y" * n) for n in range(20)))
+    assert [(j.args, j.payload) for j in together] == [({"n": n}, b"y" * n) for n in range(20)]
+    await client.wait([first[0].id])
+    again = await client.submit_many(
+        [job_request("echo", {"n": 1}, payload=b"x" * 200_000, idempotency_key="k1"), job_request("echo", [2])]
+    )
+    assert again[0].id == first[0].id and again[0].state is JobState.SUCCEEDED and again[0].result == {"n": 1}
+    assert again[0].payload == b"x" * 200_000 and again[1].args == [2] and again[1].id != first[0].id
+
+
 async def test_run_and_watch_go_on_through_a_gateway_killed_mid_stream(stack: Stack) -> None:
     first, a = stack.start_gateway()
     _, b = stack.start_gateway()

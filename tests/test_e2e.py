@@ -84,6 +84,53 @@ async def test_batch_submit_stores_every_job_in_request_order(client: Client) ->
     assert all(e.state == S.JOB_STATE_SUCCEEDED for e in events.values())
 
 
+async def test_the_basic_view_leaves_inputs_and_outputs_out_of_submit_and_listing_replies(client: Client) -> None:
+    """JOB_VIEW_BASIC: the jobs a SubmitJobs, ListJobs or ListFailedJobs reply carries have no args,
+    payload, result or output; the stored jobs keep them (GetJob, the default view). A view that is
+    not a JobView is refused, and the refused submit stores nothing."""
+    basic, full = scheduler_pb2.JOB_VIEW_BASIC, scheduler_pb2.JOB_VIEW_FULL
+    reqs = [request("echo", {"i": 1}, payload=b"p" * 50_000), request("fail")]
+    reply = await client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=reqs, view=basic), timeout=10)
+    ok, failing = reply.jobs
+    assert [(j.spec.kind, j.spec.queue, j.state) for j in reply.jobs] == [
+        ("echo", "default", S.JOB_STATE_QUEUED),
+        ("fail", "default", S.JOB_STATE_QUEUED),
+    ]
+    assert not ok.spec.HasField("args") and ok.spec.payload == b"" and len(ok.id) == 32
+    assert reply.ByteSize() < 1_000
+    await client.wait_results([ok.id, failing.id])
+
+    def inputs_and_outputs(job: job_pb2.Job) -> tuple[object, int, object, int]:
+        return (
+            value(job.spec.args) if job.spec.HasField("args") else None,
+            len(job.spec.payload),
+            value(job.result) if job.HasField("result") else None,
+            len(job.output),
+        )
+
+    stored = (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=ok.id))).job
+    assert inputs_and_outputs(stored) == ({"i": 1}, 50_000, {"i": 1}, 0)
+    for view, want in ((full, ({"i": 1}, 50_000, {"i": 1}, 0)), (basic, (None, 0, None, 0))):
+        page = await client.stub.ListJobs(scheduler_pb2.ListJobsRequest(view=view), timeout=10)
+        listed = {j.id: j for j in page.jobs}
+        assert inputs_and_outputs(listed[ok.id]) == want
+        assert listed[ok.id].state == S.JOB_STATE_SUCCEEDED and listed[ok.id].attempts[0].worker_id
+    failed = (await client.stub.ListFailedJobs(scheduler_pb2.ListFailedJobsRequest(view=basic))).jobs
+    assert [j.id for j in failed] == [failing.id] and failed[0].error.code
+
+    for call in (
+        client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=[request("echo")], view=7)),
+        client.stub.ListJobs(scheduler_pb2.ListJobsRequest(view=7)),
+        client.stub.ListFailedJobs(scheduler_pb2.ListFailedJobsRequest(view=-1)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert re.fullmatch(r"view: -?\d+ is not a JobView", err.value.details() or "")
+    page = await client.stub.ListJobs(scheduler_pb2.ListJobsRequest(view=basic), timeout=10)
+    assert len(page.jobs) == 2  # the refused submit stored nothing
+
+
 async def test_watch_with_max_batch_delivers_every_completion_once_in_bounded_responses(client: Client) -> None:
     done = [(await client.submit("echo", {"n": n})).job.id for n in range(5)]
     await client.wait_results(done)

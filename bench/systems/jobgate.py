@@ -29,6 +29,9 @@ SLOTS = 64  # per worker: jobs one worker runs at once
 # give it a buffer that holds the burst instead of the default 1,024 events.
 T = TypeVar("T")
 PROBE = -1  # the input of the job that shows a stream is registered
+# The submitter keeps what it sent: the replies leave the jobs' inputs out (a 100 KB payload does not
+# travel back), as a client that does not need them asks.
+BASIC = scheduler_pb2.JOB_VIEW_BASIC
 WATCH_BATCH = 1000  # completions per WatchResults response, at most (the gateway's limit)
 ENV = {"JOBGATE_LOG_LEVEL": "WARNING", "JOBGATE_STREAM_BUFFER": "200000"}
 
@@ -74,7 +77,8 @@ class Jobgate(System):
     name = "jobgate"
     packages = ("jobgate", "grpcio", "protobuf", "redis", "hiredis", "uvloop")
     submitter = (
-        "batched: `SubmitJobs` per chunk, every chunk in flight at once; unary: `SubmitJob` from asyncio tasks, "
+        "batched: `SubmitJobs` per chunk (`view` JOB_VIEW_BASIC), every chunk in flight at once; "
+        "unary: `SubmitJob` from asyncio tasks, "
         "and the Python client's `submit` (jobgate_client) from as many; "
         "results: one `WatchResults` stream (`max_batch` 1,000) counts completions; round trip: `RunJob`"
     )
@@ -142,7 +146,8 @@ class Jobgate(System):
             await asyncio.gather(
                 *(
                     stub.SubmitJobs(
-                        scheduler_pb2.SubmitJobsRequest(jobs=[self._echo(i, payload) for i in part]), timeout=60
+                        scheduler_pb2.SubmitJobsRequest(jobs=[self._echo(i, payload) for i in part], view=BASIC),
+                        timeout=60,
                     )
                     for part in chunks(n, payload)
                 )
@@ -205,7 +210,9 @@ class Jobgate(System):
 
         async def submit() -> None:
             for part in chunks(n, 0):
-                await stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=[echo(i) for i in part]), timeout=60)
+                await stub.SubmitJobs(
+                    scheduler_pb2.SubmitJobsRequest(jobs=[echo(i) for i in part], view=BASIC), timeout=60
+                )
 
         self._run(submit())
 

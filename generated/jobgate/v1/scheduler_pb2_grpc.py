@@ -165,7 +165,8 @@ class SchedulerServiceServicer:
         """Stores a batch of jobs (at most the gateway's max_batch, 1,000 by default) in one Redis
         transaction: all are stored or none is. With `batch`, the jobs also form a batch that counts
         how they end and submits its callback job once, when the last one has ended.
-        Errors as SubmitJob; a field error names the job's index, e.g. "jobs[3].kind".
+        Errors as SubmitJob; a field error names the job's index, e.g. "jobs[3].kind"; also
+        INVALID_ARGUMENT (view: not a JobView).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -225,7 +226,7 @@ class SchedulerServiceServicer:
     def ListFailedJobs(self, request, context):
         """Lists the dead letters of a queue: its FAILED jobs (attempts spent, or failed for good), newest
         first, each with its history; a failed job is kept for the queue's dead-letter retention (7 days
-        by default). Errors: INVALID_ARGUMENT (queue, page_size or page_token malformed).
+        by default). Errors: INVALID_ARGUMENT (queue, page_size, page_token or view malformed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -327,7 +328,8 @@ class SchedulerServiceServicer:
         states and one kind. Each page reads at most 10 times its size of the queue's jobs (up to
         10,000), so with a narrow filter a page may hold fewer jobs than asked, even none, while
         `next_page_token` goes on: read on until it is empty. Finished jobs are listed until they
-        expire (their retention). Errors: INVALID_ARGUMENT (queue, states, kind, page_size, page_token).
+        expire (their retention). Errors: INVALID_ARGUMENT (queue, states, kind, page_size, page_token,
+        view).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
