@@ -401,16 +401,22 @@ measurements):
 
 - **Memory with 10,000 streams**: gRPC alone takes more than the target (the reference below);
   what the gateway adds is its per-stream state and layers of async generators, about 9 KB a stream.
-- **`RunJob`**: the call waits on four script calls one after another (submit with placement, the
-  worker's start and finish, the gateway's check of the outcome: about 130, 30, 65 and 25 µs of
-  Redis time on a fast day, each with about 9 µs of the scripts' shared prelude), their Python on
-  either side, and two pub/sub hops; the floor has none of them. Fewer hops (a worker's start
-  folded into its dispatch; outcomes published by the scripts themselves, so that gateways need
-  not check them) are the next steps; Redis functions would save only the prelude.
-- **One job per call**: a raw `SubmitJob` costs the gateway what gRPC costs per call plus about as
-  much again (validation, the submit call, the outcome's check); through the Python client, 32
-  submitters wait on one 32-job call at a time, so the rate is 32 over that call's round trip under
-  load: cheaper validation and submit calls shorten it.
+- **`RunJob` p50 and raw `SubmitJob`**: both targets sit where a gateway that keeps nothing stands.
+  gRPC in front of the bare relay (the reference rows below: each job handed to a worker process
+  with one PUBLISH and, for `RunJob`, back on the result channel) takes about the floor's p50 + 0.8
+  to 1.0 ms, and answers about half the floor's unary calls. jobgate makes four script calls where
+  it makes one PUBLISH each way (the submit with placement; the worker's start and finish; the
+  gateway's check of the outcome), and on this machine each round trip costs its processes 0.2 to
+  0.4 ms of CPU: per `RunJob` the gateway used 2.1 ms of CPU against 1.06 for the relayed server
+  and 0.57 for gRPC alone, Redis 0.7 against 0.11, the worker 0.9 against 0.29 (2026-12-05). Raw
+  `SubmitJob`, which also stores, places and streams back each job, ran at about 70% of the relayed
+  reference that day. What would reach the targets is two calls fewer: a worker's start folded
+  into its dispatch, and outcomes the gateways need not check; each would drop a guarantee
+  (workers start only stored jobs; a forged outcome never reaches a client), so neither is done.
+- **The Python client's `submit`**: with 32 submitters the rate is 32 over the round trip of a
+  32-job call under load (the submitters a call answers all come back before the next call
+  leaves); cheaper validation and submit calls shorten it. The client asks for the basic view, so
+  the jobs' inputs no longer travel back.
 - **Batched and 10 KB**: CPU per job of Redis's scripts (a `redis.call` costs a microsecond or two;
   a job makes about twenty) and of the gateway's Python; on two cores the stack now uses both while
   a backlog drains. Large values no longer enter the scripts (written beside their calls); a 10 KB
@@ -419,10 +425,11 @@ measurements):
   day, 2.00× on the slow day of 2026-12-05.
 - **100 KB payloads**: ahead of the fastest peer on a fast day (1.37×), behind on a slow one:
   jobgate's 100 KB rate moves more with the machine than the peers' (426-736 jobs/s between the
-  rounds of the 2026-12-05 run, Dramatiq's 640-684). A 100 KB job's payload and output pass through
+  rounds of one 2026-12-05 run, Dramatiq's 640-684). A 100 KB job's payload and output pass through
   gRPC twice and through Redis four times (stored, read by the worker, written back, read by the
-  gateway).
-- **`RunJob` p99** met on that slow day only because the floor's own p99 was high (2.45 ms).
+  gateway); the submitter now asks `SubmitJobs` for the basic view, so the payload no longer comes
+  back a third time (the submitter's CPU per job a fifth lower, jobs/s about a tenth higher in
+  interleaved runs).
 
 {_machine(results)}
 {_figures(results, ctx)}

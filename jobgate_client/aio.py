@@ -456,31 +456,21 @@ def _keyed(req: scheduler_pb2.SubmitJobRequest) -> scheduler_pb2.SubmitJobReques
 
 
 class _Coalescer:
-    """Sends concurrent submits together: up to IN_FLIGHT calls at a time; while that many are in
-    flight, new submits wait (one round trip at most) and then go out as one SubmitJobs of up to
-    MAX_BATCH. A batch refused as a whole (a bad field of one job refuses them all) is sent again one
-    job per call, so that each submit gets its own answer."""
-
-    # Two calls in flight: the gateway validates one while the other waits on Redis, and the
-    # submitters answered by one call gather for the next while the other is out. 2 against 1:
-    # +2 to +17% jobs/s from 32 submitting tasks (bench.profile client, interleaved runs); 3 or 4
-    # split the submitters into smaller calls and gained nothing more.
-    IN_FLIGHT = 2
+    """Sends concurrent submits together: while a call is in flight, new submits wait (one round
+    trip at most) and then go out as one SubmitJobs of up to MAX_BATCH. A batch refused as a whole
+    (a bad field of one job refuses them all) is sent again one job per call, so that each submit
+    gets its own answer."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
         self.waiting: list[tuple[scheduler_pb2.SubmitJobRequest, asyncio.Future[Job]]] = []
-        self.senders: set[asyncio.Future[None]] = set()  # referenced while they run
-        self.sending = 0  # senders that have not returned; counted down as they return, not after
+        self.sending: asyncio.Future[None] | None = None
 
     async def submit(self, req: scheduler_pb2.SubmitJobRequest) -> Job:
         future: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
         self.waiting.append((req, future))
-        if self.sending < self.IN_FLIGHT:
-            self.sending += 1
-            sender = asyncio.ensure_future(self._send())
-            self.senders.add(sender)
-            sender.add_done_callback(self.senders.discard)
+        if self.sending is None:
+            self.sending = asyncio.ensure_future(self._send())
         return await future
 
     async def _send(self) -> None:
@@ -489,7 +479,7 @@ class _Coalescer:
                 batch, self.waiting = self.waiting[:MAX_BATCH], self.waiting[MAX_BATCH:]
                 await self._send_batch(batch)
         finally:
-            self.sending -= 1
+            self.sending = None
 
     async def _send_batch(self, batch: list[tuple[scheduler_pb2.SubmitJobRequest, asyncio.Future[Job]]]) -> None:
         client = self.client
