@@ -236,6 +236,7 @@ async def start(settings: GatewaySettings) -> Gateway:
     stop_event = asyncio.Event()
     tasks = [
         asyncio.create_task(hub.run(stop_event), name="hub"),
+        asyncio.create_task(service.follower.run(stop_event), name="quiet streams"),
         asyncio.create_task(scheduler.run(stop_event), name="scheduler"),
         asyncio.create_task(_health_loop(redis, health_servicer, metrics, stop_event), name="health"),
     ]

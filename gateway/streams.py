@@ -8,23 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
+import logging
 import random
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 
 from jobgate.v1 import job_pb2, scheduler_pb2
 from protocol.coalesce import Coalescer
 from protocol.codec import RUNNING, TERMINAL, Fields, event_from_hash
-from protocol.errors import NotFound, ResourceExhausted, Unavailable
+from protocol.errors import REDIS_ERRORS, NotFound, ResourceExhausted, Unavailable
 from protocol.gateway_calls import GatewayCalls
 
 from . import auth
 from .handlers import Encoded
 from .metrics import GatewayMetrics
 
+log = logging.getLogger(__name__)
+
 RECONCILE_BACKOFF = 8  # a quiet stream re-reads after reconcile_s, 2x, 4x, then every 8x
 READS_AT_ONCE = 1000  # job ids per call that reads stored jobs for streams
 REREAD_GATHER_S = 0.05  # how long a re-read waits for others to go with it
+CHECK_STOP_S = 1.0  # the quiet streams' re-reader looks at its stop event at least this often
 
 
 class EventBuffer:
@@ -98,6 +105,9 @@ class Watcher:
         self.overflowed = False
         self.stale = False  # set when events may have been missed: re-read stored state
         self.missed = False  # set when events may have been missed and cannot be re-read (no job ids)
+        self.following = False  # a stream follows it (Follower.follow), so quiet re-reads look at it
+        self.heard = False  # an event came since the last quiet re-read was planned
+        self.quiet_s = 0.0  # the wait before its next quiet re-read, growing while nothing comes
 
     def matches(self, event: job_pb2.JobEvent) -> bool:
         if self.terminal_only and event.state not in TERMINAL:
@@ -200,6 +210,79 @@ class Follower:
         self._rereads: Coalescer[Sequence[str], list[Fields]] = Coalescer(
             self._reread_many, most=READS_AT_ONCE, size=len, most_bytes=READS_AT_ONCE
         )
+        # Quiet streams of job ids, by when each next looks at its jobs (see run).
+        # (A finished stream's watcher is not kept alive for its place here.)
+        self._due: list[tuple[float, int, weakref.ref[Watcher]]] = []
+        self._order = itertools.count()
+        self._sooner = asyncio.Event()  # a stream was planned before the earliest one
+
+    def _plan(self, watcher: Watcher, spread: float) -> None:
+        """Plans ``watcher``'s next quiet re-read in ``quiet_s`` ± ``spread`` of it."""
+        at = asyncio.get_running_loop().time() + watcher.quiet_s * random.uniform(1 - spread, 1 + spread)
+        if not self._due or at < self._due[0][0]:
+            self._sooner.set()
+        heapq.heappush(self._due, (at, next(self._order), weakref.ref(watcher)))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Looks, for the streams that follow job ids and have heard nothing for a while, whether
+        one of their jobs has ended unseen (its event lost), until ``stop`` is set: after
+        ``reconcile_s`` without an event, then after twice as long, and so on up to
+        RECONCILE_BACKOFF times ``reconcile_s`` (an event starts over). The jobs of every stream due
+        within REREAD_GATHER_S are read in one call, and only a stream with an ended job is woken
+        (to read it whole, as after a lost subscription): a quiet stream costs its task nothing, and
+        many of them cost Redis a few calls a second."""
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            wait = self._due[0][0] - loop.time() if self._due else CHECK_STOP_S
+            if wait > 0:
+                self._sooner.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._sooner.wait(), timeout=min(wait, CHECK_STOP_S))
+                continue
+            await asyncio.sleep(REREAD_GATHER_S)  # those due in a moment come along
+            await self._look(self._take_due(loop.time() + REREAD_GATHER_S))
+
+    def _take_due(self, by: float) -> list[Watcher]:
+        """The followed watchers due by ``by``, up to READS_AT_ONCE job ids between them; a watcher
+        that has heard an event since it was planned is planned again from now instead."""
+        out: list[Watcher] = []
+        ids = 0
+        while self._due and self._due[0][0] <= by and ids < READS_AT_ONCE:
+            watcher = heapq.heappop(self._due)[2]()
+            if watcher is None or not watcher.following or watcher.finished:
+                continue
+            if watcher.heard:
+                watcher.heard = False
+                watcher.quiet_s = self.reconcile_s
+                self._plan(watcher, 0.25)
+                continue
+            out.append(watcher)
+            ids += len(watcher.remaining)
+        return out
+
+    async def _look(self, watchers: list[Watcher]) -> None:
+        """Reads the states of ``watchers``' outstanding jobs; wakes, stale, each one with an ended
+        job, and plans every one's next look further off. A failed read plans them again as they
+        were."""
+        ids = [[*w.remaining] for w in watchers]
+        try:
+            rows = await self._read_many(ids) if watchers else []
+        except Exception as exc:  # the re-reads must outlive any failure
+            if isinstance(exc, REDIS_ERRORS):
+                log.debug("quiet streams' re-read failed (%s); trying again later", exc)
+            else:
+                log.exception("quiet streams' re-read failed; trying again later")
+            for watcher in watchers:
+                self._plan(watcher, 0.25)
+            return
+        for watcher, fields in zip(watchers, rows, strict=True):
+            if not watcher.following:
+                continue
+            if any(int(f.get(b"state", 0)) in TERMINAL for f in fields):
+                watcher.stale = True
+                watcher.wake()
+            watcher.quiet_s = min(watcher.quiet_s * 2, self.reconcile_s * RECONCILE_BACKOFF)
+            self._plan(watcher, 0.25)
 
     async def _reread_many(self, requests: Sequence[Sequence[str]]) -> list[list[Fields]]:
         await asyncio.sleep(REREAD_GATHER_S)
@@ -216,38 +299,35 @@ class Follower:
 
     async def follow(self, watcher: Watcher, most: int = 1) -> AsyncIterator[list[job_pb2.JobEvent]]:
         """Events for a watcher until it is finished, in lists of what arrived together (up to about
-        ``most``, more when stored state is re-read); re-reads stored state when events may be lost:
-        after ``reconcile_s`` without an event, then after twice as long, and so on up to
-        RECONCILE_BACKOFF times ``reconcile_s`` (an event starts over), so that many quiet streams
-        cost Redis little."""
-        quiet, spread = self.reconcile_s, 0.5  # the first wait over a whole reconcile_s, later ones ±25%
-        while not watcher.finished:
-            self.check_open(watcher)
-            if not watcher.events.empty():  # no timer when an event is already there
-                event = watcher.events.get_nowait()
-            else:
-                try:  # not all at once: streams opened together spread their re-reads
-                    async with asyncio.timeout(quiet * random.uniform(1 - spread, 1 + spread)):
-                        event = await watcher.events.get()
-                    quiet, spread = self.reconcile_s, 0.25
-                except TimeoutError:
-                    event = None
-                    watcher.stale = bool(watcher.job_ids)
-                    quiet, spread = min(quiet * 2, self.reconcile_s * RECONCILE_BACKOFF), 0.25
-            self.check_open(watcher)
-            arrived: list[job_pb2.JobEvent] = []
-            while True:
-                if event is None:
-                    if watcher.stale and watcher.job_ids:
-                        watcher.stale = False
-                        arrived.extend(await self.stored_terminal(watcher, missing_is_error=False, reread=True))
-                elif watcher.delivered(event):
-                    arrived.append(event)
-                if len(arrived) >= most or watcher.events.empty():
-                    break
-                event = watcher.events.get_nowait()
-            if arrived:
-                yield arrived
+        ``most``, more when stored state is re-read). A watcher of job ids re-reads their stored state
+        when events may have been lost: the subscription was re-established, or a quiet re-read
+        (``run``) found one of its jobs ended unseen; its first quiet re-read comes anywhere from half
+        to one and a half ``reconcile_s`` after it starts, so that streams opened together do not
+        re-read together."""
+        if watcher.job_ids:
+            watcher.following, watcher.quiet_s = True, self.reconcile_s
+            self._plan(watcher, 0.5)
+        try:
+            while not watcher.finished:
+                self.check_open(watcher)
+                event = watcher.events.get_nowait() if not watcher.events.empty() else await watcher.events.get()
+                self.check_open(watcher)
+                arrived: list[job_pb2.JobEvent] = []
+                while True:
+                    if event is None:
+                        if watcher.stale and watcher.job_ids:
+                            watcher.stale = False
+                            arrived.extend(await self.stored_terminal(watcher, missing_is_error=False, reread=True))
+                    elif watcher.delivered(event):
+                        arrived.append(event)
+                        watcher.heard = True
+                    if len(arrived) >= most or watcher.events.empty():
+                        break
+                    event = watcher.events.get_nowait()
+                if arrived:
+                    yield arrived
+        finally:
+            watcher.following = False
 
     def check_open(self, watcher: Watcher) -> None:
         """Raises the status that ends a stream: the gateway is stopping, events may have been

@@ -376,6 +376,35 @@ async def test_run_job_repeated_with_its_idempotency_key_follows_the_original_jo
     assert value(again[0].result) == {"once": True}
 
 
+async def test_a_job_whose_outcome_event_was_lost_still_ends_its_streams(
+    stack: Stack, client_for: Callable[[str], Client], redis: Redis, keys: Keys
+) -> None:
+    """Pub/sub loses a message now and then. A stream following a job that ended without its event
+    reaching the gateway (here: the outcome written into the job's hash, nothing published) gets
+    the stored outcome from a quiet re-read; streams of jobs that have not ended stay open."""
+    _, address, metrics_port = start_gateway(stack, env={"JOBGATE_RECONCILE_MS": "200"})
+    client = client_for(address, metrics_port)
+    held = scheduler_pb2.SubmitJobsRequest(jobs=[request("nobody.runs.this") for _ in range(2)])
+    ended, waiting = [j.id for j in (await client.stub.SubmitJobs(held, timeout=10)).jobs]
+    lost = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=[ended]), timeout=30)
+    run_on = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=[waiting]), timeout=30)
+    got = asyncio.ensure_future(anext(aiter(lost)))
+    still = asyncio.ensure_future(anext(aiter(run_on)))
+    try:
+        await wait_streams_open(metrics_port, 2)
+        await asyncio.sleep(0.5)  # quiet re-reads have found nothing ended
+        assert not got.done() and not still.done()
+        await redis.hset(keys.job(ended), mapping={"state": S.JOB_STATE_CANCELLED, "err_code": "CANCELLED"})
+        event = (await asyncio.wait_for(got, timeout=10)).event
+        assert (event.job_id, event.state) == (ended, S.JOB_STATE_CANCELLED)
+        await asyncio.sleep(1)
+        assert not still.done()  # its job has not ended: its stream goes on
+    finally:
+        still.cancel()
+        lost.cancel()
+        run_on.cancel()
+
+
 async def script_calls(redis: Redis) -> int:
     stats = await redis.info("commandstats")
     return sum(int(v["calls"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
