@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
@@ -104,6 +105,18 @@ def in_child(fn: Callable[..., T], *args: Any, timeout_s: float = 900) -> T:
         return pool.submit(fn, *args).result(timeout=timeout_s)
 
 
+@contextlib.contextmanager
+def spawned(target: Callable[..., None], *args: Any) -> Iterator[multiprocessing.Process]:
+    """``target(*args)`` running in a spawned process for the block; terminated after it."""
+    process = multiprocessing.get_context("spawn").Process(target=target, args=args, daemon=True)
+    process.start()
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.join(timeout=10)
+
+
 def _measure_rounds(address: str, calls: int, trips: int, rounds: int) -> list[tuple[float, float, float]]:
     return [asyncio.run(measure(address, calls, 32, trips)) for _ in range(rounds)]
 
@@ -112,13 +125,8 @@ def floor(calls: int, trips: int, rounds: int = 1) -> list[tuple[float, float, f
     """Per round, unary calls/s (32 asyncio tasks) and ``RunJob`` p50 and p99 (ms), against one
     server process with handlers that do nothing."""
     address = f"127.0.0.1:{free_port()}"
-    server = multiprocessing.get_context("spawn").Process(target=run_server, args=(address,), daemon=True)
-    server.start()
-    try:
+    with spawned(run_server, address):
         return in_child(_measure_rounds, address, calls, trips, rounds)
-    finally:
-        server.terminate()
-        server.join(timeout=10)
 
 
 async def _open_streams(address: str, pid: int, streams: int, channels: int) -> float:
@@ -143,14 +151,9 @@ def stream_rss(streams: int, channels: int) -> float:
     streams open (each sent one message), over ``channels`` connections: what Python gRPC alone
     takes for them, under the gateway's figure."""
     address = f"127.0.0.1:{free_port()}"
-    server = multiprocessing.get_context("spawn").Process(target=run_server, args=(address,), daemon=True)
-    server.start()
-    try:
+    with spawned(run_server, address) as server:
         assert server.pid is not None
         return in_child(_streams_rss, address, server.pid, streams, channels)
-    finally:
-        server.terminate()
-        server.join(timeout=10)
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 import grpc
 from redis.asyncio import Redis
 
-from bench.grpc_floor import STATES, in_child, measure
+from bench.grpc_floor import STATES, in_child, measure, spawned
 from bench.reference import DISPATCH, RESULT, STOP, _run_relay
 from devtools.servers import RedisProcess, free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -126,17 +126,13 @@ def _measure_rounds(address: str, calls: int, trips: int, rounds: int) -> list[t
 def relay_floor(url: str, calls: int, trips: int, rounds: int = 1) -> list[tuple[float, float, float]]:
     """Per round, unary calls/s (32 asyncio tasks) and ``RunJob`` p50 and p99 (ms) through gRPC in
     front of a bare relay on the Redis at ``url``."""
-    ctx = multiprocessing.get_context("spawn")
-    relay = ctx.Process(target=_run_relay, args=(url, False), daemon=True)
-    relay.start()
     address = f"127.0.0.1:{free_port()}"
-    server = ctx.Process(target=run_server, args=(address, url), daemon=True)
-    server.start()
+    relay = multiprocessing.get_context("spawn").Process(target=_run_relay, args=(url, False), daemon=True)
+    relay.start()
     try:
-        return in_child(_measure_rounds, address, calls, trips, rounds)
+        with spawned(run_server, address, url):
+            return in_child(_measure_rounds, address, calls, trips, rounds)
     finally:
-        server.terminate()
-        server.join(timeout=10)
         asyncio.run(_stop_relay(url))
         relay.join(timeout=10)
         if relay.is_alive():
