@@ -190,7 +190,10 @@ def svg(curve: str, points: list[int], series: dict[str, list[float]]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def report(results: dict[str, dict[int, list[dict[str, float]]]], rounds: int, jobs: int) -> str:
+def report(
+    results: dict[str, dict[int, list[dict[str, float]]]], rounds: int, jobs: int, *, charts: bool = False
+) -> str:
+    """docs/CURVES.md's text for ``results``; with ``charts``, also writes each curve's chart."""
     lines = [
         "# Cost as work grows",
         "",
@@ -212,7 +215,8 @@ def report(results: dict[str, dict[int, list[dict[str, float]]]], rounds: int, j
         for p in points:
             med[p]["total"] = sum(med[p][g] for g in GROUPS)
         series = {g: [med[p][g] for p in points] for g in (*GROUPS, "total")}
-        (ROOT / "docs" / "bench" / f"curve-{curve}.svg").write_text(svg(curve, points, series))
+        if charts:
+            (ROOT / "docs" / "bench" / f"curve-{curve}.svg").write_text(svg(curve, points, series))
         smallest = min(med[p]["total"] for p in points)
         lines += [f"## {LABELS[curve][0].upper()}{LABELS[curve][1:]}", "", f"![{curve}](bench/curve-{curve}.svg)", ""]
         if dates:
@@ -314,7 +318,7 @@ def main() -> int:
         saved.update({c: {str(n): runs for n, runs in by.items()} for c, by in results.items()})
         SAVED.write_text(json.dumps(saved, indent=1) + "\n")
         results = {c: {int(n): runs for n, runs in saved[c].items()} for c in CURVES if c in saved}
-    text = report(results, args.rounds, args.jobs)
+    text = report(results, args.rounds, args.jobs, charts=args.report)
     if args.report:
         (ROOT / "docs" / "CURVES.md").write_text(text)
     print(text)

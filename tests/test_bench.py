@@ -4,6 +4,7 @@ checks that a run completes and that its figures are plausible, never how fast t
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,26 @@ def test_quick_benchmark_run_completes_with_plausible_figures_and_leaves_docs_al
     assert all(float(v.replace(",", "")) > 0 for v in pace.values()), output
     assert float(pace["grpc_p50"]) <= float(pace["grpc_p99"].replace(",", "")), output
     assert float(pace["relayed_p50"]) <= float(pace["relayed_p99"].replace(",", "")), output
+
+
+@pytest.mark.slow
+def test_a_curve_measured_without_report_prints_its_points_and_leaves_docs_alone() -> None:
+    docs = ROOT / "docs"
+    before = {p: p.read_bytes() for p in [docs / "CURVES.md", *(docs / "bench").glob("curve*")]}
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.curves", "--curves", "queues", "--points", "1,10", "--jobs", "1000"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    output = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, output
+    measured = [line for line in result.stdout.splitlines() if line.startswith("queues ")]
+    assert [line.split(":")[0].split()[-1] for line in measured] == ["1", "10"], output
+    assert all(float(re.search(r"([\d,]+) µs/job", line)[1].replace(",", "")) > 0 for line in measured), output
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted((docs / "bench").glob("curve*")) == sorted(p for p in before if p.name.startswith("curve"))
 
 
 @pytest.mark.slow
