@@ -26,21 +26,22 @@ def summary_row(stdout: str, system: str) -> dict[str, float]:
     return {title: float(cell) for title, cell in zip(titles, row[1:], strict=True) if cell != "-"}
 
 
+def run_module(*args: str, timeout: float) -> tuple[str, str]:
+    """``python -m <args>`` from the project's root, which must succeed: its stdout, and the ends of
+    its stdout and stderr to show when an assertion fails."""
+    result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    output = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, output
+    return result.stdout, output
+
+
 @pytest.mark.slow
 def test_quick_benchmark_run_completes_with_plausible_figures_and_leaves_docs_alone() -> None:
     report_before = REPORT.read_bytes() if REPORT.exists() else None
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--systems", "jobgate", "--quick", "--no-report"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    output = result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.returncode == 0, output
-    assert "FAILED" not in result.stdout, output
+    stdout, output = run_module("bench.run", "--systems", "jobgate", "--quick", "--no-report", timeout=110)
+    assert "FAILED" not in stdout, output
 
-    figures = summary_row(result.stdout, "jobgate")
+    figures = summary_row(stdout, "jobgate")
     for throughput in ("batched/s", "unary/s", "client/s", "w1/s", "w2/s", "w4/s", "100B/s", "10000B/s", "100000B/s"):
         assert figures.get(throughput, 0) > 0, (throughput, output)
     assert 0 < figures["p50_ms"] <= figures["p99_ms"], output
@@ -48,7 +49,7 @@ def test_quick_benchmark_run_completes_with_plausible_figures_and_leaves_docs_al
     assert 0 < figures["rss_idle_MB"] and 0 < figures["rss_streams_MB"], output
     assert (REPORT.read_bytes() if REPORT.exists() else None) == report_before
 
-    machine = next(line for line in result.stdout.splitlines() if line.startswith("machine:"))
+    machine = next(line for line in stdout.splitlines() if line.startswith("machine:"))
     pace = dict(item.rsplit(" ", 1) for item in machine.removeprefix("machine:").strip().split(", "))
     assert set(pace) == set(reference.NAMES) and "relayed_p50" in pace, output
     assert all(float(v.replace(",", "")) > 0 for v in pace.values()), output
@@ -60,16 +61,8 @@ def test_quick_benchmark_run_completes_with_plausible_figures_and_leaves_docs_al
 def test_a_curve_measured_without_report_prints_its_points_and_leaves_docs_alone() -> None:
     docs = ROOT / "docs"
     before = {p: p.read_bytes() for p in [docs / "CURVES.md", *(docs / "bench").glob("curve*")]}
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.curves", "--curves", "queues", "--points", "1,10", "--jobs", "1000"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    output = result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.returncode == 0, output
-    measured = [line for line in result.stdout.splitlines() if line.startswith("queues ")]
+    stdout, output = run_module("bench.curves", "--curves", "queues", "--points", "1,10", "--jobs", "1000", timeout=110)
+    measured = [line for line in stdout.splitlines() if line.startswith("queues ")]
     assert [line.split(":")[0].split()[-1] for line in measured] == ["1", "10"], output
     assert all(float(re.search(r"([\d,]+) µs/job", line)[1].replace(",", "")) > 0 for line in measured), output
     assert {p: p.read_bytes() for p in before} == before
@@ -78,12 +71,8 @@ def test_a_curve_measured_without_report_prints_its_points_and_leaves_docs_alone
 
 @pytest.mark.slow
 def test_the_cluster_benchmark_measures_one_redis_and_every_node_of_a_cluster() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.cluster", "--jobs", "2000"], cwd=ROOT, capture_output=True, text=True, timeout=110
-    )
-    output = result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.returncode == 0, output
-    single, rest = result.stdout.split("a local Redis Cluster")
+    stdout, output = run_module("bench.cluster", "--jobs", "2000", timeout=110)
+    single, rest = stdout.split("a local Redis Cluster")
     cluster, spread = rest.split("the same cluster, redis_shards=")
     for part, nodes in ((single, 1), (cluster, 6), (spread, 6)):
         assert "2,000 jobs in" in part, output
@@ -99,18 +88,10 @@ def test_the_cluster_benchmark_measures_one_redis_and_every_node_of_a_cluster() 
 
 @pytest.mark.slow
 def test_the_due_lag_benchmark_follows_every_delayed_job_to_its_start() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.due_lag", "--jobs", "300", "--ahead-s", "2", "--out", "-"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=150,
-    )
-    output = result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.returncode == 0, output
+    stdout, output = run_module("bench.due_lag", "--jobs", "300", "--ahead-s", "2", "--out", "-", timeout=150)
     rows = {
         cells[1]: [float(c.replace(",", "")) for c in cells[2:5]]
-        for line in result.stdout.splitlines()
+        for line in stdout.splitlines()
         if line.startswith(("| queued", "| started", "| reference")) and (cells := line.split("|"))
     }
     assert len(rows) == 5, output
@@ -122,17 +103,11 @@ QUICK_SETTLE = ("--settle-s", "0")
 
 
 def test_the_flow_control_benchmark_runs_every_shape_to_the_last_job() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.limits", "--jobs", "600", "--backlog", "2000", "--rounds", "1", *QUICK_SETTLE],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
+    stdout, output = run_module(
+        "bench.limits", "--jobs", "600", "--backlog", "2000", "--rounds", "1", *QUICK_SETTLE, timeout=240
     )
-    output = result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.returncode == 0, output
     times = "\N{MULTIPLICATION SIGN}"
-    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| ") and times in line]
+    rows = [line.split("|") for line in stdout.splitlines() if line.startswith("| ") and times in line]
     assert len(rows) == 7 and rows[0][1].strip() == "plain" and rows[0][4].strip() == f"1.00{times}", output
     for row in rows:
         assert float(row[2]) > 5 and float(row[3]) > 0 and float(row[5].replace(",", "")) > 0, output
