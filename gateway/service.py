@@ -241,7 +241,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.metrics.submitted.inc(len(jobs))
         self.scheduler.record(placed)
         self._note_due(prepared)
-        reply = Encoded()  # a SubmitJobsResponse: its jobs carry their specs, payloads included
+        reply = Encoded()  # a SubmitJobsResponse: its jobs carry their specs (inputs too, but in the basic view)
         for job in jobs:
             reply.add(SUBMITTED_JOBS, (in_basic_view(job) if basic else job).SerializeToString())
         if batch:
