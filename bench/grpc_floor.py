@@ -117,7 +117,8 @@ def spawned(target: Callable[..., None], *args: Any) -> Iterator[multiprocessing
         process.join(timeout=10)
 
 
-def _measure_rounds(address: str, calls: int, trips: int, rounds: int) -> list[tuple[float, float, float]]:
+def measure_rounds(address: str, calls: int, trips: int, rounds: int) -> list[tuple[float, float, float]]:
+    """``measure`` of the server at ``address``, ``rounds`` times (32 unary tasks)."""
     return [asyncio.run(measure(address, calls, 32, trips)) for _ in range(rounds)]
 
 
@@ -126,7 +127,7 @@ def floor(calls: int, trips: int, rounds: int = 1) -> list[tuple[float, float, f
     server process with handlers that do nothing."""
     address = f"127.0.0.1:{free_port()}"
     with spawned(run_server, address):
-        return in_child(_measure_rounds, address, calls, trips, rounds)
+        return in_child(measure_rounds, address, calls, trips, rounds)
 
 
 async def _open_streams(address: str, pid: int, streams: int, channels: int) -> float:

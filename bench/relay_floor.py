@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 import grpc
 from redis.asyncio import Redis
 
-from bench.grpc_floor import STATES, in_child, measure, spawned
+from bench.grpc_floor import STATES, in_child, measure_rounds, spawned
 from bench.reference import DISPATCH, RESULT, STOP, _run_relay
 from devtools.servers import RedisProcess, free_port
 from jobgate.v1 import job_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -118,9 +118,9 @@ async def _warm(address: str) -> None:
             pass
 
 
-def _measure_rounds(address: str, calls: int, trips: int, rounds: int) -> list[tuple[float, float, float]]:
+def _warm_then_measure(address: str, calls: int, trips: int, rounds: int) -> list[tuple[float, float, float]]:
     asyncio.run(_warm(address))
-    return [asyncio.run(measure(address, calls, 32, trips)) for _ in range(rounds)]
+    return measure_rounds(address, calls, trips, rounds)
 
 
 def relay_floor(url: str, calls: int, trips: int, rounds: int = 1) -> list[tuple[float, float, float]]:
@@ -131,7 +131,7 @@ def relay_floor(url: str, calls: int, trips: int, rounds: int = 1) -> list[tuple
     relay.start()
     try:
         with spawned(run_server, address, url):
-            return in_child(_measure_rounds, address, calls, trips, rounds)
+            return in_child(_warm_then_measure, address, calls, trips, rounds)
     finally:
         asyncio.run(_stop_relay(url))
         relay.join(timeout=10)

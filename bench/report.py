@@ -371,10 +371,10 @@ def _failures(results: Results) -> str:
     return out
 
 
-def _between(results: Results) -> str:
-    """What stands between jobgate and each target it misses in this run, with the run's figures
-    where the reasons rest on them."""
-    missed = {t.text for t in targets(results) if t.met is False}
+def _between(results: Results, found: list[Target]) -> str:
+    """What stands between jobgate and each target of ``found`` (this run's ``targets``) that it
+    misses, with the run's figures where the reasons rest on them."""
+    missed = {t.text for t in found if t.met is False}
     med = lambda system, measure: results.median(system, measure)  # noqa: E731
     notes = []
     if any(t.startswith("gateway ≤ 300 MB") for t in missed):
@@ -451,7 +451,8 @@ def _between(results: Results) -> str:
 
 def render(results: Results, ctx: Context) -> str:
     """The whole of docs/BENCHMARKS.md."""
-    target_rows = [[t.text, t.measured, _verdict(t.met)] for t in targets(results)]
+    found = targets(results)
+    target_rows = [[t.text, t.measured, _verdict(t.met)] for t in found]
     order = ", ".join(results.systems)
     return f"""# Benchmarks: jobgate beside Celery, RQ, Dramatiq and arq
 
@@ -474,7 +475,7 @@ jobs grow: [CURVES.md](CURVES.md).
 
 {_table(["target", "measured (jobgate, median)", "verdict"], target_rows)}
 
-{_between(results)}
+{_between(results, found)}
 
 {_machine(results)}
 {_figures(results, ctx)}

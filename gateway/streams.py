@@ -206,7 +206,8 @@ class Follower:
             self._read_many, most=READS_AT_ONCE, size=len, most_bytes=READS_AT_ONCE
         )
         # Re-reads are a safety net, never in a hurry: each call waits REREAD_GATHER_S for more, so
-        # however many quiet streams there are, they cost a few calls a second.
+        # the streams woken together to re-read (a subscription re-established; jobs that run() found
+        # ended unseen) cost a few calls between them.
         self._rereads: Coalescer[Sequence[str], list[Fields]] = Coalescer(
             self._reread_many, most=READS_AT_ONCE, size=len, most_bytes=READS_AT_ONCE
         )
@@ -310,7 +311,7 @@ class Follower:
         try:
             while not watcher.finished:
                 self.check_open(watcher)
-                event = watcher.events.get_nowait() if not watcher.events.empty() else await watcher.events.get()
+                event = await watcher.events.get()
                 self.check_open(watcher)
                 arrived: list[job_pb2.JobEvent] = []
                 while True:
