@@ -42,6 +42,18 @@ def start(stack: Stack, processes: int = 3) -> tuple[Service, str, int, set[int]
     while len(children := children_of(gateway.pid)) < processes and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(children) == processes, gateway.log()
+    # A process serves its metrics (port + i) only once its gRPC server listens: until every one
+    # does, the kernel can hand every connection to the first.
+    waiting = set(range(processes))
+    while waiting and time.monotonic() < deadline + 20:
+        for index in list(waiting):
+            try:
+                scrape(metrics + index)
+                waiting.discard(index)
+            except OSError:
+                pass
+        time.sleep(0.1)
+    assert not waiting, gateway.log()
     return gateway, address, metrics, children
 
 
