@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import reference
+from bench import reference, report
+from bench.results import MACHINE, Results
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "docs" / "BENCHMARKS.md"
@@ -33,6 +34,68 @@ def run_module(*args: str, timeout: float) -> tuple[str, str]:
     output = result.stdout[-4000:] + result.stderr[-4000:]
     assert result.returncode == 0, output
     return result.stdout, output
+
+
+def run_of(scale: float) -> Results:
+    """A run's figures where jobgate's rates are ``scale`` times the 2026-12-05 run's (its
+    latencies and memory 1/scale times), beside that run's peers and references."""
+    results = Results(systems=["jobgate", "dramatiq"])
+    for measure, value in {
+        "batched": 6653,
+        "client": 3654,
+        "unary": 1546,
+        "payload:100000": 807,
+        "payload:10000": 3403,
+    }.items():
+        results.add("jobgate", measure, value * scale)
+    for measure, value in {"p50": 3.45, "p99": 7.81, "rss_streams": 405.0, "bytes_per_job": 723}.items():
+        results.add("jobgate", measure, value / scale)
+    for measure, value in {
+        "batched": 2636,
+        "unary": 2593,
+        "payload:100000": 714,
+        "payload:10000": 1750,
+    }.items():
+        results.add("dramatiq", measure, value)
+    for measure, value in {
+        "relay_pipelined": 28551,
+        "grpc_unary": 4075,
+        "relayed_unary": 1856,
+        "grpc_p50": 1.13,
+        "grpc_p99": 1.64,
+        "relayed_p50": 1.68,
+        "relayed_p99": 2.33,
+        "grpc_rss_streams": 317.3,
+    }.items():
+        results.add(MACHINE, measure, value)
+    return results
+
+
+def test_the_report_gives_every_missed_target_its_note_and_none_to_met_ones() -> None:
+    # Notes are chosen by each target's key, not by its text: a reworded target keeps its note.
+    slow = report.targets(run_of(0.1))
+    assert all(t.met is False for t in slow), slow
+    assert len({t.key for t in slow}) == 8  # the two batched targets share a note, as do the two RunJob ones
+    notes = report._between(run_of(0.1), slow)
+    for topic in (
+        "Memory with 10,000",
+        "`RunJob`",
+        "Raw `SubmitJob`",
+        "The Python client's `submit`",
+        "Batched and 10 KB",
+        "100 KB payloads",
+    ):
+        assert f"**{topic}" in notes, (topic, notes)
+    assert "gRPC in front of the bare relay" in notes and "46% of gRPC alone's calls" in notes, notes
+
+    fast = report.targets(run_of(10))
+    assert all(t.met for t in fast), fast
+    assert report._between(run_of(10), fast) == "Every target is met in this run."
+
+    today = report.targets(run_of(1))
+    assert [t.key for t in today if t.met] == ["100kb", "redis_bytes"], today
+    notes = report._between(run_of(1), today)
+    assert "**100 KB payloads" not in notes and "**Batched and 10 KB" in notes, notes
 
 
 @pytest.mark.slow
