@@ -355,7 +355,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         after = page_position(request.page_token)
         basic = basic_view(request.view)
         auth.current().check(queue, "queue")
-        jobs = await self.store.failed_jobs(queue, size + 1, after)
+        jobs = await self.store.failed_jobs(queue, size + 1, after, apart=not basic)
         if basic:
             jobs = [in_basic_view(job) for job in jobs]
         response = scheduler_pb2.ListFailedJobsResponse(jobs=jobs[:size])
@@ -375,7 +375,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         before = jobs_page_position(request.page_token)
         basic = basic_view(request.view)
         auth.current().check(queue, "queue")
-        jobs, next_seq = await self.store.list_jobs(queue, states, kind, size, before)
+        jobs, next_seq = await self.store.list_jobs(queue, states, kind, size, before, apart=not basic)
         if basic:
             jobs = [in_basic_view(job) for job in jobs]
         response = scheduler_pb2.ListJobsResponse(jobs=jobs)

@@ -557,10 +557,13 @@ class GatewayCalls(Calls):
             raise AlreadyExists(f"id: job {text(reply[1])} holds this job's unique_key and has not finished")
         return text(reply[1])
 
-    async def failed_jobs(self, queue: str, size: int, after: tuple[int, str] | None) -> list[job_pb2.Job]:
+    async def failed_jobs(
+        self, queue: str, size: int, after: tuple[int, str] | None, *, apart: bool = True
+    ) -> list[job_pb2.Job]:
         """Up to ``size`` FAILED jobs of ``queue``, the most recently failed first, starting after
         ``after`` (the failure time in ms and id of the last job of the previous page). Forgets
-        entries whose jobs have expired or left FAILED. Raises Unavailable."""
+        entries whose jobs have expired or left FAILED. Without ``apart``, results and outputs kept
+        apart from their job hashes are not read (a reply that leaves them out). Raises Unavailable."""
         key = self.keys.failed(queue)
         top = "+inf" if after is None else after[0]
         out: list[job_pb2.Job] = []
@@ -581,7 +584,8 @@ class GatewayCalls(Calls):
                     for jid in ids:
                         pipe.hgetall(self.keys.job(jid))
                     hashes = await pipe.execute()
-                await self.values_apart(list(zip(ids, hashes, strict=True)))
+                if apart:
+                    await self.values_apart(list(zip(ids, hashes, strict=True)))
                 gone = []
                 for jid, fields in zip(ids, hashes, strict=True):
                     if fields and int(fields.get(b"state", 0)) == job_pb2.JOB_STATE_FAILED:
@@ -594,13 +598,13 @@ class GatewayCalls(Calls):
         return out[:size]
 
     async def list_jobs(
-        self, queue: str, states: frozenset[int], kind: str, size: int, before: int | None
+        self, queue: str, states: frozenset[int], kind: str, size: int, before: int | None, *, apart: bool = True
     ) -> tuple[list[job_pb2.Job], int | None]:
         """Up to ``size`` jobs of ``queue`` in ``states`` (all when empty) and of ``kind`` (all when
         ''), newest first, from those submitted before seq ``before`` (None: from the newest). Reads
         at most ``LIST_SCAN_FACTOR`` times ``size`` entries of the queue's jobs zset (up to
         ``LIST_SCAN_MOST``); returns the jobs and the seq to go on before, or None at the oldest.
-        Raises Unavailable."""
+        Without ``apart``, as failed_jobs. Raises Unavailable."""
         key = self.keys.jobs(queue)
         budget = min(LIST_SCAN_FACTOR * size, LIST_SCAN_MOST)
         out: list[job_pb2.Job] = []
@@ -639,7 +643,8 @@ class GatewayCalls(Calls):
                 for job in out:
                     pipe.hgetall(self.keys.job(job.id))
                 hashes = await pipe.execute()
-            await self.values_apart([(job.id, h) for job, h in zip(out, hashes, strict=True)])
+            if apart:
+                await self.values_apart([(job.id, h) for job, h in zip(out, hashes, strict=True)])
         found = [job_from_hash(job.id, h) for job, h in zip(out, hashes, strict=True) if h]
         return found, before
 

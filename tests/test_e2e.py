@@ -84,21 +84,26 @@ async def test_batch_submit_stores_every_job_in_request_order(client: Client) ->
     assert all(e.state == S.JOB_STATE_SUCCEEDED for e in events.values())
 
 
-async def test_the_basic_view_leaves_inputs_and_outputs_out_of_submit_and_listing_replies(client: Client) -> None:
+async def test_the_basic_view_leaves_inputs_and_outputs_out_of_submit_and_listing_replies(
+    client: Client, redis: Redis, keys: Keys
+) -> None:
     """JOB_VIEW_BASIC: the jobs a SubmitJobs, ListJobs or ListFailedJobs reply carries have no args,
-    payload, result or output; the stored jobs keep them (GetJob, the default view). A view that is
-    not a JobView is refused, and the refused submit stores nothing."""
+    payload, result or output; the stored jobs keep them (GetJob, the default view), and a basic
+    listing does not read the large results kept apart from their jobs. A view that is not a JobView
+    is refused, and the refused submit stores nothing."""
     basic, full = scheduler_pb2.JOB_VIEW_BASIC, scheduler_pb2.JOB_VIEW_FULL
-    reqs = [request("echo", {"i": 1}, payload=b"p" * 50_000), request("fail")]
+    reqs = [request("echo", {"i": 1}, payload=b"p" * 50_000), request("fail"), request("echo", {"big": "b" * 20_000})]
     reply = await client.stub.SubmitJobs(scheduler_pb2.SubmitJobsRequest(jobs=reqs, view=basic), timeout=10)
-    ok, failing = reply.jobs
+    ok, failing, big = reply.jobs
     assert [(j.spec.kind, j.spec.queue, j.state) for j in reply.jobs] == [
         ("echo", "default", S.JOB_STATE_QUEUED),
         ("fail", "default", S.JOB_STATE_QUEUED),
+        ("echo", "default", S.JOB_STATE_QUEUED),
     ]
     assert not ok.spec.HasField("args") and ok.spec.payload == b"" and len(ok.id) == 32
     assert reply.ByteSize() < 1_000
-    await client.wait_results([ok.id, failing.id])
+    await client.wait_results([ok.id, failing.id, big.id])
+    assert await redis.exists(keys.job_apart(big.id, "result"))  # its result is kept apart
 
     def inputs_and_outputs(job: job_pb2.Job) -> tuple[object, int, object, int]:
         return (
@@ -110,11 +115,14 @@ async def test_the_basic_view_leaves_inputs_and_outputs_out_of_submit_and_listin
 
     stored = (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=ok.id))).job
     assert inputs_and_outputs(stored) == ({"i": 1}, 50_000, {"i": 1}, 0)
-    for view, want in ((full, ({"i": 1}, 50_000, {"i": 1}, 0)), (basic, (None, 0, None, 0))):
+    for view, want, gets in ((full, ({"i": 1}, 50_000, {"i": 1}, 0), 1), (basic, (None, 0, None, 0), 0)):
+        before = await plain_gets(redis)
         page = await client.stub.ListJobs(scheduler_pb2.ListJobsRequest(view=view), timeout=10)
+        assert await plain_gets(redis) - before == gets  # the big result, read only for the full view
         listed = {j.id: j for j in page.jobs}
         assert inputs_and_outputs(listed[ok.id]) == want
         assert listed[ok.id].state == S.JOB_STATE_SUCCEEDED and listed[ok.id].attempts[0].worker_id
+        assert (value(listed[big.id].result) == {"big": "b" * 20_000}) == (view == full)
     failed = (await client.stub.ListFailedJobs(scheduler_pb2.ListFailedJobsRequest(view=basic))).jobs
     assert [j.id for j in failed] == [failing.id] and failed[0].error.code
 
@@ -128,7 +136,12 @@ async def test_the_basic_view_leaves_inputs_and_outputs_out_of_submit_and_listin
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert re.fullmatch(r"view: -?\d+ is not a JobView", err.value.details() or "")
     page = await client.stub.ListJobs(scheduler_pb2.ListJobsRequest(view=basic), timeout=10)
-    assert len(page.jobs) == 2  # the refused submit stored nothing
+    assert len(page.jobs) == 3  # the refused submit stored nothing
+
+
+async def plain_gets(redis: Redis) -> int:
+    """The GET commands Redis has run (how values kept apart from job hashes are read)."""
+    return int((await redis.info("commandstats")).get("cmdstat_get", {}).get("calls", 0))
 
 
 async def test_watch_with_max_batch_delivers_every_completion_once_in_bounded_responses(client: Client) -> None:
