@@ -190,9 +190,7 @@ def svg(curve: str, points: list[int], series: dict[str, list[float]]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def report(
-    results: dict[str, dict[int, list[dict[str, float]]]], rounds: int, jobs: int, *, charts: bool = False
-) -> str:
+def report(results: dict[str, dict[int, list[dict[str, float]]]], jobs: int, *, charts: bool = False) -> str:
     """docs/CURVES.md's text for ``results``; with ``charts``, also writes each curve's chart."""
     lines = [
         "# Cost as work grows",
@@ -200,7 +198,7 @@ def report(
         "`make bench-curves` (`python -m bench.curves --report`; `--curves` measures some of them again),",
         f"on this project's 2-core machine: the batched load ({jobs:,} jobs, `SubmitJobs` of 1,000, one gateway,",
         "two workers of 64 slots, `echo`) beside more and more of one thing, CPU µs per job of each process",
-        f"from /proc, medians of {rounds} round(s). The target: the total within 20% of the curve's smallest",
+        "from /proc, medians of the rounds each curve names. The target: the total within 20% of the curve's smallest",
         "point. Runs of one configuration differ by up to a fifth on this machine, and its pace from one",
         "day to the next by more: compare points within a curve, each measured on one day.",
         "",
@@ -219,8 +217,10 @@ def report(
             (ROOT / "docs" / "bench" / f"curve-{curve}.svg").write_text(svg(curve, points, series))
         smallest = min(med[p]["total"] for p in points)
         lines += [f"## {LABELS[curve][0].upper()}{LABELS[curve][1:]}", "", f"![{curve}](bench/curve-{curve}.svg)", ""]
-        if dates:
-            lines += [f"Measured {', '.join(dates)}.", ""]
+        rounds = sorted({len(runs) for runs in by_point.values()})
+        said = f"{rounds[0]}" if len(rounds) == 1 else f"{rounds[0]} to {rounds[-1]}"
+        said += " round per point" if rounds == [1] else " rounds per point"
+        lines += [f"Measured {', '.join(dates)}, {said}." if dates else f"{said[0].upper()}{said[1:]}.", ""]
         lines += ["| point | jobs/s | gateway | workers | Redis | total | vs smallest | verdict |"]
         lines += ["|---:|---:|---:|---:|---:|---:|---:|---|"]
         for p in points:
@@ -264,10 +264,12 @@ FINDINGS = """## What bent, and what straightened it
   of the jobs of all the streams due within 50 ms in one call and wakes only a stream one of whose
   jobs has ended; a quiet stream's task sleeps until something comes. With 10,000 quiet streams and
   no load, 7 to 47 s after they opened, the gateway used 2.2% of a core against 6.7-6.9% before
-  and Redis 0.9% against 1.1-1.2% (2026-12-05, two runs each, in alternating order). The curve
-  has not been measured again since: on that day runs of one point moved by more than the
-  difference (171 to 254 µs per job at the 0 point). Following many jobs per stream (`job_ids`
-  takes up to `max_watch_ids`), or a longer `reconcile_ms`, costs less than a stream per job.
+  and Redis 0.9% against 1.1-1.2% (2026-12-05, two runs each, in alternating order). Measured
+  again after that change (the table above, five rounds), the 10,000 point costs the gateway
+  about what no streams do, and the curve is straight (one point's five runs still ranged from
+  224 to 399 µs per job in all on this machine: the medians of several rounds are what compare).
+  Following many jobs per stream (`job_ids` takes up to `max_watch_ids`), or a longer
+  `reconcile_ms`, costs less than a stream per job.
 - **Opening 10,000 streams at once.** Up to then some of them were cut with CANCELLED as they
   opened: gRPC's core cancels calls beyond 1,000 waiting for the server's event loop, and the
   curve did not check its streams, so its 10,000 point may have had fewer open. Gateways now let up
@@ -318,7 +320,7 @@ def main() -> int:
         saved.update({c: {str(n): runs for n, runs in by.items()} for c, by in results.items()})
         SAVED.write_text(json.dumps(saved, indent=1) + "\n")
         results = {c: {int(n): runs for n, runs in saved[c].items()} for c in CURVES if c in saved}
-    text = report(results, args.rounds, args.jobs, charts=args.report)
+    text = report(results, args.jobs, charts=args.report)
     if args.report:
         (ROOT / "docs" / "CURVES.md").write_text(text)
     print(text)
