@@ -384,13 +384,19 @@ class Executor:
         take = () if self.draining else {o.job_id for o in outcomes if self._frees_slot(o.job_id, o.lease)}
         async with asyncio.timeout(self.call_s):
             finished = await self.calls.finish_many(self.id, self.instance, outcomes, take=take)
-        for d in finished.taken:
-            self.on_dispatch(d, taken=True)
+        if finished.taken:
+            # Run once the outcomes' callers have resumed: their slots, which the taken jobs fill,
+            # are free by then, so each taken job finds its slot without waiting.
+            asyncio.get_running_loop().call_soon(self._run_taken, finished.taken)
         self.metrics.placed.inc(sum(p.reached for p in finished.placements))
         for p in finished.placements:
             if not p.reached:
                 log.warning("job_id=%s dispatch to worker %s reached nobody; it waits again", p.job_id, p.worker_id)
         return finished.codes
+
+    def _run_taken(self, taken: Sequence[relay_pb2.DispatchJob]) -> None:
+        for d in taken:
+            self.on_dispatch(d, taken=True)
 
     def _frees_slot(self, job_id: str, lease: int) -> bool:
         """Whether the job's slot comes free when its finish returns (not held by a handler thread
