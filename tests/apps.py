@@ -40,6 +40,12 @@ def lookup(job: JobContext) -> object:
     return table[str(job.args["key"])]
 
 
+@app.handler("own-timeout")
+async def own_timeout(job: JobContext) -> None:
+    """Raises a TimeoutError of its own (a call it made timed out), well within the job's timeout."""
+    raise TimeoutError("upstream took too long")
+
+
 @app.handler("block")
 def block(job: JobContext) -> None:
     """Blocks its thread for ``args.seconds``, ignoring any timeout (threads cannot be stopped)."""

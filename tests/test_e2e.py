@@ -320,10 +320,22 @@ async def test_failing_handler_records_failed_with_the_exception_text(client: Cl
     assert event.error.code == "HANDLER_ERROR" and "boom" in event.error.message
 
 
-async def test_worker_stops_a_job_that_runs_past_its_timeout(client: Client) -> None:
-    job_id = (await client.submit("sleep", {"seconds": 30}, timeout=Duration(nanos=300_000_000), max_attempts=1)).job.id
-    event = (await client.wait_results([job_id], timeout=10))[job_id]
-    assert event.state == S.JOB_STATE_FAILED and event.error.code == "TIMEOUT"
+async def test_worker_stops_each_job_that_runs_past_its_own_timeout(client: Client) -> None:
+    # Later jobs with earlier deadlines, and one that ends within its timeout: each deadline holds.
+    jobs = {}
+    for name, seconds, timeout_ms in (("long", 30, 1_500), ("short", 30, 300), ("in time", 0.2, 3_000)):
+        timeout = Duration(seconds=timeout_ms // 1000, nanos=timeout_ms % 1000 * 1_000_000)
+        jobs[name] = (await client.submit("sleep", {"seconds": seconds}, timeout=timeout, max_attempts=1)).job.id
+    began = asyncio.get_running_loop().time()
+    ended = {}
+    call = client.stub.WatchResults(scheduler_pb2.WatchResultsRequest(job_ids=list(jobs.values())), timeout=15)
+    async for resp in call:
+        ended[resp.event.job_id] = (resp.event, asyncio.get_running_loop().time() - began)
+    short, long, in_time = (ended[jobs[n]] for n in ("short", "long", "in time"))
+    assert [e.error.code for e, _ in (short, long)] == ["TIMEOUT", "TIMEOUT"]
+    assert short[0].error.message == "attempt 1 ran longer than 300 ms"
+    assert short[1] < long[1] and long[1] >= 1.2  # none ended before its own deadline
+    assert in_time[0].state == S.JOB_STATE_SUCCEEDED
 
 
 async def test_cancelling_a_queued_job_removes_it_from_its_queue(

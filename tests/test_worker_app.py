@@ -49,6 +49,13 @@ async def test_a_handlers_exception_is_logged_with_its_traceback_job_kind_and_at
     assert after.lstrip().startswith("Traceback (most recent call last):") and "in lookup" in after, after[:2000]
 
 
+async def test_a_handlers_own_timeout_error_is_a_handler_error_not_the_jobs_timeout(client: Client) -> None:
+    job_id = (await client.submit("own-timeout", max_attempts=1)).job.id
+    event = (await client.wait_results([job_id]))[job_id]
+    assert event.state == S.JOB_STATE_FAILED
+    assert (event.error.code, event.error.message) == ("HANDLER_ERROR", "TimeoutError: upstream took too long")
+
+
 async def test_kinds_the_app_does_not_register_wait_for_a_worker_that_does(client: Client, stack: Stack) -> None:
     job_id = (await client.submit("echo", {"waits": True})).job.id
     stack.start_worker()  # the default app, with the built-in echo

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,6 +59,7 @@ class Running:
     handler_task: asyncio.Future[Any] | None = None
     thread: Future[Any] | None = None  # the handler's thread, for plain-function handlers
     cancel_requested: bool = False
+    timed_out: bool = False  # its handler was cancelled at the job's deadline
     started: bool = False
 
 
@@ -82,6 +86,15 @@ class Executor:
         # By (job id, lease): an attempt is known by its placement, so a dispatch for the same job with
         # another lease (a later placement, or a forgery) never displaces the attempt running here.
         self.jobs: dict[tuple[str, int], Running] = {}
+        self.running = 0  # jobs started here and not ended (the running-jobs gauge reads it when scraped)
+        metrics.running.set_function(lambda: self.running)
+        # The deadlines of running handlers, earliest first, with one timer for the earliest: a
+        # timer per job costs several times as much. Entries of jobs that ended stay until the heap
+        # holds twice as many as are running (then it is rebuilt without them).
+        self.deadlines: list[tuple[float, int, Running]] = []
+        self.deadline_timer: asyncio.TimerHandle | None = None
+        self.deadline_at = math.inf
+        self._order = itertools.count()  # ties between deadlines: never compare Running objects
         self.draining = False
         self.stuck_threads = 0  # handler threads still running after their job ended
         self.on_slot_lost: Callable[[], None] = lambda: None  # a slot is held by a stuck thread: report it
@@ -110,6 +123,8 @@ class Executor:
         await self.starts.aclose()
         await self.finishes.aclose()
         await self.spec_reads.aclose()
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # --- placements ----------------------------------------------------------------------
@@ -164,7 +179,7 @@ class Executor:
                 return
             log.info("job_id=%s kind=%s attempt=%d started", d.job_id, d.spec.kind, d.attempt)
             running.started = True
-            self.metrics.running.inc()
+            self.running += 1
             if self.settings.tracing and d.spec.trace_context:
                 attributes = {"jobgate.job_id": d.job_id, "jobgate.attempt": d.attempt, "jobgate.queue": d.spec.queue}
                 with tracing.run_span(d.spec.trace_context, d.spec.kind, attributes) as span:
@@ -179,7 +194,7 @@ class Executor:
             log.exception("job_id=%s could not be run", d.job_id)
         finally:
             if running.started:
-                self.metrics.running.dec()
+                self.running -= 1
             if self.jobs.get((d.job_id, d.lease)) is running:
                 del self.jobs[d.job_id, d.lease]
             if acquired:
@@ -292,18 +307,21 @@ class Executor:
             running.thread = self.pool.submit(registered.fn, ctx)
             running.handler_task = asyncio.wrap_future(running.thread)
         began = time.perf_counter()
+        if timeout_s is not None:
+            self._watch_deadline(running, timeout_s)  # cancels the handler's task when it passes
         try:
-            async with asyncio.timeout(timeout_s):  # cancels the handler's task when it fires
-                value = await running.handler_task
-        except TimeoutError:
-            return Result(
-                job_pb2.JOB_STATE_FAILED,
-                error_code="TIMEOUT",
-                error_message=f"attempt {d.attempt} ran longer than {d.timeout_ms} ms",
-            )
+            value = await running.handler_task
         except asyncio.CancelledError:
-            if running.cancel_requested and not _cancelling():
+            if _cancelling():  # this worker is stopping: the job is handed back
+                raise
+            if running.cancel_requested:
                 return Result(job_pb2.JOB_STATE_CANCELLED, error_code="CANCELLED", error_message="cancelled by request")
+            if running.timed_out:
+                return Result(
+                    job_pb2.JOB_STATE_FAILED,
+                    error_code="TIMEOUT",
+                    error_message=f"attempt {d.attempt} ran longer than {d.timeout_ms} ms",
+                )
             raise
         except Fatal as exc:
             log.warning(
@@ -333,6 +351,36 @@ class Executor:
         finally:
             self._metric(self.metrics.duration, d.spec.kind).observe(time.perf_counter() - began)
         return _success(value)
+
+    def _watch_deadline(self, running: Running, timeout_s: float) -> None:
+        """Cancels ``running``'s handler when ``timeout_s`` has passed, unless it has ended by then."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + timeout_s
+        if len(self.deadlines) > 2 * len(self.jobs) + 64:  # mostly jobs that ended: drop them
+            self.deadlines = [e for e in self.deadlines if not _ended(e[2])]
+            heapq.heapify(self.deadlines)
+        heapq.heappush(self.deadlines, (when, next(self._order), running))
+        if when < self.deadline_at:
+            self._arm(loop, when)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+        self.deadline_at = when
+        self.deadline_timer = loop.call_at(when, self._deadlines_passed)
+
+    def _deadlines_passed(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.deadline_timer, self.deadline_at = None, math.inf
+        now = loop.time()
+        while self.deadlines and self.deadlines[0][0] <= now:
+            running = heapq.heappop(self.deadlines)[2]
+            if not _ended(running) and not running.cancel_requested:
+                running.timed_out = True
+                assert running.handler_task is not None
+                running.handler_task.cancel()
+        if self.deadlines:
+            self._arm(loop, self.deadlines[0][0])
 
     async def _dependency_results(self, d: relay_pb2.DispatchJob) -> dict[str, Any]:
         """The results of the jobs ``d`` depends on (read once, as the attempt starts)."""
@@ -428,6 +476,11 @@ class Executor:
 _STATE_NAMES = {number: name for name, number in job_pb2.JobState.items()}
 RETRIED = ("HANDLER_ERROR", "TIMEOUT")  # failures the finish script retries while attempts are left
 RETRY_LOG_S = 30.0  # how often a start or outcome that Redis keeps refusing is logged again
+
+
+def _ended(running: Running) -> bool:
+    """Whether a job's handler has returned (or never started)."""
+    return running.handler_task is None or running.handler_task.done()
 
 
 def _cancelling() -> bool:
