@@ -314,14 +314,14 @@ class Executor:
         except asyncio.CancelledError:
             if _cancelling():  # this worker is stopping: the job is handed back
                 raise
-            if running.cancel_requested:
-                return Result(job_pb2.JOB_STATE_CANCELLED, error_code="CANCELLED", error_message="cancelled by request")
-            if running.timed_out:
+            if running.timed_out:  # set only when no cancel had been requested: the deadline came first
                 return Result(
                     job_pb2.JOB_STATE_FAILED,
                     error_code="TIMEOUT",
                     error_message=f"attempt {d.attempt} ran longer than {d.timeout_ms} ms",
                 )
+            if running.cancel_requested:
+                return Result(job_pb2.JOB_STATE_CANCELLED, error_code="CANCELLED", error_message="cancelled by request")
             raise
         except Fatal as exc:
             log.warning(
