@@ -116,9 +116,9 @@ async def test_the_basic_view_leaves_inputs_and_outputs_out_of_submit_and_listin
     stored = (await client.stub.GetJob(scheduler_pb2.GetJobRequest(id=ok.id))).job
     assert inputs_and_outputs(stored) == ({"i": 1}, 50_000, {"i": 1}, 0)
     for view, want, gets in ((full, ({"i": 1}, 50_000, {"i": 1}, 0), 1), (basic, (None, 0, None, 0), 0)):
-        before = await plain_gets(redis)
+        before = await command_calls(redis, "get")  # how values kept apart from job hashes are read
         page = await client.stub.ListJobs(scheduler_pb2.ListJobsRequest(view=view), timeout=10)
-        assert await plain_gets(redis) - before == gets  # the big result, read only for the full view
+        assert await command_calls(redis, "get") - before == gets  # the big result, read only for the full view
         listed = {j.id: j for j in page.jobs}
         assert inputs_and_outputs(listed[ok.id]) == want
         assert listed[ok.id].state == S.JOB_STATE_SUCCEEDED and listed[ok.id].attempts[0].worker_id
@@ -137,11 +137,6 @@ async def test_the_basic_view_leaves_inputs_and_outputs_out_of_submit_and_listin
         assert re.fullmatch(r"view: -?\d+ is not a JobView", err.value.details() or "")
     page = await client.stub.ListJobs(scheduler_pb2.ListJobsRequest(view=basic), timeout=10)
     assert len(page.jobs) == 3  # the refused submit stored nothing
-
-
-async def plain_gets(redis: Redis) -> int:
-    """The GET commands Redis has run (how values kept apart from job hashes are read)."""
-    return int((await redis.info("commandstats")).get("cmdstat_get", {}).get("calls", 0))
 
 
 async def test_watch_with_max_batch_delivers_every_completion_once_in_bounded_responses(client: Client) -> None:
@@ -430,9 +425,14 @@ async def test_a_job_whose_outcome_event_was_lost_still_ends_its_streams(
         run_on.cancel()
 
 
-async def script_calls(redis: Redis) -> int:
+async def command_calls(redis: Redis, *names: str) -> int:
+    """How many times Redis has run the commands ``names`` (lower case), from INFO commandstats."""
     stats = await redis.info("commandstats")
-    return sum(int(v["calls"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+    return sum(int(v["calls"]) for k, v in stats.items() if k.removeprefix("cmdstat_") in names)
+
+
+async def script_calls(redis: Redis) -> int:
+    return await command_calls(redis, "evalsha", "eval")
 
 
 async def test_a_thousand_quiet_streams_reread_their_jobs_in_few_calls_and_submits_go_on(
