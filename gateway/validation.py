@@ -52,11 +52,17 @@ class QueueDefaults:
     retry_multiplier: float = 2.0
     retention_s: int = 86_400  # how long a finished job is kept
     dead_retention_s: int = 604_800  # how long a FAILED job (a dead letter) is kept
+    # the backoff of a job that sets no retry policy, as the scripts read it (see _backoff)
+    backoff: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        initial, most = self.retry_initial_backoff_ms, self.retry_max_backoff_ms
+        object.__setattr__(self, "backoff", f"{initial},{max(most, initial)},{self.retry_multiplier:g}")
 
     def check(self, where: str = "") -> None:
         """Raises ValueError naming the first value that cannot work (``where``: e.g. "queue_settings[q]: ")."""
         for f in fields(self):
-            if getattr(self, f.name) <= 0:
+            if f.init and getattr(self, f.name) <= 0:
                 raise ValueError(f"{where}{f.name} must be positive")
         if self.max_attempts > MAX_ATTEMPTS_LIMIT:
             raise ValueError(f"{where}max_attempts must be at most {MAX_ATTEMPTS_LIMIT}")
@@ -70,7 +76,7 @@ def parse_queue_settings(text: str, base: QueueDefaults) -> dict[str, QueueDefau
     """Per-queue overrides of ``base`` from the ``queue_settings`` format: entries separated by
     ``;``, each a queue name then ``name=value`` pairs, e.g. ``emails max_attempts=10
     retry_initial_backoff_ms=5000; reports retention_s=600``. Raises ValueError naming what is wrong."""
-    known = {f.name: f.type for f in fields(QueueDefaults)}
+    known = {f.name: f.type for f in fields(QueueDefaults) if f.init}
     out: dict[str, QueueDefaults] = {}
     for entry in (e.strip() for e in text.split(";")):
         if not entry:
@@ -333,49 +339,52 @@ def check_later_job(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: 
 
 def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = "") -> PreparedJob:
     """Validates one submit request. Raises InvalidArgument or ResourceExhausted naming the field."""
+    # Every batched job passes here: the fields a request leaves unset (most of them) cost a test
+    # each and nothing more, and the names of fields are spelled out only for an error.
+    has = req.HasField
+    queue_text, kind = req.queue, req.kind
     spec = job_pb2.JobSpec(
-        queue=queue_name(req.queue, f"{field}queue"),
-        kind=kind_name(req.kind, f"{field}kind"),
+        queue=queue_name(queue_text, f"{field}queue") if queue_text else DEFAULT_QUEUE,
+        kind=kind if kind and KIND_RE.fullmatch(kind) else kind_name(kind, f"{field}kind"),
         payload=req.payload,
         idempotency_key=req.idempotency_key,
     )
-    if req.HasField("args"):
-        _check_value(req.args, f"{field}args")
+    has_args = has("args")
+    if has_args:
+        _check_value(req.args, field, "args")
         spec.args.CopyFrom(req.args)
-    if not 0 <= req.priority <= MAX_PRIORITY:
-        raise InvalidArgument(f"{field}priority: must be between 0 and {MAX_PRIORITY}")
-    spec.priority = req.priority
+    if req.priority:
+        if not 0 <= req.priority <= MAX_PRIORITY:
+            raise InvalidArgument(f"{field}priority: must be between 0 and {MAX_PRIORITY}")
+        spec.priority = req.priority
     if not 0 <= req.max_attempts <= MAX_ATTEMPTS_LIMIT:
         raise InvalidArgument(f"{field}max_attempts: must be between 1 and {MAX_ATTEMPTS_LIMIT} (0 = default)")
     queue = limits.for_queue(spec.queue)
     spec.max_attempts = req.max_attempts or queue.max_attempts
     timeout_ms = queue.default_timeout_ms
-    if req.HasField("timeout"):
+    if has("timeout"):
         duration_ms(req.timeout, f"{field}timeout", MAX_TIMEOUT_MS, "7 days")
         if req.timeout.seconds or req.timeout.nanos:
             timeout_ms = max(1, req.timeout.ToMilliseconds())
             spec.timeout.CopyFrom(req.timeout)
-    due_ms = _due(req, spec, field)
-    backoff = _backoff(req, spec, queue, field)
-    if len(req.idempotency_key) > MAX_IDEMPOTENCY_KEY:
-        raise InvalidArgument(f"{field}idempotency_key: must be at most {MAX_IDEMPOTENCY_KEY} characters")
-    group = _labels(req, spec, field)
-    depends = _dependencies(req, spec, field)
-    if len(req.unique_key) > MAX_IDEMPOTENCY_KEY:
-        raise InvalidArgument(f"{field}unique_key: must be at most {MAX_IDEMPOTENCY_KEY} characters")
-    spec.unique_key = req.unique_key
-    if req.concurrency_key and not CONCURRENCY_KEY_RE.fullmatch(req.concurrency_key):
-        raise InvalidArgument(
-            f"{field}concurrency_key: must be 1-{MAX_CONCURRENCY_KEY} characters from [A-Za-z0-9_.:@/+=-]"
-        )
-    spec.concurrency_key = req.concurrency_key
-    size = len(req.payload) + (req.args.ByteSize() if req.HasField("args") else 0)
-    if size > limits.max_payload_bytes:
-        raise ResourceExhausted(
-            f"{field}payload: args and payload take {size} bytes, over the limit of {limits.max_payload_bytes} bytes"
-        )
-    spec_bytes = spec.SerializeToString(deterministic=True)
+    due_ms = _due(req, spec, field) if has("run_at") or has("delay") else 0
+    backoff = _backoff(req, spec, queue, field) if has("retry") else queue.backoff
     idem = req.idempotency_key
+    if len(idem) > MAX_IDEMPOTENCY_KEY:
+        raise InvalidArgument(f"{field}idempotency_key: must be at most {MAX_IDEMPOTENCY_KEY} characters")
+    group = _labels(req, spec, field) if req.labels else ""
+    depends = _dependencies(req, spec, field) if req.depends_on else ()
+    unique = req.unique_key
+    if unique or req.concurrency_key:
+        _keys(req, spec, field)
+    spec_bytes = spec.SerializeToString(deterministic=True)
+    if len(spec_bytes) > limits.max_payload_bytes:  # the spec holds the args and payload, and more
+        size = len(req.payload) + (req.args.ByteSize() if has_args else 0)
+        if size > limits.max_payload_bytes:
+            raise ResourceExhausted(
+                f"{field}payload: args and payload take {size} bytes, "
+                f"over the limit of {limits.max_payload_bytes} bytes"
+            )
     return PreparedJob(
         id=new_job_id(),
         spec=spec,
@@ -388,7 +397,7 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
         backoff=backoff,
         retention_s=queue.retention_s,
         dead_retention_s=queue.dead_retention_s,
-        unique_digest=idempotency_digest(spec.queue, req.unique_key) if req.unique_key else "",
+        unique_digest=idempotency_digest(spec.queue, unique) if unique else "",
         group=group,
         depends=depends,
     )
@@ -397,6 +406,18 @@ def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = ""
 MAX_DEPENDENCIES = 100
 MAX_CONCURRENCY_KEY = 128
 CONCURRENCY_KEY_RE = re.compile(rf"[A-Za-z0-9_.:@/+=-]{{1,{MAX_CONCURRENCY_KEY}}}")
+
+
+def _keys(req: scheduler_pb2.SubmitJobRequest, spec: job_pb2.JobSpec, field: str) -> None:
+    """Checks and copies a job's unique and concurrency keys. Raises InvalidArgument."""
+    if len(req.unique_key) > MAX_IDEMPOTENCY_KEY:
+        raise InvalidArgument(f"{field}unique_key: must be at most {MAX_IDEMPOTENCY_KEY} characters")
+    spec.unique_key = req.unique_key
+    if req.concurrency_key and not CONCURRENCY_KEY_RE.fullmatch(req.concurrency_key):
+        raise InvalidArgument(
+            f"{field}concurrency_key: must be 1-{MAX_CONCURRENCY_KEY} characters from [A-Za-z0-9_.:@/+=-]"
+        )
+    spec.concurrency_key = req.concurrency_key
 
 
 def _dependencies(req: scheduler_pb2.SubmitJobRequest, spec: job_pb2.JobSpec, field: str) -> tuple[str, ...]:
@@ -484,17 +505,19 @@ def duration_ms(d: duration_pb2.Duration, field: str, most_ms: int, most_text: s
     return int(d.ToMilliseconds())
 
 
-def _check_value(value: struct_pb2.Value, field: str) -> None:
+def _check_value(value: struct_pb2.Value, field: str, name: str = "") -> None:
     """Refuses a Value (or nested Value) with no kind set: clients that build Values by hand (for
-    example a JavaScript object passed where the Value form is needed) would lose their input."""
+    example a JavaScript object passed where the Value form is needed) would lose their input.
+    The error names ``field`` followed by ``name``."""
     stack = [value]
     while stack:
         v = stack.pop()
         kind = v.WhichOneof("kind")
         if kind is None:
-            raise InvalidArgument(f"{field}: a google.protobuf.Value with no kind set (use null_value for null)")
+            raise InvalidArgument(f"{field}{name}: a google.protobuf.Value with no kind set (use null_value for null)")
         if kind == "struct_value":
-            stack.extend(v.struct_value.fields.values())
+            fields_ = v.struct_value.fields
+            stack += [fields_[k] for k in fields_]  # not .values(): a view iterated in Python
         elif kind == "list_value":
             stack.extend(v.list_value.values)
 

@@ -197,3 +197,21 @@ def test_the_grpc_floor_leaves_the_benchmark_process_clean_for_the_system_measur
         system.stop()
     err = capfd.readouterr().err + caplog.text  # asyncio reports a callback's exception through logging
     assert "Event loop is closed" not in err and "Exception in callback" not in err, err[-2000:]
+
+
+def test_the_profile_reports_each_process_and_redis_time_by_script() -> None:
+    """``python -m bench.profile batched --scripts`` (a small run): CPU per job for every process of
+    the stack, and Redis's own time by script, the submit and finish_many scripts among them."""
+    stdout, output = run_module("bench.profile", "batched", "--jobs", "2000", "--scripts", timeout=120)
+    per_job = {
+        line.split()[0] + (" " + line.split()[1] if line.startswith("worker") else ""): float(line.split()[-1])
+        for line in stdout.splitlines()
+        if re.match(r"(redis|gateway|client|worker \d|all) +\d+% +\d+$", line)
+    }
+    assert set(per_job) == {"redis", "gateway", "client", "worker 1", "worker 2", "all"}, output
+    assert all(v > 0 for v in per_job.values()), output
+    scripts = {line.split()[0]: line.split()[1:] for line in stdout.split("Redis, by command", 1)[1].splitlines()[1:]}
+    for name in ("submit", "finish_many"):
+        assert name in scripts, output
+        calls, per_call, per_job_us = scripts[name]
+        assert int(calls.replace(",", "")) > 0 and float(per_call) > 0 and float(per_job_us) > 0, output
