@@ -447,7 +447,7 @@ def _between(results: Results, found: list[Target]) -> str:
             "  two; a job makes about twenty) and of the gateway's Python; on two cores the stack uses both\n"
             "  while a backlog drains. Large values no longer enter the scripts (written beside their calls);\n"
             "  a 10 KB job still costs the gateway about 50 µs more than a small one, in protobuf copies of\n"
-            "  its payload and output and Python's per-command work. 10 KB has measured 1.62× to 2.00× the\n"
+            "  its payload and output and Python's per-command work. 10 KB has measured 1.62× to 2.20× the\n"
             "  fastest peer in the runs of 2026-12-04 and 2026-12-05 (on two kinds of processor)."
         )
     if "100kb" in missed:
