@@ -3,6 +3,9 @@
 -- 7 SCHEDULED, 8 BLOCKED.
 local QUEUED, DISPATCHED, RUNNING, SUCCEEDED, FAILED, CANCELLED, SCHEDULED = 1, 2, 3, 4, 5, 6, 7
 local BLOCKED = 8
+-- The states as the job hash stores them: a number passed to redis.call is turned into text by
+-- sprintf for every call (about 0.35 µs), text is passed as it is.
+local STATE_TEXT = {'1', '2', '3', '4', '5', '6', '7', '8'}
 -- How messages go out: on a Redis Cluster, protocol/scripts.py registers the scripts with SPUBLISH
 -- here (shard channels, which stay on the node of the keys' slot).
 local PUBLISH = 'PUBLISH'
@@ -222,7 +225,7 @@ end
 
 -- Puts a job in the delayed zset, SCHEDULED until `due` (ms).
 local function schedule_job(ns, jk, id, queue, due, now)
-  redis.call('HSET', jk, 'state', SCHEDULED, 'worker', '', 'due', due, 'updated', now)
+  redis.call('HSET', jk, 'state', STATE_TEXT[SCHEDULED], 'worker', '', 'due', due, 'updated', now)
   redis.call('HDEL', jk, 'progress')
   count(ns, queue, 'n_scheduled', redis.call('ZADD', ns.delayed, due, id))
   unbook(ns, queue, id, redis.call('HGET', jk, 'ckey'), now)  -- a retry waiting out its backoff
@@ -382,7 +385,7 @@ local function requeue(ns, jk, job_id, now, interrupted)
   local j = redis.call('HMGET', jk, 'queue', 'prio', 'seq', 'attempt', 'kind', 'group', 'ckey')
   local attempt = tonumber(j[4])
   if interrupted and attempt > 0 then attempt = attempt - 1 end
-  redis.call('HSET', jk, 'state', QUEUED, 'worker', '', 'attempt', attempt, 'updated', now)
+  redis.call('HSET', jk, 'state', STATE_TEXT[QUEUED], 'worker', '', 'attempt', attempt, 'updated', now)
   redis.call('HDEL', jk, 'progress')
   if j[7] then  -- back in its key's line, then the key may line up its next job (perhaps this one)
     key_wait(ns, jk, job_id, j[1], j[7])
@@ -432,7 +435,7 @@ local resolve_dependents  -- defined below finish_job, which calls it
 -- set here: its id is added to unbooked[queue], for the caller to remove with the others at once
 -- (before anything reads the set).
 local function finish_job(ns, jk, id, queue, state, code, message, now, more, known, unbooked)
-  local fields = {'state', state, 'err_code', code, 'err_msg', message, 'finished', now, 'updated', now}
+  local fields = {'state', STATE_TEXT[state], 'err_code', code, 'err_msg', message, 'finished', now, 'updated', now}
   if more then
     for _, v in ipairs(more) do fields[#fields + 1] = v end
   end
@@ -588,7 +591,7 @@ local function start_job(ns, jk, lease, worker_id, instance, now)
   if tonumber(j[1]) == RUNNING then return 1 end
   if tonumber(j[1]) ~= DISPATCHED then return 0 end
   if not registered_instance(ns, worker_id, instance) then return 0 end
-  redis.call('HSET', jk, 'state', RUNNING, 'attempt', tonumber(j[4]) + 1, 'started', now, 'updated', now)
+  redis.call('HSET', jk, 'state', STATE_TEXT[RUNNING], 'attempt', tonumber(j[4]) + 1, 'started', now, 'updated', now)
   return 1, true
 end
 
@@ -969,7 +972,7 @@ local function place_jobs(ns, queue, now, ack_ms, most, out, only)
   local acks = {}
   for _, p in ipairs(placed) do
     local ack_by = now + (p.ack or ack_ms)
-    redis.call('HSET', job_key(ns.P, p.id), 'state', DISPATCHED, 'worker', p.worker,
+    redis.call('HSET', job_key(ns.P, p.id), 'state', STATE_TEXT[DISPATCHED], 'worker', p.worker,
       'lease', string.format('%.0f', p.lease), 'updated', now)
     acks[#acks + 1], acks[#acks + 2] = ack_by, p.id
     p.d = pb_dispatch(p.id, p.lease, p.attempt, p.spec, p.timeout_ms, ack_by)

@@ -44,7 +44,7 @@ local function take_jobs(queue, most, out, taken)
   local dispatched, running = pb_int(e.state, DISPATCHED), pb_int(e.state, RUNNING)
   local tail = pb_bytes(e.worker_id, worker) .. pb_bytes(e.time, ts)
   for _, p in ipairs(placed) do
-    redis.call('HSET', job_key(ns.P, p.id), 'state', RUNNING, 'worker', p.worker,
+    redis.call('HSET', job_key(ns.P, p.id), 'state', STATE_TEXT[RUNNING], 'worker', p.worker,
       'lease', string.format('%.0f', p.lease), 'attempt', p.attempt, 'started', now, 'updated', now)
     taken[#taken + 1] = {id = p.id, d = pb_bytes(PB.DispatchJobs.jobs,
       pb_dispatch(p.id, p.lease, p.attempt, p.spec, p.timeout_ms))}

@@ -162,9 +162,9 @@ for _, i in ipairs(fresh) do
   table.insert(listed[queue], id)
   horizon[queue] = math.min(horizon[queue] or math.huge, tonumber(ARGV[a + 10]))
   local spec = ARGV[a + 1]  -- '': written apart (then 'queue' is set twice instead)
-  redis.call('HSET', KEYS[k], spec ~= '' and 'spec' or 'queue', spec ~= '' and spec or queue, 'queue', queue, 'kind', kind, 'prio', prio,
-    'seq', seq, 'state', QUEUED, 'attempt', 0, 'max_attempts', ARGV[a + 5], 'timeout_ms', ARGV[a + 6],
-    'worker', '', 'lease', 0, 'created', now, 'updated', now, 'ack', ARGV[6], 'backoff', ARGV[a + 9],
+  redis.call('HSET', KEYS[k], spec ~= '' and 'spec' or 'queue', spec ~= '' and spec or queue, 'queue', queue, 'kind', kind, 'prio', ARGV[a + 4],
+    'seq', seq, 'state', STATE_TEXT[QUEUED], 'attempt', '0', 'max_attempts', ARGV[a + 5], 'timeout_ms', ARGV[a + 6],
+    'worker', '', 'lease', '0', 'created', now, 'updated', now, 'ack', ARGV[6], 'backoff', ARGV[a + 9],
     'ttl', ARGV[a + 10], 'dttl', ARGV[a + 11])
   if ARGV[a + 12] ~= '' then
     redis.call('HSET', KEYS[k], 'unique', ARGV[a + 12])
@@ -178,7 +178,7 @@ for _, i in ipairs(fresh) do
   local blocker, detail = nil, nil
   if ARGV[a + 14] ~= '' then blocker, detail = depend(id, ARGV[a + 14]) end
   if blocker == 'blocked' then
-    redis.call('HSET', KEYS[k], 'state', BLOCKED, 'deps_left', detail)
+    redis.call('HSET', KEYS[k], 'state', STATE_TEXT[BLOCKED], 'deps_left', detail)
     count(ns, queue, 'n_blocked', 1)
     if due > tonumber(now) then redis.call('HSET', KEYS[k], 'due', due) end
     later[i] = true
