@@ -22,7 +22,7 @@
 --   with these outcomes started that still run on this worker. An error reply, with nothing
 --   written, when any state is not terminal.
 local ns = namespace(ARGV[1])
-local worker, now = ARGV[2], tonumber(ARGV[4])
+local worker, now, now_text = ARGV[2], tonumber(ARGV[4]), ARGV[4]  -- text for redis.call (see STATE_TEXT)
 local jobs = #KEYS - OWN_KEYS
 
 -- Starts up to `most` waiting jobs of `queue` on `worker` at once, as start would on its behalf:
@@ -45,7 +45,7 @@ local function take_jobs(queue, most, out, taken)
   local tail = pb_bytes(e.worker_id, worker) .. pb_bytes(e.time, ts)
   for _, p in ipairs(placed) do
     redis.call('HSET', job_key(ns.P, p.id), 'state', STATE_TEXT[RUNNING], 'worker', p.worker,
-      'lease', string.format('%.0f', p.lease), 'attempt', p.attempt, 'started', now, 'updated', now)
+      'lease', string.format('%.0f', p.lease), 'attempt', p.attempt, 'started', now_text, 'updated', now_text)
     taken[#taken + 1] = {id = p.id, d = pb_bytes(PB.DispatchJobs.jobs,
       pb_dispatch(p.id, p.lease, p.attempt, p.spec, p.timeout_ms))}
     p.reached = true
