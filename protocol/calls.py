@@ -229,7 +229,7 @@ class Calls:
             # large fields, answered by their length, and results kept apart: read them plainly
             reads: list[_PlainRead] = []
             for f, job_id, key in zip(out, job_ids, job_keys, strict=True):
-                reads += [(f, name, key, name) for name, v in f.items() if type(v) is int]
+                reads += [(f, name, key, name) for name in LARGE_EVENT_FIELDS if type(f.get(name)) is int]
                 reads += self._apart_reads(job_id, f)
             await self._read_plainly(reads)
         return cast(list[Fields], out)

@@ -27,8 +27,22 @@ Fields = Mapping[bytes, bytes]
 def timestamp(ms: int) -> Timestamp:
     """A Timestamp for milliseconds since the epoch."""
     ts = Timestamp()
-    ts.FromMilliseconds(ms)
+    set_ms(ts, ms)
     return ts
+
+
+MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the last time a Timestamp may hold
+
+
+def set_ms(ts: Timestamp, ms: int) -> None:
+    """Sets ``ts`` to ``ms`` milliseconds since the epoch, as ``FromMilliseconds`` does (which
+    raises ValueError outside 0001-01-01 to 9999-12-31) but without its Python-level checks for the
+    times jobs carry (after 1970): about a third less per call, three calls per completion."""
+    if 0 <= ms <= MAX_MS:
+        ts.seconds = ms // 1000
+        ts.nanos = ms % 1000 * 1_000_000
+    else:
+        ts.FromMilliseconds(ms)
 
 
 def events_message(events: Iterable[job_pb2.JobEvent]) -> bytes:
@@ -124,13 +138,13 @@ def job_from_hash(job_id: str, fields: Fields) -> job_pb2.Job:
     )
     job.spec.ParseFromString(fields.get(b"spec", b""))
     _fill_outcome(job, fields)
-    job.created_at.FromMilliseconds(_int(fields, b"created"))  # in place, as event_from_hash
+    set_ms(job.created_at, _int(fields, b"created"))  # in place, as event_from_hash
     if started := _int(fields, b"started"):
-        job.started_at.FromMilliseconds(started)
+        set_ms(job.started_at, started)
     if finished := _int(fields, b"finished"):
-        job.finished_at.FromMilliseconds(finished)
+        set_ms(job.finished_at, finished)
     if due := _int(fields, b"due"):
-        job.due_at.FromMilliseconds(due)
+        set_ms(job.due_at, due)
     if history := fields.get(b"history"):  # encoded as a Job's `attempts` field (see lua/_common.lua)
         job.attempts.extend(job_pb2.Job.FromString(history).attempts)
     if progress := fields.get(b"progress"):
@@ -141,20 +155,21 @@ def job_from_hash(job_id: str, fields: Fields) -> job_pb2.Job:
 
 def event_from_hash(job_id: str, fields: Fields) -> job_pb2.JobEvent:
     """The JobEvent describing a stored job's current state."""
+    get = fields.get  # each completion a gateway forwards passes here: lookups made once
     event = job_pb2.JobEvent(
         job_id=job_id,
-        queue=_str(fields, b"queue"),
-        kind=_str(fields, b"kind"),
-        state=_int(fields, b"state"),  # type: ignore[arg-type]
-        attempt=_int(fields, b"attempt"),
-        worker_id=_str(fields, b"worker"),
-        output=fields.get(b"output", b""),
+        queue=get(b"queue", b"").decode(),
+        kind=get(b"kind", b"").decode(),
+        state=int(get(b"state") or 0),  # type: ignore[arg-type]
+        attempt=int(get(b"attempt") or 0),
+        worker_id=get(b"worker", b"").decode(),
+        output=get(b"output", b""),
     )
     _fill_outcome(event, fields)
-    event.time.FromMilliseconds(_int(fields, b"updated"))  # in place: no Timestamp to copy
-    event.created_at.FromMilliseconds(_int(fields, b"created"))
-    if due := _int(fields, b"due"):
-        event.due_at.FromMilliseconds(due)
+    set_ms(event.time, int(get(b"updated") or 0))  # in place: no Timestamp to copy
+    set_ms(event.created_at, int(get(b"created") or 0))
+    if due := int(get(b"due") or 0):
+        set_ms(event.due_at, due)
     return event
 
 

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from jobgate.v1 import job_pb2, relay_pb2, scheduler_pb2
 
 from .calls import NO_WAIT, SCRIPT_FIELD_BYTES, Calls, Durability, by_shard
-from .codec import job_from_hash
+from .codec import job_from_hash, set_ms
 from .connection import now_ms
 from .errors import (
     AlreadyExists,
@@ -255,10 +255,10 @@ class GatewayCalls(Calls):
             stored = job_pb2.Job(id=job.id, spec=job.spec, state=job_pb2.JOB_STATE_QUEUED)
             if batch:
                 stored.batch_id = batch[0]
-            stored.created_at.FromMilliseconds(now)
+            set_ms(stored.created_at, now)
             if job.due_ms > now:
                 stored.state = job_pb2.JOB_STATE_SCHEDULED
-                stored.due_at.FromMilliseconds(job.due_ms)
+                set_ms(stored.due_at, job.due_ms)
             if int(code) == 3:
                 stored.state = job_pb2.JOB_STATE_BLOCKED
             out.append(stored)

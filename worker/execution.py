@@ -25,7 +25,7 @@ from google.protobuf.struct_pb2 import Value
 from common import tracing
 from jobgate.v1 import job_pb2, relay_pb2
 from protocol.coalesce import Coalescer
-from protocol.codec import events_message, python_to_value, value_to_python
+from protocol.codec import events_message, python_to_value, set_ms, value_to_python
 from protocol.connection import longest_call_s, now_ms
 from protocol.errors import transient
 from protocol.keys import JOB_ID_RE
@@ -469,7 +469,7 @@ class Executor:
             attempt=d.attempt,
             worker_id=self.id,
         )
-        event.time.FromMilliseconds(now_ms())
+        set_ms(event.time, now_ms())
         return event
 
 
