@@ -25,17 +25,9 @@ from pathlib import Path
 
 import redis as redis_client
 
-from bench.systems.jobgate import Jobgate
+from bench.systems.jobgate import Jobgate, cpu_s
 from devtools.servers import RedisProcess
 from protocol.scripts import NAMES, source
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    """User plus system CPU seconds a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def hot_spots(raw: Path, top: int) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.results import MACHINE, Results
+from bench.results import CPU_PROCESSES, MACHINE, Results
 
 KIB = 1024
 
@@ -196,6 +196,17 @@ def _figures(results: Results, ctx: Context) -> str:
         "unary through the Python client, jobs/s",
     ]
     throughput = _table(header, rows)
+    cpu = ""
+    if results.values("jobgate", "cpu:all"):
+        names = {"redis": "Redis", "gateway": "the gateway", "client": "the client"}
+        names["workers"] = f"the {ctx.workers} workers"
+        rows = [[names[n], results.spread("jobgate", f"cpu:{n}")] for n in CPU_PROCESSES]
+        cpu = (
+            "\n\njobgate's CPU per job while the batched figure above was measured, by process (from\n"
+            "`/proc`, so each process's own; the client submits and counts the completions): what a job\n"
+            "costs on this machine, which moves less with its pace than a rate does.\n\n"
+            + _table(["process", "CPU µs per batched job"], [*rows, ["all", results.spread("jobgate", "cpu:all")]])
+        )
     rows = [[s, results.spread(s, "p50", "{:.2f}"), results.spread(s, "p99", "{:.2f}")] for s in results.systems]
     latency = _table(["system", "p50, ms", "p99, ms"], rows)
     rows = [[s, *(results.spread(s, f"workers:{w}") for w in ctx.sweep)] for s in results.systems]
@@ -226,7 +237,7 @@ submitters (jobgate: raw `SubmitJob` calls; and, in the last column, the same {p
 its Python client's `submit`, which sends the submits that meet in flight as one `SubmitJobs`). How each
 system submits and waits is under [Systems and settings](#systems-and-settings).
 
-{throughput}
+{throughput}{cpu}
 {_chart(ctx, "throughput", "throughput per system")}
 ## Round trip latency
 

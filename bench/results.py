@@ -8,6 +8,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 MACHINE = "machine"  # the system name under which bench/reference.py's figures are kept
+# jobgate's processes whose CPU per batched job a run records ("cpu:<name>", µs; also "cpu:all")
+CPU_PROCESSES = ("redis", "gateway", "workers", "client")
 
 
 @dataclass
@@ -15,8 +17,9 @@ class Results:
     systems: list[str]
     # (system, measure) -> one value per round; measures: "batched", "unary" (jobs/s), "p50", "p99"
     # (ms), "workers:<n>", "payload:<bytes>" (jobs/s), "bytes_per_job" (bytes), "rss_idle",
-    # "rss_streams" (MB); for MACHINE: "relay_unbatched", "relay_pipelined" (messages/s), "grpc_unary"
-    # (calls/s), "grpc_p50", "grpc_p99" (ms).
+    # "rss_streams" (MB), jobgate's "cpu:<process>" (µs per batched job: CPU_PROCESSES and "all");
+    # for MACHINE: "relay_unbatched", "relay_pipelined" (messages/s), "grpc_unary" (calls/s),
+    # "grpc_p50", "grpc_p99" (ms).
     samples: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
     failures: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     settings: dict[str, str] = field(default_factory=dict)

@@ -32,9 +32,10 @@ from types import FrameType
 import redis
 
 from bench import reference
-from bench.results import MACHINE, Results, describe
+from bench.results import CPU_PROCESSES, MACHINE, Results, describe
 from bench.systems import SYSTEMS, load
 from bench.systems.base import ROOT, System, flush
+from bench.systems.jobgate import Jobgate, cpu_s
 from devtools.servers import RedisProcess
 
 DOCS = ROOT / "docs"
@@ -104,10 +105,13 @@ def limit(seconds: float) -> Iterator[None]:
 class Bench:
     """Runs the plan over the systems and collects the figures."""
 
-    def __init__(self, plan: Plan, names: list[str], redis_url: str, redis_log: RedisLog | None = None) -> None:
+    def __init__(
+        self, plan: Plan, names: list[str], redis_url: str, redis_log: RedisLog | None = None, redis_pid: int = 0
+    ) -> None:
         self.plan = plan
         self.redis_url = redis_url
         self.redis_log = redis_log
+        self.redis_pid = redis_pid  # the run's Redis, whose CPU jobgate's batched figure is charged (0: not)
         self.results = Results(names)
         self.systems: dict[str, System] = {}
         for name in names:
@@ -164,7 +168,7 @@ class Bench:
         print(f"round {r}", flush=True)
         for name in self.systems:
             main: dict[str, Callable[[System], float]] = {
-                "batched": lambda s: s.batched(p.batched),
+                "batched": self._batched_cpu(p.batched) if name == "jobgate" else lambda s: s.batched(p.batched),
                 "unary": lambda s: s.unary(p.unary, p.clients),
                 **({"client": _client_unary(p.unary, p.clients)} if name == "jobgate" else {}),
                 **self._trips(),
@@ -185,6 +189,28 @@ class Bench:
         if "jobgate" in self.systems:
             self.session("jobgate", f"round {r}, streams", _start_plain(p.streams), self._streams())
         self.machine(r)
+
+    def _batched_cpu(self, n: int) -> Callable[[System], float]:
+        """jobgate's batched measure, which also records the CPU each of its processes used per job
+        meanwhile (``cpu:<process>``, µs: Redis, the gateway, the workers together, the submitting
+        and counting client, and all of them): the cost of a job on this machine, which moves less
+        with the machine's pace than a rate does."""
+
+        def measure(system: System) -> float:
+            assert isinstance(system, Jobgate)
+            pids = {**system.processes(), "client": [os.getpid()]}
+            if self.redis_pid:
+                pids["redis"] = [self.redis_pid]
+            before = {name: sum(cpu_s(pid) for pid in group) for name, group in pids.items()}
+            rate = system.batched(n)
+            used = {name: sum(cpu_s(pid) for pid in group) - before[name] for name, group in pids.items()}
+            for name in CPU_PROCESSES:
+                if name in used:
+                    self.results.add("jobgate", f"cpu:{name}", used[name] / n * 1e6)
+            self.results.add("jobgate", "cpu:all", sum(used.values()) / n * 1e6)
+            return rate
+
+        return measure
 
     def machine(self, r: int) -> None:
         """The machine's own pace this round (bench/reference.py), under the name ``MACHINE``."""
@@ -354,6 +380,9 @@ def summary(results: Results, plan: Plan) -> str:
             m = results.median(system, measure)
             cells.append(f"{'-' if m is None else f'{m:.2f}':>14}")
         lines.append(f"{system:<9} " + " ".join(cells))
+    cpu = [f"{m} {v:,.0f}" for m in (*CPU_PROCESSES, "all") if (v := results.median("jobgate", f"cpu:{m}")) is not None]
+    if cpu:
+        lines.append("jobgate CPU µs per batched job: " + ", ".join(cpu))
     machine = [f"{m} {v:,.2f}" for m in reference.NAMES if (v := results.median(MACHINE, m)) is not None]
     if machine:
         lines.append("machine:  " + ", ".join(machine))
@@ -404,7 +433,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     server = RedisProcess().start()
     try:
-        bench = Bench(plan, names, server.url, RedisLog(server))
+        bench = Bench(plan, names, server.url, RedisLog(server), server.pid)
         bench.queued()
         for r in range(1, plan.rounds + 1):
             bench.round(r)

@@ -112,6 +112,15 @@ def test_quick_benchmark_run_completes_with_plausible_figures_and_leaves_docs_al
     assert 0 < figures["rss_idle_MB"] and 0 < figures["rss_streams_MB"], output
     assert (REPORT.read_bytes() if REPORT.exists() else None) == report_before
 
+    # jobgate's CPU per batched job, by process (from /proc while the batched figure was measured)
+    cpu_line = next(line for line in stdout.splitlines() if line.startswith("jobgate CPU µs per batched job:"))
+    cpu = dict(item.rsplit(" ", 1) for item in cpu_line.split(":", 1)[1].strip().split(", "))
+    assert set(cpu) == {"redis", "gateway", "workers", "client", "all"}, output
+    per_process = {name: float(v.replace(",", "")) for name, v in cpu.items()}
+    assert all(v > 0 for v in per_process.values()), output
+    parts = sum(v for name, v in per_process.items() if name != "all")
+    assert abs(per_process["all"] - parts) <= 5, output  # each part rounded to the µs
+
     machine = next(line for line in stdout.splitlines() if line.startswith("machine:"))
     pace = dict(item.rsplit(" ", 1) for item in machine.removeprefix("machine:").strip().split(", "))
     assert set(pace) == set(reference.NAMES) and "relayed_p50" in pace, output
@@ -215,3 +224,35 @@ def test_the_profile_reports_each_process_and_redis_time_by_script() -> None:
         assert name in scripts, output
         calls, per_call, per_job_us = scripts[name]
         assert int(calls.replace(",", "")) > 0 and float(per_call) > 0 and float(per_job_us) > 0, output
+
+
+CONTEXT = report.Context(
+    when="2026-12-05",
+    machine="AMD EPYC, 2 cores",
+    commit="0000000",
+    redis="7.0.15",
+    rounds=2,
+    workers=2,
+    plan={"batched": 10_000, "unary": 2_000, "clients": 32, "trips": 300, "sweep": 10_000, "queued": 10_000}
+    | {"streams": 10_000, "channels": 100},
+    payloads={100: 10_000},
+    sweep=[1, 2, 4],
+    charts={},
+    docs=ROOT / "docs",
+)
+
+
+def test_the_report_shows_jobgates_cpu_per_batched_job_by_process() -> None:
+    results = run_of(1)
+    plain = report.render(results, CONTEXT)
+    assert "CPU µs per batched job" not in plain  # a run without the figure leaves the table out
+    for name, values in {"redis": (120, 130), "gateway": (100, 110), "workers": (110, 120), "client": (12, 14)}.items():
+        for v in values:
+            results.add("jobgate", f"cpu:{name}", v)
+    for v in (342, 374):
+        results.add("jobgate", "cpu:all", v)
+    text = report.render(results, CONTEXT)
+    table = text.split("| process | CPU µs per batched job |", 1)[1].split("\n\n", 1)[0]
+    dash = "\N{EN DASH}"  # as the report writes ranges
+    assert f"| Redis | 125 (120{dash}130) |" in table and f"| the 2 workers | 115 (110{dash}120) |" in table, table
+    assert f"| all | 358 (342{dash}374) |" in table, table

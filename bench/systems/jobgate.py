@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -63,6 +64,16 @@ def shared_runner() -> asyncio.Runner:
         _RUNNER = asyncio.Runner()
         atexit.register(_RUNNER.close)
     return _RUNNER
+
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User plus system CPU seconds a process has used so far (from /proc: that process alone,
+    whatever else the machine runs)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def rss_mb(pid: int) -> float:
@@ -137,6 +148,11 @@ class Jobgate(System):
     def gateway_pid(self) -> int:
         assert self.stack
         return self.stack.gateways[0].pid
+
+    def processes(self) -> dict[str, list[int]]:
+        """The stack's process ids: its gateways and its workers."""
+        assert self.stack
+        return {"gateway": [g.pid for g in self.stack.gateways], "workers": [w.pid for w in self.stack.workers]}
 
     # --- measurements ---------------------------------------------------------------------------
     def batched(self, n: int, payload: int = 0) -> float:
