@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import os
 import shutil
 import subprocess
@@ -54,8 +55,6 @@ def hot_spots(raw: Path, top: int) -> str:
 
 def script_names() -> dict[str, str]:
     """Script name by SHA1 of its full text (as Redis names it in EVALSHA), plain and sharded."""
-    import hashlib
-
     return {
         hashlib.sha1(source(name, sharded=sharded).encode()).hexdigest(): name
         for name in NAMES
