@@ -340,18 +340,17 @@ def check_later_job(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: 
 def prepare(req: scheduler_pb2.SubmitJobRequest, limits: Limits, field: str = "") -> PreparedJob:
     """Validates one submit request. Raises InvalidArgument or ResourceExhausted naming the field."""
     # Every batched job passes here: the fields a request leaves unset (most of them) cost a test
-    # each and nothing more, and the names of fields are spelled out only for an error.
+    # each and nothing more.
     has = req.HasField
-    queue_text, kind = req.queue, req.kind
     spec = job_pb2.JobSpec(
-        queue=queue_name(queue_text, f"{field}queue") if queue_text else DEFAULT_QUEUE,
-        kind=kind if kind and KIND_RE.fullmatch(kind) else kind_name(kind, f"{field}kind"),
+        queue=queue_name(req.queue, f"{field}queue"),
+        kind=kind_name(req.kind, f"{field}kind"),
         payload=req.payload,
         idempotency_key=req.idempotency_key,
     )
     has_args = has("args")
     if has_args:
-        _check_value(req.args, field, "args")
+        _check_value(req.args, f"{field}args")
         spec.args.CopyFrom(req.args)
     if req.priority:
         if not 0 <= req.priority <= MAX_PRIORITY:
@@ -505,16 +504,15 @@ def duration_ms(d: duration_pb2.Duration, field: str, most_ms: int, most_text: s
     return int(d.ToMilliseconds())
 
 
-def _check_value(value: struct_pb2.Value, field: str, name: str = "") -> None:
+def _check_value(value: struct_pb2.Value, field: str) -> None:
     """Refuses a Value (or nested Value) with no kind set: clients that build Values by hand (for
-    example a JavaScript object passed where the Value form is needed) would lose their input.
-    The error names ``field`` followed by ``name``."""
+    example a JavaScript object passed where the Value form is needed) would lose their input."""
     stack = [value]
     while stack:
         v = stack.pop()
         kind = v.WhichOneof("kind")
         if kind is None:
-            raise InvalidArgument(f"{field}{name}: a google.protobuf.Value with no kind set (use null_value for null)")
+            raise InvalidArgument(f"{field}: a google.protobuf.Value with no kind set (use null_value for null)")
         if kind == "struct_value":
             fields_ = v.struct_value.fields
             stack += [fields_[k] for k in fields_]  # not .values(): a view iterated in Python
